@@ -1,0 +1,38 @@
+# MinT mesh. `make demo` and `make test` do all the set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MINT   := $(VENV)/bin/mint
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test protos lint gpu-check bench-kernels clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build on local disk; pyproject keeps a range for GPU users.
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(MINT) demo
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+protos: install
+	$(PY) -m mintmesh.protogen
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# On a machine with an NVIDIA GPU: the kernel tests compiled (no interpreter) and the kernel
+# benchmark on CUDA. Exits cleanly with a message elsewhere.
+gpu-check: install
+	$(PY) -m mintmesh.bench.gpu_check
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

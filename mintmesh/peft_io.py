@@ -1,0 +1,232 @@
+"""PEFT format <-> packed adapters, with the validation every upload goes through.
+
+Import: adapter_config.json + adapter_model.safetensors (as written by peft's save_pretrained)
+-> checked against the base model -> packed bytes. Export: packed bytes -> a PEFT directory that
+peft loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mintmesh.errors import BaseModelMismatch, InvalidAdapter
+from mintmesh.model import BaseModelInfo
+from mintmesh.packed import DTYPE_NAMES, ModuleWeights, lora_scale, pack, unpack
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    data: bytes
+    digest: str
+    max_rank: int
+    alpha: float
+    target_modules: list[str]
+    num_modules: int
+
+
+def parse_config(config_json: str | bytes) -> dict:
+    try:
+        cfg = json.loads(config_json)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(f"adapter_config.json is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise InvalidAdapter("adapter_config.json must hold a JSON object")
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidAdapter(
+            f"peft_type {cfg.get('peft_type')!r} is not supported: only LoRA adapters "
+            "(peft_type 'LORA') can be served"
+        )
+    if cfg.get("use_dora"):
+        raise InvalidAdapter("use_dora=true is not supported: DoRA adapters cannot be served")
+    if cfg.get("modules_to_save"):
+        raise InvalidAdapter(
+            f"modules_to_save={cfg['modules_to_save']!r} is not supported: an adapter may only "
+            "hold low-rank weights, never full copies of base modules"
+        )
+    if cfg.get("lora_bias"):
+        raise InvalidAdapter("lora_bias=true is not supported")
+    for key in ("r", "lora_alpha"):
+        val = cfg.get(key)
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
+            raise InvalidAdapter(f"adapter_config.json field {key!r} = {val!r} must be > 0")
+    return cfg
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern: a key matches a module path that equals or ends with it."""
+    for key, val in (patterns or {}).items():
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return val
+    return default
+
+
+def load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises several types for corrupt input
+        raise InvalidAdapter(
+            f"adapter_model.safetensors is not a valid safetensors file ({len(data)} bytes): {e}"
+        ) from e
+
+
+def validate_and_pack(
+    config_json: str | bytes,
+    weights: bytes,
+    base: BaseModelInfo,
+    *,
+    max_rank: int,
+    claimed_fingerprint: str = "",
+) -> PackedAdapter:
+    """Check a PEFT upload against the base model and pack it. Raises InvalidAdapter or
+    BaseModelMismatch naming the problem; returns the packed bytes and a summary."""
+    if claimed_fingerprint and claimed_fingerprint != base.fingerprint:
+        raise BaseModelMismatch(
+            f"adapter was made for base model {claimed_fingerprint[:12]}…, this deployment "
+            f"serves {base.fingerprint[:12]}…"
+        )
+    cfg = parse_config(config_json)
+    tensors = load_safetensors(weights)
+    if not tensors:
+        raise InvalidAdapter("adapter_model.safetensors holds no tensors")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if not m:
+            raise InvalidAdapter(
+                f"tensor {key!r} is not a LoRA weight (expected "
+                "'base_model.model.<module>.lora_A.weight' / 'lora_B.weight')"
+            )
+        pairs.setdefault(m.group("mod"), {})[m.group("ab")] = t
+    leafs = set(base.targetable())
+    modules: dict[str, ModuleWeights] = {}
+    mismatched: list[str] = []
+    use_rslora = bool(cfg.get("use_rslora"))
+    for mod, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise InvalidAdapter(f"module {mod}: {missing} weight is missing")
+        leaf = mod.rsplit(".", 1)[-1]
+        if leaf not in leafs:
+            raise InvalidAdapter(
+                f"target module {leaf!r} ({mod}) does not exist in the base model; "
+                f"targetable modules are {sorted(leafs)}"
+            )
+        A, B = ab["A"], ab["B"]
+        for label, t in (("lora_A", A), ("lora_B", B)):
+            if t.dim() != 2:
+                raise InvalidAdapter(
+                    f"module {mod}: {label} has shape {list(t.shape)}, expected a 2-D matrix"
+                )
+            if t.dtype not in DTYPE_NAMES:
+                raise InvalidAdapter(f"module {mod}: {label} has unsupported dtype {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise InvalidAdapter(f"module {mod}: {label} contains NaN or Inf values")
+        r = int(A.shape[0])
+        if int(B.shape[1]) != r:
+            raise InvalidAdapter(
+                f"module {mod}: lora_A has rank {r} but lora_B has shape {list(B.shape)} "
+                f"(expected [out_features, {r}])"
+            )
+        if not 1 <= r <= max_rank:
+            raise InvalidAdapter(f"module {mod}: rank {r} exceeds max_rank {max_rank}")
+        if mod not in base.linear_shapes:
+            mismatched.append(f"{mod} is not a module of the base model")
+            continue
+        want_out, want_in = base.linear_shapes[mod]
+        if (int(B.shape[0]), int(A.shape[1])) != (want_out, want_in):
+            mismatched.append(
+                f"{mod}: adapter is {int(B.shape[0])}x{int(A.shape[1])} (out x in), "
+                f"base is {want_out}x{want_in}"
+            )
+            continue
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), mod, cfg["lora_alpha"]))
+        modules[mod] = ModuleWeights(
+            A=A.contiguous(),
+            B=B.contiguous(),
+            alpha=alpha,
+            scale=lora_scale(alpha, r, use_rslora),
+        )
+    if mismatched and not modules:
+        raise BaseModelMismatch(
+            "adapter was made for another base model (fingerprint "
+            f"{base.fingerprint[:12]}… here): {mismatched[0]}"
+            + (f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else "")
+        )
+    if mismatched:
+        raise InvalidAdapter(f"wrong tensor shape: {mismatched[0]}")
+    dtypes = {mw.A.dtype for mw in modules.values()} | {mw.B.dtype for mw in modules.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    peft_keep = {
+        k: cfg.get(k)
+        for k in ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path")
+        if k in cfg
+    }
+    if isinstance(peft_keep.get("target_modules"), (set, tuple)):
+        peft_keep["target_modules"] = sorted(peft_keep["target_modules"])
+    data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
+    from mintmesh.packed import digest
+
+    return PackedAdapter(
+        data=data,
+        digest=digest(data),
+        max_rank=max(mw.rank for mw in modules.values()),
+        alpha=float(cfg["lora_alpha"]),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        num_modules=len(modules),
+    )
+
+
+def read_peft_dir(path: Path | str) -> tuple[str, bytes]:
+    """(adapter_config.json text, adapter_model.safetensors bytes) of a PEFT directory."""
+    p = Path(path)
+    cfg, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
+    if not cfg.is_file():
+        raise InvalidAdapter(f"{p} has no {CONFIG_NAME}")
+    if not weights.is_file():
+        raise InvalidAdapter(f"{p} has no {WEIGHTS_NAME}")
+    return cfg.read_text(), weights.read_bytes()
+
+
+def export_peft_dir(packed: bytes, out_dir: Path | str) -> Path:
+    """Write a packed adapter as a PEFT directory (adapter_config.json + safetensors)."""
+    from safetensors.torch import save_file
+
+    header, modules = unpack(packed, copy=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mw in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = mw.A.clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = mw.B.clone()
+    ranks = {n: mw.rank for n, mw in modules.items()}
+    alphas = {n: mw.alpha for n, mw in modules.items()}
+    r = max(ranks.values())
+    alpha = float(header.peft_config.get("lora_alpha", next(iter(alphas.values()))))
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": bool(header.peft_config.get("use_rslora", False)),
+        "target_modules": header.target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        "base_model_name_or_path": header.peft_config.get("base_model_name_or_path"),
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(tensors, str(out / WEIGHTS_NAME))
+    return out

@@ -1,0 +1,100 @@
+from mintmesh.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ForwardOutput(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FORWARD_OUTPUT_UNSPECIFIED: _ClassVar[ForwardOutput]
+    FORWARD_OUTPUT_LOGITS: _ClassVar[ForwardOutput]
+    FORWARD_OUTPUT_LOGPROBS: _ClassVar[ForwardOutput]
+FORWARD_OUTPUT_UNSPECIFIED: ForwardOutput
+FORWARD_OUTPUT_LOGITS: ForwardOutput
+FORWARD_OUTPUT_LOGPROBS: ForwardOutput
+
+class ExecutorGenerateRequest(_message.Message):
+    __slots__ = ("adapter", "prompt", "prompt_token_ids", "sampling", "request_id")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.AdapterRevision
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    request_id: str
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.AdapterRevision, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ExecutorGenerateResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: _common_pb2.GenerationChunk
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.GenerationChunk, _Mapping]] = ...) -> None: ...
+
+class ForwardRow(_message.Message):
+    __slots__ = ("adapter_digest", "token_ids")
+    ADAPTER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    adapter_digest: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, adapter_digest: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("rows", "output")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[ForwardRow]
+    output: ForwardOutput
+    def __init__(self, rows: _Optional[_Iterable[_Union[ForwardRow, _Mapping]]] = ..., output: _Optional[_Union[ForwardOutput, str]] = ...) -> None: ...
+
+class ForwardRowResult(_message.Message):
+    __slots__ = ("num_tokens", "vocab_size", "logits", "logprobs")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    vocab_size: int
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, num_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[ForwardRowResult]
+    def __init__(self, rows: _Optional[_Iterable[_Union[ForwardRowResult, _Mapping]]] = ...) -> None: ...
+
+class ExecutorStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutorStatusResponse(_message.Message):
+    __slots__ = ("executor_id", "base_fingerprint", "resident_adapters", "queue_depth", "running", "max_batch_size", "max_adapters", "device", "draining", "kernel_backend")
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    executor_id: str
+    base_fingerprint: str
+    resident_adapters: _containers.RepeatedScalarFieldContainer[str]
+    queue_depth: int
+    running: int
+    max_batch_size: int
+    max_adapters: int
+    device: str
+    draining: bool
+    kernel_backend: str
+    def __init__(self, executor_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapters: _Optional[int] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., kernel_backend: _Optional[str] = ...) -> None: ...

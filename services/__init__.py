@@ -1,0 +1,1 @@
+"""gRPC services of MinT mesh (installed as mintmesh.services)."""

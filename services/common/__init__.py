@@ -1,0 +1,1 @@
+"""What every service shares: server assembly, error mapping, tracing, configuration."""

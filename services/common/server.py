@@ -1,0 +1,140 @@
+"""One place that assembles a gRPC server: servicers, health, reflection, interceptors
+(tracing, errors), the port, and graceful shutdown (drain, then stop)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mintmesh.services.common import tracing
+from mintmesh.services.common.errors import ErrorInterceptor
+
+logger = logging.getLogger(__name__)
+
+# Keep gRPC's default 4 MiB message limit; large payloads are streamed.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 64 * 1024
+
+
+@dataclass
+class Server:
+    """A started gRPC server with its health servicer and shutdown hooks."""
+
+    grpc_server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: list[str]
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_serving(self, serving: bool) -> None:
+        st = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.health.set("", st)
+        for name in self.service_names:
+            self.health.set(name, st)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Drain: report NOT_SERVING, refuse new RPCs, let running ones finish within grace."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.set_serving(False)
+        self.grpc_server.stop(grace).wait()
+        for fn in self.on_stop:
+            try:
+                fn()
+            except Exception:
+                logger.exception("shutdown hook failed")
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def build_server(
+    *,
+    add_servicers: Callable[[grpc.Server], Iterable[str]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int = 32,
+    extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
+) -> Server:
+    """Create, bind and start a server. `add_servicers(server)` registers the servicers and
+    returns their full service names (for health and reflection). port=0 picks a free port."""
+    interceptors = [*tracing.server_interceptors(), *extra_interceptors, ErrorInterceptor()]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = list(add_servicers(server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    srv = Server(grpc_server=server, port=bound, health=health_servicer, service_names=names)
+    srv.set_serving(True)
+    logger.info("serving %s on %s:%d", ", ".join(names), host, bound)
+    return srv
+
+
+def serve_until_signal(server: Server, grace: float = 5.0) -> None:
+    """Block until SIGTERM or SIGINT, then drain and stop."""
+    done = threading.Event()
+
+    def _handler(signum, _frame):
+        logger.info("received %s: draining", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    while not done.wait(0.5):
+        pass
+    server.stop(grace)
+    tracing.shutdown_tracing()
+
+
+def insecure_channel(address: str, *, traced: bool = True) -> grpc.Channel:
+    ch = grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 1),
+        ],
+    )
+    return tracing.traced_channel(ch) if traced else ch
+
+
+def remaining_timeout(context: grpc.ServicerContext | None, default: float) -> float:
+    """The time left on the caller's deadline (for downstream calls), capped at default."""
+    if context is None:
+        return default
+    left = context.time_remaining()
+    if left is None:
+        return default
+    return max(0.001, min(left, default))
