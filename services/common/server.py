@@ -138,3 +138,11 @@ def remaining_timeout(context: grpc.ServicerContext | None, default: float) -> f
     if left is None:
         return default
     return max(0.001, min(left, default))
+
+
+def announce_ready(service: str, address: str) -> None:
+    """The one line a parent process (mint up, tests) waits for on stdout."""
+    import sys
+
+    sys.stdout.write(f"READY {service} {address}\n")
+    sys.stdout.flush()
