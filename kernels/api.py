@@ -132,7 +132,7 @@ class BatchMeta:
             sorted_slots = token_slots[order]
             uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
             start = 0
-            for s, c in zip(uniq.tolist(), counts.tolist()):
+            for s, c in zip(uniq.tolist(), counts.tolist(), strict=True):
                 if s >= 0:
                     self.segments.append((s, order[start : start + c]))
                 start += c

@@ -42,7 +42,7 @@ def _align(n: int) -> int:
 
 @dataclass(frozen=True)
 class ModuleWeights:
-    """One targeted Linear: A [rank, in_features], B [out_features, rank], y += scale * x A^T B^T."""
+    """One targeted Linear: A [rank, in], B [out, rank]; y += scale * x A^T B^T."""
 
     A: torch.Tensor
     B: torch.Tensor

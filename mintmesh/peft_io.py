@@ -63,7 +63,7 @@ def parse_config(config_json: str | bytes) -> dict:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """peft's rank_pattern/alpha_pattern: a key matches a module path that equals or ends with it."""
+    """peft rank_pattern/alpha_pattern: a key matches a module path equal to or ending with it."""
     for key, val in (patterns or {}).items():
         if module == key or module.endswith("." + key) or re.fullmatch(key, module):
             return val

@@ -1,0 +1,58 @@
+"""The executor's configuration: one frozen dataclass, built once at start (CLI flags over
+MINT_EXECUTOR_* environment variables over defaults) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mintmesh.packed import DTYPES
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    # Local Hugging Face model directory of the backbone (`mint model init`).
+    model_dir: Path
+    # The node cache directory (the sidecar's LMDB file lives inside it), read-only here.
+    cache_dir: Path | None = None
+    # host:port of the cache sidecar; empty = no adapter source (base model only).
+    cache_address: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    executor_id: str = "executor-0"
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Rows per static generation batch, and how long the batcher waits to fill one.
+    max_batch_size: int = 32
+    batch_window_ms: float = 5.0
+    # Adapters resident in the device pool at once.
+    max_adapters: int = 64
+    # Generation requests waiting for a batch; more are refused with RESOURCE_EXHAUSTED.
+    max_queue: int = 256
+    # Longest prompt accepted; 0 = the model's max_position_embeddings - 1.
+    max_prompt_tokens: int = 0
+    # Largest LoRA rank this executor serves.
+    max_rank: int = 256
+    # Deadline of one EnsureAdapter call to the sidecar (capped by the caller's deadline).
+    fetch_timeout_s: float = 30.0
+    otlp_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        # load_config passes strings for Path | None fields; normalise here.
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.cache_dir is not None and str(self.cache_dir) != "":
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        else:
+            object.__setattr__(self, "cache_dir", None)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        for name in ("max_batch_size", "max_adapters", "max_queue", "max_rank"):
+            val = getattr(self, name)
+            if int(val) < 1:
+                raise ValueError(f"{name}={val} must be >= 1")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms={self.batch_window_ms} must be >= 0")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
+        if self.fetch_timeout_s <= 0:
+            raise ValueError(f"fetch_timeout_s={self.fetch_timeout_s} must be > 0")

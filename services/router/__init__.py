@@ -1,0 +1,1 @@
+"""The router: placement of requests on executors, and the one address clients need."""

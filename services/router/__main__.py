@@ -1,0 +1,42 @@
+"""python -m mintmesh.services.router --store ADDR --executor ADDR [--executor ADDR ...]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mintmesh.services.common.config import load_config
+from mintmesh.services.router.config import RouterConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mint serve router", description="The MinT mesh router.")
+    p.add_argument("--store", dest="store_address", help="store address host:port")
+    p.add_argument(
+        "--executor", dest="executors", action="append", help="executor address (repeat)"
+    )
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--health-interval-s", type=float)
+    p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from mintmesh.services.router.server import serve
+
+    overrides = vars(build_parser().parse_args(argv))
+    if overrides.get("executors"):
+        overrides["executors"] = tuple(overrides["executors"])
+    if not overrides.get("otlp_endpoint"):
+        overrides["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None
+    cfg = load_config(RouterConfig, "ROUTER", overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    serve(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    store_address: str = "127.0.0.1:50052"
+    executors: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # How often executors' grpc.health.v1 status is checked.
+    health_interval_s: float = 1.0
+    # Deadline for a whole Generate when the client sets none.
+    request_timeout_s: float = 300.0
+    # Deadline for store calls when the client sets none.
+    store_timeout_s: float = 30.0
+    # Bounded load: no executor takes more than (1 + eps) x the mean in-flight load (+1).
+    load_epsilon: float = 0.25
+    otlp_endpoint: str = ""

@@ -1,0 +1,139 @@
+"""Router logic: resolve the adapter, place the request, stream from the executor, retry.
+
+Plain Python over gRPC stubs; the servicer only translates. Deadlines: every downstream call
+gets the time left on the caller's deadline (or the configured default).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from mintmesh import errors as E
+from mintmesh.services.common.errors import reraise_downstream
+from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.router.config import RouterConfig
+from mintmesh.services.router.health import ExecutorSet
+from mintmesh.services.router.placement import Placement
+from mintmesh.v1 import (
+    common_pb2,
+    executor_pb2,
+    router_pb2,
+    store_pb2,
+    store_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+BASE_KEY = "__base__"
+# Errors that mean "this executor can't take it now; another may".
+_FAILOVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class RouterCore:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.store_channel = insecure_channel(config.store_address)
+        self.store = store_pb2_grpc.AdapterStoreStub(self.store_channel)
+        self.executors = ExecutorSet(config.executors, config.health_interval_s)
+        self.placement = Placement(config.load_epsilon)
+
+    def start(self) -> None:
+        self.executors.start()
+
+    def stop(self) -> None:
+        self.executors.stop()
+        self.store_channel.close()
+
+    def _deadline(self, timeout: float | None, default: float) -> float:
+        return time.monotonic() + (timeout if timeout is not None else default)
+
+    def resolve(self, ref: str, timeout: float) -> common_pb2.AdapterRevision:
+        try:
+            return self.store.ResolveAdapter(
+                store_pb2.ResolveAdapterRequest(ref=ref), timeout=timeout
+            ).revision
+        except grpc.RpcError as err:
+            raise reraise_downstream(err, f"resolving {ref!r}") from None
+
+    def generate(
+        self, req: router_pb2.GenerateRequest, time_left: float | None
+    ) -> Iterator[router_pb2.GenerateResponse]:
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
+        revision = common_pb2.AdapterRevision()
+        if req.adapter:
+            left = deadline - time.monotonic()
+            revision = self.resolve(req.adapter, min(left, self.config.store_timeout_s))
+        key = revision.digest or BASE_KEY
+        healthy = self.executors.healthy()
+        if not healthy:
+            raise E.Unavailable(
+                f"no healthy executor (of {len(self.executors.executors)} configured)"
+            )
+        order = self.placement.order(healthy, key)
+        ereq = executor_pb2.ExecutorGenerateRequest(
+            adapter=revision,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            request_id=req.request_id,
+        )
+        last_err: grpc.RpcError | None = None
+        unavailable_tries = 0
+        for address in order:
+            state = self.executors.executors[address]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise E.Unavailable("deadline exceeded before an executor accepted the request")
+            self.placement.acquire(address)
+            call = state.stub.Generate(ereq, timeout=left)
+            started = False
+            try:
+                for resp in call:
+                    started = True
+                    yield router_pb2.GenerateResponse(chunk=resp.chunk)
+                return
+            except grpc.RpcError as err:
+                code = err.code()
+                if started or code not in _FAILOVER:
+                    raise reraise_downstream(err, f"generating on {address}") from None
+                last_err = err
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.executors.mark_unhealthy(address, err.details() or "unavailable")
+                    unavailable_tries += 1
+                    if unavailable_tries > 1:
+                        break
+                logger.info("executor %s refused (%s); trying the next", address, code.name)
+            finally:
+                call.cancel()
+                self.placement.release(address)
+        assert last_err is not None
+        raise reraise_downstream(last_err, "generating") from None
+
+    def status(self) -> router_pb2.RouterStatusResponse:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        store_ok = False
+        try:
+            h = health_pb2_grpc.HealthStub(self.store_channel)
+            resp = h.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            store_ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            store_ok = False
+        out = router_pb2.RouterStatusResponse(
+            store_address=self.config.store_address, store_healthy=store_ok
+        )
+        for addr, st in self.executors.executors.items():
+            out.executors.append(
+                router_pb2.ExecutorHealth(
+                    address=addr,
+                    healthy=st.healthy,
+                    executor_id=st.status.executor_id,
+                    resident_adapters=list(st.status.resident_adapters),
+                    queue_depth=st.status.queue_depth,
+                    error=st.error,
+                )
+            )
+        return out

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import logging
+
+from mintmesh.services.common import tracing
+from mintmesh.services.common.server import (
+    Server,
+    announce_ready,
+    build_server,
+    serve_until_signal,
+)
+from mintmesh.services.router.config import RouterConfig
+from mintmesh.services.router.core import RouterCore
+from mintmesh.services.router.servicer import RouterServicer, StoreProxyServicer
+from mintmesh.v1 import router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
+    core = RouterCore(config)
+    core.start()
+
+    def add(server):
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+        store_pb2_grpc.add_AdapterStoreServicer_to_server(StoreProxyServicer(core), server)
+        return [
+            router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+            store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,
+        ]
+
+    server = build_server(add_servicers=add, host=config.host, port=config.port)
+    server.on_stop.append(core.stop)
+    return server, core
+
+
+def serve(config: RouterConfig) -> None:
+    tracing.setup_tracing("mint-router", config.otlp_endpoint)
+    server, _core = create_server(config)
+    announce_ready("router", f"{config.host}:{server.port}")
+    serve_until_signal(server)

@@ -1,0 +1,57 @@
+"""python -m mintmesh.services.store --data-dir D --model-dir M [--port 0]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mintmesh.services.common.config import load_config
+from mintmesh.services.store.config import StoreConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mintmesh.services.store",
+        description="The MinT mesh adapter store (flags override MINT_STORE_* variables).",
+    )
+    p.add_argument("--data-dir", type=Path, help="catalog and blobs (MINT_STORE_DATA_DIR)")
+    p.add_argument("--model-dir", type=Path, help="base model directory (MINT_STORE_MODEL_DIR)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port; 0 picks a free one (default 0)")
+    p.add_argument("--max-rank", type=int, help="largest LoRA rank accepted (default 128)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest upload (default 256 MiB)")
+    p.add_argument("--otlp-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = {
+        "data_dir": args.data_dir,
+        "model_dir": args.model_dir,
+        "host": args.host,
+        "port": args.port,
+        "max_rank": args.max_rank,
+        "max_upload_bytes": args.max_upload_bytes,
+        "otlp_endpoint": args.otlp_endpoint,
+    }
+    try:
+        config = load_config(StoreConfig, "STORE", overrides)
+    except TypeError:
+        p.error(
+            "--data-dir and --model-dir (or MINT_STORE_DATA_DIR, MINT_STORE_MODEL_DIR) are required"
+        )
+    except ValueError as e:
+        p.error(str(e))
+    from mintmesh.services.store.server import serve
+
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The store process: create_server (tests use port 0) and serve (the CLI entry)."""
+
+from __future__ import annotations
+
+import logging
+
+from mintmesh.services.common.server import Server, announce_ready, build_server, serve_until_signal
+from mintmesh.services.common.tracing import setup_tracing
+from mintmesh.services.store import servicer
+from mintmesh.services.store.config import StoreConfig
+from mintmesh.services.store.core import StoreCore
+
+logger = logging.getLogger(__name__)
+
+
+def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Server:
+    """Open (or take) the store core, start serving on config.host:config.port (0 = a free
+    port). The returned server closes the core when it stops."""
+    core = core or StoreCore(config)
+    try:
+        srv = build_server(
+            add_servicers=lambda s: servicer.add_to_server(core, s),
+            host=config.host,
+            port=config.port,
+        )
+    except BaseException:
+        core.close()
+        raise
+    srv.on_stop.append(core.close)
+    return srv
+
+
+def serve(config: StoreConfig) -> None:
+    setup_tracing("mint-store", config.otlp_endpoint)
+    srv = create_server(config)
+    announce_ready("store", f"{config.host}:{srv.port}")
+    serve_until_signal(srv)

@@ -1,0 +1,223 @@
+"""End to end, with real processes: store, router, two executors each with its cache sidecar,
+started by the same code as `mint up`. peft is the oracle for every generated token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from otlp_receiver import OtlpReceiver
+from peft_util import make_peft_adapter, peft_model_with
+
+from mintmesh.client import MintClient, sampling_params
+from mintmesh.cluster import ClusterConfig, LocalCluster
+from mintmesh.model import PAD_ID, load_model
+
+pytestmark = pytest.mark.e2e
+
+ADAPTERS = {
+    # name: (rank, targets)
+    "alice/chat": (4, ("q_proj", "v_proj")),
+    "bob/code": (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "carol/mlp": (16, ("gate_proj", "up_proj", "down_proj")),
+}
+PROMPTS = ["Hello, world", "The mesh serves", "a", "LoRA for everyone!"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def otlp():
+    rec = OtlpReceiver().start()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory, otlp):
+    c = LocalCluster(
+        ClusterConfig(
+            model_dir=tiny_model_dir,
+            data_dir=tmp_path_factory.mktemp("cluster"),
+            executors=2,
+            port=0,
+            otlp_endpoint=otlp.address,
+        )
+    )
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with MintClient(cluster.router_address, timeout=60) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: make_peft_adapter(tiny_model_dir, root / name.replace("/", "_"), rank=r,
+                                targets=t, seed=i + 1)
+        for i, (name, (r, t)) in enumerate(ADAPTERS.items())
+    }
+
+
+@pytest.fixture(scope="module")
+def pushed(client, adapter_dirs):
+    return {name: client.push_adapter(path, name) for name, path in adapter_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir, adapter_dirs):
+    """Greedy continuations from peft, one adapter at a time (and the base model)."""
+    pm = peft_model_with(tiny_model_dir, {n.replace("/", "_"): p for n, p in adapter_dirs.items()})
+    _, tok = load_model(tiny_model_dir)
+    out: dict[tuple[str, str], list[int]] = {}
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        kw = dict(do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=PAD_ID,
+                  attention_mask=torch.ones_like(ids))
+        for name in ADAPTERS:
+            pm.set_adapter(name.replace("/", "_"))
+            with torch.no_grad():
+                out[(name, prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1]:].tolist()
+        with torch.no_grad(), pm.disable_adapter():
+            out[("", prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1]:].tolist()
+    return out
+
+
+def test_cluster_is_healthy(client):
+    st = client.status()
+    assert st.store_healthy
+    assert len(st.executors) == 2 and all(e.healthy for e in st.executors)
+
+
+def test_push_resolves_and_lists(client, pushed):
+    for name, rev in pushed.items():
+        assert rev.ref == f"{name}@1"
+        assert len(rev.digest) == 64
+        assert rev.rank == ADAPTERS[name][0]
+        assert sorted(rev.target_modules) == sorted(ADAPTERS[name][1])
+        assert client.resolve(name).digest == rev.digest
+        assert client.resolve(f"{name}@latest").digest == rev.digest
+    listed = {f"{a.tenant}/{a.name}" for a in client.list_adapters()}
+    assert set(ADAPTERS) <= listed
+
+
+def test_mixed_greedy_generation_matches_peft(client, pushed, oracle):
+    sp = sampling_params(max_tokens=MAX_TOKENS, temperature=0.0)
+    jobs = [(name, p) for p in PROMPTS for name in [*ADAPTERS, ""]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: client.generate(j[1], adapter=j[0], sampling=sp), jobs))
+    executors = set()
+    for (name, prompt), res in zip(jobs, results, strict=True):
+        want = oracle[(name, prompt)]
+        assert res.token_ids == want, f"{name or 'base'} on {prompt!r}: {res.token_ids} != {want}"
+        assert res.finish_reason in ("length", "stop")
+        if name:
+            assert res.adapter == f"{name}@1" and res.digest == pushed[name].digest
+        executors.add(res.executor)
+    # The adapters matter: each one changes the base model's continuation of some prompt.
+    for name in ADAPTERS:
+        assert any(oracle[(name, p)] != oracle[("", p)] for p in PROMPTS), name
+    assert executors, "no executor reported"
+
+
+def test_bad_requests_get_the_right_status(client, pushed):
+    cases = [
+        (dict(adapter="nobody/nothing"), grpc.StatusCode.NOT_FOUND, "nobody/nothing"),
+        (dict(adapter="alice/chat@99"), grpc.StatusCode.NOT_FOUND, "99"),
+        (dict(adapter="not a ref"), grpc.StatusCode.INVALID_ARGUMENT, "not a ref"),
+        (dict(sampling=sampling_params(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
+         "max_tokens"),
+        (dict(sampling=sampling_params(max_tokens=4, temperature=-1.0)),
+         grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ]
+    for kw, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as ei:
+            client.generate("hi", **kw)
+        assert ei.value.code() == code, (kw, ei.value.details())
+        assert needle in ei.value.details(), (kw, ei.value.details())
+
+
+def test_garbage_push_through_router_is_refused_and_catalog_unchanged(client, pushed):
+    before = sorted((a.tenant, a.name, a.revision_count) for a in client.list_adapters())
+    with pytest.raises(grpc.RpcError) as ei:
+        client.push_adapter_bytes("alice/junk", '{"peft_type": "LORA", "r": 4, "lora_alpha": 8}',
+                                  b"\x00garbage" * 100)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "safetensors" in ei.value.details()
+    after = sorted((a.tenant, a.name, a.revision_count) for a in client.list_adapters())
+    assert before == after
+
+
+def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_dir, otlp,
+                                                             tmp_path):
+    # A fresh adapter: the executor must ask its sidecar, which must fetch from the store.
+    path = make_peft_adapter(tiny_model_dir, tmp_path / "trace", rank=2, seed=99)
+    client.push_adapter(path, "dave/traced")
+    res = client.generate("trace me", adapter="dave/traced",
+                          sampling=sampling_params(max_tokens=3))
+    assert res.token_ids
+    want = {"mint-router", "mint-executor", "mint-cache", "mint-store"}
+    deadline = time.monotonic() + 20
+    while True:
+        spans = otlp.snapshot()
+        gen = [s for s in spans if s["service"] == "mint-router" and "Generate" in s["name"]]
+        traces = {}
+        for s in spans:
+            traces.setdefault(s["trace_id"], set()).add(s["service"])
+        full = [t for t, svcs in traces.items() if want <= svcs and
+                any(g["trace_id"] == t for g in gen)]
+        if full or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert full, f"no trace spans all of {want}; traces: {traces}"
+    (tid,) = full[:1]
+    in_trace = [s for s in spans if s["trace_id"] == tid]
+    ids = {s["span_id"] for s in in_trace}
+    roots = [s for s in in_trace if s["parent_span_id"] not in ids]
+    assert len(roots) == 1, f"trace is not connected: {len(roots)} roots"
+
+
+def test_cli_generate_json_and_adapter_commands(cluster, pushed):
+    env_router = ["--router", cluster.router_address]
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "mintmesh.cli", *a], capture_output=True, text=True, timeout=120
+    )
+    r = run("generate", "--adapter", "bob/code", "--max-tokens", "5", "--json", *env_router,
+            "Hello, world")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("text", "token_ids", "finish_reason", "adapter", "digest"):
+        assert key in obj
+    assert obj["adapter"] == "bob/code@1" and obj["digest"] == pushed["bob/code"].digest
+    assert len(obj["token_ids"]) <= 5
+    r = run("adapter", "show", "carol/mlp", *env_router)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["digest"] == pushed["carol/mlp"].digest
+    r = run("adapter", "list", "alice", "--json", *env_router)
+    assert r.returncode == 0, r.stderr
+    assert [a["name"] for a in json.loads(r.stdout)][:1] == ["alice/chat"]
+    r = run("adapter", "show", "nobody/none", *env_router)
+    assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+
+
+def test_router_fails_over_when_an_executor_dies(cluster, client, pushed, oracle):
+    """Last: kills one executor. Every request still succeeds, on the survivor."""
+    victim = cluster.children["executor-0"]
+    victim.signal(9)
+    victim.wait(10)
+    sp = sampling_params(max_tokens=MAX_TOKENS)
+    for name in ADAPTERS:
+        res = client.generate(PROMPTS[0], adapter=name, sampling=sp)
+        assert res.token_ids == oracle[(name, PROMPTS[0])]
+        assert res.executor == "executor-1"
