@@ -37,6 +37,9 @@ def _open_readonly(path: Path) -> lmdb.Environment:
                 create=False,
                 readahead=False,
                 max_readers=512,
+                # 0 = adopt the map size the writer recorded in the file; a fixed size smaller
+                # than the writer's fails with MDB_MAP_RESIZED once the data outgrows it.
+                map_size=0,
             )
             _envs[path] = env
         return env

@@ -173,7 +173,12 @@ def validate_and_pack(
         for k in ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path")
         if k in cfg
     }
-    if isinstance(peft_keep.get("target_modules"), (set, tuple)):
+    # Canonical types, so an export -> import round trip packs to the same digest.
+    if "lora_alpha" in peft_keep:
+        peft_keep["lora_alpha"] = float(peft_keep["lora_alpha"])
+    if "r" in peft_keep:
+        peft_keep["r"] = int(peft_keep["r"])
+    if isinstance(peft_keep.get("target_modules"), (set, tuple, list)):
         peft_keep["target_modules"] = sorted(peft_keep["target_modules"])
     data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
     from mintmesh.packed import digest

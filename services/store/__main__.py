@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from mintmesh.services.common.config import load_config
 from mintmesh.services.store.config import StoreConfig
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mintmesh.services.store",
         description="The MinT mesh adapter store (flags override MINT_STORE_* variables).",
@@ -24,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-upload-bytes", type=int, help="largest upload (default 256 MiB)")
     p.add_argument("--otlp-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
     p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if not args.otlp_endpoint:
+        args.otlp_endpoint = os.environ.get("MINT_OTLP_ENDPOINT") or None
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
