@@ -45,6 +45,26 @@ class AdapterCacheStub:
                 request_serializer=mintmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_cache__pb2.CacheStatsResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/mintmesh.v1.AdapterCache/Prefetch',
+                request_serializer=mintmesh_dot_v1_dot_cache__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_cache__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/mintmesh.v1.AdapterCache/Evict',
+                request_serializer=mintmesh_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_cache__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/mintmesh.v1.AdapterCache/Pin',
+                request_serializer=mintmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/mintmesh.v1.AdapterCache/Unpin',
+                request_serializer=mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterCacheServicer:
@@ -65,6 +85,33 @@ class AdapterCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Start fetching these digests in the background (hints; unknown digests are skipped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Drop an adapter from the node cache (refused while it is pinned).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """Pinned adapters are never evicted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +124,26 @@ def add_AdapterCacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=mintmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_cache__pb2.CacheStatsResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=mintmesh_dot_v1_dot_cache__pb2.PrefetchRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_cache__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=mintmesh_dot_v1_dot_cache__pb2.EvictRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_cache__pb2.EvictResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=mintmesh_dot_v1_dot_cache__pb2.PinRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_cache__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +201,114 @@ class AdapterCache:
             '/mintmesh.v1.AdapterCache/Stats',
             mintmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
             mintmesh_dot_v1_dot_cache__pb2.CacheStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterCache/Prefetch',
+            mintmesh_dot_v1_dot_cache__pb2.PrefetchRequest.SerializeToString,
+            mintmesh_dot_v1_dot_cache__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterCache/Evict',
+            mintmesh_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
+            mintmesh_dot_v1_dot_cache__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterCache/Pin',
+            mintmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+            mintmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterCache/Unpin',
+            mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.SerializeToString,
+            mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,

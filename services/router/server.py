@@ -11,8 +11,8 @@ from mintmesh.services.common.server import (
 )
 from mintmesh.services.router.config import RouterConfig
 from mintmesh.services.router.core import RouterCore
-from mintmesh.services.router.servicer import RouterServicer, StoreProxyServicer
-from mintmesh.v1 import router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
+from mintmesh.services.router.servicer import RouterServicer, StoreProxy
+from mintmesh.v1 import router_pb2, router_pb2_grpc, store_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
 
     def add(server):
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
-        store_pb2_grpc.add_AdapterStoreServicer_to_server(StoreProxyServicer(core), server)
+        server.add_generic_rpc_handlers((StoreProxy(core),))
         return [
             router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
             store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,

@@ -8,7 +8,7 @@ import grpc
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import remaining_timeout
 from mintmesh.services.router.core import RouterCore
-from mintmesh.v1 import router_pb2_grpc, store_pb2_grpc
+from mintmesh.v1 import router_pb2_grpc, store_pb2
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -27,45 +27,72 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return self.core.status()
 
 
-class StoreProxyServicer(store_pb2_grpc.AdapterStoreServicer):
-    """Forwards every AdapterStore RPC to the store with the caller's remaining deadline."""
+class StoreProxy(grpc.GenericRpcHandler):
+    """Serves every mintmesh.v1.AdapterStore RPC by forwarding its bytes to the store, with the
+    caller's remaining deadline. Generic over the service descriptor, so a new store RPC is
+    proxied without code here; messages are not even parsed."""
+
+    SERVICE = store_pb2.DESCRIPTOR.services_by_name["AdapterStore"]
 
     def __init__(self, core: RouterCore):
         self.core = core
-        self.stub = core.store
+        self.channel = core.store_channel
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for m in self.SERVICE.methods:
+            path = f"/{self.SERVICE.full_name}/{m.name}"
+            self._handlers[path] = self._make(path, m.client_streaming, m.server_streaming)
+
+    def service(self, handler_call_details):
+        return self._handlers.get(handler_call_details.method)
 
     def _t(self, context) -> float:
         return remaining_timeout(context, self.core.config.store_timeout_s)
 
-    def _unary(self, method: str, request, context):
-        try:
-            return getattr(self.stub, method)(request, timeout=self._t(context))
-        except grpc.RpcError as err:
-            raise reraise_downstream(err, method) from None
+    def _make(self, path: str, client_stream: bool, server_stream: bool):
+        ident = None  # bytes in, bytes out
+        what = path.rsplit("/", 1)[-1]
+        if client_stream and not server_stream:
+            call = self.channel.stream_unary(path, ident, ident)
 
-    def PushAdapter(self, request_iterator, context):
-        try:
-            return self.stub.PushAdapter(request_iterator, timeout=self._t(context))
-        except grpc.RpcError as err:
-            raise reraise_downstream(err, "PushAdapter") from None
+            def stream_unary(request_iterator, context):
+                try:
+                    return call(request_iterator, timeout=self._t(context))
+                except grpc.RpcError as err:
+                    raise reraise_downstream(err, what) from None
 
-    def ResolveAdapter(self, request, context):
-        return self._unary("ResolveAdapter", request, context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary)
+        if server_stream and not client_stream:
+            call = self.channel.unary_stream(path, ident, ident)
 
-    def ListAdapters(self, request, context):
-        return self._unary("ListAdapters", request, context)
+            def unary_stream(request, context):
+                it = call(request, timeout=self._t(context))
+                try:
+                    yield from it
+                except grpc.RpcError as err:
+                    raise reraise_downstream(err, what) from None
+                finally:
+                    it.cancel()
 
-    def DeleteAdapter(self, request, context):
-        return self._unary("DeleteAdapter", request, context)
+            return grpc.unary_stream_rpc_method_handler(unary_stream)
+        if client_stream and server_stream:
+            call = self.channel.stream_stream(path, ident, ident)
 
-    def GetBaseModel(self, request, context):
-        return self._unary("GetBaseModel", request, context)
+            def stream_stream(request_iterator, context):
+                it = call(request_iterator, timeout=self._t(context))
+                try:
+                    yield from it
+                except grpc.RpcError as err:
+                    raise reraise_downstream(err, what) from None
+                finally:
+                    it.cancel()
 
-    def FetchAdapter(self, request, context):
-        call = self.stub.FetchAdapter(request, timeout=self._t(context))
-        try:
-            yield from call
-        except grpc.RpcError as err:
-            raise reraise_downstream(err, "FetchAdapter") from None
-        finally:
-            call.cancel()
+            return grpc.stream_stream_rpc_method_handler(stream_stream)
+        call = self.channel.unary_unary(path, ident, ident)
+
+        def unary_unary(request, context):
+            try:
+                return call(request, timeout=self._t(context))
+            except grpc.RpcError as err:
+                raise reraise_downstream(err, what) from None
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary)
