@@ -7,10 +7,11 @@ CLI); otherwise spans are created, propagated and dropped.
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -63,9 +64,65 @@ def server_interceptors() -> list[grpc.ServerInterceptor]:
 
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
-    """Wrap a client channel so every call carries the current trace context."""
-    from opentelemetry.instrumentation.grpc import client_interceptor
+    """Wrap a client channel so every call carries the current trace context (and makes a
+    client span). Calls stay grpc Calls (cancel(), code(), ...): the instrumentation's own
+    client_interceptor is a grpcext interceptor, which grpc.intercept_channel refuses and whose
+    server-streaming calls are plain generators."""
+    return grpc.intercept_channel(channel, _TraceContextInterceptor())
 
-    return grpc.intercept_channel(
-        channel, client_interceptor(tracer_provider=_provider or trace.get_tracer_provider())
-    )
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _TraceContextInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def _call(self, continuation, details, request):
+        tracer = (_provider or trace.get_tracer_provider()).get_tracer(__name__)
+        span = tracer.start_span(
+            str(details.method).lstrip("/"),
+            kind=trace.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc"},
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = [*(details.metadata or ()), *carrier.items()]
+        try:
+            call = continuation(
+                _CallDetails(
+                    details.method,
+                    details.timeout,
+                    metadata,
+                    details.credentials,
+                    getattr(details, "wait_for_ready", None),
+                    getattr(details, "compression", None),
+                ),
+                request,
+            )
+        except BaseException:
+            span.end()
+            raise
+
+        def done(c) -> None:
+            code = c.code()
+            if code is not None and code != grpc.StatusCode.OK:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            span.end()
+
+        call.add_done_callback(done)
+        return call
+
+    intercept_unary_unary = _call
+    intercept_unary_stream = _call
+    intercept_stream_unary = _call
+    intercept_stream_stream = _call

@@ -113,9 +113,12 @@ class SidecarSource:
 
         t = self.timeout_s if timeout is None else max(0.001, min(timeout, self.timeout_s))
         try:
-            resp = self._stub.EnsureAdapter(cache_pb2.EnsureAdapterRequest(digest=digest), timeout=t)
+            resp = self._stub.EnsureAdapter(
+                cache_pb2.EnsureAdapterRequest(digest=digest), timeout=t
+            )
         except grpc.RpcError as e:
-            raise reraise_downstream(e, f"EnsureAdapter({digest[:12]}…) on {self.cache_address}")
+            what = f"EnsureAdapter({digest[:12]}…) on {self.cache_address}"
+            raise reraise_downstream(e, what) from e
         data = self._reader.read(digest)
         if data is None:
             raise Unavailable(
@@ -148,12 +151,14 @@ class AdapterResidency:
         pool: AdapterPool,
         source: AdapterSource | None,
         *,
+        layer_shapes: Mapping[str, tuple[int, int]],
         base_fingerprint: str,
         max_rank: int,
         fetch_timeout_s: float = 30.0,
         max_staged: int = 64,
     ) -> None:
         self.pool = pool
+        self.layer_shapes = dict(layer_shapes)
         self.source: AdapterSource = source if source is not None else NoSource()
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
@@ -183,7 +188,7 @@ class AdapterResidency:
                 f"{self.base_fingerprint[:12]}…",
                 metadata={"adapter_base": header.base_fingerprint, "base": self.base_fingerprint},
             )
-        shapes = self.pool.layer_shapes
+        shapes = self.layer_shapes
         for m in header.modules:
             if m.name not in shapes:
                 raise InvalidAdapter(
@@ -279,8 +284,8 @@ class AdapterResidency:
                 victim = next((d for d in self._lru if d not in protected), None)
                 if victim is None:
                     raise ResourceExhausted(
-                        f"adapter pool is full: all {self.pool.max_adapters} resident adapters "
-                        "are in use by running batches"
+                        f"adapter pool is full: all {len(self._lru)} resident adapters are in "
+                        "use by running batches"
                     ) from None
                 self.evict(victim)
             except ValueError as e:

@@ -1,0 +1,67 @@
+"""`python -m mintmesh.services.executor --model-dir DIR [--cache-dir DIR --cache HOST:PORT]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mintmesh.services.common.config import load_config
+from mintmesh.services.executor.config import ExecutorConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mintmesh.services.executor",
+        description="Serve mixed-adapter batches on one resident backbone (mintmesh.v1.Executor); "
+        "flags override MINT_EXECUTOR_* variables.",
+    )
+    p.add_argument("--model-dir", type=Path, help="local backbone directory (mint model init)")
+    p.add_argument("--cache-dir", type=Path, help="the cache sidecar's node cache directory")
+    p.add_argument("--cache", dest="cache_address", help="the cache sidecar's host:port")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--executor-id")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--batch-window-ms", type=float)
+    p.add_argument("--max-adapters", type=int)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--max-prompt-tokens", type=int, help="0 = the model's max positions - 1")
+    p.add_argument("--max-rank", type=int, help="largest LoRA rank served (default 256)")
+    p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = {k: v for k, v in vars(args).items() if k != "log_level"}
+    if not overrides.get("otlp_endpoint"):
+        overrides["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None
+    try:
+        config = load_config(ExecutorConfig, "EXECUTOR", overrides)
+    except TypeError as e:
+        if "model_dir" in str(e):
+            sys.stderr.write("error: --model-dir (or MINT_EXECUTOR_MODEL_DIR) is required\n")
+            return 2
+        raise
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    from mintmesh.services.executor.server import serve
+
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

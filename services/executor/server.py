@@ -1,0 +1,47 @@
+"""Assemble and run the executor's gRPC server."""
+
+from __future__ import annotations
+
+import logging
+
+from mintmesh.services.common.server import (
+    Server,
+    announce_ready,
+    build_server,
+    serve_until_signal,
+)
+from mintmesh.services.common.tracing import setup_tracing
+from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.servicer import add_to_server
+from mintmesh.services.executor.sources import AdapterSource
+
+logger = logging.getLogger(__name__)
+
+
+def create_server(
+    config: ExecutorConfig,
+    *,
+    engine: Engine | None = None,
+    source: AdapterSource | None = None,
+    close_engine: bool = True,
+) -> tuple[Server, Engine]:
+    """Start an executor server on config.host:config.port (0 = a free port). Uses engine when
+    given (else loads config.model_dir, with source or a SidecarSource on config.cache_address).
+    Stopping the server drains it, then closes the engine unless close_engine is False."""
+    if engine is None:
+        engine = Engine.from_config(config, source=source)
+    server = build_server(
+        add_servicers=lambda s: add_to_server(engine, s), host=config.host, port=config.port
+    )
+    if close_engine:
+        server.on_stop.append(engine.close)
+    return server, engine
+
+
+def serve(config: ExecutorConfig) -> None:
+    """Run an executor until SIGTERM/SIGINT: stop accepting, finish running requests, stop."""
+    setup_tracing("mint-executor", config.otlp_endpoint)
+    server, engine = create_server(config)
+    announce_ready("executor", f"{config.host}:{server.port}")
+    serve_until_signal(server, grace=30.0)

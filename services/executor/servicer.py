@@ -1,0 +1,176 @@
+"""mintmesh.v1.Executor over the Engine: translation between protos and the core, and nothing
+else. Domain exceptions raised by the engine become status codes in the shared interceptor."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from mintmesh.errors import BaseModelMismatch, InvalidArgument
+from mintmesh.model import TARGET_MODULES
+from mintmesh.services.common.server import MAX_MESSAGE_BYTES
+from mintmesh.services.executor.engine import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    GenerationRequest,
+    SamplingOptions,
+)
+from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_FINISH = {
+    FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FINISH_STOP: common_pb2.FINISH_REASON_STOP,
+    FINISH_CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+# A repeated float costs 4 bytes on the wire; leave room for the rest of the message.
+_MAX_FLOATS = (MAX_MESSAGE_BYTES - 64 * 1024) // 4
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingOptions:
+    return SamplingOptions(
+        temperature=float(p.temperature),
+        # 0 (unset) or 1 = no nucleus filtering.
+        top_p=1.0 if p.top_p == 0 else float(p.top_p),
+        top_k=int(p.top_k),
+        max_tokens=int(p.max_tokens),
+        seed=int(p.seed) if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
+        logprobs=bool(p.logprobs),
+        ignore_eos=bool(p.ignore_eos),
+    )
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _check_revision(self, rev: common_pb2.AdapterRevision) -> None:
+        """What the catalog says about the revision, checked before any fetch."""
+        e = self.engine
+        if rev.base_fingerprint and rev.base_fingerprint != e.base_fingerprint:
+            raise BaseModelMismatch(
+                f"adapter {rev.ref or rev.digest[:12]} was made for base model "
+                f"{rev.base_fingerprint[:12]}…, this executor serves {e.base_fingerprint[:12]}…"
+            )
+        max_rank = e.residency.max_rank
+        if rev.rank > max_rank:
+            raise InvalidArgument(
+                f"adapter {rev.ref or rev.digest[:12]} has rank {rev.rank}, above max_rank "
+                f"{max_rank} of this executor"
+            )
+        bad = sorted(set(rev.target_modules) - set(TARGET_MODULES))
+        if bad:
+            raise InvalidArgument(
+                f"adapter {rev.ref or rev.digest[:12]} targets {bad}; this executor serves "
+                f"LoRA on {list(TARGET_MODULES)}"
+            )
+
+    def Generate(self, request: executor_pb2.ExecutorGenerateRequest, context):
+        e = self.engine
+        has_adapter = request.HasField("adapter") and bool(request.adapter.digest)
+        if has_adapter:
+            self._check_revision(request.adapter)
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+        elif request.prompt:
+            ids = e.encode(request.prompt)
+        else:
+            raise InvalidArgument("prompt is empty: give prompt or prompt_token_ids")
+        left = context.time_remaining()
+        deadline = time.monotonic() + left if left is not None else None
+        handle = e.submit(
+            GenerationRequest(
+                prompt_token_ids=ids,
+                sampling=sampling_from_proto(request.sampling),
+                adapter_digest=request.adapter.digest if has_adapter else None,
+                request_id=request.request_id,
+                deadline=deadline,
+            )
+        )
+        if not context.add_callback(handle.cancel):
+            handle.cancel()
+        first = True
+        try:
+            for out in handle:
+                chunk = common_pb2.GenerationChunk(
+                    token_ids=out.token_ids,
+                    text=out.text,
+                    logprobs=out.logprobs,
+                    request_id=request.request_id,
+                )
+                if first:
+                    if has_adapter:
+                        chunk.adapter.CopyFrom(request.adapter)
+                    chunk.executor = e.executor_id
+                    first = False
+                if out.finish_reason == FINISH_CANCELLED and handle.expired():
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"request {request.request_id or ''} ran past its deadline after "
+                        f"{out.completion_tokens} tokens",
+                    )
+                if out.finish_reason is not None:
+                    chunk.finish_reason = _FINISH[out.finish_reason]
+                    chunk.usage.prompt_tokens = out.prompt_tokens
+                    chunk.usage.completion_tokens = out.completion_tokens
+                yield executor_pb2.ExecutorGenerateResponse(chunk=chunk)
+        finally:
+            handle.cancel()
+
+    def Forward(
+        self, request: executor_pb2.ForwardRequest, context
+    ) -> executor_pb2.ForwardResponse:
+        want = request.output or executor_pb2.FORWARD_OUTPUT_LOGITS
+        if want not in (executor_pb2.FORWARD_OUTPUT_LOGITS, executor_pb2.FORWARD_OUTPUT_LOGPROBS):
+            raise InvalidArgument(f"output={request.output} is not a ForwardOutput")
+        rows = [(r.adapter_digest or None, list(r.token_ids)) for r in request.rows]
+        vocab = self.engine.vocab_size
+        if want == executor_pb2.FORWARD_OUTPUT_LOGITS:
+            n = sum(len(ids) for _, ids in rows) * vocab
+            if n > _MAX_FLOATS:
+                raise InvalidArgument(
+                    f"output=FORWARD_OUTPUT_LOGITS for {sum(len(i) for _, i in rows)} tokens x "
+                    f"vocab {vocab} is {n} floats, over the {MAX_MESSAGE_BYTES} byte message "
+                    "limit; send fewer tokens or ask for FORWARD_OUTPUT_LOGPROBS"
+                )
+        left = context.time_remaining()
+        logits = self.engine.forward(rows, timeout=left)
+        resp = executor_pb2.ForwardResponse()
+        for (_, ids), lg in zip(rows, logits, strict=True):
+            row = resp.rows.add(num_tokens=len(ids), vocab_size=int(lg.shape[-1]))
+            if want == executor_pb2.FORWARD_OUTPUT_LOGITS:
+                row.logits.extend(lg.reshape(-1).tolist())
+            else:
+                import torch
+
+                lp = torch.log_softmax(lg[:-1], dim=-1)
+                nxt = torch.tensor(ids[1:], dtype=torch.long)
+                row.logprobs.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
+        return resp
+
+    def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
+        st = self.engine.status()
+        return executor_pb2.ExecutorStatusResponse(
+            executor_id=st.executor_id,
+            base_fingerprint=st.base_fingerprint,
+            resident_adapters=st.resident_adapters,
+            queue_depth=st.queue_depth,
+            running=st.running,
+            max_batch_size=st.max_batch_size,
+            max_adapters=st.max_adapters,
+            device=st.device,
+            draining=st.draining,
+            kernel_backend=st.kernel_backend,
+        )
+
+
+def add_to_server(engine: Engine, server: grpc.Server) -> list[str]:
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(engine), server)
+    return [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name]
