@@ -62,17 +62,18 @@ def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None)
         finally:
             with console.status("stopping the cluster"):
                 cluster.stop()
-        table = Table("adapter", "executor", "tokens", "finish", "text (first 32 chars)")
+        table = Table("adapter", "executor", "tokens", "finish", "text (first 24 chars)")
+        table.columns[0].no_wrap = True
         for r in rows:
             table.add_row(r.adapter or "(base model)", r.executor, str(len(r.token_ids)),
-                          r.finish_reason, repr(r.text[:32]))
+                          r.finish_reason, repr(r.text[:24]))
         console.print(table)
         tokens = sum(len(r.token_ids) for r in rows)
         summary = Table(title="summary", show_header=False)
         summary.add_row("adapters pushed", f"{adapters} in {push_s:.1f}s "
                         f"({adapters / max(push_s, 1e-9):.0f}/s)")
         summary.add_row("adapters listed", str(listed))
-        summary.add_row("generations", f"{len(rows)} requests, {len({r.digest for r in rows})} "
+        summary.add_row("generations", f"{len(rows)} requests, {len({r.digest for r in rows} - {''})} "
                         f"distinct adapters (+ base), one mixed batch per executor")
         summary.add_row("tokens", f"{tokens} in {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.0f}/s)")
         for e in st.executors:

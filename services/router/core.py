@@ -115,6 +115,7 @@ class RouterCore:
     def status(self) -> router_pb2.RouterStatusResponse:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        self.executors.check_all()  # a fresh view, not the last periodic one
         store_ok = False
         try:
             h = health_pb2_grpc.HealthStub(self.store_channel)
