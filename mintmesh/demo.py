@@ -73,8 +73,9 @@ def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None)
         summary.add_row("adapters pushed", f"{adapters} in {push_s:.1f}s "
                         f"({adapters / max(push_s, 1e-9):.0f}/s)")
         summary.add_row("adapters listed", str(listed))
-        summary.add_row("generations", f"{len(rows)} requests, {len({r.digest for r in rows} - {''})} "
-                        f"distinct adapters (+ base), one mixed batch per executor")
+        distinct = len({r.digest for r in rows if r.digest})
+        summary.add_row("generations", f"{len(rows)} requests, {distinct} distinct adapters "
+                        "(+ base), mixed in the executors' batches")
         summary.add_row("tokens", f"{tokens} in {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.0f}/s)")
         for e in st.executors:
             summary.add_row(f"{e.executor_id} ({e.address})",
