@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mintmesh.cache.config import CacheConfig
+from mintmesh.cache.policy import DEFAULT_POLICY, POLICIES
 from mintmesh.services.common.config import load_config
 
 
@@ -24,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-bytes", type=int, help="byte budget (default 2 GiB)")
     p.add_argument("--map-size", type=int, help="LMDB map size (default 1 TiB, sparse)")
     p.add_argument("--fetch-timeout-s", type=float, help="store fetch timeout (default 30)")
+    p.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        help=f"eviction policy (MINT_CACHE_POLICY; default {DEFAULT_POLICY})",
+    )
+    p.add_argument(
+        "--prefetch-concurrency", type=int, help="background fetches at once (default 4)"
+    )
     p.add_argument("--otlp-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "capacity_bytes": args.capacity_bytes,
         "map_size": args.map_size,
         "fetch_timeout_s": args.fetch_timeout_s,
+        "policy": args.policy,
+        "prefetch_concurrency": args.prefetch_concurrency,
         "otlp_endpoint": args.otlp_endpoint,
     }
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mintmesh.cache.layout import DEFAULT_MAP_SIZE
+from mintmesh.cache.policy import DEFAULT_POLICY, POLICIES
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class CacheConfig:
     map_size: int = DEFAULT_MAP_SIZE
     fetch_timeout_s: float = 30.0
     otlp_endpoint: str = ""
+    # Eviction policy: "s3fifo" | "wtinylfu" | "lru" (the default is chosen by
+    # `mint bench cache-sim`).
+    policy: str = DEFAULT_POLICY
+    # Background fetches running at once for Prefetch.
+    prefetch_concurrency: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -31,3 +37,9 @@ class CacheConfig:
             raise ValueError(f"map_size {self.map_size} must be > 0")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s {self.fetch_timeout_s} must be > 0")
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"eviction policy {self.policy!r} is unknown; choose one of {sorted(POLICIES)}"
+            )
+        if self.prefetch_concurrency <= 0:
+            raise ValueError(f"prefetch_concurrency {self.prefetch_concurrency} must be > 0")

@@ -7,14 +7,15 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
 
 from mintmesh.cache.node import NodeCache
-from mintmesh.errors import DigestMismatch, Unavailable
+from mintmesh.errors import AdapterNotFound, DigestMismatch, MintError, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import insecure_channel
@@ -34,6 +35,16 @@ class EnsureResult:
     fetch_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class PrefetchResult:
+    # Already in the cache.
+    present: list[str]
+    # Queued (or already being fetched) in the background.
+    queued: list[str]
+    # Not queued: the prefetch backlog was full.
+    dropped: list[str]
+
+
 class CacheCore:
     def __init__(
         self,
@@ -42,7 +53,11 @@ class CacheCore:
         *,
         fetch_timeout_s: float = 30.0,
         channel: grpc.Channel | None = None,
+        prefetch_concurrency: int = 4,
+        prefetch_backlog: int = 4096,
     ):
+        if prefetch_concurrency <= 0:
+            raise ValueError(f"prefetch_concurrency {prefetch_concurrency} must be > 0")
         self.node = node
         self.store_address = store_address
         self.fetch_timeout_s = fetch_timeout_s
@@ -52,23 +67,38 @@ class CacheCore:
         self._flights: dict[str, Future] = {}
         self._flights_lock = threading.Lock()
         self._fetches = 0
+        # Background prefetches: at most prefetch_concurrency fetches at once, at most
+        # prefetch_backlog digests waiting or running.
+        self.prefetch_backlog = prefetch_backlog
+        self._prefetcher = ThreadPoolExecutor(prefetch_concurrency, thread_name_prefix="prefetch")
+        self._prefetching: set[str] = set()
+        self._prefetch_lock = threading.Lock()
+        self._closing = threading.Event()
 
     def close(self) -> None:
+        """Stop prefetching (queued digests are dropped, running fetches cancelled) and close
+        the store channel. The node cache stays open: its owner closes it after this."""
+        self._closing.set()
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         if self._owns_channel:
-            self._channel.close()
+            self._channel.close()  # fails the fetches in flight, so the wait below is short
+        self._prefetcher.shutdown(wait=True)
 
     @property
     def store_fetches(self) -> int:
         """How many fetches this sidecar has sent to the store."""
         return self._fetches
 
-    def ensure(self, digest: str, timeout: float | None = None) -> EnsureResult:
+    def ensure(
+        self, digest: str, timeout: float | None = None, *, count: bool = True
+    ) -> EnsureResult:
         """Make digest present in the node cache within timeout seconds. Concurrent calls for one
         digest share one fetch. Raises the store's error (NOT_FOUND stays NOT_FOUND) or
-        DigestMismatch if the received bytes do not hash to digest (nothing is committed)."""
+        DigestMismatch if the received bytes do not hash to digest (nothing is committed).
+        count=False (prefetch, pin) counts no hit or miss."""
         check_digest(digest)
         timeout = self.fetch_timeout_s if timeout is None else timeout
-        size = self.node.touch(digest)
+        size = self.node.touch(digest) if count else self.node.size_of(digest)
         if size is not None:
             return EnsureResult(digest, size, hit=True)
         with self._flights_lock:
@@ -102,6 +132,98 @@ class CacheCore:
         finally:
             with self._flights_lock:
                 self._flights.pop(digest, None)
+
+    # -- prefetch, pin, evict -------------------------------------------------------------------
+
+    def prefetch(self, digests: Iterable[str]) -> PrefetchResult:
+        """Queue background fetches (through the same single-flight path as ensure) of the
+        digests not in the cache. Malformed digests fail the whole call (InvalidArgument);
+        digests the store does not know are only logged when their fetch fails."""
+        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+        present: list[str] = []
+        queued: list[str] = []
+        dropped: list[str] = []
+        if self._closing.is_set():
+            raise Unavailable("the cache sidecar is shutting down; prefetch refused")
+        for d in wanted:
+            if self.node.contains(d):
+                present.append(d)
+                continue
+            with self._prefetch_lock:
+                if d in self._prefetching:
+                    queued.append(d)
+                    continue
+                if len(self._prefetching) >= self.prefetch_backlog:
+                    dropped.append(d)
+                    continue
+                self._prefetching.add(d)
+            self.node.record_access(d)  # a prefetch predicts a request
+            try:
+                self._prefetcher.submit(self._prefetch_one, d)
+            except RuntimeError:  # shut down meanwhile
+                with self._prefetch_lock:
+                    self._prefetching.discard(d)
+                dropped.append(d)
+                continue
+            queued.append(d)
+        if dropped:
+            logger.warning(
+                "prefetch backlog full (%d): dropped %d digests, first %s",
+                self.prefetch_backlog,
+                len(dropped),
+                dropped[0],
+            )
+        return PrefetchResult(present, queued, dropped)
+
+    def _prefetch_one(self, digest: str) -> None:
+        try:
+            if self._closing.is_set():
+                return
+            res = self.ensure(digest, count=False)
+            if not res.hit:
+                logger.debug("prefetched %s (%d bytes)", digest, res.size_bytes)
+        except AdapterNotFound as e:
+            logger.info("prefetch of %s skipped: %s", digest, e.message)
+        except MintError as e:
+            level = logging.DEBUG if self._closing.is_set() else logging.WARNING
+            logger.log(level, "prefetch of %s failed: %s: %s", digest, type(e).__name__, e)
+        except Exception:
+            if not self._closing.is_set():
+                logger.exception("prefetch of %s failed", digest)
+        finally:
+            with self._prefetch_lock:
+                self._prefetching.discard(digest)
+
+    def prefetch_pending(self) -> int:
+        """Digests queued or being fetched in the background."""
+        with self._prefetch_lock:
+            return len(self._prefetching)
+
+    def pin(self, digest: str, *, fetch: bool = False, timeout: float | None = None) -> int:
+        """Pin digest (never evicted until unpinned); with fetch=True fetch it first if it is
+        not cached. Returns its size. Raises AdapterNotFound (not cached and fetch=False, or not
+        in the store) and ResourceExhausted (the pinned entries would exceed the budget)."""
+        check_digest(digest)
+        if not fetch:
+            self.node.pin(digest)
+            return self.node.size_of(digest) or 0
+        for _ in range(3):
+            res = self.ensure(digest, timeout, count=False)
+            try:
+                self.node.pin(digest)
+                return res.size_bytes
+            except AdapterNotFound:  # evicted between the fetch and the pin: fetch again
+                logger.info("%s was evicted before it could be pinned; fetching it again", digest)
+        raise Unavailable(f"{digest} was evicted three times before it could be pinned")
+
+    def unpin(self, digest: str) -> bool:
+        """Make digest evictable again; whether it was pinned (False if it is not cached)."""
+        return self.node.unpin(digest)
+
+    def evict(self, digest: str) -> bool:
+        """Drop digest from the node cache; False if it was not there. Raises
+        FailedPrecondition (naming it) while it is pinned."""
+        return self.node.delete(digest)
 
     def _fetch(self, digest: str, timeout: float) -> bytes:
         """The verified bytes of digest from the store."""

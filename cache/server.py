@@ -12,9 +12,21 @@ from mintmesh.services.common.tracing import setup_tracing
 
 def create_core(config: CacheConfig) -> CacheCore:
     node = NodeCache(
-        config.cache_dir, capacity_bytes=config.capacity_bytes, map_size=config.map_size
+        config.cache_dir,
+        capacity_bytes=config.capacity_bytes,
+        map_size=config.map_size,
+        policy=config.policy,
     )
-    return CacheCore(node, config.store_address, fetch_timeout_s=config.fetch_timeout_s)
+    try:
+        return CacheCore(
+            node,
+            config.store_address,
+            fetch_timeout_s=config.fetch_timeout_s,
+            prefetch_concurrency=config.prefetch_concurrency,
+        )
+    except BaseException:
+        node.close()
+        raise
 
 
 def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Server:

@@ -21,6 +21,24 @@ class AdapterCacheServicer(cache_pb2_grpc.AdapterCacheServicer):
             digest=res.digest, size_bytes=res.size_bytes, hit=res.hit, fetch_ms=res.fetch_ms
         )
 
+    def Prefetch(self, request, context):
+        res = self.core.prefetch(request.digests)
+        return cache_pb2.PrefetchResponse(present=res.present, queued=res.queued)
+
+    def Evict(self, request, context):
+        return cache_pb2.EvictResponse(evicted=self.core.evict(request.digest))
+
+    def Pin(self, request, context):
+        size = self.core.pin(
+            request.digest,
+            fetch=request.fetch,
+            timeout=remaining_timeout(context, self.core.fetch_timeout_s),
+        )
+        return cache_pb2.PinResponse(size_bytes=size)
+
+    def Unpin(self, request, context):
+        return cache_pb2.UnpinResponse(was_pinned=self.core.unpin(request.digest))
+
     def Stats(self, request, context):
         s = self.core.node.stats()
         return cache_pb2.CacheStatsResponse(
@@ -33,6 +51,10 @@ class AdapterCacheServicer(cache_pb2_grpc.AdapterCacheServicer):
             fetch_p99_ms=s.fetch_p99_ms,
             capacity_bytes=s.capacity_bytes,
             path=s.path,
+            pinned_entries=s.pinned_entries,
+            pinned_bytes=s.pinned_bytes,
+            policy=s.policy,
+            digests=s.digests,
         )
 
 

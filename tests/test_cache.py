@@ -1,9 +1,12 @@
 """The node cache sidecar over real gRPC against a real store: miss then hit, verified commits,
-single flight, the byte budget, errors passed through, and a sidecar killed with SIGKILL that
-loses nothing it committed (read back by the executor's reader from another process)."""
+single flight, the byte budget, errors passed through, Prefetch / Evict / Pin / Unpin / Stats,
+the map or the disk full, and a sidecar killed with SIGKILL that loses nothing it committed (read
+back by the executor's reader from another process) and rebuilds its eviction order from the
+hints it persisted. The policies themselves are tested in test_cache_policy.py."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -11,10 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import lmdb
 import pytest
 from peft_util import make_peft_adapter
 
@@ -23,7 +28,7 @@ from mintmesh.cache import layout
 from mintmesh.cache.config import CacheConfig
 from mintmesh.cache.core import CacheCore
 from mintmesh.cache.node import NodeCache
-from mintmesh.cache.policy import LRUPolicy
+from mintmesh.cache.policy import DEFAULT_POLICY, POLICIES, LRUPolicy
 from mintmesh.cache.server import create_core, create_server
 from mintmesh.errors import DigestMismatch, ResourceExhausted
 from mintmesh.services.common.server import CHUNK_BYTES, build_server
@@ -108,6 +113,29 @@ def sidecar(store, tmp_path_factory):
 def cache_stub(sidecar):
     with grpc.insecure_channel(sidecar[0].address) as ch:
         yield cache_pb2_grpc.AdapterCacheStub(ch)
+
+
+@pytest.fixture
+def make_sidecar(store, tmp_path):
+    """Fresh in-process sidecars on the store, each with its own cache dir: make(**config)
+    returns (core, stub). All are stopped at the end of the test."""
+    made = []
+
+    def make(**kw) -> tuple[CacheCore, cache_pb2_grpc.AdapterCacheStub]:
+        kw.setdefault("capacity_bytes", 64 << 20)
+        cfg = CacheConfig(
+            cache_dir=tmp_path / f"node{len(made)}", store_address=store[0].address, **kw
+        )
+        core = create_core(cfg)
+        srv = create_server(cfg, core=core)
+        ch = grpc.insecure_channel(srv.address)
+        made.append((srv, ch))
+        return core, cache_pb2_grpc.AdapterCacheStub(ch)
+
+    yield make
+    for srv, ch in made:
+        ch.close()
+        srv.stop(0)
 
 
 def ensure(stub, digest: str) -> cache_pb2.EnsureAdapterResponse:
@@ -278,7 +306,7 @@ def test_byte_budget_holds_under_random_puts(tmp_path):
 def test_lru_evicts_least_recently_used_unpinned(tmp_path):
     rng = random.Random(5)
     a, b, c, d = (_blob(rng, 1000) for _ in range(4))
-    node = NodeCache(tmp_path / "n", capacity_bytes=3000)
+    node = NodeCache(tmp_path / "n", capacity_bytes=3000, policy="lru")
     try:
         for x in (a, b, c):
             node.put(*x)
@@ -323,13 +351,313 @@ def test_map_full_evicts_then_reports_resource_exhausted(tmp_path):
         node.close()
 
 
+# -- Prefetch, Evict, Pin, Unpin, Stats over gRPC --------------------------------------------
+
+
+def _wait(cond, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.01)
+
+
+def _count_concurrency(core: CacheCore, delay_s: float) -> dict[str, int]:
+    """Wrap the store fetch of core to record the most fetches in flight at once."""
+    seen = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    real = core._fetch
+
+    def fetch(digest, timeout):
+        with lock:
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+        try:
+            time.sleep(delay_s)
+            return real(digest, timeout)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    core._fetch = fetch
+    return seen
+
+
+def test_prefetch_fetches_in_the_background_with_bounded_concurrency(make_sidecar, store):
+    core, stub = make_sidecar(prefetch_concurrency=2)
+    revs = store[2]
+    seen = _count_concurrency(core, 0.05)
+    known = [revs[k].digest for k in ("a0", "a1", "a2", "a3", "a4", "a5", "big")]
+    unknown = "f" * 64
+    res = stub.Prefetch(cache_pb2.PrefetchRequest(digests=[*known, unknown]), timeout=TIMEOUT)
+    assert list(res.present) == [] and list(res.queued) == [*known, unknown]
+    _wait(lambda: core.prefetch_pending() == 0)
+    assert all(core.node.contains(d) for d in known) and not core.node.contains(unknown)
+    assert 1 <= seen["max"] <= 2
+    s = stats(stub)
+    assert (s.entries, s.hits, s.misses) == (7, 0, 0)  # a prefetch is neither hit nor miss
+    again = stub.Prefetch(cache_pb2.PrefetchRequest(digests=[*known, unknown]), timeout=TIMEOUT)
+    assert list(again.present) == known and list(again.queued) == [unknown]
+    assert ensure(stub, known[0]).hit
+    _wait(lambda: core.prefetch_pending() == 0)
+    err = _rpc_error(
+        stub.Prefetch, cache_pb2.PrefetchRequest(digests=[known[0], "nope"]), timeout=TIMEOUT
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "'nope'" in err.details()
+
+
+def test_prefetch_and_ensure_share_one_fetch(make_sidecar, store):
+    core, stub = make_sidecar()
+    _, score, revs = store
+    rev = revs["big"]
+    _count_concurrency(core, 0.2)  # keep the fetch in flight while Ensure arrives
+    before = score.stats().fetches
+    res = stub.Prefetch(cache_pb2.PrefetchRequest(digests=[rev.digest]), timeout=TIMEOUT)
+    assert list(res.queued) == [rev.digest]
+    got = ensure(stub, rev.digest)
+    assert got.size_bytes == rev.size_bytes
+    _wait(lambda: core.prefetch_pending() == 0)
+    assert score.stats().fetches - before == 1 and core.store_fetches == 1
+
+
+def test_evict_pin_unpin(make_sidecar, store):
+    core, stub = make_sidecar()
+    revs = store[2]
+    a1, a2 = revs["a1"], revs["a2"]
+    ensure(stub, a1.digest)
+    assert stub.Evict(cache_pb2.EvictRequest(digest=a1.digest), timeout=TIMEOUT).evicted
+    assert stats(stub).entries == 0 and not core.node.contains(a1.digest)
+    assert not stub.Evict(cache_pb2.EvictRequest(digest=a1.digest), timeout=TIMEOUT).evicted
+
+    def pin(digest, fetch):
+        return stub.Pin(cache_pb2.PinRequest(digest=digest, fetch=fetch), timeout=TIMEOUT)
+
+    err = _rpc_error(pin, a2.digest, False)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and a2.digest in err.details()
+    assert pin(a2.digest, True).size_bytes == a2.size_bytes
+    assert pin(a2.digest, True).size_bytes == a2.size_bytes  # idempotent
+    s = stats(stub)
+    assert (s.pinned_entries, s.pinned_bytes, s.entries) == (1, a2.size_bytes, 1)
+    err = _rpc_error(stub.Evict, cache_pb2.EvictRequest(digest=a2.digest), timeout=TIMEOUT)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and a2.digest in err.details()
+    assert core.node.contains(a2.digest)
+    unpin = stub.Unpin
+    assert unpin(cache_pb2.UnpinRequest(digest=a2.digest), timeout=TIMEOUT).was_pinned
+    assert not unpin(cache_pb2.UnpinRequest(digest=a2.digest), timeout=TIMEOUT).was_pinned
+    assert stats(stub).pinned_entries == 0
+    assert stub.Evict(cache_pb2.EvictRequest(digest=a2.digest), timeout=TIMEOUT).evicted
+    err = _rpc_error(pin, "e" * 64, True)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "e" * 64 in err.details()
+    err = _rpc_error(stub.Evict, cache_pb2.EvictRequest(digest="bad"), timeout=TIMEOUT)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "'bad'" in err.details()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_pinned_survive_pressure_and_pins_cannot_exceed_the_budget(make_sidecar, store, policy):
+    revs = store[2]
+    big, a2 = revs["big"], revs["a2"]
+    cap = big.size_bytes + a2.size_bytes + 1000
+    core, stub = make_sidecar(capacity_bytes=cap, policy=policy)
+    stub.Pin(cache_pb2.PinRequest(digest=big.digest, fetch=True), timeout=TIMEOUT)
+    for _ in range(2):
+        for k in ("a0", "a1", "a2", "a3", "a4", "a5"):
+            ensure(stub, revs[k].digest)
+            s = stats(stub)
+            assert s.bytes <= cap and core.node.contains(big.digest)
+    assert s.evictions > 0
+    stub.Pin(cache_pb2.PinRequest(digest=a2.digest, fetch=True), timeout=TIMEOUT)
+    # The pinned entries leave 1000 bytes: neither pinning nor caching a1 can fit.
+    a1 = revs["a1"]
+    err = _rpc_error(stub.Pin, cache_pb2.PinRequest(digest=a1.digest, fetch=True), timeout=TIMEOUT)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in err.details()
+    assert a1.digest in err.details()
+    err = _rpc_error(ensure, stub, a1.digest)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    s = stats(stub)
+    assert (s.pinned_entries, s.pinned_bytes) == (2, big.size_bytes + a2.size_bytes)
+    assert s.policy == policy and s.capacity_bytes == cap
+    assert list(s.digests) == sorted(e.digest for e in core.node.entries())
+    assert s.entries == len(s.digests) and s.bytes <= cap
+    stub.Unpin(cache_pb2.UnpinRequest(digest=a2.digest), timeout=TIMEOUT)
+    assert not ensure(stub, a1.digest).hit  # room again: a2 is evictable
+    assert core.node.contains(big.digest) and stats(stub).pinned_entries == 1
+
+
+def test_stats_on_an_empty_cache(make_sidecar):
+    _, stub = make_sidecar()
+    s = stats(stub)
+    assert (s.entries, s.bytes, s.pinned_entries, s.pinned_bytes) == (0, 0, 0, 0)
+    assert s.policy == DEFAULT_POLICY and list(s.digests) == []
+
+
+def test_concurrent_rpcs_keep_the_budget_the_pins_and_the_file(store, tmp_path):
+    """Ensure, Prefetch, Evict, Pin and Unpin from 6 threads on a budget of ~3 adapters: only
+    the expected refusals, the budget holds, pinned entries stay, the file stays whole."""
+    revs = [store[2][k] for k in ("a0", "a1", "a3", "a4", "a5")]
+    cap = 30_000
+    cfg = CacheConfig(cache_dir=tmp_path / "n", store_address=store[0].address, capacity_bytes=cap)
+    core = create_core(cfg)
+    srv = create_server(cfg, core=core)
+    allowed = {
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # pinned entries leave no room
+        grpc.StatusCode.FAILED_PRECONDITION,  # evicting a pinned entry
+    }
+    failures: list[str] = []
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = cache_pb2_grpc.AdapterCacheStub(ch)
+
+            def worker(seed: int) -> None:
+                rng = random.Random(seed)
+                for _ in range(60):
+                    d = rng.choice(revs).digest
+                    op = rng.choice(["ensure"] * 4 + ["prefetch", "evict", "pin", "unpin"])
+                    try:
+                        if op == "ensure":
+                            ensure(stub, d)
+                        elif op == "prefetch":
+                            stub.Prefetch(cache_pb2.PrefetchRequest(digests=[d]), timeout=TIMEOUT)
+                        elif op == "evict":
+                            stub.Evict(cache_pb2.EvictRequest(digest=d), timeout=TIMEOUT)
+                        elif op == "pin":
+                            stub.Pin(cache_pb2.PinRequest(digest=d, fetch=True), timeout=TIMEOUT)
+                        else:
+                            stub.Unpin(cache_pb2.UnpinRequest(digest=d), timeout=TIMEOUT)
+                    except grpc.RpcError as e:
+                        if e.code() not in allowed:
+                            failures.append(f"{op} {d}: {e.code()} {e.details()}")
+                    if core.node.stats().bytes > cap:
+                        failures.append(f"over budget after {op}")
+
+            with ThreadPoolExecutor(6) as pool:
+                list(pool.map(worker, range(6)))
+            _wait(lambda: core.prefetch_pending() == 0)
+            s = stats(stub)
+        assert not failures, failures[:5]
+        entries = {e.digest: e for e in core.node.entries()}
+        assert s.bytes == sum(e.size_bytes for e in entries.values()) <= cap
+        assert s.pinned_bytes == sum(e.size_bytes for e in entries.values() if e.pinned)
+        assert s.hits > 0 and s.evictions > 0
+    finally:
+        srv.stop(0)
+    again = NodeCache(tmp_path / "n", capacity_bytes=cap, flush_interval_s=0)
+    try:
+        assert {e.digest: e.pinned for e in again.entries()} == {
+            d: e.pinned for d, e in entries.items()
+        }
+        for d in entries:
+            assert hashlib.sha256(again.get(d)).hexdigest() == d
+    finally:
+        again.close()
+
+
+# -- the disk full: evict and retry, then RESOURCE_EXHAUSTED, never a corrupt file ------------
+
+
+class _FailingCommit:
+    def __init__(self, txn, exc: BaseException):
+        self.txn, self.exc = txn, exc
+
+    def __enter__(self):
+        return self.txn.__enter__()
+
+    def __exit__(self, *exc_info):
+        self.txn.abort()
+        if exc_info[0] is None:
+            raise self.exc
+        return False
+
+
+class _FullDisk:
+    """Wraps a NodeCache's environment: the next `fails` write transactions fail to commit
+    with exc (and are aborted, as LMDB does when a write fails)."""
+
+    def __init__(self, env, fails: int, exc: BaseException):
+        self.env, self.fails, self.exc = env, fails, exc
+
+    def begin(self, **kw):
+        txn = self.env.begin(**kw)
+        if kw.get("write") and self.fails > 0:
+            self.fails -= 1
+            return _FailingCommit(txn, self.exc)
+        return txn
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        lmdb.DiskError("mdb_txn_commit: No space left on device"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["lmdb.DiskError", "OSError-ENOSPC"],
+)
+def test_disk_full_evicts_and_retries_then_resource_exhausted(tmp_path, exc):
+    rng = random.Random(17)
+    node = NodeCache(tmp_path / "n", capacity_bytes=1 << 20, flush_interval_s=0)
+    blobs = [_blob(rng, 10_000) for _ in range(6)]
+    real_env = node._env
+    try:
+        for d, b in blobs[:5]:
+            node.put(d, b)
+        node.pin(blobs[0][0])
+        node._env = _FullDisk(real_env, fails=1, exc=exc)
+        assert node.put(*blobs[5])  # fails once: one entry evicted on its own, then it fits
+        s = node.stats()
+        assert s.evictions == 1 and s.entries == 5 and node.contains(blobs[5][0])
+        node._env = _FullDisk(real_env, fails=10**6, exc=exc)
+        with pytest.raises(ResourceExhausted, match="disk under the node cache .* is full"):
+            node.put(*_blob(rng, 10_000))
+        node._env = real_env
+        kept = {e.digest for e in node.entries()}
+        assert blobs[0][0] in kept and node.stats().bytes == 10_000 * len(kept)
+    finally:
+        node._env = real_env
+        node.close()
+    again = NodeCache(tmp_path / "n", capacity_bytes=1 << 20, flush_interval_s=0)
+    try:  # the file holds exactly what the index said, every entry whole
+        assert {e.digest for e in again.entries()} == kept
+        for d in kept:
+            assert hashlib.sha256(again.get(d)).hexdigest() == d
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_use_hints_persist_and_rebuild_the_policy(tmp_path, policy):
+    rng = random.Random(23)
+    blobs = [_blob(rng, 1000) for _ in range(4)]
+    node = NodeCache(tmp_path / "n", capacity_bytes=10_000, policy=policy, flush_interval_s=0.05)
+    try:
+        for d, b in blobs:
+            node.put(d, b)
+        time.sleep(0.005)  # later uses are later in the file's millisecond clock
+        for _ in range(3):
+            for d, _b in blobs[1:]:
+                node.touch(d)
+        _wait(lambda: not node._dirty)  # written by the background flush
+    finally:
+        node.close()
+    # Reopened with room for 3: the entry never hit is the one evicted to fit.
+    again = NodeCache(tmp_path / "n", capacity_bytes=3000, policy=policy, flush_interval_s=0)
+    try:
+        assert {e.digest: e.hits for e in again.entries()} == {d: 3 for d, _ in blobs[1:]}
+        assert again.stats().evictions == 1
+    finally:
+        again.close()
+
+
 # -- a real sidecar process killed with SIGKILL -----------------------------------------------
 
 
-def _start_sidecar(cache_dir: Path, store_addr: str, log: Path) -> tuple[subprocess.Popen, str]:
+def _start_sidecar(
+    cache_dir: Path, store_addr: str, log: Path, *extra: str, capacity: int = 32 << 20
+) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.cache", "--cache-dir", str(cache_dir)]
-        + ["--store", store_addr, "--port", "0", "--capacity-bytes", str(32 << 20)],
+        + ["--store", store_addr, "--port", "0", "--capacity-bytes", str(capacity), *extra],
         stdout=subprocess.PIPE,
         stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
         text=True,
@@ -346,15 +674,24 @@ def _start_sidecar(cache_dir: Path, store_addr: str, log: Path) -> tuple[subproc
 
 @pytest.mark.e2e
 def test_sidecar_killed_loses_nothing_committed(store, store_stub, tmp_path):
+    """SIGKILL after commits, hits and a pin: the executor's reader sees every commit; the
+    restarted sidecar (another policy, a smaller budget) rebuilds its eviction order from the
+    persisted hints, so the entry never hit is the one evicted to fit, and the pin holds."""
     from mintmesh.cache.reader import NodeCacheReader
 
-    revs = [store[2][k] for k in ("a2", "a3", "a4")]
+    revs = store[2]
+    cold, warm, hot, pinned = (revs[k] for k in ("a2", "a3", "a4", "a5"))
     cache_dir, log = tmp_path / "node", tmp_path / "cache.log"
     proc, addr = _start_sidecar(cache_dir, store[0].address, log)
     try:
         with grpc.insecure_channel(addr) as ch:
             stub = cache_pb2_grpc.AdapterCacheStub(ch)
-            assert [ensure(stub, r.digest).hit for r in revs] == [False] * 3
+            assert [ensure(stub, r.digest).hit for r in (cold, warm, hot)] == [False] * 3
+            assert [ensure(stub, r.digest).hit for r in (warm, hot, hot)] == [True] * 3
+            # The pin's transactions also carry the hit hints (a crash can lose only hints
+            # newer than the last write).
+            stub.Pin(cache_pb2.PinRequest(digest=pinned.digest, fetch=True), timeout=TIMEOUT)
+            assert stats(stub).policy == DEFAULT_POLICY
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -365,20 +702,31 @@ def test_sidecar_killed_loses_nothing_committed(store, store_stub, tmp_path):
     # The executor's reader (this process; the writer was another one) sees every commit.
     reader = NodeCacheReader(cache_dir)
     assert reader.path == layout.env_path(cache_dir)
-    for r in revs:
+    for r in (cold, warm, hot, pinned):
         assert bytes(reader.read(r.digest)) == _fetch(store_stub, r.digest)
     assert not reader.contains("0" * 64)
 
-    proc, addr = _start_sidecar(cache_dir, store[0].address, log)
+    other = next(p for p in sorted(POLICIES) if p != DEFAULT_POLICY)
+    keep = (warm, hot, pinned)
+    budget = sum(r.size_bytes for r in keep) + 100  # one of the four must go at startup
+    proc, addr = _start_sidecar(
+        cache_dir, store[0].address, log, "--policy", other, capacity=budget
+    )
     try:
         with grpc.insecure_channel(addr) as ch:
             stub = cache_pb2_grpc.AdapterCacheStub(ch)
             s = stats(stub)
-            assert s.entries == 3 and s.bytes == sum(r.size_bytes for r in revs)
-            assert [ensure(stub, r.digest).hit for r in revs] == [True] * 3
-            new = store[2]["a0"]
+            assert s.policy == other and s.capacity_bytes == budget
+            assert list(s.digests) == sorted(r.digest for r in keep)
+            assert s.bytes == sum(r.size_bytes for r in keep) and s.evictions == 1
+            assert (s.pinned_entries, s.pinned_bytes) == (1, pinned.size_bytes)
+            assert [ensure(stub, r.digest).hit for r in keep] == [True] * 3
+            new = revs["a0"]
             assert not ensure(stub, new.digest).hit  # and it still fetches after a restart
+            s = stats(stub)
+            assert s.bytes <= budget and pinned.digest in s.digests
         assert reader.read(new.digest) is not None, "the open reader sees later commits"
+        assert reader.read(cold.digest) is None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
