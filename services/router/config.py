@@ -18,3 +18,7 @@ class RouterConfig:
     # Bounded load: no executor takes more than (1 + eps) x the mean in-flight load (+1).
     load_epsilon: float = 0.25
     otlp_endpoint: str = ""
+    # Tenants: require an API key on every call, checked through the store's Authenticate.
+    auth: bool = False
+    # Shared with the store: lets the router call it on behalf of a verified tenant.
+    internal_token: str = ""

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import grpc
 
 from mintmesh import errors as E
+from mintmesh.identity import parse_ref
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.router.auth import ADMIN, Caller, RouterAuth
 from mintmesh.services.router.config import RouterConfig
 from mintmesh.services.router.health import ExecutorSet
 from mintmesh.services.router.placement import Placement
@@ -39,6 +41,9 @@ class RouterCore:
         self.store = store_pb2_grpc.AdapterStoreStub(self.store_channel)
         self.executors = ExecutorSet(config.executors, config.health_interval_s)
         self.placement = Placement(config.load_epsilon)
+        self.auth = RouterAuth(
+            self.store, enabled=config.auth, internal_token=config.internal_token
+        )
 
     def start(self) -> None:
         self.executors.start()
@@ -50,22 +55,28 @@ class RouterCore:
     def _deadline(self, timeout: float | None, default: float) -> float:
         return time.monotonic() + (timeout if timeout is not None else default)
 
-    def resolve(self, ref: str, timeout: float) -> common_pb2.AdapterRevision:
+    def resolve(
+        self, ref: str, timeout: float, caller: Caller = ADMIN
+    ) -> common_pb2.AdapterRevision:
         try:
             return self.store.ResolveAdapter(
-                store_pb2.ResolveAdapterRequest(ref=ref), timeout=timeout
+                store_pb2.ResolveAdapterRequest(ref=ref),
+                timeout=timeout,
+                metadata=self.auth.internal_metadata(caller),
             ).revision
         except grpc.RpcError as err:
             raise reraise_downstream(err, f"resolving {ref!r}") from None
 
     def generate(
-        self, req: router_pb2.GenerateRequest, time_left: float | None
+        self, req: router_pb2.GenerateRequest, time_left: float | None, caller: Caller = ADMIN
     ) -> Iterator[router_pb2.GenerateResponse]:
         deadline = self._deadline(time_left, self.config.request_timeout_s)
         revision = common_pb2.AdapterRevision()
         if req.adapter:
+            # Checked before resolving, so another tenant's adapter names do not leak.
+            caller.check(parse_ref(req.adapter).tenant, f"adapter {req.adapter!r}")
             left = deadline - time.monotonic()
-            revision = self.resolve(req.adapter, min(left, self.config.store_timeout_s))
+            revision = self.resolve(req.adapter, min(left, self.config.store_timeout_s), caller)
         key = revision.digest or BASE_KEY
         healthy = self.executors.healthy()
         if not healthy:
@@ -111,6 +122,25 @@ class RouterCore:
                 self.placement.release(address)
         assert last_err is not None
         raise reraise_downstream(last_err, "generating") from None
+
+    def after_delete(self, response: bytes) -> None:
+        """Purge deleted revisions from every executor (device pool and node cache)."""
+        resp = store_pb2.DeleteAdapterResponse.FromString(response)
+        digests = sorted({r.digest for r in resp.deleted if r.digest})
+        if digests:
+            self.purge(digests)
+
+    def purge(self, digests: list[str]) -> None:
+        if not hasattr(executor_pb2, "PurgeAdaptersRequest"):
+            return
+        for address, st in self.executors.executors.items():
+            try:
+                st.stub.PurgeAdapters(
+                    executor_pb2.PurgeAdaptersRequest(digests=digests), timeout=30.0
+                )
+            except grpc.RpcError as err:
+                logger.warning("purging %d digests on %s failed: %s", len(digests), address,
+                               err.code().name)
 
     def status(self) -> router_pb2.RouterStatusResponse:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -16,8 +16,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.core = core
 
     def Generate(self, request, context):
+        caller = self.core.auth.caller(context)
         left = context.time_remaining()
-        gen = self.core.generate(request, left)
+        gen = self.core.generate(request, left, caller)
         try:
             yield from gen
         finally:
@@ -48,15 +49,23 @@ class StoreProxy(grpc.GenericRpcHandler):
     def _t(self, context) -> float:
         return remaining_timeout(context, self.core.config.store_timeout_s)
 
+    def _md(self, context, what: str) -> list[tuple[str, str]]:
+        """Metadata for the store: the verified caller, or (Authenticate) the client's own."""
+        if what == "Authenticate":
+            return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+        return self.core.auth.internal_metadata(self.core.auth.caller(context))
+
     def _make(self, path: str, client_stream: bool, server_stream: bool):
         ident = None  # bytes in, bytes out
         what = path.rsplit("/", 1)[-1]
+        after = self.core.after_delete if what == "DeleteAdapter" else None
         if client_stream and not server_stream:
             call = self.channel.stream_unary(path, ident, ident)
 
             def stream_unary(request_iterator, context):
                 try:
-                    return call(request_iterator, timeout=self._t(context))
+                    md = self._md(context, what)
+                    return call(request_iterator, timeout=self._t(context), metadata=md)
                 except grpc.RpcError as err:
                     raise reraise_downstream(err, what) from None
 
@@ -65,7 +74,7 @@ class StoreProxy(grpc.GenericRpcHandler):
             call = self.channel.unary_stream(path, ident, ident)
 
             def unary_stream(request, context):
-                it = call(request, timeout=self._t(context))
+                it = call(request, timeout=self._t(context), metadata=self._md(context, what))
                 try:
                     yield from it
                 except grpc.RpcError as err:
@@ -78,7 +87,8 @@ class StoreProxy(grpc.GenericRpcHandler):
             call = self.channel.stream_stream(path, ident, ident)
 
             def stream_stream(request_iterator, context):
-                it = call(request_iterator, timeout=self._t(context))
+                md = self._md(context, what)
+                it = call(request_iterator, timeout=self._t(context), metadata=md)
                 try:
                     yield from it
                 except grpc.RpcError as err:
@@ -91,8 +101,11 @@ class StoreProxy(grpc.GenericRpcHandler):
 
         def unary_unary(request, context):
             try:
-                return call(request, timeout=self._t(context))
+                resp = call(request, timeout=self._t(context), metadata=self._md(context, what))
             except grpc.RpcError as err:
                 raise reraise_downstream(err, what) from None
+            if after is not None:
+                after(resp)
+            return resp
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
