@@ -3,14 +3,19 @@
     mint model init [--preset tiny|small] [DIR]
     mint up [--executors N] [--model DIR] [--data DIR] [--port P]
     mint serve store|cache|executor|router [FLAGS...]
-    mint adapter push DIR --name TENANT/NAME | list [TENANT] | show REF | rm REF
+    mint adapter push DIR --name TENANT/NAME [--storage fp32|bf16|fp16|int8] | list [TENANT]
+                 | show REF | rm REF | revisions NAME | alias NAME [ALIAS [REV]]
+                 | promote REF --to ALIAS | rollback NAME [--alias A] [--to REV]
+                 | merge REF[:W]... --name TENANT/NAME | eval REF --metric M --value V
+                 | deprecate REF
+    mint tenant create NAME | list | key NAME | revoke KEY_ID | whoami
     mint generate [--adapter REF] [--max-tokens N] [--temperature T] [--top-p P] [--json] PROMPT
     mint status
     mint demo
     mint bench NAME [--json] [ARGS...]
 
 Every command that talks to a cluster takes --router ADDR (default: env MINT_ROUTER, else
-127.0.0.1:50051).
+127.0.0.1:50051) and sends the API key in env MINT_API_KEY, when set.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ app = typer.Typer(help="MinT mesh: millions of personal LoRA models on one share
                   no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The backbone.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapters in the store.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(adapter_app, name="adapter")
+app.add_typer(tenant_app, name="tenant")
 
 console = Console(stderr=True)
 out = Console()
@@ -55,7 +62,7 @@ def _router(addr: str | None) -> str:
 def _client(addr: str | None, timeout: float = 60.0):
     from mintmesh.client import MintClient
 
-    return MintClient(_router(addr), timeout=timeout)
+    return MintClient(_router(addr), timeout=timeout, api_key=os.environ.get("MINT_API_KEY"))
 
 
 def _fail(msg: str, code: int = 1):
@@ -93,7 +100,37 @@ def _revision_dict(rev) -> dict:
         "created_at_unix_ms": rev.created_at_unix_ms,
         "base_fingerprint": rev.base_fingerprint,
         "labels": dict(rev.labels),
+        "storage_format": _enum_name(_common().StorageFormat, rev.storage_format),
+        "state": _enum_name(_common().RevisionState, rev.state),
+        "provenance": {
+            "source": _enum_name(_common().RevisionSource, rev.provenance.source),
+            "parents": [
+                {"ref": p.ref, "digest": p.digest, "weight": p.weight}
+                for p in rev.provenance.parents
+            ],
+            "data_digest": rev.provenance.data_digest,
+            "method": rev.provenance.method,
+        },
+        "evaluations": [
+            {"metric": e.metric, "value": e.value, "evaluator": e.evaluator,
+             "evaluated_at_unix_ms": e.evaluated_at_unix_ms}
+            for e in rev.evaluations
+        ],
     }
+
+
+def _common():
+    from mintmesh.v1 import common_pb2
+
+    return common_pb2
+
+
+def _enum_name(enum, value: int) -> str:
+    """STORAGE_FORMAT_INT8 -> "int8"; 0 -> ""."""
+    if not value:
+        return ""
+    name = enum.Name(value)
+    return name.split("_", 2)[-1].lower() if name.count("_") >= 2 else name.lower()
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -214,21 +251,20 @@ def adapter_push(
     directory: Path = typer.Argument(..., help="PEFT adapter directory."),
     name: str = typer.Option(..., "--name", help="tenant/name"),
     label: list[str] = typer.Option([], "--label", help="key=value (repeat)"),
+    storage: str = typer.Option(
+        "", "--storage", help="fp32|bf16|fp16|int8 (default: the upload's dtype)"
+    ),
     router: str = RouterOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Upload a PEFT LoRA adapter as the next revision of NAME."""
     from mintmesh.errors import InvalidAdapter
 
-    labels = {}
-    for kv in label:
-        if "=" not in kv:
-            _fail(f"--label {kv!r} must be key=value")
-        k, v = kv.split("=", 1)
-        labels[k] = v
+    labels = _labels(label)
+    _check_storage(storage)
     try:
         with _client(router) as cl, console.status(f"pushing {directory}"):
-            rev = cl.push_adapter(directory, name, labels=labels)
+            rev = cl.push_adapter(directory, name, labels=labels, storage_format=storage)
     except InvalidAdapter as e:
         _fail(e.message)
     if as_json:
@@ -274,9 +310,317 @@ def adapter_show(ref: str, router: str = RouterOpt):
 def adapter_rm(ref: str, router: str = RouterOpt):
     """Delete one revision (tenant/name@rev) or every revision (tenant/name)."""
     with _client(router) as cl:
-        deleted = cl.delete(ref)
-    for rev in deleted:
+        resp = cl.delete_adapter(ref)
+    for rev in resp.deleted:
         out.print(f"deleted {rev.ref}")
+    for d in resp.deleted_digests:
+        out.print(f"removed blob {d}")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for kv in pairs:
+        if "=" not in kv:
+            _fail(f"--label {kv!r} must be key=value")
+        k, v = kv.split("=", 1)
+        labels[k] = v
+    return labels
+
+
+def _check_storage(storage: str) -> None:
+    from mintmesh.packed import storage_format
+
+    if storage:
+        try:
+            storage_format(storage)
+        except ValueError as e:
+            _fail(str(e))
+
+
+def _print_revision(rev, as_json: bool, what: str = "") -> None:
+    if as_json:
+        out.print_json(json.dumps(_revision_dict(rev)))
+    else:
+        out.print(f"{what}{rev.ref}  digest {rev.digest[:16]}…  rank {rev.rank}  "
+                  f"{_enum_name(_common().StorageFormat, rev.storage_format) or '?'}  "
+                  f"{rev.size_bytes} bytes")
+
+
+@adapter_app.command("revisions")
+@_rpc_guard
+def adapter_revisions(
+    name: str = typer.Argument(..., help="tenant/name"),
+    label: str = typer.Option("", "--label", help="key=value or key"),
+    state: str = typer.Option("", "--state", help="ready|deprecated"),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Every revision of NAME with its state, format, provenance and evaluations; its aliases
+    and gates."""
+    states = {"": 0, "ready": 1, "deprecated": 2}
+    if state not in states:
+        _fail(f"--state {state!r} must be one of {sorted(s for s in states if s)}")
+    with _client(router) as cl, console.status(f"listing revisions of {name}"):
+        res = cl.revisions(name, label=label, state=states[state])
+    gates = [{"alias": g.alias, "metric": g.metric, "threshold": g.threshold,
+              "direction": _enum_name(_gate_enum(), g.direction)} for g in res.gates]
+    if as_json:
+        out.print_json(json.dumps({
+            "name": name, "aliases": res.aliases, "gates": gates,
+            "revisions": [_revision_dict(r) for r in res.revisions],
+        }))
+        return
+    by_rev: dict[int, list[str]] = {}
+    for a, r in res.aliases.items():
+        by_rev.setdefault(r, []).append(a)
+    t = Table("rev", "aliases", "state", "format", "rank", "bytes", "source", "evaluations",
+              "digest")
+    for r in res.revisions:
+        evals = ", ".join(f"{e.metric}={e.value:g}" for e in r.evaluations)
+        t.add_row(str(r.revision), ",".join(sorted(by_rev.get(r.revision, []))),
+                  _enum_name(_common().RevisionState, r.state),
+                  _enum_name(_common().StorageFormat, r.storage_format),
+                  str(r.rank), str(r.size_bytes),
+                  _enum_name(_common().RevisionSource, r.provenance.source), evals,
+                  r.digest[:12])
+    out.print(t)
+    for g in gates:
+        op = ">=" if g["direction"] == "at_least" else "<="
+        out.print(f"gate: {g['alias']} needs {g['metric']} {op} {g['threshold']:g}")
+
+
+def _gate_enum():
+    from mintmesh.v1 import store_pb2
+
+    return store_pb2.GateDirection
+
+
+def _parse_gate(text: str) -> tuple[str, str, float]:
+    """'accuracy>=0.9' -> (metric, direction, threshold)."""
+    for op, direction in ((">=", "at_least"), ("<=", "at_most")):
+        if op in text:
+            metric, _, thr = text.partition(op)
+            try:
+                return metric.strip(), direction, float(thr)
+            except ValueError:
+                break
+    _fail(f"--gate {text!r} must look like 'metric>=0.9' or 'metric<=1.5'")
+    raise AssertionError("unreachable")
+
+
+@adapter_app.command("alias")
+@_rpc_guard
+def adapter_alias(
+    name: str = typer.Argument(..., help="tenant/name"),
+    alias: str = typer.Argument("", help="Alias to set, delete or gate."),
+    revision: int = typer.Argument(0, help="Revision to point ALIAS at."),
+    delete: bool = typer.Option(False, "--delete", help="Delete ALIAS."),
+    gate: str = typer.Option("", "--gate", help="Require an evaluation, e.g. 'accuracy>=0.9'."),
+    clear_gate: bool = typer.Option(False, "--clear-gate", help="Remove ALIAS's gate."),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Show NAME's aliases, point ALIAS at REVISION (atomically), delete it, or gate it."""
+    with _client(router) as cl:
+        if not alias:
+            res = cl.revisions(name, page_size=1)
+            if as_json:
+                out.print_json(json.dumps(res.aliases))
+            else:
+                for a, r in sorted(res.aliases.items()):
+                    out.print(f"{name}@{a} -> @{r}")
+            return
+        if gate or clear_gate:
+            if clear_gate:
+                cl.set_gate(name, alias, clear=True)
+                out.print(f"{name}@{alias}: gate removed")
+            else:
+                metric, direction, thr = _parse_gate(gate)
+                cl.set_gate(name, alias, metric, thr, direction)
+                out.print(f"{name}@{alias}: needs {gate}")
+            if not revision and not delete:
+                return
+        if delete:
+            rev = cl.delete_alias(name, alias)
+            out.print(f"deleted {name}@{alias} (it pointed at @{rev})")
+            return
+        if not revision:
+            _fail("give a REVISION to point the alias at (or --delete / --gate)")
+        resp = cl.set_alias(name, alias, revision)
+    _print_alias(name, alias, resp, as_json)
+
+
+def _print_alias(name: str, alias: str, resp, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps({"alias": f"{name}@{alias}",
+                                   "revision": _revision_dict(resp.revision),
+                                   "previous_revision": resp.previous_revision}))
+        return
+    was = f" (was @{resp.previous_revision})" if resp.previous_revision else ""
+    out.print(f"{name}@{alias} -> {resp.revision.ref}{was}")
+
+
+@adapter_app.command("promote")
+@_rpc_guard
+def adapter_promote(
+    ref: str = typer.Argument(..., help="tenant/name@rev to promote"),
+    to: str = typer.Option("prod", "--to", help="Alias to point at it."),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Point an alias (default prod) at REF; a gated alias needs a passing evaluation."""
+    from mintmesh.errors import MintError
+    from mintmesh.identity import parse_ref
+
+    try:
+        parsed = parse_ref(ref)
+    except MintError as e:
+        _fail(e.message)
+    with _client(router) as cl:
+        rev = parsed.revision or cl.resolve(ref).revision
+        resp = cl.set_alias(parsed.full_name, to, rev)
+    _print_alias(parsed.full_name, to, resp, as_json)
+
+
+@adapter_app.command("rollback")
+@_rpc_guard
+def adapter_rollback(
+    name: str = typer.Argument(..., help="tenant/name"),
+    alias: str = typer.Option("prod", "--alias", help="Alias to roll back."),
+    to: int = typer.Option(0, "--to", help="Earlier revision (default: the previous one)."),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Re-point ALIAS to an earlier revision: the one it pointed at before, or --to REV."""
+    with _client(router) as cl:
+        resp = cl.rollback(name, alias, to)
+    _print_alias(name, alias, resp, as_json)
+
+
+@adapter_app.command("merge")
+@_rpc_guard
+def adapter_merge(
+    sources: list[str] = typer.Argument(..., help="REF[:WEIGHT] (weight default 1)"),
+    name: str = typer.Option(..., "--name", help="tenant/name of the merged revision"),
+    storage: str = typer.Option("", "--storage", help="fp32|bf16|fp16|int8 (default fp32)"),
+    label: list[str] = typer.Option([], "--label", help="key=value (repeat)"),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """A new revision of NAME: the exact weighted sum of the sources' deltas (rank = sum)."""
+    pairs = []
+    for src in sources:
+        ref, w = src.rsplit(":", 1) if ":" in src else (src, "1")
+        try:
+            pairs.append((ref, float(w)))
+        except ValueError:
+            _fail(f"merge source {src!r} must be REF or REF:WEIGHT")
+    _check_storage(storage)
+    with _client(router, timeout=600) as cl, console.status(f"merging {len(pairs)} revisions"):
+        rev = cl.merge(name, pairs, storage_format=storage, labels=_labels(label))
+    _print_revision(rev, as_json, "merged into ")
+
+
+@adapter_app.command("eval")
+@_rpc_guard
+def adapter_eval(
+    ref: str = typer.Argument(..., help="tenant/name@rev"),
+    metric: str = typer.Option(..., "--metric"),
+    value: float = typer.Option(..., "--value"),
+    evaluator: str = typer.Option("", "--evaluator", help="Who or what measured it."),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Record an evaluation (METRIC = VALUE) of one revision."""
+    with _client(router) as cl:
+        rev = cl.add_evaluation(ref, metric, value, evaluator)
+    if as_json:
+        out.print_json(json.dumps(_revision_dict(rev)))
+    else:
+        out.print(f"{rev.ref}: {metric} = {value:g} ({len(rev.evaluations)} evaluation(s))")
+
+
+@adapter_app.command("deprecate")
+@_rpc_guard
+def adapter_deprecate(
+    ref: str = typer.Argument(..., help="tenant/name@rev"),
+    undo: bool = typer.Option(False, "--undo", help="Make it ready again."),
+    router: str = RouterOpt,
+):
+    """Mark a revision deprecated (still resolvable by number; no alias may point at it)."""
+    with _client(router) as cl:
+        rev = cl.deprecate(ref, undo=undo)
+    out.print(f"{rev.ref}: {_enum_name(_common().RevisionState, rev.state)}")
+
+
+# -- tenants ---------------------------------------------------------------------------------
+
+
+@tenant_app.command("create")
+@_rpc_guard
+def tenant_create(
+    tenant: str = typer.Argument(...),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Create a tenant (admin key needed) and print its first API key (shown only once)."""
+    with _client(router) as cl:
+        resp = cl.create_tenant(tenant)
+    if as_json:
+        print(json.dumps({"tenant": resp.tenant, "api_key": resp.api_key, "key_id": resp.key_id}))
+    else:
+        console.print(f"created tenant {resp.tenant}; its API key (shown once):")
+        print(resp.api_key)
+
+
+@tenant_app.command("list")
+@_rpc_guard
+def tenant_list(router: str = RouterOpt, as_json: bool = typer.Option(False, "--json")):
+    """Tenants (an admin sees all, a tenant itself)."""
+    with _client(router) as cl, console.status("listing tenants"):
+        items = list(cl.list_tenants())
+    if as_json:
+        out.print_json(json.dumps([{"tenant": t.tenant, "created_at_unix_ms": t.created_at_unix_ms,
+                                    "key_count": t.key_count} for t in items]))
+        return
+    t = Table("tenant", "keys", "created (unix ms)")
+    for x in items:
+        t.add_row(x.tenant, str(x.key_count), str(x.created_at_unix_ms))
+    out.print(t)
+
+
+@tenant_app.command("key")
+@_rpc_guard
+def tenant_key(
+    tenant: str = typer.Argument("", help="Tenant (omit with --admin)."),
+    admin: bool = typer.Option(False, "--admin", help="An operator key (admin only)."),
+    router: str = RouterOpt,
+):
+    """Issue another API key for TENANT (or an admin key) and print it (shown only once)."""
+    if not tenant and not admin:
+        _fail("give a TENANT or --admin")
+    with _client(router) as cl:
+        resp = cl.create_api_key(tenant, admin=admin)
+    console.print(f"key {resp.key_id} for {'admin' if admin else resp.tenant} (shown once):")
+    print(resp.api_key)
+
+
+@tenant_app.command("revoke")
+@_rpc_guard
+def tenant_revoke(key_id: str = typer.Argument(...), router: str = RouterOpt):
+    """Revoke an API key by its id (the 12 hex characters after 'mint_')."""
+    with _client(router) as cl:
+        cl.revoke_api_key(key_id)
+    out.print(f"revoked {key_id}")
+
+
+@tenant_app.command("whoami")
+@_rpc_guard
+def tenant_whoami(router: str = RouterOpt):
+    """Who MINT_API_KEY stands for."""
+    with _client(router) as cl:
+        who = cl.authenticate()
+    out.print("admin" if who.is_admin else f"tenant {who.tenant}")
 
 
 # -- generation ------------------------------------------------------------------------------

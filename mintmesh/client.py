@@ -10,18 +10,49 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from mintmesh.packed import storage_format as _storage_name
 from mintmesh.peft_io import read_peft_dir
 from mintmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
 
 logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+STORAGE_FORMATS = {
+    "float32": common_pb2.STORAGE_FORMAT_FLOAT32,
+    "bfloat16": common_pb2.STORAGE_FORMAT_BFLOAT16,
+    "float16": common_pb2.STORAGE_FORMAT_FLOAT16,
+    "int8": common_pb2.STORAGE_FORMAT_INT8,
+}
+SOURCES = {
+    "upload": common_pb2.REVISION_SOURCE_UPLOAD,
+    "training": common_pb2.REVISION_SOURCE_TRAINING,
+}
+GATE_DIRECTIONS = {
+    "at_least": store_pb2.GATE_DIRECTION_AT_LEAST,
+    ">=": store_pb2.GATE_DIRECTION_AT_LEAST,
+    "at_most": store_pb2.GATE_DIRECTION_AT_MOST,
+    "<=": store_pb2.GATE_DIRECTION_AT_MOST,
+}
+
+
+def storage_enum(name: str | None) -> int:
+    """"bf16", "int8", ... -> common_pb2.StorageFormat ("" or None = UNSPECIFIED)."""
+    return STORAGE_FORMATS[_storage_name(name)] if name else 0
+
+
+@dataclass
+class AdapterRevisions:
+    """Every revision of one adapter (oldest first), its aliases and gates."""
+
+    revisions: list[common_pb2.AdapterRevision]
+    aliases: dict[str, int]
+    gates: list[store_pb2.AliasGate]
 
 
 @dataclass
@@ -90,11 +121,16 @@ class MintClient:
         retries: int = 3,
         channel: grpc.Channel | None = None,
         metadata: list[tuple[str, str]] | None = None,
+        api_key: str | None = None,
     ):
+        """api_key: sent as "authorization: Bearer <key>" on every call (the CLI passes env
+        MINT_API_KEY)."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.metadata = list(metadata or [])
+        if api_key:
+            self.metadata.append(("authorization", f"Bearer {api_key}"))
         self._own_channel = channel is None
         self.channel = channel or grpc.insecure_channel(
             address,
@@ -116,13 +152,15 @@ class MintClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _unary(self, fn, request, timeout: float | None = None):
+    def _unary(self, fn, request, timeout: float | None = None, *, retry: bool = True):
+        """One unary call; retry=False for calls that are not idempotent (merge, new keys)."""
         delay = 0.1
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retry else 0
+        for attempt in range(retries + 1):
             try:
                 return fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or attempt == self.retries:
+                if err.code() not in RETRYABLE or attempt == retries:
                     raise
                 logger.info("retrying after %s: %s", err.code().name, err.details())
                 time.sleep(delay)
@@ -142,13 +180,15 @@ class MintClient:
         *,
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
+        storage_format: str = "",
+        source: str = "",
+        parents: list[str] | None = None,
+        data_digest: str = "",
     ) -> common_pb2.AdapterRevision:
-        header = store_pb2.PushHeader(
-            name=name,
-            adapter_config_json=config_json,
-            sha256=hashlib.sha256(weights).hexdigest(),
-            size_bytes=len(weights),
-            labels=labels or {},
+        """Push one adapter; storage_format fp32|bf16|fp16|int8 ("" keeps the upload's dtype),
+        source "upload" or "training", parents/data_digest: provenance."""
+        header = self._header(
+            name, config_json, weights, labels, storage_format, source, parents, data_digest
         )
 
         def requests():
@@ -161,11 +201,84 @@ class MintClient:
         )
         return resp.revision
 
+    @staticmethod
+    def _header(
+        name: str,
+        config_json: str,
+        weights: bytes,
+        labels: dict[str, str] | None = None,
+        storage_format: str = "",
+        source: str = "",
+        parents: list[str] | None = None,
+        data_digest: str = "",
+    ) -> store_pb2.PushHeader:
+        return store_pb2.PushHeader(
+            name=name,
+            adapter_config_json=config_json,
+            sha256=hashlib.sha256(weights).hexdigest(),
+            size_bytes=len(weights),
+            labels=labels or {},
+            storage_format=storage_enum(storage_format),
+            source=SOURCES[source] if source else 0,
+            parents=parents or [],
+            data_digest=data_digest,
+        )
+
     def push_adapter(
-        self, path: Path | str, name: str, *, labels: dict[str, str] | None = None
+        self,
+        path: Path | str,
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        storage_format: str = "",
     ) -> common_pb2.AdapterRevision:
         cfg, weights = read_peft_dir(path)
-        return self.push_adapter_bytes(name, cfg, weights, labels=labels)
+        return self.push_adapter_bytes(
+            name, cfg, weights, labels=labels, storage_format=storage_format
+        )
+
+    def push_many(
+        self,
+        items: Iterable[tuple[str, str, bytes]],
+        *,
+        labels: dict[str, str] | None = None,
+        storage_format: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[store_pb2.PushResult]:
+        """Push (name, adapter_config_json, safetensors bytes) items in one PushAdapters
+        stream (group commit on the store; small adapters travel several to a message);
+        yields one result per item (revision or error, with the item's index) as groups
+        commit. timeout covers the whole stream."""
+
+        def requests():
+            batch: list[store_pb2.InlineAdapter] = []
+            size = 0
+            for name, cfg, weights in items:
+                header = self._header(name, cfg, weights, labels, storage_format)
+                if len(weights) > CHUNK_BYTES // 4:
+                    if batch:
+                        yield store_pb2.PushAdaptersRequest(
+                            inline=store_pb2.InlineAdapters(adapters=batch)
+                        )
+                        batch, size = [], 0
+                    yield store_pb2.PushAdaptersRequest(header=header)
+                    for i in range(0, len(weights), CHUNK_BYTES):
+                        yield store_pb2.PushAdaptersRequest(chunk=weights[i : i + CHUNK_BYTES])
+                    continue
+                if size + len(weights) > CHUNK_BYTES:
+                    yield store_pb2.PushAdaptersRequest(
+                        inline=store_pb2.InlineAdapters(adapters=batch)
+                    )
+                    batch, size = [], 0
+                batch.append(store_pb2.InlineAdapter(header=header, data=weights))
+                size += len(weights)
+            if batch:
+                yield store_pb2.PushAdaptersRequest(inline=store_pb2.InlineAdapters(adapters=batch))
+
+        for resp in self.store.PushAdapters(
+            requests(), timeout=timeout or self.timeout, metadata=self.metadata
+        ):
+            yield from resp.results
 
     def resolve(self, ref: str) -> common_pb2.AdapterRevision:
         return self._unary(
@@ -190,13 +303,19 @@ class MintClient:
         return data
 
     def list_adapters(
-        self, tenant: str = "", *, page_size: int = 100
+        self, tenant: str = "", *, page_size: int = 100, name_prefix: str = "", label: str = ""
     ) -> Iterator[store_pb2.AdapterSummary]:
         token = ""
         while True:
             resp = self._unary(
                 self.store.ListAdapters,
-                store_pb2.ListAdaptersRequest(tenant=tenant, page_size=page_size, page_token=token),
+                store_pb2.ListAdaptersRequest(
+                    tenant=tenant,
+                    page_size=page_size,
+                    page_token=token,
+                    name_prefix=name_prefix,
+                    label=label,
+                ),
             )
             yield from resp.adapters
             token = resp.next_page_token
@@ -208,8 +327,137 @@ class MintClient:
             self._unary(self.store.DeleteAdapter, store_pb2.DeleteAdapterRequest(ref=ref)).deleted
         )
 
+    def delete_adapter(self, ref: str) -> store_pb2.DeleteAdapterResponse:
+        """Like delete, with the digests whose blobs went (deleted_digests)."""
+        return self._unary(self.store.DeleteAdapter, store_pb2.DeleteAdapterRequest(ref=ref))
+
     def base_model(self) -> store_pb2.GetBaseModelResponse:
         return self._unary(self.store.GetBaseModel, store_pb2.GetBaseModelRequest())
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def revisions(
+        self, name: str, *, label: str = "", state: int = 0, page_size: int = 100
+    ) -> AdapterRevisions:
+        """Every revision of name (all pages), with its aliases and gates."""
+        out = AdapterRevisions([], {}, [])
+        token = ""
+        while True:
+            resp = self._unary(
+                self.store.ListRevisions,
+                store_pb2.ListRevisionsRequest(
+                    name=name, page_size=page_size, page_token=token, label=label, state=state
+                ),
+            )
+            out.revisions.extend(resp.revisions)
+            out.aliases, out.gates = dict(resp.aliases), list(resp.gates)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def set_alias(self, name: str, alias: str, revision: int) -> store_pb2.SetAliasResponse:
+        return self._unary(
+            self.store.SetAlias,
+            store_pb2.SetAliasRequest(name=name, alias=alias, revision=revision),
+        )
+
+    def rollback(self, name: str, alias: str, revision: int = 0) -> store_pb2.SetAliasResponse:
+        """Re-point alias to an earlier revision (0 = the one it pointed at before)."""
+        return self._unary(
+            self.store.SetAlias,
+            store_pb2.SetAliasRequest(name=name, alias=alias, revision=revision, rollback=True),
+        )
+
+    def delete_alias(self, name: str, alias: str) -> int:
+        return self._unary(
+            self.store.DeleteAlias, store_pb2.DeleteAliasRequest(name=name, alias=alias)
+        ).revision
+
+    def set_gate(
+        self,
+        name: str,
+        alias: str,
+        metric: str = "",
+        threshold: float = 0.0,
+        direction: str = "at_least",
+        *,
+        clear: bool = False,
+    ) -> store_pb2.AliasGate:
+        req = store_pb2.SetAliasGateRequest(
+            name=name,
+            alias=alias,
+            metric=metric,
+            threshold=threshold,
+            direction=0 if clear else GATE_DIRECTIONS[direction],
+            clear=clear,
+        )
+        return self._unary(self.store.SetAliasGate, req).gate
+
+    def add_evaluation(
+        self, ref: str, metric: str, value: float, evaluator: str = ""
+    ) -> common_pb2.AdapterRevision:
+        req = store_pb2.AddEvaluationRequest(
+            ref=ref, metric=metric, value=value, evaluator=evaluator
+        )
+        return self._unary(self.store.AddEvaluation, req, retry=False).revision
+
+    def deprecate(self, ref: str, *, undo: bool = False) -> common_pb2.AdapterRevision:
+        return self._unary(
+            self.store.DeprecateRevision, store_pb2.DeprecateRevisionRequest(ref=ref, undo=undo)
+        ).revision
+
+    def merge(
+        self,
+        name: str,
+        sources: list[tuple[str, float]],
+        *,
+        storage_format: str = "",
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.AdapterRevision:
+        req = store_pb2.MergeAdaptersRequest(
+            name=name,
+            sources=[store_pb2.MergeSource(ref=r, weight=w) for r, w in sources],
+            method=store_pb2.MERGE_METHOD_LINEAR,
+            storage_format=storage_enum(storage_format),
+            labels=labels or {},
+        )
+        return self._unary(self.store.MergeAdapters, req, timeout=timeout, retry=False).revision
+
+    # -- tenants ----------------------------------------------------------------------------
+
+    def create_tenant(self, tenant: str) -> store_pb2.CreateTenantResponse:
+        return self._unary(
+            self.store.CreateTenant, store_pb2.CreateTenantRequest(tenant=tenant), retry=False
+        )
+
+    def create_api_key(self, tenant: str = "", *, admin: bool = False):
+        return self._unary(
+            self.store.CreateApiKey,
+            store_pb2.CreateApiKeyRequest(tenant=tenant, admin=admin),
+            retry=False,
+        )
+
+    def revoke_api_key(self, key_id: str) -> None:
+        self._unary(self.store.RevokeApiKey, store_pb2.RevokeApiKeyRequest(key_id=key_id))
+
+    def list_tenants(self, *, page_size: int = 100) -> Iterator[store_pb2.TenantInfo]:
+        token = ""
+        while True:
+            resp = self._unary(
+                self.store.ListTenants,
+                store_pb2.ListTenantsRequest(page_size=page_size, page_token=token),
+            )
+            yield from resp.tenants
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def authenticate(self, api_key: str = "") -> store_pb2.AuthenticateResponse:
+        """Who api_key (or, if empty, this client's own key) stands for."""
+        return self._unary(
+            self.store.Authenticate, store_pb2.AuthenticateRequest(api_key=api_key)
+        )
 
     # -- router -----------------------------------------------------------------------------
 

@@ -8,6 +8,13 @@ Layout (little-endian):
 
 Offsets in the header are relative to the start of the tensor data. One read and one
 host-to-device copy load a whole adapter; the sha256 of the buffer is the revision's digest.
+
+Storage formats: float32, float16 and bfloat16 store A and B as they are (header "dtype"). An
+"int8" pack stores each matrix as int8 with one float32 scale per row (symmetric,
+scale = max|row| / 127), the scales right after their matrix (module keys "as" / "bs", also
+64-byte aligned); `unpack` dequantizes it to a float dtype (float32 unless asked otherwise).
+Float packs are byte-identical to those written before int8 existed (same header keys), so the
+digests of existing adapters do not change.
 """
 
 from __future__ import annotations
@@ -34,6 +41,47 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INT8 = "int8"
+# Every storage format a pack may have: the float dtypes, then int8 (per-row scales).
+STORAGE_FORMATS: tuple[str, ...] = ("float32", "bfloat16", "float16", INT8)
+# Short names the CLI accepts.
+STORAGE_ALIASES = {
+    "fp32": "float32",
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "i8": INT8,
+}
+INT8_MAX = 127
+
+
+def storage_format(name: str) -> str:
+    """The canonical storage format of name ("bf16" -> "bfloat16"); ValueError names it."""
+    fmt = STORAGE_ALIASES.get(name.lower(), name.lower())
+    if fmt not in STORAGE_FORMATS:
+        raise ValueError(
+            f"storage format {name!r} is not supported; use one of {list(STORAGE_FORMATS)}"
+        )
+    return fmt
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q [rows, cols] int8, scales [rows] float32) with
+    t ~= q * scales[:, None]. A row of zeros gets scale 1 (and stays zero)."""
+    x = t.detach().to(device="cpu", dtype=torch.float32)
+    scales = x.abs().amax(dim=1) / INT8_MAX
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(x / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
+
+
+def dequantize_rows(
+    q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Semantics: out[i, j] = q[i, j] * scales[i]; q: [rows, cols] int8, scales: [rows]."""
+    return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
 
 
 def _align(n: int) -> int:
@@ -64,6 +112,9 @@ class PackedModule:
     scale: float
     a_offset: int
     b_offset: int
+    # int8 packs: offsets of the float32 per-row scales of A and B (-1 for float packs).
+    a_scale_offset: int = -1
+    b_scale_offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -83,6 +134,15 @@ class PackedHeader:
     def target_modules(self) -> list[str]:
         return sorted({m.name.rsplit(".", 1)[-1] for m in self.modules})
 
+    @property
+    def storage_format(self) -> str:
+        """float32 | bfloat16 | float16 | int8 (the header's "dtype")."""
+        return self.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == INT8
+
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -94,15 +154,28 @@ def pack(
     base_fingerprint: str,
     peft_config: dict | None = None,
     dtype: torch.dtype | None = None,
+    storage: str | None = None,
 ) -> bytes:
-    """Pack module weights into one buffer. All tensors are stored in one dtype."""
+    """Pack module weights into one buffer. All tensors are stored in one dtype: `dtype`, or
+    the storage format `storage` (float32 | bfloat16 | float16 | int8), default A's dtype."""
     if not modules:
         raise InvalidAdapter("adapter has no LoRA modules")
     names = sorted(modules)
-    dtype = dtype or modules[names[0]].A.dtype
-    if dtype not in DTYPE_NAMES:
-        raise InvalidAdapter(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
-    esize = torch.empty((), dtype=dtype).element_size()
+    if storage is not None:
+        try:
+            storage = storage_format(storage)
+        except ValueError as e:
+            raise InvalidAdapter(str(e)) from None
+        if dtype is not None:
+            raise ValueError("pass dtype or storage, not both")
+    quantized = storage == INT8
+    if not quantized:
+        dtype = DTYPES[storage] if storage is not None else (dtype or modules[names[0]].A.dtype)
+        if dtype not in DTYPE_NAMES:
+            raise InvalidAdapter(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        esize = torch.empty((), dtype=dtype).element_size()
+    else:
+        esize = 1
     entries = []
     tensors: list[tuple[int, torch.Tensor]] = []
     off = 0
@@ -114,26 +187,39 @@ def pack(
             raise InvalidAdapter(f"module {name}: lora_A rank {r} != lora_B rank {rb}")
         a_off = off
         off = _align(off + r * fin * esize)
-        b_off = off
-        off = _align(off + fout * r * esize)
-        entries.append(
-            {
-                "name": name,
-                "rank": int(r),
-                "in": int(fin),
-                "out": int(fout),
-                "alpha": float(mw.alpha),
-                "scale": float(mw.scale),
-                "a": a_off,
-                "b": b_off,
-            }
-        )
-        tensors.append((a_off, mw.A))
-        tensors.append((b_off, mw.B))
+        entry = {
+            "name": name,
+            "rank": int(r),
+            "in": int(fin),
+            "out": int(fout),
+            "alpha": float(mw.alpha),
+            "scale": float(mw.scale),
+            "a": a_off,
+        }
+        if quantized:
+            qa, sa = quantize_rows(mw.A)
+            entry["as"] = off
+            tensors.append((off, sa))
+            off = _align(off + r * 4)
+            b_off = off
+            off = _align(off + fout * r)
+            qb, sb = quantize_rows(mw.B)
+            entry["bs"] = off
+            tensors.append((off, sb))
+            off = _align(off + fout * 4)
+            tensors.append((a_off, qa))
+            tensors.append((b_off, qb))
+        else:
+            b_off = off
+            off = _align(off + fout * r * esize)
+            tensors.append((a_off, mw.A))
+            tensors.append((b_off, mw.B))
+        entry["b"] = b_off
+        entries.append(entry)
     header = {
         "format": FORMAT_VERSION,
         "base_fingerprint": base_fingerprint,
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": INT8 if quantized else DTYPE_NAMES[dtype],
         "modules": entries,
         "peft": peft_config or {},
     }
@@ -143,7 +229,10 @@ def pack(
     _PREFIX.pack_into(buf, 0, MAGIC, len(hbytes))
     buf[_PREFIX.size : _PREFIX.size + len(hbytes)] = hbytes
     for t_off, t in tensors:
-        raw = t.detach().to(device="cpu", dtype=dtype).contiguous().view(torch.uint8).numpy()
+        if t.dtype in (torch.int8, torch.float32) and quantized:
+            raw = t.contiguous().view(torch.uint8).numpy()  # int8 data or float32 scales
+        else:
+            raw = t.detach().to(device="cpu", dtype=dtype).contiguous().view(torch.uint8).numpy()
         start = data_offset + t_off
         buf[start : start + raw.nbytes] = raw.tobytes()
     return bytes(buf)
@@ -165,25 +254,37 @@ def read_header(buf: bytes | memoryview) -> PackedHeader:
         raise InvalidAdapter(f"packed adapter header is not JSON: {e}") from e
     if h.get("format") != FORMAT_VERSION:
         raise InvalidAdapter(f"packed adapter format {h.get('format')!r} is not supported")
-    if h.get("dtype") not in DTYPES:
+    quantized = h.get("dtype") == INT8
+    if h.get("dtype") not in DTYPES and not quantized:
         raise InvalidAdapter(f"packed adapter dtype {h.get('dtype')!r} is not supported")
-    mods = tuple(
-        PackedModule(
-            name=m["name"],
-            rank=m["rank"],
-            in_features=m["in"],
-            out_features=m["out"],
-            alpha=m["alpha"],
-            scale=m["scale"],
-            a_offset=m["a"],
-            b_offset=m["b"],
+    try:
+        mods = tuple(
+            PackedModule(
+                name=m["name"],
+                rank=m["rank"],
+                in_features=m["in"],
+                out_features=m["out"],
+                alpha=m["alpha"],
+                scale=m["scale"],
+                a_offset=m["a"],
+                b_offset=m["b"],
+                a_scale_offset=m["as"] if quantized else -1,
+                b_scale_offset=m["bs"] if quantized else -1,
+            )
+            for m in h["modules"]
         )
-        for m in h["modules"]
-    )
+    except (KeyError, TypeError) as e:
+        raise InvalidAdapter(f"packed adapter header lacks module field {e}") from None
     data_offset = _align(end)
-    esize = torch.empty((), dtype=DTYPES[h["dtype"]]).element_size()
+    esize = 1 if quantized else torch.empty((), dtype=DTYPES[h["dtype"]]).element_size()
     for m in mods:
         last = data_offset + m.b_offset + m.out_features * m.rank * esize
+        if quantized:
+            last = max(
+                last,
+                data_offset + m.a_scale_offset + 4 * m.rank,
+                data_offset + m.b_scale_offset + 4 * m.out_features,
+            )
         if last > len(mv):
             raise InvalidAdapter(f"packed adapter is truncated: module {m.name} ends at {last}")
     return PackedHeader(
@@ -197,10 +298,16 @@ def read_header(buf: bytes | memoryview) -> PackedHeader:
 
 
 def unpack(
-    buf: bytes | bytearray | memoryview, *, copy: bool = False
+    buf: bytes | bytearray | memoryview,
+    *,
+    copy: bool = False,
+    dequantize_to: torch.dtype = torch.float32,
 ) -> tuple[PackedHeader, dict[str, ModuleWeights]]:
-    """Tensors that view buf (zero-copy) unless copy=True; read-only buffers warn-free via copy."""
+    """Tensors that view buf (zero-copy) unless copy=True; read-only buffers warn-free via copy.
+    An int8 pack is dequantized into fresh tensors of dtype `dequantize_to`."""
     header = read_header(buf)
+    if header.quantized:
+        return header, _unpack_int8(buf, header, dequantize_to)
     dtype = DTYPES[header.dtype]
     esize = torch.empty((), dtype=dtype).element_size()
     mv = memoryview(buf)
@@ -219,6 +326,34 @@ def unpack(
         out[m.name] = ModuleWeights(A=a, B=b, alpha=m.alpha, scale=m.scale)
     del esize
     return header, out
+
+
+def _unpack_int8(
+    buf: bytes | bytearray | memoryview, header: PackedHeader, dtype: torch.dtype
+) -> dict[str, ModuleWeights]:
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dequantize_to {dtype} must be one of {sorted(DTYPES)}")
+    mv = memoryview(bytearray(buf))  # one copy; the results are fresh tensors anyway
+    base = header.data_offset
+    out: dict[str, ModuleWeights] = {}
+    for m in header.modules:
+        qa = torch.frombuffer(
+            mv, dtype=torch.int8, count=m.rank * m.in_features, offset=base + m.a_offset
+        ).view(m.rank, m.in_features)
+        sa = torch.frombuffer(mv, dtype=torch.float32, count=m.rank, offset=base + m.a_scale_offset)
+        qb = torch.frombuffer(
+            mv, dtype=torch.int8, count=m.out_features * m.rank, offset=base + m.b_offset
+        ).view(m.out_features, m.rank)
+        sb = torch.frombuffer(
+            mv, dtype=torch.float32, count=m.out_features, offset=base + m.b_scale_offset
+        )
+        out[m.name] = ModuleWeights(
+            A=dequantize_rows(qa, sa, dtype),
+            B=dequantize_rows(qb, sb, dtype),
+            alpha=m.alpha,
+            scale=m.scale,
+        )
+    return out
 
 
 def digest(buf: bytes | memoryview) -> str:

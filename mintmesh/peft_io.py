@@ -16,7 +16,14 @@ import torch
 
 from mintmesh.errors import BaseModelMismatch, InvalidAdapter
 from mintmesh.model import BaseModelInfo
-from mintmesh.packed import DTYPE_NAMES, ModuleWeights, lora_scale, pack, unpack
+from mintmesh.packed import (
+    DTYPE_NAMES,
+    ModuleWeights,
+    lora_scale,
+    pack,
+    storage_format,
+    unpack,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,6 +38,8 @@ class PackedAdapter:
     alpha: float
     target_modules: list[str]
     num_modules: int
+    # float32 | bfloat16 | float16 | int8: how the packed bytes store the weights.
+    storage_format: str = "float32"
 
 
 def parse_config(config_json: str | bytes) -> dict:
@@ -88,9 +97,19 @@ def validate_and_pack(
     *,
     max_rank: int,
     claimed_fingerprint: str = "",
+    storage: str | None = None,
 ) -> PackedAdapter:
     """Check a PEFT upload against the base model and pack it. Raises InvalidAdapter or
-    BaseModelMismatch naming the problem; returns the packed bytes and a summary."""
+    BaseModelMismatch naming the problem; returns the packed bytes and a summary.
+
+    storage: float32 | bfloat16 | float16 | int8 (per-row scales); None keeps the upload's
+    dtype (float32 when its tensors mix dtypes), which packs exactly as before formats existed.
+    """
+    if storage is not None:
+        try:
+            storage = storage_format(storage)
+        except ValueError as e:
+            raise InvalidAdapter(str(e)) from None
     if claimed_fingerprint and claimed_fingerprint != base.fingerprint:
         raise BaseModelMismatch(
             f"adapter was made for base model {claimed_fingerprint[:12]}…, this deployment "
@@ -180,7 +199,15 @@ def validate_and_pack(
         peft_keep["r"] = int(peft_keep["r"])
     if isinstance(peft_keep.get("target_modules"), (set, tuple, list)):
         peft_keep["target_modules"] = sorted(peft_keep["target_modules"])
-    data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
+    if storage is None:
+        data = pack(
+            modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype
+        )
+        storage = DTYPE_NAMES[dtype]
+    else:
+        data = pack(
+            modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, storage=storage
+        )
     from mintmesh.packed import digest
 
     return PackedAdapter(
@@ -190,6 +217,7 @@ def validate_and_pack(
         alpha=float(cfg["lora_alpha"]),
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
         num_modules=len(modules),
+        storage_format=storage,
     )
 
 

@@ -77,3 +77,94 @@ def test_read_header_names_the_problem(tiny_model_dir, base_info, tmp_path, mang
     p = peft_io.validate_and_pack(*peft_io.read_peft_dir(d), base_info, max_rank=8)
     with pytest.raises(InvalidAdapter, match=message):
         packed.read_header(mangle(p.data))
+
+
+# -- storage formats --------------------------------------------------------------------------
+
+
+def _golden_modules(dtype: torch.dtype) -> dict[str, packed.ModuleWeights]:
+    """Exactly representable values, so the bytes do not depend on a random generator."""
+    out = {}
+    shapes = [
+        ("model.layers.0.self_attn.q_proj", 3, 64, 64),
+        ("model.layers.1.mlp.down_proj", 2, 128, 64),
+    ]
+    for i, (name, r, fin, fout) in enumerate(shapes):
+        a = ((torch.arange(r * fin, dtype=torch.float32) % 17) - 8).view(r, fin) / 8
+        b = ((torch.arange(fout * r, dtype=torch.float32) % 13) - 6).view(fout, r) / 4
+        alpha = 4.0 + i
+        out[name] = packed.ModuleWeights(
+            A=a.to(dtype), B=b.to(dtype), alpha=alpha, scale=alpha / r
+        )
+    return out
+
+
+# Digests of packs written before storage formats existed: float packs must never change.
+GOLDEN = [
+    (torch.float32, "fdd5b7c3b62aea633ae75eba4e9e0b347a3b0232c7720ac4cdc9960ff6886dd3"),
+    (torch.float16, "30745f7221385093481114dedd20546088449281518162eceeebbb77af15692c"),
+    (torch.bfloat16, "4a9fe0136cf6345d0a0317b6c532da1b8a4948823eeffa158e5c717a28780160"),
+]
+
+
+@pytest.mark.parametrize("dtype,want", GOLDEN, ids=[str(d) for d, _ in GOLDEN])
+def test_float_packs_are_byte_identical_to_before(dtype, want):
+    kw = dict(base_fingerprint="f" * 64, peft_config={"r": 3})
+    by_dtype = packed.pack(_golden_modules(dtype), **kw)
+    by_storage = packed.pack(
+        _golden_modules(torch.float32), storage=packed.DTYPE_NAMES[dtype], **kw
+    )
+    assert packed.digest(by_dtype) == want
+    assert by_storage == by_dtype
+    assert packed.read_header(by_dtype).storage_format == packed.DTYPE_NAMES[dtype]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 64), (16, 1024), (2816, 16), (7, 3)])
+def test_int8_rows_round_trip_within_half_a_step(rows, cols):
+    g = torch.Generator().manual_seed(rows)
+    t = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    t[0] = 0.0  # an all-zero row stays zero
+    q, scales = packed.quantize_rows(t)
+    assert q.dtype == torch.int8 and scales.shape == (rows,)
+    back = packed.dequantize_rows(q, scales)
+    assert torch.all((back - t).abs() <= scales[:, None] / 2 + 1e-7)
+    assert torch.equal(back[0], torch.zeros(cols))
+
+
+def test_int8_pack_dequantizes_and_is_smaller(tiny_model_dir, base_info, tmp_path):
+    d = make_peft_adapter(tiny_model_dir, tmp_path / "a", rank=8, seed=5, targets=ALL)
+    cfg, weights = peft_io.read_peft_dir(d)
+    fp32 = peft_io.validate_and_pack(cfg, weights, base_info, max_rank=16)
+    sizes = {}
+    for fmt, tol in [("bfloat16", 1e-2), ("float16", 1e-3), ("int8", 1e-2)]:
+        p = peft_io.validate_and_pack(cfg, weights, base_info, max_rank=16, storage=fmt)
+        assert p.storage_format == fmt and p.digest != fp32.digest
+        sizes[fmt] = len(p.data)
+        header, mods = packed.unpack(p.data)
+        assert header.storage_format == fmt
+        _, ref = packed.unpack(fp32.data)
+        for name, mw in mods.items():
+            assert mw.A.dtype == torch.float32 or fmt != "int8"
+            delta = mw.scale * mw.B.float() @ mw.A.float()
+            want = ref[name].scale * ref[name].B @ ref[name].A
+            err = (delta - want).abs().max() / want.abs().max()
+            assert err <= tol, (fmt, name, float(err))
+        # PEFT export of a quantized pack gives float tensors that import again.
+        out = peft_io.export_peft_dir(p.data, tmp_path / f"export-{fmt}")
+        peft_io.validate_and_pack(*peft_io.read_peft_dir(out), base_info, max_rank=16)
+    assert sizes["int8"] < 0.45 * len(fp32.data) and sizes["bfloat16"] < 0.6 * len(fp32.data)
+    _, bf = packed.unpack(
+        peft_io.validate_and_pack(cfg, weights, base_info, max_rank=16, storage="int8").data,
+        dequantize_to=torch.bfloat16,
+    )
+    assert next(iter(bf.values())).A.dtype == torch.bfloat16
+
+
+def test_int8_header_checks(tiny_model_dir, base_info, tmp_path):
+    d = make_peft_adapter(tiny_model_dir, tmp_path / "a", rank=2, seed=3)
+    p = peft_io.validate_and_pack(*peft_io.read_peft_dir(d), base_info, max_rank=8, storage="i8")
+    assert packed.read_header(p.data).quantized
+    with pytest.raises(InvalidAdapter, match="truncated"):
+        packed.read_header(p.data[:-100])
+    with pytest.raises(InvalidAdapter, match="storage format 'int4'"):
+        peft_io.validate_and_pack(*peft_io.read_peft_dir(d), base_info, max_rank=8, storage="int4")

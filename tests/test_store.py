@@ -239,14 +239,16 @@ def test_delete_drops_blob_when_last_reference_goes(stub, core, adapters):
     y = push(stub, "t2/y", cfg, w).revision
     assert x.digest == y.digest and core.blobs.exists(x.digest)
 
-    gone = stub.DeleteAdapter(store_pb2.DeleteAdapterRequest(ref="t2/x")).deleted
-    assert [g.ref for g in gone] == ["t2/x@1"]
+    resp = stub.DeleteAdapter(store_pb2.DeleteAdapterRequest(ref="t2/x"))
+    assert [g.ref for g in resp.deleted] == ["t2/x@1"]
+    assert list(resp.deleted_digests) == [], "t2/y still references the blob"
     assert core.blobs.exists(x.digest), "t2/y still references the blob"
     assert fetch(stub, digest=x.digest)[1]
 
     push(stub, "t2/y", cfg, w)
-    gone = stub.DeleteAdapter(store_pb2.DeleteAdapterRequest(ref="t2/y")).deleted
-    assert sorted(g.ref for g in gone) == ["t2/y@1", "t2/y@2"]
+    resp = stub.DeleteAdapter(store_pb2.DeleteAdapterRequest(ref="t2/y"))
+    assert sorted(g.ref for g in resp.deleted) == ["t2/y@1", "t2/y@2"]
+    assert list(resp.deleted_digests) == [x.digest]
     assert not core.blobs.exists(x.digest)
     err = rpc_error(fetch, stub, digest=x.digest)
     assert err.code() == grpc.StatusCode.NOT_FOUND and x.digest in err.details()

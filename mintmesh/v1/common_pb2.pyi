@@ -7,19 +7,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StorageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORAGE_FORMAT_UNSPECIFIED: _ClassVar[StorageFormat]
+    STORAGE_FORMAT_FLOAT32: _ClassVar[StorageFormat]
+    STORAGE_FORMAT_BFLOAT16: _ClassVar[StorageFormat]
+    STORAGE_FORMAT_FLOAT16: _ClassVar[StorageFormat]
+    STORAGE_FORMAT_INT8: _ClassVar[StorageFormat]
+
+class RevisionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVISION_STATE_UNSPECIFIED: _ClassVar[RevisionState]
+    REVISION_STATE_READY: _ClassVar[RevisionState]
+    REVISION_STATE_DEPRECATED: _ClassVar[RevisionState]
+    REVISION_STATE_DELETED: _ClassVar[RevisionState]
+
+class RevisionSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVISION_SOURCE_UNSPECIFIED: _ClassVar[RevisionSource]
+    REVISION_SOURCE_UPLOAD: _ClassVar[RevisionSource]
+    REVISION_SOURCE_MERGE: _ClassVar[RevisionSource]
+    REVISION_SOURCE_TRAINING: _ClassVar[RevisionSource]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+STORAGE_FORMAT_UNSPECIFIED: StorageFormat
+STORAGE_FORMAT_FLOAT32: StorageFormat
+STORAGE_FORMAT_BFLOAT16: StorageFormat
+STORAGE_FORMAT_FLOAT16: StorageFormat
+STORAGE_FORMAT_INT8: StorageFormat
+REVISION_STATE_UNSPECIFIED: RevisionState
+REVISION_STATE_READY: RevisionState
+REVISION_STATE_DEPRECATED: RevisionState
+REVISION_STATE_DELETED: RevisionState
+REVISION_SOURCE_UNSPECIFIED: RevisionSource
+REVISION_SOURCE_UPLOAD: RevisionSource
+REVISION_SOURCE_MERGE: RevisionSource
+REVISION_SOURCE_TRAINING: RevisionSource
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class AdapterRevision(_message.Message):
-    __slots__ = ("tenant", "name", "revision", "digest", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at_unix_ms", "ref", "labels")
+    __slots__ = ("tenant", "name", "revision", "digest", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at_unix_ms", "ref", "labels", "storage_format", "state", "provenance", "evaluations")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +74,10 @@ class AdapterRevision(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     revision: int
@@ -51,7 +90,45 @@ class AdapterRevision(_message.Message):
     created_at_unix_ms: int
     ref: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at_unix_ms: _Optional[int] = ..., ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    storage_format: StorageFormat
+    state: RevisionState
+    provenance: Provenance
+    evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at_unix_ms: _Optional[int] = ..., ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., storage_format: _Optional[_Union[StorageFormat, str]] = ..., state: _Optional[_Union[RevisionState, str]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
+
+class ParentRevision(_message.Message):
+    __slots__ = ("ref", "digest", "weight")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    digest: str
+    weight: float
+    def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("source", "parents", "data_digest", "method")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    source: RevisionSource
+    parents: _containers.RepeatedCompositeFieldContainer[ParentRevision]
+    data_digest: str
+    method: str
+    def __init__(self, source: _Optional[_Union[RevisionSource, str]] = ..., parents: _Optional[_Iterable[_Union[ParentRevision, _Mapping]]] = ..., data_digest: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("metric", "value", "evaluator", "evaluated_at_unix_ms")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    value: float
+    evaluator: str
+    evaluated_at_unix_ms: int
+    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., evaluator: _Optional[str] = ..., evaluated_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "logprobs", "ignore_eos")

@@ -65,6 +65,71 @@ class AdapterStoreStub:
                 request_serializer=mintmesh_dot_v1_dot_store__pb2.GetBaseModelRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_store__pb2.GetBaseModelResponse.FromString,
                 _registered_method=True)
+        self.PushAdapters = channel.stream_stream(
+                '/mintmesh.v1.AdapterStore/PushAdapters',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.PushAdaptersRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.PushAdaptersResponse.FromString,
+                _registered_method=True)
+        self.ListRevisions = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/ListRevisions',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.ListRevisionsRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.ListRevisionsResponse.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/SetAlias',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/DeleteAlias',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
+        self.AddEvaluation = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/AddEvaluation',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.AddEvaluationRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.AddEvaluationResponse.FromString,
+                _registered_method=True)
+        self.SetAliasGate = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/SetAliasGate',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.SetAliasGateRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.SetAliasGateResponse.FromString,
+                _registered_method=True)
+        self.DeprecateRevision = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/DeprecateRevision',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionResponse.FromString,
+                _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/MergeAdapters',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.MergeAdaptersResponse.FromString,
+                _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/CreateTenant',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/CreateApiKey',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/RevokeApiKey',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/ListTenants',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/mintmesh.v1.AdapterStore/Authenticate',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterStoreServicer:
@@ -110,6 +175,94 @@ class AdapterStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushAdapters(self, request_iterator, context):
+        """Many pushes in one stream, committed in groups (one blob sync and one catalog transaction
+        per group); each adapter is validated like a PushAdapter and answered on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevisions(self, request, context):
+        """The revisions of one adapter (paged, filtered by label and state), its aliases and gates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Re-point an alias (created if new) atomically; rollback=true re-points it to an earlier
+        revision. Refused with FAILED_PRECONDITION when the alias's gate is not met.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddEvaluation(self, request, context):
+        """Record an evaluation (metric -> value) of one revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAliasGate(self, request, context):
+        """Require an evaluation (metric, threshold, direction) before an alias may point at a revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeprecateRevision(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAdapters(self, request, context):
+        """A new revision that is the weighted sum of revisions (of the same base).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTenant(self, request, context):
+        """Tenants and API keys (keys are stored hashed; the plaintext is returned once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authenticate(self, request, context):
+        """API key -> tenant (for the router: authenticate once, pass the tenant on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +295,71 @@ def add_AdapterStoreServicer_to_server(servicer, server):
                     servicer.GetBaseModel,
                     request_deserializer=mintmesh_dot_v1_dot_store__pb2.GetBaseModelRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_store__pb2.GetBaseModelResponse.SerializeToString,
+            ),
+            'PushAdapters': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushAdapters,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.PushAdaptersRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.PushAdaptersResponse.SerializeToString,
+            ),
+            'ListRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevisions,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.ListRevisionsRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.ListRevisionsResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.SetAliasRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'AddEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddEvaluation,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.AddEvaluationRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.AddEvaluationResponse.SerializeToString,
+            ),
+            'SetAliasGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAliasGate,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.SetAliasGateRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.SetAliasGateResponse.SerializeToString,
+            ),
+            'DeprecateRevision': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeprecateRevision,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionResponse.SerializeToString,
+            ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.MergeAdaptersResponse.SerializeToString,
+            ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.CreateTenantRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.ListTenantsRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +525,357 @@ class AdapterStore:
             '/mintmesh.v1.AdapterStore/GetBaseModel',
             mintmesh_dot_v1_dot_store__pb2.GetBaseModelRequest.SerializeToString,
             mintmesh_dot_v1_dot_store__pb2.GetBaseModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushAdapters(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mintmesh.v1.AdapterStore/PushAdapters',
+            mintmesh_dot_v1_dot_store__pb2.PushAdaptersRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.PushAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/ListRevisions',
+            mintmesh_dot_v1_dot_store__pb2.ListRevisionsRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.ListRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/SetAlias',
+            mintmesh_dot_v1_dot_store__pb2.SetAliasRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/DeleteAlias',
+            mintmesh_dot_v1_dot_store__pb2.DeleteAliasRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/AddEvaluation',
+            mintmesh_dot_v1_dot_store__pb2.AddEvaluationRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.AddEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAliasGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/SetAliasGate',
+            mintmesh_dot_v1_dot_store__pb2.SetAliasGateRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.SetAliasGateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeprecateRevision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/DeprecateRevision',
+            mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.DeprecateRevisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/MergeAdapters',
+            mintmesh_dot_v1_dot_store__pb2.MergeAdaptersRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.MergeAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/CreateTenant',
+            mintmesh_dot_v1_dot_store__pb2.CreateTenantRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/CreateApiKey',
+            mintmesh_dot_v1_dot_store__pb2.CreateApiKeyRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/RevokeApiKey',
+            mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/ListTenants',
+            mintmesh_dot_v1_dot_store__pb2.ListTenantsRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/Authenticate',
+            mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rank", type=int, help="largest LoRA rank accepted (default 128)")
     p.add_argument("--max-upload-bytes", type=int, help="largest upload (default 256 MiB)")
     p.add_argument("--otlp-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
+    p.add_argument(
+        "--blob-url",
+        help="blob store: a directory or an fsspec URL such as s3://bucket/prefix "
+        "(MINT_STORE_BLOB_URL; default DATA_DIR/blobs)",
+    )
+    p.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require API keys on every RPC (MINT_STORE_AUTH; default off)",
+    )
+    p.add_argument("--admin-key", help="the operator's API key (MINT_STORE_ADMIN_KEY)")
+    p.add_argument(
+        "--internal-token",
+        help="shared secret of the mesh's services (MINT_STORE_INTERNAL_TOKEN)",
+    )
+    p.add_argument("--push-group-size", type=int, help="pushes per group commit (default 256)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -46,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         "max_rank": args.max_rank,
         "max_upload_bytes": args.max_upload_bytes,
         "otlp_endpoint": args.otlp_endpoint,
+        "blob_url": args.blob_url,
+        "auth": args.auth,
+        "admin_key": args.admin_key,
+        "internal_token": args.internal_token,
+        "push_group_size": args.push_group_size,
     }
     try:
         config = load_config(StoreConfig, "STORE", overrides)

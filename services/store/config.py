@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -17,6 +17,20 @@ class StoreConfig:
     max_rank: int = 128
     max_upload_bytes: int = 256 * 1024 * 1024
     otlp_endpoint: str = ""
+    # Blobs: "" = <data_dir>/blobs (local, atomic renames); or any fsspec URL, e.g.
+    # "memory://mint" or "s3://bucket/prefix" (needs s3fs).
+    blob_url: str = ""
+    # Require an API key (or the internal token) on every RPC.
+    auth: bool = False
+    # The operator's key (MINT_STORE_ADMIN_KEY / --admin-key); never stored.
+    admin_key: str = field(default="", repr=False)
+    # Shared secret of the mesh's services: with it, "x-mint-tenant" names the caller's tenant
+    # (the router authenticates the client and passes the tenant on). "" = not accepted.
+    internal_token: str = field(default="", repr=False)
+    # Pushes per group commit in PushAdapters.
+    push_group_size: int = 256
+    # At start, delete blobs no revision references (lists every blob: slow on object stores).
+    sweep_orphans: bool = True
 
     def __post_init__(self) -> None:
         # Accept str paths from callers and env/CLI parsing alike.
@@ -26,3 +40,16 @@ class StoreConfig:
             raise ValueError(f"max_rank {self.max_rank} must be >= 1")
         if self.max_upload_bytes < 1:
             raise ValueError(f"max_upload_bytes {self.max_upload_bytes} must be >= 1")
+        if self.push_group_size < 1:
+            raise ValueError(f"push_group_size {self.push_group_size} must be >= 1")
+        if self.auth and not self.admin_key and not self.internal_token:
+            raise ValueError(
+                "auth is on but neither admin_key nor internal_token is set: nobody could "
+                "create the first tenant (set MINT_STORE_ADMIN_KEY or --admin-key)"
+            )
+        if self.admin_key and len(self.admin_key) < 16:
+            raise ValueError(f"admin_key must be at least 16 characters, got {len(self.admin_key)}")
+        if self.internal_token and len(self.internal_token) < 16:
+            raise ValueError(
+                f"internal_token must be at least 16 characters, got {len(self.internal_token)}"
+            )

@@ -7,6 +7,7 @@ import logging
 from mintmesh.services.common.server import Server, announce_ready, build_server, serve_until_signal
 from mintmesh.services.common.tracing import setup_tracing
 from mintmesh.services.store import servicer
+from mintmesh.services.store.auth import AuthInterceptor
 from mintmesh.services.store.config import StoreConfig
 from mintmesh.services.store.core import StoreCore
 
@@ -15,13 +16,15 @@ logger = logging.getLogger(__name__)
 
 def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Server:
     """Open (or take) the store core, start serving on config.host:config.port (0 = a free
-    port). The returned server closes the core when it stops."""
+    port). The returned server closes the core when it stops. Every AdapterStore call is
+    authenticated by one interceptor (a no-op admin principal when config.auth is off)."""
     core = core or StoreCore(config)
     try:
         srv = build_server(
             add_servicers=lambda s: servicer.add_to_server(core, s),
             host=config.host,
             port=config.port,
+            extra_interceptors=[AuthInterceptor(core.auth)],
         )
     except BaseException:
         core.close()
