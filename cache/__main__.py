@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch-concurrency", type=int, help="background fetches at once (default 4)"
     )
     p.add_argument("--otlp-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
+    p.add_argument(
+        "--internal-token",
+        help="the mesh's internal token for store calls (MINT_CACHE_INTERNAL_TOKEN)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": args.policy,
         "prefetch_concurrency": args.prefetch_concurrency,
         "otlp_endpoint": args.otlp_endpoint,
+        "internal_token": args.internal_token,
     }
     try:
         config = load_config(CacheConfig, "CACHE", overrides)

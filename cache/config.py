@@ -3,7 +3,7 @@ defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mintmesh.cache.layout import DEFAULT_MAP_SIZE
@@ -28,6 +28,8 @@ class CacheConfig:
     policy: str = DEFAULT_POLICY
     # Background fetches running at once for Prefetch.
     prefetch_concurrency: int = 4
+    # The mesh's internal token, sent on store fetches when the store requires auth.
+    internal_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))

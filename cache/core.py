@@ -55,12 +55,15 @@ class CacheCore:
         channel: grpc.Channel | None = None,
         prefetch_concurrency: int = 4,
         prefetch_backlog: int = 4096,
+        internal_token: str = "",
     ):
         if prefetch_concurrency <= 0:
             raise ValueError(f"prefetch_concurrency {prefetch_concurrency} must be > 0")
         self.node = node
         self.store_address = store_address
         self.fetch_timeout_s = fetch_timeout_s
+        # Store calls act as a mesh service (admin) when the store requires auth.
+        self._metadata = [("x-mint-internal-token", internal_token)] if internal_token else []
         self._channel = channel or insecure_channel(store_address)
         self._owns_channel = channel is None
         self._store = store_pb2_grpc.AdapterStoreStub(self._channel)
@@ -234,7 +237,9 @@ class CacheCore:
         stream = None
         try:
             stream = self._store.FetchAdapter(
-                store_pb2.FetchAdapterRequest(digest=digest), timeout=timeout
+                store_pb2.FetchAdapterRequest(digest=digest),
+                timeout=timeout,
+                metadata=self._metadata,
             )
             for msg in stream:
                 kind = msg.WhichOneof("payload")

@@ -23,6 +23,7 @@ def create_core(config: CacheConfig) -> CacheCore:
             config.store_address,
             fetch_timeout_s=config.fetch_timeout_s,
             prefetch_concurrency=config.prefetch_concurrency,
+            internal_token=config.internal_token,
         )
     except BaseException:
         node.close()

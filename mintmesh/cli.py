@@ -164,6 +164,10 @@ def up(
     otlp_endpoint: str = typer.Option(
         "", "--otlp-endpoint", envvar="MINT_OTLP_ENDPOINT", help="Export traces via OTLP/gRPC."
     ),
+    admin_key: str = typer.Option(
+        "", "--admin-key", envvar="MINT_ADMIN_KEY", help="Admin key to use (default: a new one)."
+    ),
+    auth: bool = typer.Option(True, "--auth/--no-auth", help="Require API keys."),
 ):
     """Start a local cluster (store, router, N executor+sidecar pairs) until Ctrl-C/SIGTERM."""
     import signal
@@ -175,7 +179,7 @@ def up(
     model_dir = _ensure_model(model, data)
     cluster = LocalCluster(
         ClusterConfig(model_dir=model_dir, data_dir=data.resolve(), executors=executors,
-                      port=port, otlp_endpoint=otlp_endpoint)
+                      port=port, otlp_endpoint=otlp_endpoint, auth=auth, admin_key=admin_key)
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -186,6 +190,9 @@ def up(
     except ClusterError as e:
         _fail(str(e))
     out.print(f"router listening on {addr}")
+    if cluster.admin_key:
+        out.print(f"admin key: {cluster.admin_key}")
+        out.print(f"  export MINT_ROUTER={addr} MINT_API_KEY={cluster.admin_key}", soft_wrap=True)
     sys.stdout.flush()
     try:
         while not stop.wait(0.5):

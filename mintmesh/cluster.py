@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -117,6 +118,9 @@ class ClusterConfig:
     max_batch_size: int = 32
     cache_capacity_bytes: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    # Tenants and API keys: on by default; the admin key is generated unless given.
+    auth: bool = True
+    admin_key: str = ""
 
 
 class LocalCluster:
@@ -127,6 +131,10 @@ class LocalCluster:
         self.store_address = ""
         self.cache_addresses: list[str] = []
         self.executor_addresses: list[str] = []
+        self.admin_key = config.admin_key or (
+            f"mint_admin_{secrets.token_urlsafe(24)}" if config.auth else ""
+        )
+        self._internal_token = secrets.token_urlsafe(32) if config.auth else ""
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -137,6 +145,16 @@ class LocalCluster:
         env.setdefault("OMP_NUM_THREADS", "2")
         if self.config.otlp_endpoint:
             env["MINT_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        if self.config.auth:
+            # Secrets travel in the environment, not on command lines others can read.
+            env.update(
+                MINT_STORE_AUTH="1",
+                MINT_STORE_ADMIN_KEY=self.admin_key,
+                MINT_STORE_INTERNAL_TOKEN=self._internal_token,
+                MINT_CACHE_INTERNAL_TOKEN=self._internal_token,
+                MINT_ROUTER_AUTH="1",
+                MINT_ROUTER_INTERNAL_TOKEN=self._internal_token,
+            )
         return env
 
     def _child(self, name: str, module: str, args: list[str]) -> Child:
@@ -202,7 +220,7 @@ class LocalCluster:
         from mintmesh.client import MintClient
 
         deadline = time.monotonic() + timeout
-        with MintClient(self.router_address, timeout=5) as cl:
+        with MintClient(self.router_address, timeout=5, api_key=self.admin_key) as cl:
             while True:
                 st = cl.status()
                 if st.executors and all(e.healthy for e in st.executors):

@@ -54,7 +54,7 @@ def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None)
             start_s = time.perf_counter() - t0
         console.print(f"cluster up in {start_s:.1f}s; router on [bold]{addr}[/bold]")
         try:
-            with MintClient(addr, timeout=60) as cl:
+            with MintClient(addr, timeout=60, api_key=cluster.admin_key) as cl:
                 push_s = _push_all(console, cl, base, adapters, synth_peft_bytes)
                 listed = sum(1 for _ in cl.list_adapters(page_size=500))
                 rows, gen_s = _generate_mixed(cl, adapters, sampling_params)

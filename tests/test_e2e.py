@@ -4,6 +4,7 @@ started by the same code as `mint up`. peft is the oracle for every generated to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ def cluster(tiny_model_dir, tmp_path_factory, otlp):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    with MintClient(cluster.router_address, timeout=60) as cl:
+    with MintClient(cluster.router_address, timeout=60, api_key=cluster.admin_key) as cl:
         yield cl
 
 
@@ -190,8 +191,10 @@ def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_d
 
 def test_cli_generate_json_and_adapter_commands(cluster, pushed):
     env_router = ["--router", cluster.router_address]
+    env = {**os.environ, "MINT_API_KEY": cluster.admin_key}
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "mintmesh.cli", *a], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mintmesh.cli", *a], capture_output=True, text=True, timeout=120,
+        env=env,
     )
     r = run("generate", "--adapter", "bob/code", "--max-tokens", "5", "--json", *env_router,
             "Hello, world")
