@@ -1,6 +1,13 @@
-"""Pure-torch reference ops: the semantics, and the oracle every other implementation is tested
-against. Stacked weights (one slot per adapter, zero-padded to a common rank R: padding with
-zeros does not change the result)."""
+"""Pure-torch reference ops: the semantics of every LoRA op, and the oracle other implementations
+are tested against. They read adapter weights through the paged pool layout (see pool.py):
+
+    A[a]  = a_pages[page_table[a]].reshape(-1, H_in)[:ranks[a]]     # [r_a, H_in]
+    Bt[a] = b_pages[page_table[a]].reshape(-1, H_out)[:ranks[a]]    # [r_a, H_out] = B[a].T
+
+with a = token_slots[t] the slot of row t (-1: no adapter). Every op computes in float32 and
+writes its output in place; it never pads ranks (each adapter's rows are sliced to its rank).
+Slow by design (one loop over the batch's adapters); the metadata is not needed.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +19,80 @@ def _check(name: str, t: torch.Tensor, dims: int) -> None:
         raise ValueError(f"{name} must be {dims}-D, got shape {list(t.shape)}")
 
 
-def lora_shrink(v: torch.Tensor, x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> None:
-    """Semantics: v[t] = x[t] @ A[a].T, a = idx[t]; v[t] = 0 where a = -1.
-    v: [T, R], x: [T, H_in], A: [N, R, H_in], idx: [T] int64."""
-    _check("v", v, 2), _check("x", x, 2), _check("A", A, 3), _check("idx", idx, 1)
-    has = idx >= 0
-    Ag = A[idx.clamp(min=0)]  # [T, R, H_in]
-    out = torch.bmm(Ag.float(), x.float().unsqueeze(-1)).squeeze(-1)  # [T, R]
-    v.copy_(torch.where(has.unsqueeze(-1), out, torch.zeros_like(out)).to(v.dtype))
+def adapter_rows(
+    pages: torch.Tensor, page_table: torch.Tensor, ranks: torch.Tensor, slot: int
+) -> torch.Tensor:
+    """The first ranks[slot] rows held by the pages of `slot`: [r, H] (a gathered copy)."""
+    r = int(ranks[slot])
+    n = -(-r // pages.shape[1])
+    idx = page_table[slot, :n].long()
+    return pages.index_select(0, idx).reshape(-1, pages.shape[2])[:r]
+
+
+def _active_slots(token_slots: torch.Tensor) -> list[int]:
+    return [int(s) for s in torch.unique(token_slots).tolist() if s >= 0]
+
+
+def lora_shrink(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    a_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+) -> None:
+    """Semantics: v[t, :r] = x[t] @ A[a].T, r = ranks[a], a = token_slots[t]; v[t, r:] = 0;
+    v[t] = 0 where a = -1.
+    v: [T, R] float32 (R >= every rank in the batch), x: [T, H_in], a_pages: [P, PR, H_in],
+    page_table: [N, MP] int, ranks: [N] int, token_slots: [T] int."""
+    _check("v", v, 2), _check("x", x, 2), _check("a_pages", a_pages, 3)
+    _check("token_slots", token_slots, 1)
+    out = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for a in _active_slots(token_slots):
+        rows = (token_slots == a).nonzero().squeeze(1)
+        A = adapter_rows(a_pages, page_table, ranks, a).float()
+        out[rows, : A.shape[0]] = x[rows].float() @ A.t()
+    v.copy_(out)
 
 
 def lora_expand(
-    y: torch.Tensor, v: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor
+    y: torch.Tensor,
+    v: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
 ) -> None:
-    """Semantics: y[t] += scale[a] * v[t] @ B[a].T, a = idx[t]; rows with a = -1 unchanged.
-    y: [T, H_out], v: [T, R], B: [N, H_out, R], scale: [N]."""
-    _check("y", y, 2), _check("v", v, 2), _check("B", B, 3), _check("idx", idx, 1)
-    has = idx >= 0
-    ic = idx.clamp(min=0)
-    Bg = B[ic]  # [T, H_out, R]
-    out = torch.bmm(Bg.float(), v.float().unsqueeze(-1)).squeeze(-1) * scale[ic].float()[:, None]
-    out = torch.where(has.unsqueeze(-1), out, torch.zeros_like(out))
-    y.copy_((y.float() + out).to(y.dtype))
+    """Semantics: y[t] += scales[a] * v[t, :r] @ Bt[a], r = ranks[a], a = token_slots[t];
+    rows with a = -1 unchanged.
+    y: [T, H_out], v: [T, R], b_pages: [P, PR, H_out], scales: [N] float32."""
+    _check("y", y, 2), _check("v", v, 2), _check("b_pages", b_pages, 3)
+    _check("token_slots", token_slots, 1)
+    for a in _active_slots(token_slots):
+        rows = (token_slots == a).nonzero().squeeze(1)
+        Bt = adapter_rows(b_pages, page_table, ranks, a).float()
+        r = Bt.shape[0]
+        delta = float(scales[a]) * (v[rows, :r].float() @ Bt)
+        y[rows] = (y[rows].float() + delta).to(y.dtype)
 
 
 def lora_fused(
     y: torch.Tensor,
     x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    idx: torch.Tensor,
-    scale: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
 ) -> None:
-    """Semantics: y[t] += scale[a] * (x[t] @ A[a].T) @ B[a].T, a = idx[t].
-    x: [T, H_in], y: [T, H_out], A: [N, R, H_in], B: [N, H_out, R], scale: [N]."""
-    v = torch.empty(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
-    lora_shrink(v, x, A, idx)
-    lora_expand(y, v, B, idx, scale)
+    """Semantics: y[t] += scales[a] * (x[t] @ A[a].T) @ Bt[a], a = token_slots[t] (skip -1).
+    y: [T, H_out], x: [T, H_in], a_pages: [P, PR, H_in], b_pages: [P, PR, H_out]."""
+    _check("y", y, 2), _check("x", x, 2), _check("token_slots", token_slots, 1)
+    for a in _active_slots(token_slots):
+        rows = (token_slots == a).nonzero().squeeze(1)
+        A = adapter_rows(a_pages, page_table, ranks, a).float()
+        Bt = adapter_rows(b_pages, page_table, ranks, a).float()
+        delta = float(scales[a]) * ((x[rows].float() @ A.t()) @ Bt)
+        y[rows] = (y[rows].float() + delta).to(y.dtype)
