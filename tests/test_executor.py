@@ -29,12 +29,9 @@ from mintmesh.services.executor.engine import (
     IncrementalText,
     SamplingOptions,
 )
+from mintmesh.services.executor.residency import AdapterResidency
 from mintmesh.services.executor.server import create_server
-from mintmesh.services.executor.sources import (
-    AdapterResidency,
-    PackedBytesSource,
-    SidecarSource,
-)
+from mintmesh.services.executor.sources import PackedBytesSource, SidecarSource
 from mintmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, executor_pb2, executor_pb2_grpc
 
 ADAPTERS = {
@@ -80,9 +77,7 @@ def _source(adapters) -> PackedBytesSource:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, adapters):
-    cfg = ExecutorConfig(
-        model_dir=tiny_model_dir, executor_id="exec-test", batch_window_ms=50, max_batch_size=8
-    )
+    cfg = ExecutorConfig(model_dir=tiny_model_dir, executor_id="exec-test", max_batch_size=8)
     server, engine = create_server(cfg, source=_source(adapters))
     yield server, engine
     server.stop(grace=1.0)
@@ -173,7 +168,12 @@ def test_forward_over_grpc_logits_and_logprobs(stub, engine, adapters):
 PROMPTS = {"a": [72, 101, 108, 108, 111], "b": list(range(30, 41)), "c": [50], None: [10, 20, 30]}
 
 
-def test_greedy_mixed_batch_matches_peft_and_shares_one_batch(engine, adapters, oracle):
+def _overlap(results) -> bool:
+    """Whether the generations were all running at one step (shared a forward)."""
+    return max(r.first_step for r in results) <= min(r.last_step for r in results)
+
+
+def test_greedy_mixed_batch_matches_peft_and_shares_steps(engine, adapters, oracle):
     handles = {
         name: engine.submit(
             GenerationRequest(
@@ -185,7 +185,7 @@ def test_greedy_mixed_batch_matches_peft_and_shares_one_batch(engine, adapters, 
         for name, ids in PROMPTS.items()
     }
     results = {name: h.result() for name, h in handles.items()}
-    assert len({r.batch_id for r in results.values()}) == 1, "the requests did not share a batch"
+    assert _overlap(results.values()), "the requests never shared a step"
     for name, res in results.items():
         want = _peft_greedy(oracle, name, PROMPTS[name], MAX_NEW)
         assert res.token_ids == want, f"adapter {name}"
@@ -241,7 +241,7 @@ def test_seeded_sampling_is_reproducible(engine, adapters):
         engine.submit(GenerationRequest(PROMPTS["b"], SamplingOptions(max_tokens=10))),
     ]
     res = [h.result() for h in hs]
-    assert res[0].batch_id == res[1].batch_id
+    assert _overlap(res)
     assert res[0].token_ids == first
 
 
@@ -337,6 +337,12 @@ def test_status_lists_resident_adapters(stub, engine, adapters, base_info):
     assert adapters["wrong_base"].digest not in st.resident_adapters
     assert (st.max_batch_size, st.max_adapters, st.device) == (8, 64, "cpu")
     assert st.kernel_backend and not st.draining
+    assert st.kv_blocks_total > 0 and st.kv_block_size == 16
+    assert st.kv_blocks_used <= st.kv_blocks_total
+    assert {adapters[n].digest for n in ADAPTERS} <= set(st.host_adapters)
+    assert 0 < st.adapter_pool_bytes_used <= st.adapter_pool_bytes_total
+    assert 0 < st.host_bytes_used <= st.host_bytes_total
+    assert st.steps > 0 and st.tokens_generated > 0
 
 
 # ---- a small executor: queue bound, cancellation, deadlines, eviction ------------------------
@@ -344,9 +350,7 @@ def test_status_lists_resident_adapters(stub, engine, adapters, base_info):
 
 @pytest.fixture(scope="module")
 def small(tiny_model_dir, adapters):
-    cfg = ExecutorConfig(
-        model_dir=tiny_model_dir, max_batch_size=1, max_queue=2, max_adapters=2, batch_window_ms=0
-    )
+    cfg = ExecutorConfig(model_dir=tiny_model_dir, max_batch_size=1, max_queue=2, max_adapters=2)
     server, engine = create_server(cfg, source=_source(adapters))
     ch = insecure_channel(server.address, traced=False)
     yield executor_pb2_grpc.ExecutorStub(ch), engine
@@ -540,7 +544,7 @@ def test_cli_prints_ready_and_serves(tiny_model_dir):
 
 def test_concurrent_grpc_generations_share_batches(stub, engine, adapters, oracle):
     names = [*ADAPTERS, None]
-    before = engine.batches_run
+    before = engine.step_no
 
     def one(name):
         d = adapters[name].digest if name else ""
@@ -551,11 +555,12 @@ def test_concurrent_grpc_generations_share_batches(stub, engine, adapters, oracl
         got = dict(zip(names, pool.map(one, names), strict=True))
     for name in names:
         assert got[name] == _peft_greedy(oracle, name, PROMPTS[name], MAX_NEW), name
-    assert engine.batches_run - before < len(names)
+    # Continuous batching: the streams shared steps (serially they would take 4 x 12 steps).
+    assert engine.step_no - before < len(names) * MAX_NEW
 
 
 def test_draining_finishes_running_requests(tiny_model_dir, adapters):
-    cfg = ExecutorConfig(model_dir=tiny_model_dir, batch_window_ms=0)
+    cfg = ExecutorConfig(model_dir=tiny_model_dir)
     server, engine = create_server(cfg, source=_source(adapters))
     ch = insecure_channel(server.address, traced=False)
     stub = executor_pb2_grpc.ExecutorStub(ch)

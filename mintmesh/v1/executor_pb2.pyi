@@ -72,11 +72,13 @@ class ForwardResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[ForwardRowResult, _Mapping]]] = ...) -> None: ...
 
 class ExecutorStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_node_cache",)
+    INCLUDE_NODE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    include_node_cache: bool
+    def __init__(self, include_node_cache: _Optional[bool] = ...) -> None: ...
 
 class ExecutorStatusResponse(_message.Message):
-    __slots__ = ("executor_id", "base_fingerprint", "resident_adapters", "queue_depth", "running", "max_batch_size", "max_adapters", "device", "draining", "kernel_backend")
+    __slots__ = ("executor_id", "base_fingerprint", "resident_adapters", "queue_depth", "running", "max_batch_size", "max_adapters", "device", "draining", "kernel_backend", "loading", "tokens_per_s", "kv_blocks_used", "kv_blocks_total", "kv_block_size", "host_adapters", "node_cache_adapters", "loading_adapters", "adapter_pool_bytes_used", "adapter_pool_bytes_total", "host_bytes_used", "host_bytes_total", "steps", "preemptions", "tokens_generated")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,21 @@ class ExecutorStatusResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     KERNEL_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NODE_CACHE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    LOADING_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_POOL_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_POOL_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     base_fingerprint: str
     resident_adapters: _containers.RepeatedScalarFieldContainer[str]
@@ -97,4 +114,19 @@ class ExecutorStatusResponse(_message.Message):
     device: str
     draining: bool
     kernel_backend: str
-    def __init__(self, executor_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapters: _Optional[int] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., kernel_backend: _Optional[str] = ...) -> None: ...
+    loading: int
+    tokens_per_s: float
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_block_size: int
+    host_adapters: _containers.RepeatedScalarFieldContainer[str]
+    node_cache_adapters: _containers.RepeatedScalarFieldContainer[str]
+    loading_adapters: _containers.RepeatedScalarFieldContainer[str]
+    adapter_pool_bytes_used: int
+    adapter_pool_bytes_total: int
+    host_bytes_used: int
+    host_bytes_total: int
+    steps: int
+    preemptions: int
+    tokens_generated: int
+    def __init__(self, executor_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapters: _Optional[int] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., kernel_backend: _Optional[str] = ..., loading: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., host_adapters: _Optional[_Iterable[str]] = ..., node_cache_adapters: _Optional[_Iterable[str]] = ..., loading_adapters: _Optional[_Iterable[str]] = ..., adapter_pool_bytes_used: _Optional[int] = ..., adapter_pool_bytes_total: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_bytes_total: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...

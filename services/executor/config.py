@@ -22,13 +22,28 @@ class ExecutorConfig:
     executor_id: str = "executor-0"
     device: str = "cpu"
     dtype: str = "float32"
-    # Rows per static generation batch, and how long the batcher waits to fill one.
+    # Sequences running at once (the step loop's sequence budget).
     max_batch_size: int = 32
-    batch_window_ms: float = 5.0
-    # Adapters resident in the device pool at once.
+    # Tokens through the model per step (prefill chunks + decode tokens; >= max_batch_size).
+    max_step_tokens: int = 512
+    # Adapters resident in the device pool at once (slots), and the pool's bytes (0 = room for
+    # max_adapters adapters of rank 32).
     max_adapters: int = 64
-    # Generation requests waiting for a batch; more are refused with RESOURCE_EXHAUSTED.
+    adapter_pool_bytes: int = 0
+    # Distinct adapters among running sequences (the step's adapter budget); 0 = max_adapters.
+    max_step_adapters: int = 0
+    # Host tier: checked, unpacked adapters kept in (pinned on CUDA) host memory, in bytes.
+    host_cache_bytes: int = 512 << 20
+    # Background threads moving adapters node cache -> host -> device.
+    loader_threads: int = 2
+    # Generation requests waiting (for a sequence slot or their adapter); more are refused with
+    # RESOURCE_EXHAUSTED + RetryInfo. Per tenant: 0 = max_queue.
     max_queue: int = 256
+    max_queue_per_tenant: int = 0
+    # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
+    # tokens) and tokens per block.
+    kv_cache_bytes: int = 0
+    kv_block_size: int = 16
     # Longest prompt accepted; 0 = the model's max_position_embeddings - 1.
     max_prompt_tokens: int = 0
     # Largest LoRA rank this executor serves.
@@ -46,12 +61,23 @@ class ExecutorConfig:
             object.__setattr__(self, "cache_dir", None)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {sorted(DTYPES)}")
-        for name in ("max_batch_size", "max_adapters", "max_queue", "max_rank"):
+        for name in (
+            "max_batch_size",
+            "max_step_tokens",
+            "max_adapters",
+            "max_queue",
+            "max_rank",
+            "kv_block_size",
+            "loader_threads",
+        ):
             val = getattr(self, name)
             if int(val) < 1:
                 raise ValueError(f"{name}={val} must be >= 1")
-        if self.batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms={self.batch_window_ms} must be >= 0")
+        for name in ("adapter_pool_bytes", "host_cache_bytes", "kv_cache_bytes",
+                     "max_queue_per_tenant", "max_step_adapters"):  # fmt: skip
+            val = getattr(self, name)
+            if int(val) < 0:
+                raise ValueError(f"{name}={val} must be >= 0")
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
         if self.fetch_timeout_s <= 0:

@@ -1,22 +1,35 @@
 """The executor's core, plain Python and torch (no gRPC): one resident backbone whose targeted
-Linears are multi-LoRA layers, an adapter pool, and
+Linears are multi-LoRA layers, a paged KV cache, the adapter tiers, and a step loop that does
+continuous batching over mixed adapters (Orca's iteration-level scheduling, vLLM's paged KV
+with preemption by recompute, S-LoRA's fairness and adapter paging).
 
-- `Engine.forward(rows)`: logits of a batch of rows, each with its own adapter (or none), in one
-  forward (right-padded, attention mask, per-row position ids; padding rows use no adapter);
-- `Engine.submit(request) -> GenerationHandle`: streamed generation with static batching: a
-  batcher thread collects the requests that arrive within `batch_window_ms` (up to
-  `max_batch_size`), prefills them in one forward (left-padded) and decodes them together, one
-  forward per step with the KV cache, every forward mixing adapters (and rows without one).
+Each step (`Engine.step()`; a background thread calls it while there is work):
 
-Every forward and every pool change runs under one model lock; a generation batch takes it
-per step, so Forward calls interleave with running generations.
+1. intake: new requests join the waiting queue of their tenant when their adapter is on the
+   device (they then hold a reference on it), else the queue of their adapter's load, which the
+   AdapterLoader runs in the background (node cache -> host -> device); adapters that landed
+   since the last step release their waiting requests; loads that failed fail their requests
+   with the loader's error (NOT_FOUND, DATA_LOSS, FAILED_PRECONDITION, ...);
+2. reaping: cancelled and expired requests leave, wherever they are, and free their KV blocks;
+3. scheduling, within a token budget (max_step_tokens), a sequence budget (max_batch_size) and
+   the KV blocks free: every running sequence gets its next token (decode) or its next prefill
+   chunk; a sequence that needs a block when none is free preempts the most recently admitted
+   running sequences (their blocks are freed; they wait again at the front of their tenant's
+   queue and are recomputed later); then waiting requests are admitted, tenant by tenant in
+   virtual-token-counter order, while budgets and blocks allow;
+4. ONE forward over every scheduled token, packed into one ragged row: per-token positions, the
+   per-token adapter slot in BatchMeta (adapters and ranks mixed) and an AttentionPlan that
+   writes K/V into each sequence's blocks and attends per sequence (kv.py);
+5. sampling (per request: temperature, top-k, top-p, seed, logprobs), streaming, retiring
+   finished sequences (their blocks freed and adapter reference dropped).
+
+`Engine.forward(rows)` computes logits of rows in one forward between steps (no KV cache).
+The model lock serializes forwards; the state lock guards what request threads touch.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 import queue
 import random
 import threading
@@ -31,46 +44,43 @@ import torch
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
 from mintmesh.kernels import AdapterPool, BatchMeta
 from mintmesh.packed import DTYPES
-from mintmesh.services.executor.lora import LoraContext, inject_lora
-from mintmesh.services.executor.sources import (
-    AdapterResidency,
-    AdapterSource,
-    PreparedAdapter,
-    check_digest,
+from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.kv import (
+    AttentionPlan,
+    PagedKVCache,
+    SeqSpan,
+    use_paged_attention,
 )
+from mintmesh.services.executor.lora import LoraContext, inject_lora
+from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
+from mintmesh.services.executor.sampling import IncrementalText, SamplingOptions, sample_token
+from mintmesh.services.executor.scheduler import BASE_TENANT, FairQueue
+from mintmesh.services.executor.scheduler import Sequence as Seq
+from mintmesh.services.executor.sources import AdapterSource, check_digest
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FINISH_CANCELLED",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "Engine",
+    "EngineStatus",
+    "GenerationHandle",
+    "GenerationOutput",
+    "GenerationRequest",
+    "GenerationResult",
+    "IncrementalText",
+    "SamplingOptions",
+    "StepStats",
+    "sample_token",
+]
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Per-request sampling. temperature 0 = greedy; top_p 1 and top_k 0 = no filtering."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 16
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: bool = False
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidArgument(f"max_tokens={self.max_tokens} must be >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidArgument(f"temperature={self.temperature} must be a number >= 0")
-        if not (0 < self.top_p <= 1):
-            raise InvalidArgument(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise InvalidArgument(f"top_k={self.top_k} must be >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidArgument(f"seed={self.seed} must be in [0, 2**64)")
+# Window of the tokens/s figure in Status.
+_RATE_WINDOW_S = 10.0
 
 
 @dataclass
@@ -82,6 +92,8 @@ class GenerationRequest:
     request_id: str = ""
     # time.monotonic() after which the request is abandoned (finish_reason "cancelled").
     deadline: float | None = None
+    # Fairness key: the adapter's tenant ("" = the digest for adapters, BASE_TENANT without).
+    tenant: str = ""
 
 
 @dataclass
@@ -105,7 +117,27 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    batch_id: int | None
+    # Engine steps of the first and the last generated token (None: none generated).
+    first_step: int | None
+    last_step: int | None
+    submit_step: int
+    preemptions: int
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did."""
+
+    step: int
+    num_tokens: int = 0  # tokens through the model (prefill + decode)
+    num_seqs: int = 0  # sequences in the forward
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sampled: int = 0  # tokens generated
+    admitted: int = 0
+    preempted: int = 0
+    finished: int = 0
+    adapters: int = 0  # distinct adapters in the forward
 
 
 @dataclass(frozen=True)
@@ -120,29 +152,47 @@ class EngineStatus:
     device: str
     draining: bool
     kernel_backend: str
+    loading: int = 0
+    tokens_per_s: float = 0.0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_block_size: int = 0
+    host_adapters: list[str] = field(default_factory=list)
+    node_cache_adapters: list[str] = field(default_factory=list)
+    loading_adapters: list[str] = field(default_factory=list)
+    adapter_pool_bytes_used: int = 0
+    adapter_pool_bytes_total: int = 0
+    host_bytes_used: int = 0
+    host_bytes_total: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    tokens_generated: int = 0
 
 
 class GenerationHandle:
     """A submitted generation: iterate it for GenerationOutput steps (the last one has a
-    finish_reason); cancel() stops its row at the next step."""
+    finish_reason); cancel() stops it at the next step and frees its KV blocks."""
 
     def __init__(self, request: GenerationRequest, engine: Engine) -> None:
         self.request = request
         self._engine = engine
         self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
         self._cancelled = threading.Event()
-        self.prepared: PreparedAdapter | None = None
-        self.batch_id: int | None = None
-        self.enqueued_at = time.monotonic()
         self.done = False
+        self.submit_step = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.preemptions = 0
+        self._result: GenerationResult | None = None
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        self._cancelled.set()
-        self._engine._wake()
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._engine._wake()
 
     def expired(self, now: float | None = None) -> bool:
         dl = self.request.deadline
@@ -153,12 +203,16 @@ class GenerationHandle:
             self.done = True
         self._q.put(item)
 
+    def get(self, timeout: float | None = None) -> GenerationOutput | BaseException:
+        """The next streamed item (an output or the error that ended the request)."""
+        return self._q.get(timeout=timeout)
+
     def __iter__(self) -> Iterator[GenerationOutput]:
         while True:
             try:
                 item = self._q.get(timeout=0.25)
             except queue.Empty:
-                if not self._engine._thread.is_alive():
+                if self._engine._stopped():
                     raise Unavailable("the executor's engine has stopped") from None
                 continue
             if isinstance(item, BaseException):
@@ -168,7 +222,9 @@ class GenerationHandle:
                 return
 
     def result(self) -> GenerationResult:
-        """Wait for the whole generation."""
+        """Wait for the whole generation (consumes the stream; later calls return the same)."""
+        if self._result is not None:
+            return self._result
         ids: list[int] = []
         texts: list[str] = []
         lps: list[float] = []
@@ -179,107 +235,23 @@ class GenerationHandle:
             lps += out.logprobs
             last = out
         assert last is not None and last.finish_reason is not None
-        return GenerationResult(
+        self._result = GenerationResult(
             token_ids=ids,
             text="".join(texts),
             logprobs=lps,
             finish_reason=last.finish_reason,
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
-            batch_id=self.batch_id,
+            first_step=self.first_step,
+            last_step=self.last_step,
+            submit_step=self.submit_step,
+            preemptions=self.preemptions,
         )
-
-
-class IncrementalText:
-    """Detokenize a growing token sequence: emit only complete UTF-8 text, and hold back text
-    that may be the start of a stop string (the stop string itself is never emitted)."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self._tok = tokenizer
-        self._stop = [s for s in stop if s]
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-        self._held = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """(text to emit, whether a stop string ended the text)."""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        delta = ""
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text) :]
-            self._prefix, self._read = self._read, len(self._ids)
-        return self._filter(delta, final=False)
-
-    def flush(self) -> str:
-        """The rest of the text at the end of a generation (incomplete UTF-8 included)."""
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        delta = new_text[len(prefix_text) :]
-        self._prefix = self._read = len(self._ids)
-        return self._filter(delta, final=True)[0]
-
-    def _filter(self, delta: str, *, final: bool) -> tuple[str, bool]:
-        text = self._held + delta
-        self._held = ""
-        if not self._stop:
-            return text, False
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            return text[: min(hits)], True
-        if final:
-            return text, False
-        hold = 0
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        if hold:
-            self._held = text[-hold:]
-            text = text[:-hold]
-        return text, False
-
-
-def sample_token(
-    logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None
-) -> int:
-    """One token from logits [vocab] under opts: greedy, or temperature + top-k + top-p."""
-    if opts.temperature == 0:
-        return int(torch.argmax(logits))
-    scores = logits.float() / opts.temperature
-    if 0 < opts.top_k < scores.numel():
-        kth = torch.topk(scores, opts.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if opts.top_p < 1:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        cum = torch.cumsum(probs, dim=-1)
-        # Drop a token when the tokens before it already reach top_p (keep at least one).
-        drop = (cum - probs) >= opts.top_p
-        drop[0] = False
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclass
-class _Row:
-    handle: GenerationHandle
-    slot: int
-    prompt_len: int
-    text: IncrementalText
-    generator: torch.Generator | None
-    generated: int = 0
+        return self._result
 
 
 class Engine:
-    """The resident backbone with multi-LoRA layers, the adapter pool and the batcher."""
+    """The resident backbone with multi-LoRA layers, paged KV cache, adapter tiers, step loop."""
 
     def __init__(
         self,
@@ -287,24 +259,21 @@ class Engine:
         tokenizer,
         *,
         base_fingerprint: str,
+        config: ExecutorConfig,
         source: AdapterSource | None = None,
-        executor_id: str = "executor-0",
-        max_batch_size: int = 32,
-        batch_window_ms: float = 5.0,
-        max_adapters: int = 64,
-        max_queue: int = 256,
-        max_prompt_tokens: int = 0,
-        max_rank: int = 256,
-        fetch_timeout_s: float = 30.0,
+        autostart: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.config = config
         self.base_fingerprint = base_fingerprint
-        self.executor_id = executor_id
-        self.max_batch_size = int(max_batch_size)
-        self.batch_window_s = float(batch_window_ms) / 1000.0
-        self.max_adapters = int(max_adapters)
-        self.max_queue = int(max_queue)
+        self.executor_id = config.executor_id
+        self.max_batch_size = int(config.max_batch_size)
+        self.max_step_tokens = max(int(config.max_step_tokens), self.max_batch_size)
+        self.max_adapters = int(config.max_adapters)
+        self.max_step_adapters = int(config.max_step_adapters)
+        self.max_queue = int(config.max_queue)
+        self.max_queue_per_tenant = int(config.max_queue_per_tenant) or self.max_queue
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
@@ -312,59 +281,108 @@ class Engine:
         self.vocab_size = int(cfg.vocab_size)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1)
         self.max_prompt_tokens = min(
-            int(max_prompt_tokens) or self.max_positions - 1, self.max_positions - 1
+            int(config.max_prompt_tokens) or self.max_positions - 1, self.max_positions - 1
         )
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
 
+        # Model: multi-LoRA wrappers on the targeted Linears, paged attention.
         self.ctx = LoraContext()
         layer_shapes = inject_lora(model, self.ctx)
+        use_paged_attention(model)
         self.pool = AdapterPool(
-            layer_shapes, max_adapters=self.max_adapters, device=self.device, dtype=self.dtype
+            layer_shapes,
+            max_adapters=self.max_adapters,
+            device=self.device,
+            dtype=self.dtype,
+            max_rank=int(config.max_rank),
+            max_bytes=int(config.adapter_pool_bytes) or None,
         )
         self.ctx.pool = self.pool
         self.kernel_backend = str(getattr(self.pool, "backend", None) or "torch")
+        self._meta = BatchMeta.make()
+
+        kv_bytes = int(config.kv_cache_bytes)
+        if not kv_bytes:
+            tokens = self.max_batch_size * min(self.max_positions, 512)
+            per_block = PagedKVCache.block_nbytes(cfg, config.kv_block_size, self.dtype)
+            kv_bytes = per_block * -(-tokens // config.kv_block_size)
+        self.kv = PagedKVCache.for_model(
+            cfg,
+            max_bytes=kv_bytes,
+            block_size=int(config.kv_block_size),
+            device=self.device,
+            dtype=self.dtype,
+        )
+        # Blocks kept free when admitting (so running sequences can grow a little).
+        self._watermark = max(1, self.kv.num_blocks // 100)
+
+        # Adapter tiers and the background loader.
+        self._source = source
         self.residency = AdapterResidency(
             self.pool,
             source,
             layer_shapes=layer_shapes,
             base_fingerprint=base_fingerprint,
-            max_rank=max_rank,
-            fetch_timeout_s=fetch_timeout_s,
-            max_staged=self.max_adapters,
+            max_rank=int(config.max_rank),
+            fetch_timeout_s=float(config.fetch_timeout_s),
+            host_bytes=int(config.host_cache_bytes),
         )
-        self._source = source
-        self._meta = BatchMeta.make()
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._has_logits_to_keep = "logits_to_keep" in params
+        self.loader = AdapterLoader(
+            self.residency, self._on_loaded, threads=int(config.loader_threads)
+        )
 
-        self._model_lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._pending: deque[GenerationHandle] = deque()
-        self._pinned: frozenset[str] = frozenset()
-        self._running = 0
+        # State touched by request threads (under self._lock).
+        self._lock = threading.Condition()
+        self._inbox: deque[Seq] = deque()
+        self._landed: deque[tuple[str, BaseException | None]] = deque()
+        self._num_waiting = 0
+        self._tenant_waiting: dict[str, int] = {}
         self._accepting = True
         self._stopping = False
-        self.batches_run = 0
-        self.forwards_run = 0
+        self._next_seq_id = 0
+        # State of the step loop (its thread only, under the model lock).
+        self._model_lock = threading.Lock()
+        self._fair = FairQueue()
+        self._loading: dict[str, list[Seq]] = {}
+        self._running: list[Seq] = []
+        self._admit_counter = 0
+        self.step_no = 0
+        self.preemptions = 0
         self.rows_cancelled = 0
-        self._thread = threading.Thread(target=self._loop, name="executor-batcher", daemon=True)
-        self._thread.start()
+        self.tokens_generated = 0
+        self.forwards_run = 0
+        self._rate: deque[tuple[float, int]] = deque()
+        self._num_running = 0
+        self._num_loading = 0
+
+        self._acc = self._new_acc()
+        self._thread: threading.Thread | None = None
+        if autostart:
+            self._thread = threading.Thread(target=self._loop, name="executor-steps", daemon=True)
+            self._thread.start()
         logger.info(
-            "executor %s: %d LoRA layers, device %s, dtype %s, kernels %s, max batch %d",
-            executor_id,
+            "executor %s: %d LoRA layers, device %s, dtype %s, kernels %s, %d sequences x "
+            "%d tokens per step, KV %d blocks of %d",
+            self.executor_id,
             len(layer_shapes),
             self.device,
             self.dtype,
             self.kernel_backend,
             self.max_batch_size,
+            self.max_step_tokens,
+            self.kv.num_blocks,
+            self.kv.block_size,
         )
 
     @classmethod
-    def from_config(cls, config, *, source: AdapterSource | None = None) -> Engine:
+    def from_config(
+        cls,
+        config: ExecutorConfig,
+        *,
+        source: AdapterSource | None = None,
+        autostart: bool = True,
+    ) -> Engine:
         """Load the backbone of config.model_dir and build the engine. Without an injected
         source, a SidecarSource on config.cache_address (none when it is empty)."""
         from mintmesh.model import base_model_info, load_model
@@ -389,15 +407,9 @@ class Engine:
             model,
             tok,
             base_fingerprint=info.fingerprint,
+            config=config,
             source=source,
-            executor_id=config.executor_id,
-            max_batch_size=config.max_batch_size,
-            batch_window_ms=config.batch_window_ms,
-            max_adapters=config.max_adapters,
-            max_queue=config.max_queue,
-            max_prompt_tokens=config.max_prompt_tokens,
-            max_rank=config.max_rank,
-            fetch_timeout_s=config.fetch_timeout_s,
+            autostart=autostart,
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -407,21 +419,35 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        """Requests waiting: for a sequence slot, or for their adapter to load."""
+        return self._num_waiting
 
     @property
     def running(self) -> int:
-        return self._running
+        return self._num_running
 
     @property
     def draining(self) -> bool:
         return not self._accepting
 
-    def status(self) -> EngineStatus:
+    def kv_blocks_used(self) -> int:
+        return self.kv.allocator.num_used
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        rate = list(self._rate)
+        rate = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
+        if not rate:
+            return 0.0
+        span = max(now - rate[0][0], 1e-3)
+        return sum(n for _, n in rate) / span if len(rate) > 1 else rate[0][1] / span
+
+    def status(self, *, node_cache: bool = False) -> EngineStatus:
+        res = self.residency
         return EngineStatus(
             executor_id=self.executor_id,
             base_fingerprint=self.base_fingerprint,
-            resident_adapters=sorted(self.residency.resident()),
+            resident_adapters=sorted(res.resident()),
             queue_depth=self.queue_depth,
             running=self.running,
             max_batch_size=self.max_batch_size,
@@ -429,7 +455,113 @@ class Engine:
             device=str(self.device),
             draining=self.draining,
             kernel_backend=self.kernel_backend,
+            loading=self._num_loading,
+            tokens_per_s=self.tokens_per_s(),
+            kv_blocks_used=self.kv.allocator.num_used,
+            kv_blocks_total=self.kv.num_blocks,
+            kv_block_size=self.kv.block_size,
+            host_adapters=sorted(res.host.digests()),
+            node_cache_adapters=sorted(res.node_cache_digests()) if node_cache else [],
+            loading_adapters=self.loader.pending(),
+            adapter_pool_bytes_used=self.pool.nbytes(),
+            adapter_pool_bytes_total=self.pool.capacity_bytes,
+            host_bytes_used=res.host.nbytes,
+            host_bytes_total=res.host.max_bytes,
+            steps=self.step_no,
+            preemptions=self.preemptions,
+            tokens_generated=self.tokens_generated,
         )
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Validate and queue a request (RESOURCE_EXHAUSTED when the queue is full). A request
+        whose adapter is not on the device waits for the background loader; errors of that
+        load arrive on its handle."""
+        request.sampling.validate()
+        request.prompt_token_ids = self._check_tokens(
+            request.prompt_token_ids, "prompt", limit=self.max_prompt_tokens
+        )
+        for t in request.sampling.stop_token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise InvalidArgument(
+                    f"stop_token_ids has {t}, not a token id (vocab size {self.vocab_size})"
+                )
+        digest = request.adapter_digest or None
+        if digest:
+            check_digest(digest)
+        request.adapter_digest = digest
+        prompt_len = len(request.prompt_token_ids)
+        if self.kv.blocks_for(prompt_len + 1) > self.kv.num_blocks:
+            raise InvalidArgument(
+                f"prompt has {prompt_len} tokens; the KV cache of this executor holds "
+                f"{self.kv.capacity_tokens}"
+            )
+        tenant = request.tenant or (digest if digest else BASE_TENANT)
+        handle = GenerationHandle(request, self)
+        opts = request.sampling
+        gen = None
+        if opts.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(opts.seed if opts.seed is not None else random.getrandbits(63))
+        from opentelemetry import context as otel_context
+
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable(f"executor {self.executor_id} is draining")
+            if self._num_waiting >= self.max_queue:
+                raise self._queue_full(f"{self._num_waiting} requests waiting")
+            if self._tenant_waiting.get(tenant, 0) >= self.max_queue_per_tenant:
+                raise self._queue_full(
+                    f"tenant {tenant!r} has {self._tenant_waiting[tenant]} requests waiting, "
+                    f"its limit is {self.max_queue_per_tenant}"
+                )
+            self._next_seq_id += 1
+            seq = Seq(
+                seq_id=self._next_seq_id,
+                tenant=tenant,
+                digest=digest,
+                prompt_len=prompt_len,
+                tokens=list(request.prompt_token_ids),
+                handle=handle,
+                text=IncrementalText(self.tokenizer, opts.stop),
+                generator=gen,
+                deadline=request.deadline,
+                otel_context=otel_context.get_current(),
+                arrival_step=self.step_no,
+            )
+            handle.submit_step = self.step_no
+            if digest and digest not in self.pool:
+                # Cold: the load starts now, in this request's trace; the request waits for
+                # it in the step loop's intake.
+                self.loader.request(digest, otel_context=seq.otel_context)
+            self._num_waiting += 1
+            self._tenant_waiting[tenant] = self._tenant_waiting.get(tenant, 0) + 1
+            self._inbox.append(seq)
+            self._lock.notify_all()
+        return handle
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """submit() and wait for the whole result (a background step loop must be running)."""
+        return self.submit(request).result()
+
+    def run_until_done(self, handles: Sequence[GenerationHandle], max_steps: int = 100_000) -> int:
+        """Drive the step loop by hand (engines built with autostart=False) until every handle
+        is done; returns the number of steps run."""
+        n = 0
+        while not all(h.done for h in handles):
+            if n >= max_steps:
+                raise RuntimeError(f"requests not done after {max_steps} steps")
+            self.wait_loads()
+            self.step()
+            n += 1
+        return n
+
+    def wait_loads(self, timeout: float = 30.0) -> None:
+        """Block until the loader has nothing queued or running (tests, manual stepping)."""
+        end = time.monotonic() + timeout
+        while self.loader.pending():
+            if time.monotonic() > end:
+                raise TimeoutError(f"adapter loads still pending: {self.loader.pending()}")
+            time.sleep(0.002)
 
     def forward(
         self,
@@ -438,104 +570,536 @@ class Engine:
         timeout: float | None = None,
     ) -> list[torch.Tensor]:
         """Logits [n_i, vocab] (float32, CPU) of every row (adapter digest or None, token ids),
-        all rows in one forward."""
+        all rows in one forward, between steps of the step loop."""
         if not rows:
             raise InvalidArgument("rows is empty: give at least one row")
         ids_list: list[list[int]] = []
-        wanted: dict[str, PreparedAdapter | None] = {}
+        wanted: list[str] = []
         for i, (digest, ids) in enumerate(rows):
-            ids = self._check_tokens(ids, f"rows[{i}].token_ids", limit=self.max_positions)
-            ids_list.append(ids)
+            ids_list.append(
+                self._check_tokens(ids, f"rows[{i}].token_ids", limit=self.max_positions)
+            )
             if digest:
                 check_digest(digest)
                 if digest not in wanted:
-                    wanted[digest] = None
+                    wanted.append(digest)
         if len(wanted) > self.max_adapters:
             raise InvalidArgument(
                 f"rows use {len(wanted)} distinct adapters, more than max_adapters "
                 f"{self.max_adapters} of this executor"
             )
-        for digest in wanted:
-            wanted[digest] = self.residency.prepare(digest, timeout=timeout)
-        B, L = len(ids_list), max(len(x) for x in ids_list)
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, ids in enumerate(ids_list):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
-        positions = torch.arange(L, dtype=torch.long).expand(B, L)
-        with self._model_lock:
-            slots = self.residency.ensure_loaded(wanted, keep=self._pinned)
-            row_slots = torch.tensor([slots[d] if d else -1 for d, _ in rows], dtype=torch.long)
-            token_slots = torch.where(mask.bool(), row_slots[:, None], -1).flatten()
-            logits, _ = self._run_model(input_ids, mask, positions, token_slots, None, 0)
-            self.forwards_run += 1
+        end = None if timeout is None else time.monotonic() + timeout
+        slots: dict[str, int] = {}
+        try:
+            for d in wanted:
+                left = None if end is None else max(0.001, end - time.monotonic())
+                slots[d] = self.residency.ensure(d, timeout=left)
+            spans, flat, token_slots, start = [], [], [], 0
+            for (digest, _), ids in zip(rows, ids_list, strict=True):
+                spans.append(SeqSpan(start, len(ids), len(ids)))
+                flat += ids
+                token_slots += [slots[digest] if digest else -1] * len(ids)
+                start += len(ids)
+            with self._model_lock:
+                logits = self._run_model(flat, _fresh_positions(ids_list), token_slots,
+                                         AttentionPlan(spans), None)  # fmt: skip
+        finally:
+            for d in slots:
+                self.residency.release(d)
         logits = logits.float().cpu()
-        return [logits[i, : len(ids)].clone() for i, ids in enumerate(ids_list)]
-
-    def submit(self, request: GenerationRequest) -> GenerationHandle:
-        """Validate, fetch the adapter if it is not resident, and queue the request."""
-        request.sampling.validate()
-        request.prompt_token_ids = self._check_tokens(
-            request.prompt_token_ids, "prompt", limit=self.max_prompt_tokens
-        )
-        digest = request.adapter_digest or None
-        request.adapter_digest = digest
-        if not self._accepting:
-            raise Unavailable(f"executor {self.executor_id} is draining")
-        if len(self._pending) >= self.max_queue:
-            raise self._queue_full()
-        handle = GenerationHandle(request, self)
-        if digest:
-            timeout = None
-            if request.deadline is not None:
-                timeout = max(0.001, request.deadline - time.monotonic())
-            handle.prepared = self.residency.prepare(check_digest(digest), timeout=timeout)
-        with self._cv:
-            if not self._accepting:
-                raise Unavailable(f"executor {self.executor_id} is draining")
-            if len(self._pending) >= self.max_queue:
-                raise self._queue_full()
-            handle.enqueued_at = time.monotonic()
-            self._pending.append(handle)
-            self._cv.notify_all()
-        return handle
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """submit() and wait for the whole result."""
-        return self.submit(request).result()
+        out, start = [], 0
+        for ids in ids_list:
+            out.append(logits[start : start + len(ids)].clone())
+            start += len(ids)
+        return out
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain: stop accepting, let queued and running requests finish (up to timeout), then
-        stop the batcher."""
-        with self._cv:
+        stop the step loop and the loader."""
+        with self._lock:
             self._accepting = False
-            end = time.monotonic() + timeout
-            while (self._pending or self._running) and time.monotonic() < end:
-                self._cv.wait(0.05)
+            self._lock.notify_all()
+        end = time.monotonic() + timeout
+        while (self._num_waiting or self._num_running) and time.monotonic() < end:
+            if self._thread is None:
+                break
+            time.sleep(0.02)
+        with self._lock:
             self._stopping = True
-            left = list(self._pending)
-            self._pending.clear()
-            self._cv.notify_all()
-        for h in left:
-            h._put(Unavailable(f"executor {self.executor_id} stopped before running the request"))
-        self._thread.join(timeout=5.0)
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        with self._model_lock:
+            left = list(self._inbox) + list(self._fair) + list(self._running)
+            left += [s for v in self._loading.values() for s in v]
+            for s in left:
+                if not s.handle.done:
+                    s.handle._put(
+                        Unavailable(f"executor {self.executor_id} stopped before the request ended")
+                    )
+        self.residency.close()
+        self.loader.close()
         close = getattr(self._source, "close", None)
         if callable(close):
             close()
 
-    # -- internals --------------------------------------------------------------------------
+    # -- the step loop ---------------------------------------------------------------------
 
-    def _queue_full(self) -> ResourceExhausted:
-        return ResourceExhausted(
-            f"generation queue of executor {self.executor_id} is full "
-            f"({self.max_queue} requests waiting)",
-            retry_after_s=0.2,
-        )
+    def _stopped(self) -> bool:
+        return self._stopping and (self._thread is None or not self._thread.is_alive())
 
     def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
+        with self._lock:
+            self._lock.notify_all()
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._landed or self._running or len(self._fair))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._has_work() and not self._stopping:
+                    self._lock.wait(0.5)
+                    if self._loading and any(
+                        s.handle.cancelled or s.handle.expired()
+                        for v in self._loading.values()
+                        for s in v
+                    ):
+                        break
+                if self._stopping:
+                    return
+            try:
+                t = time.perf_counter()
+                st = self.step()
+                self._account(st, time.perf_counter() - t)
+            except Exception as e:
+                logger.exception("engine step failed")
+                self._fail_running(e)
+
+    def _account(self, st: StepStats, seconds: float) -> None:
+        """Step statistics, logged every ~30 s while busy."""
+        acc = self._acc
+        acc["steps"] += 1
+        acc["busy_s"] += seconds
+        acc["tokens"] += st.num_tokens
+        acc["sampled"] += st.sampled
+        acc["seqs"] += st.num_seqs
+        now = time.monotonic()
+        if now - acc["since"] >= 30.0:
+            n = max(1, acc["steps"])
+            logger.info(
+                "engine: %d steps in %.0f s (%.0f%% busy), %.0f ms/step, %.1f sequences and "
+                "%.0f tokens per step, %.1f generated tokens/s, %d waiting, KV %d/%d blocks",
+                acc["steps"],
+                now - acc["since"],
+                100 * acc["busy_s"] / (now - acc["since"]),
+                1000 * acc["busy_s"] / n,
+                acc["seqs"] / n,
+                acc["tokens"] / n,
+                acc["sampled"] / (now - acc["since"]),
+                self._num_waiting,
+                self.kv.allocator.num_used,
+                self.kv.num_blocks,
+            )
+            self._acc = self._new_acc()
+
+    @staticmethod
+    def _new_acc() -> dict[str, float]:
+        return {"since": time.monotonic(), "steps": 0, "busy_s": 0.0, "tokens": 0,
+                "sampled": 0, "seqs": 0}  # fmt: skip
+
+    def _fail_running(self, e: Exception) -> None:
+        err = e if isinstance(e, MintError) else MintError(f"generation failed: {e!r}")
+        with self._model_lock:
+            for s in list(self._running):
+                self._retire(s, error=err)
+
+    def step(self) -> StepStats:
+        """One iteration: intake, reaping, scheduling, one forward, sampling, streaming."""
+        with self._model_lock:
+            return self._step()
+
+    def _step(self) -> StepStats:
+        self.step_no += 1
+        step = self.step_no
+        with self._lock:
+            inbox = list(self._inbox)
+            self._inbox.clear()
+            landed = list(self._landed)
+            self._landed.clear()
+        for digest, err in landed:
+            self._on_landed(digest, err)
+        for seq in inbox:
+            self._enqueue(seq)
+        self._reap(time.monotonic())
+        sched, admitted, preempted = self._schedule()
+        self._num_running = len(self._running)
+        self._num_loading = sum(len(v) for v in self._loading.values())
+        if not sched:
+            return StepStats(step=step, admitted=admitted, preempted=preempted)
+
+        # One packed row: every scheduled token of every sequence.
+        flat: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        spans: list[SeqSpan] = []
+        samplers: list[Seq] = []
+        sample_rows: list[int] = []
+        prefill = decode = 0
+        for seq, n in sched:
+            start = len(flat)
+            c = seq.num_computed
+            flat += seq.tokens[c : c + n]
+            positions += range(c, c + n)
+            token_slots += [seq.slot] * n
+            spans.append(SeqSpan(start, n, c + n, seq.blocks))
+            if c + n == len(seq.tokens):
+                samplers.append(seq)
+                sample_rows.append(start + n - 1)
+            if seq.decoding:
+                decode += n
+            else:
+                prefill += n
+        plan = AttentionPlan(spans, self.kv)
+        logits = self._run_model(flat, positions, token_slots, plan, sample_rows)
+        for seq, n in sched:
+            seq.num_computed += n
+            if n > 1 or seq.generated == 0:
+                self._fair.charge(seq.tenant, prompt_tokens=n)
+        finished = self._sample_and_stream(samplers, logits, step)
+        self._num_running = len(self._running)
+        if samplers:
+            self._rate.append((time.monotonic(), len(samplers)))
+            while self._rate and time.monotonic() - self._rate[0][0] > _RATE_WINDOW_S:
+                self._rate.popleft()
+        if step % 256 == 0:
+            self._fair.forget_idle({s.tenant for s in self._running})
+        return StepStats(
+            step=step,
+            num_tokens=len(flat),
+            num_seqs=len(sched),
+            prefill_tokens=prefill,
+            decode_tokens=decode,
+            sampled=len(samplers),
+            admitted=admitted,
+            preempted=preempted,
+            finished=finished,
+            adapters=len({s for s in token_slots if s >= 0}),
+        )
+
+    def _run_model(
+        self,
+        flat: list[int],
+        positions: list[int],
+        token_slots: list[int],
+        plan: AttentionPlan,
+        keep_rows: list[int] | None,
+    ) -> torch.Tensor:
+        """One forward of one packed row; logits [len(keep_rows) or T, vocab]."""
+        dev = self.device
+        slots_t = torch.tensor(token_slots, dtype=torch.long)
+        self.ctx.meta = (
+            self._meta.prepare(slots_t, device=dev) if any(s >= 0 for s in token_slots) else None
+        )
+        kwargs = {}
+        if keep_rows is not None:
+            kwargs["logits_to_keep"] = torch.tensor(keep_rows, dtype=torch.long, device=dev)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([flat], dtype=torch.long, device=dev),
+                    position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
+                    use_cache=False,
+                    mint_plan=plan,
+                    **kwargs,
+                )
+        finally:
+            self.ctx.meta = None
+        self.forwards_run += 1
+        return out.logits[0]
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def _on_loaded(self, digest: str, err: BaseException | None) -> None:
+        """Loader callback (a loader thread): hand the result to the next step."""
+        with self._lock:
+            self._landed.append((digest, err))
+            self._lock.notify_all()
+
+    def _on_landed(self, digest: str, err: BaseException | None) -> None:
+        seqs = self._loading.pop(digest, [])
+        if err is not None:
+            for s in seqs:
+                self._fail_waiting(s, err)
+            return
+        for s in seqs:
+            slot = self.residency.acquire(digest)
+            assert slot is not None, "a landed adapter is referenced until its requests take it"
+            s.pinned = True
+            self._fair.push(s)
+        # The loader's own reference.
+        self.residency.release(digest)
+
+    def _enqueue(self, seq: Seq) -> None:
+        d = seq.digest
+        if d is None:
+            self._fair.push(seq)
+        elif d in self._loading:
+            self._loading[d].append(seq)
+        elif self.residency.acquire(d) is not None:
+            seq.pinned = True
+            self._fair.push(seq)
+        else:
+            self._loading[d] = [seq]
+            self.loader.request(d, otel_context=seq.otel_context)
+
+    def _reap(self, now: float) -> None:
+        for s in list(self._running):
+            if s.handle.cancelled or s.handle.expired(now):
+                self.rows_cancelled += 1
+                self._retire(s, reason=FINISH_CANCELLED)
+        for s in [s for s in self._fair if s.handle.cancelled or s.handle.expired(now)]:
+            self._fair.remove(s)
+            self.rows_cancelled += 1
+            self._finish_waiting(s, self._final(s, FINISH_CANCELLED))
+        for d, seqs in list(self._loading.items()):
+            gone = [s for s in seqs if s.handle.cancelled or s.handle.expired(now)]
+            for s in gone:
+                seqs.remove(s)
+                self.rows_cancelled += 1
+                self._finish_waiting(s, self._final(s, FINISH_CANCELLED))
+            if not seqs:
+                # The load goes on (it warms the tiers); nobody waits for it any more.
+                self._loading[d] = []
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[list[tuple[Seq, int]], int, int]:
+        """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
+        budget = self.max_step_tokens
+        sched: list[tuple[Seq, int]] = []
+        done: set[int] = set()
+        preempted = 0
+        # Running sequences: decodes first, then prefill chunks; oldest first within each.
+        order = sorted(self._running, key=lambda s: (not s.decoding, s.admit_order))
+        for seq in order:
+            if seq.seq_id in done or seq not in self._running or budget <= 0:
+                continue
+            # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
+            # token preempts the most recently admitted sequences.
+            while self._room(seq, 0) < 1:
+                victim = self._victim(exclude=done)
+                if victim is None or victim is seq:
+                    break
+                self._preempt(victim)
+                preempted += 1
+            room = self._room(seq, 0)
+            if room < 1:
+                if not sched and len(self._running) == 1:
+                    # Alone and still too big: the cache cannot hold this sequence.
+                    logger.warning(
+                        "sequence %d needs more than the %d tokens the KV cache holds; ending it",
+                        seq.seq_id,
+                        self.kv.capacity_tokens,
+                    )
+                    self._retire(seq, reason=FINISH_LENGTH)
+                else:
+                    self._preempt(seq)
+                    preempted += 1
+                continue
+            n = min(seq.remaining, budget, room)
+            self._take(seq, n)
+            sched.append((seq, n))
+            done.add(seq.seq_id)
+            budget -= n
+        # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
+        admitted = 0
+        in_use = {s.digest for s in self._running if s.digest}
+        while budget > 0 and len(self._running) < self.max_batch_size:
+            seq = self._fair.peek()
+            if seq is None:
+                break
+            if (
+                self.max_step_adapters
+                and seq.digest
+                and seq.digest not in in_use
+                and len(in_use) >= self.max_step_adapters
+            ):
+                break  # the adapter budget: it waits for a running adapter to leave
+            n = min(seq.remaining, budget, self._room(seq, self._watermark if self._running else 0))
+            if n < 1:
+                break
+            self._fair.remove(seq)
+            self._take(seq, n)
+            seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
+            if seq.slot is None:  # cannot happen: the sequence holds a reference
+                raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
+            self._admit_counter += 1
+            seq.admit_order = self._admit_counter
+            self._running.append(seq)
+            if seq.digest:
+                in_use.add(seq.digest)
+            with self._lock:
+                self._num_waiting -= 1
+                self._tenant_left(seq.tenant)
+            sched.append((seq, n))
+            done.add(seq.seq_id)
+            budget -= n
+            admitted += 1
+        return sched, admitted, preempted
+
+    def _room(self, seq: Seq, reserve: int) -> int:
+        """Tokens seq can add to its KV with its blocks and the free ones (less reserve)."""
+        free = max(0, self.kv.allocator.num_free - reserve)
+        return (len(seq.blocks) + free) * self.kv.block_size - seq.num_computed
+
+    def _take(self, seq: Seq, n: int) -> None:
+        """The blocks seq needs for n more tokens (contiguous with its others when possible:
+        a new run claims room for the sequence's whole expected length)."""
+        need = self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks)
+        if need > 0:
+            if seq.blocks:
+                got = self.kv.allocator.alloc(need, after=seq.blocks[-1])
+            else:
+                opts = seq.handle.request.sampling
+                total = len(seq.tokens) + max(0, opts.max_tokens - seq.generated)
+                expect = self.kv.blocks_for(min(total, self.max_positions))
+                got = self.kv.allocator.alloc(need, key=seq.seq_id, expect=expect)
+            if got is None:
+                raise RuntimeError(f"sequence {seq.seq_id}: {need} KV blocks not free")
+            seq.blocks += got
+
+    def _victim(self, exclude: set[int]) -> Seq | None:
+        """The most recently admitted running sequence not yet scheduled this step."""
+        cands = [s for s in self._running if s.seq_id not in exclude]
+        return max(cands, key=lambda s: s.admit_order) if cands else None
+
+    def _preempt(self, seq: Seq) -> None:
+        """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
+        from its prompt and the tokens it generated so far."""
+        self.kv.allocator.free(seq.blocks, key=seq.seq_id)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.preemptions += 1
+        seq.handle.preemptions = seq.preemptions
+        self.preemptions += 1
+        self._running.remove(seq)
+        self._fair.push(seq, front=True)
+        with self._lock:
+            self._num_waiting += 1
+            self._tenant_waiting[seq.tenant] = self._tenant_waiting.get(seq.tenant, 0) + 1
+        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))
+
+    # -- sampling and retiring ------------------------------------------------------------------
+
+    def _sample_and_stream(self, seqs: list[Seq], logits: torch.Tensor, step: int) -> int:
+        if not seqs:
+            return 0
+        need_lp = any(s.handle.request.sampling.logprobs for s in seqs)
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        finished = 0
+        for i, seq in enumerate(seqs):
+            h = seq.handle
+            opts = h.request.sampling
+            if opts.temperature == 0:
+                tok = greedy[i]
+            else:
+                tok = sample_token(logits[i], opts, seq.generator)
+            seq.tokens.append(tok)
+            self.tokens_generated += 1
+            self._fair.charge(seq.tenant, output_tokens=1)
+            if seq.first_step is None:
+                seq.first_step = h.first_step = step
+            seq.last_step = h.last_step = step
+            lp = [float(logprobs[i, tok])] if opts.logprobs and logprobs is not None else []
+            finish = None
+            if tok in self.eos_ids and not opts.ignore_eos or tok in opts.stop_token_ids:
+                finish = FINISH_STOP
+                text = seq.text.flush()
+            else:
+                text, stopped = seq.text.add(tok)
+                if stopped:
+                    finish = FINISH_STOP
+                elif seq.generated >= opts.max_tokens or len(seq.tokens) >= self.max_positions:
+                    finish = FINISH_LENGTH
+                    text += seq.text.flush()
+            h._put(
+                GenerationOutput(
+                    token_ids=[tok],
+                    text=text,
+                    logprobs=lp,
+                    finish_reason=finish,
+                    prompt_tokens=seq.prompt_len if finish else 0,
+                    completion_tokens=seq.generated if finish else 0,
+                )
+            )
+            if finish:
+                self._retire(seq)
+                finished += 1
+        return finished
+
+    def _retire(
+        self, seq: Seq, *, reason: str | None = None, error: BaseException | None = None
+    ) -> None:
+        """A running sequence leaves: blocks freed, adapter reference dropped, final message."""
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.blocks:
+            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
+            seq.blocks = []
+        self._unpin(seq)
+        seq.finished = True
+        if error is not None:
+            seq.handle._put(error)
+        elif reason is not None:
+            seq.handle._put(self._final(seq, reason))
+        self._num_running = len(self._running)
+
+    def _unpin(self, seq: Seq) -> None:
+        if seq.pinned and seq.digest:
+            seq.pinned = False
+            self.residency.release(seq.digest)
+
+    def _finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
+        self._unpin(seq)
+        seq.finished = True
+        with self._lock:
+            self._num_waiting -= 1
+            self._tenant_left(seq.tenant)
+        seq.handle._put(item)
+
+    def _fail_waiting(self, seq: Seq, err: BaseException) -> None:
+        self._finish_waiting(seq, err)
+
+    def _tenant_left(self, tenant: str) -> None:
+        n = self._tenant_waiting.get(tenant, 0) - 1
+        if n > 0:
+            self._tenant_waiting[tenant] = n
+        else:
+            self._tenant_waiting.pop(tenant, None)
+
+    def _final(self, seq: Seq, reason: str) -> GenerationOutput:
+        return GenerationOutput(
+            token_ids=[],
+            text="",
+            logprobs=[],
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.generated,
+        )
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _queue_full(self, why: str) -> ResourceExhausted:
+        rate = self.tokens_per_s()
+        # About the time the requests ahead need for a sequence slot to free up.
+        retry = 0.2 if rate <= 0 else min(5.0, max(0.05, self._num_waiting * 16 / rate))
+        return ResourceExhausted(
+            f"generation queue of executor {self.executor_id} is full ({why}; max_queue "
+            f"{self.max_queue})",
+            retry_after_s=retry,
+        )
 
     def _check_tokens(self, ids: Sequence[int], what: str, *, limit: int) -> list[int]:
         ids = [int(t) for t in ids]
@@ -553,253 +1117,9 @@ class Engine:
                 )
         return ids
 
-    def _run_model(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        token_slots: torch.Tensor,
-        cache,
-        keep_last: int,
-    ):
-        """One forward under the model lock: (logits, cache). keep_last=1: last position only."""
-        dev = self.device
-        token_slots = token_slots.to(dev)
-        self.ctx.meta = self._meta.prepare(token_slots) if bool((token_slots >= 0).any()) else None
-        kwargs = {}
-        use_cache = keep_last > 0
-        if use_cache:
-            kwargs["use_cache"] = True
-            if cache is not None:
-                kwargs[self._cache_arg] = cache
-            if self._has_logits_to_keep:
-                kwargs["logits_to_keep"] = keep_last
-        else:
-            kwargs["use_cache"] = False
-        try:
-            with torch.inference_mode():
-                out = self.model(
-                    input_ids=input_ids.to(dev),
-                    attention_mask=mask.to(dev),
-                    position_ids=positions.to(dev),
-                    **kwargs,
-                )
-        finally:
-            self.ctx.meta = None
-        logits = out.logits
-        if keep_last:
-            logits = logits[:, -keep_last:]
-        new_cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-        return logits, new_cache
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run_batch(batch)
-            except Exception as e:
-                logger.exception("generation batch of %d requests failed", len(batch))
-                err = e if isinstance(e, MintError) else MintError(f"generation failed: {e!r}")
-                for h in batch:
-                    if not h.done:
-                        h._put(err)
-            finally:
-                with self._cv:
-                    self._running = 0
-                    self._pinned = frozenset()
-                    self._cv.notify_all()
-
-    def _next_batch(self) -> list[GenerationHandle] | None:
-        with self._cv:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._cv.wait(0.5)
-            end = self._pending[0].enqueued_at + self.batch_window_s
-            while len(self._pending) < self.max_batch_size and not self._stopping:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            batch: list[GenerationHandle] = []
-            digests: set[str] = set()
-            deferred: list[GenerationHandle] = []
-            now = time.monotonic()
-            while self._pending and len(batch) < self.max_batch_size:
-                h = self._pending.popleft()
-                if h.cancelled or h.expired(now):
-                    self.rows_cancelled += 1
-                    h._put(self._final(h, FINISH_CANCELLED, 0))
-                    continue
-                d = h.request.adapter_digest
-                if d and d not in digests and len(digests) >= self.max_adapters:
-                    deferred.append(h)
-                    continue
-                batch.append(h)
-                if d:
-                    digests.add(d)
-            self._pending.extendleft(reversed(deferred))
-            self._running = len(batch)
-            self._pinned = frozenset(digests)
-            self._cv.notify_all()
-            return batch
-
-    def _final(self, h: GenerationHandle, reason: str, generated: int) -> GenerationOutput:
-        return GenerationOutput(
-            token_ids=[],
-            text="",
-            logprobs=[],
-            finish_reason=reason,
-            prompt_tokens=len(h.request.prompt_token_ids),
-            completion_tokens=generated,
-        )
-
-    def _load_batch_adapters(self, batch: list[GenerationHandle]) -> list[GenerationHandle]:
-        """Load the batch's adapters; fail (and drop) the requests whose adapter cannot load."""
-        by_digest: dict[str, list[GenerationHandle]] = {}
-        for h in batch:
-            if h.request.adapter_digest:
-                by_digest.setdefault(h.request.adapter_digest, []).append(h)
-        failed: set[int] = set()
-        prepared: dict[str, PreparedAdapter | None] = {}
-        for d, hs in by_digest.items():
-            p = next((h.prepared for h in hs if h.prepared is not None), None)
-            try:
-                prepared[d] = p if p is not None or d in self.pool else self.residency.prepare(d)
-            except MintError as e:
-                for h in hs:
-                    h._put(e)
-                    failed.add(id(h))
-        with self._model_lock:
-            for d, p in prepared.items():
-                try:
-                    self.residency.ensure_loaded({d: p}, keep=self._pinned)
-                except MintError as e:
-                    for h in by_digest[d]:
-                        h._put(e)
-                        failed.add(id(h))
-        for h in batch:
-            h.prepared = None
-        return [h for h in batch if id(h) not in failed]
-
-    def _run_batch(self, batch: list[GenerationHandle]) -> None:
-        batch = self._load_batch_adapters(batch)
-        if not batch:
-            return
-        self.batches_run += 1
-        batch_id = self.batches_run
-        rows: list[_Row] = []
-        for h in batch:
-            h.batch_id = batch_id
-            d = h.request.adapter_digest
-            slot = self.pool.slot(d) if d else -1
-            if slot is None:  # evicted between load and here: cannot happen while pinned
-                h._put(Unavailable(f"adapter {d[:12]}… is not resident"))
-                continue
-            opts = h.request.sampling
-            gen = None
-            if opts.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                seed = opts.seed if opts.seed is not None else random.getrandbits(63)
-                gen.manual_seed(seed)
-            rows.append(
-                _Row(
-                    handle=h,
-                    slot=slot,
-                    prompt_len=len(h.request.prompt_token_ids),
-                    text=IncrementalText(self.tokenizer, opts.stop),
-                    generator=gen,
-                )
-            )
-        if not rows:
-            return
-        logger.debug(
-            "batch %d: %d rows, %d adapters",
-            batch_id,
-            len(rows),
-            len({r.slot for r in rows if r.slot >= 0}),
-        )
-        B = len(rows)
-        L = max(r.prompt_len for r in rows)
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, L - r.prompt_len :] = torch.tensor(r.handle.request.prompt_token_ids)
-            mask[i, L - r.prompt_len :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        row_slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
-        token_slots = torch.where(mask.bool(), row_slots[:, None], -1).flatten()
-        with self._model_lock:
-            logits, cache = self._run_model(input_ids, mask, positions, token_slots, None, 1)
-        next_pos = torch.tensor([r.prompt_len for r in rows], dtype=torch.long)
-        while True:
-            tokens = self._step_rows(rows, logits[:, -1])
-            keep = [i for i, r in enumerate(rows) if not r.handle.done]
-            with self._cv:
-                self._running = len(keep)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, dtype=torch.long)
-                if hasattr(cache, "batch_select_indices"):
-                    cache.batch_select_indices(idx.to(self.device))
-                    rows = [rows[i] for i in keep]
-                    mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
-                    row_slots = row_slots[idx]
-            active = torch.tensor([not r.handle.done for r in rows])
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            step_slots = torch.where(active, row_slots, -1)
-            with self._model_lock:
-                logits, cache = self._run_model(
-                    tokens[:, None], mask, next_pos[:, None], step_slots, cache, 1
-                )
-            next_pos = next_pos + 1
-
-    def _step_rows(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Sample one token for every live row, stream it, and finish rows that are done.
-        Returns the tokens [rows] to feed next (finished rows feed padding)."""
-        now = time.monotonic()
-        need_lp = any(r.handle.request.sampling.logprobs for r in rows)
-        logprobs = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        out = [self.pad_id] * len(rows)
-        for i, r in enumerate(rows):
-            h = r.handle
-            if h.done:
-                continue
-            if h.cancelled or h.expired(now):
-                self.rows_cancelled += 1
-                h._put(self._final(h, FINISH_CANCELLED, r.generated))
-                continue
-            opts = h.request.sampling
-            tok = greedy[i] if opts.temperature == 0 else sample_token(logits[i], opts, r.generator)
-            r.generated += 1
-            lp = [float(logprobs[i, tok])] if opts.logprobs and logprobs is not None else []
-            finish = None
-            text = ""
-            if tok in self.eos_ids and not opts.ignore_eos or tok in opts.stop_token_ids:
-                finish = FINISH_STOP
-                text = r.text.flush()
-            else:
-                text, stopped = r.text.add(tok)
-                if stopped:
-                    finish = FINISH_STOP
-                elif r.generated >= opts.max_tokens or r.prompt_len + r.generated >= (
-                    self.max_positions
-                ):
-                    finish = FINISH_LENGTH
-                    text += r.text.flush()
-            h._put(
-                GenerationOutput(
-                    token_ids=[tok],
-                    text=text,
-                    logprobs=lp,
-                    finish_reason=finish,
-                    prompt_tokens=r.prompt_len if finish else 0,
-                    completion_tokens=r.generated if finish else 0,
-                )
-            )
-            out[i] = tok
-        return torch.tensor(out, dtype=torch.long)
+def _fresh_positions(ids_list: list[list[int]]) -> list[int]:
+    out: list[int] = []
+    for ids in ids_list:
+        out += range(len(ids))
+    return out

@@ -31,8 +31,14 @@ def create_server(
     Stopping the server drains it, then closes the engine unless close_engine is False."""
     if engine is None:
         engine = Engine.from_config(config, source=source)
+    # Every waiting and running stream holds a server thread: size the pool so that the
+    # engine's queue bound (RESOURCE_EXHAUSTED), not gRPC's thread pool, is the backpressure.
+    workers = config.max_queue + config.max_batch_size + 16
     server = build_server(
-        add_servicers=lambda s: add_to_server(engine, s), host=config.host, port=config.port
+        add_servicers=lambda s: add_to_server(engine, s),
+        host=config.host,
+        port=config.port,
+        max_workers=workers,
     )
     if close_engine:
         server.on_stop.append(engine.close)

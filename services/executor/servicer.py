@@ -92,6 +92,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 adapter_digest=request.adapter.digest if has_adapter else None,
                 request_id=request.request_id,
                 deadline=deadline,
+                tenant=request.adapter.tenant if has_adapter else "",
             )
         )
         if not context.add_callback(handle.cancel):
@@ -156,7 +157,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return resp
 
     def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
-        st = self.engine.status()
+        st = self.engine.status(node_cache=request.include_node_cache)
         return executor_pb2.ExecutorStatusResponse(
             executor_id=st.executor_id,
             base_fingerprint=st.base_fingerprint,
@@ -168,6 +169,21 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             device=st.device,
             draining=st.draining,
             kernel_backend=st.kernel_backend,
+            loading=st.loading,
+            tokens_per_s=st.tokens_per_s,
+            kv_blocks_used=st.kv_blocks_used,
+            kv_blocks_total=st.kv_blocks_total,
+            kv_block_size=st.kv_block_size,
+            host_adapters=st.host_adapters,
+            node_cache_adapters=st.node_cache_adapters,
+            loading_adapters=st.loading_adapters,
+            adapter_pool_bytes_used=st.adapter_pool_bytes_used,
+            adapter_pool_bytes_total=st.adapter_pool_bytes_total,
+            host_bytes_used=st.host_bytes_used,
+            host_bytes_total=st.host_bytes_total,
+            steps=st.steps,
+            preemptions=st.preemptions,
+            tokens_generated=st.tokens_generated,
         )
 
 

@@ -1,11 +1,9 @@
-"""Where adapters come from, by digest, and how they become resident in the device pool.
+"""Where adapters come from, by digest: the node cache tier as the executor sees it.
 
 A source returns the packed bytes of a digest: `SidecarSource` asks the node's cache sidecar to
 make the adapter present (EnsureAdapter, with a deadline) and then copies it out of the node
 cache LMDB file (read-only, NodeCacheReader); `PackedBytesSource` is an in-process dict for
-tests and embedding. `AdapterResidency` turns bytes into a checked adapter (digest, base-model
-fingerprint, modules, ranks) and loads it into the AdapterPool, evicting the least recently used
-adapter that no running batch needs when the pool is full.
+tests and embedding. The host and device tiers above them are in residency.py.
 """
 
 from __future__ import annotations
@@ -14,26 +12,14 @@ import hashlib
 import logging
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 
-from mintmesh.errors import (
-    AdapterNotFound,
-    BaseModelMismatch,
-    DigestMismatch,
-    FailedPrecondition,
-    InvalidAdapter,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
-from mintmesh.kernels import AdapterPool
-from mintmesh.packed import ModuleWeights, PackedHeader, unpack
+from mintmesh.errors import AdapterNotFound, FailedPrecondition, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +92,7 @@ class SidecarSource:
         self._channel = insecure_channel(cache_address)
         self._stub = cache_pb2_grpc.AdapterCacheStub(self._channel)
         self._reader = NodeCacheReader(self.cache_dir)
+        self._listed: tuple[float, list[str]] | None = None
 
     def fetch(self, digest: str, timeout: float | None = None) -> bytearray:
         from mintmesh.services.common.errors import reraise_downstream
@@ -128,187 +115,41 @@ class SidecarSource:
             )
         return data
 
+    def node_cache_digests(self, timeout: float = 2.0) -> list[str]:
+        """Digests in the node cache (the sidecar's Stats; the LMDB keys when Stats does not
+        list them). Cached for a second: Status may be polled often."""
+        now = time.monotonic()
+        cached = self._listed
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        from mintmesh.v1 import cache_pb2
+
+        digests: list[str] = []
+        try:
+            resp = self._stub.Stats(cache_pb2.CacheStatsRequest(), timeout=timeout)
+            digests = list(resp.digests)
+            if not digests and resp.entries:
+                digests = _lmdb_keys(self._reader)
+        except grpc.RpcError as e:
+            logger.warning("listing the node cache on %s failed: %s", self.cache_address, e)
+            digests = _lmdb_keys(self._reader)
+        self._listed = (now, digests)
+        return digests
+
     def close(self) -> None:
         self._channel.close()
 
 
-@dataclass(frozen=True)
-class PreparedAdapter:
-    """A checked adapter on the host, ready for AdapterPool.load."""
-
-    digest: str
-    header: PackedHeader
-    modules: dict[str, ModuleWeights]
-    nbytes: int
-
-
-class AdapterResidency:
-    """Fetch + check on the host (any thread); pool loads and evictions (under the engine's
-    model lock, by the thread that runs forwards)."""
-
-    def __init__(
-        self,
-        pool: AdapterPool,
-        source: AdapterSource | None,
-        *,
-        layer_shapes: Mapping[str, tuple[int, int]],
-        base_fingerprint: str,
-        max_rank: int,
-        fetch_timeout_s: float = 30.0,
-        max_staged: int = 64,
-    ) -> None:
-        self.pool = pool
-        self.layer_shapes = dict(layer_shapes)
-        self.source: AdapterSource = source if source is not None else NoSource()
-        self.base_fingerprint = base_fingerprint
-        self.max_rank = int(max_rank)
-        self.fetch_timeout_s = float(fetch_timeout_s)
-        self.max_staged = int(max_staged)
-        # Adapters fetched and checked but not yet loaded (the host tier), oldest first.
-        self._staged: OrderedDict[str, PreparedAdapter] = OrderedDict()
-        # Resident digests, least recently used first.
-        self._lru: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
-        self._fetch_locks: dict[str, threading.Lock] = {}
-        self.loads = 0
-        self.evictions = 0
-
-    # -- host side ------------------------------------------------------------------------
-
-    def check(self, digest: str, data: bytes | bytearray | memoryview) -> PreparedAdapter:
-        """Verify bytes against their digest and this executor; unpack them."""
-        got = hashlib.sha256(data).hexdigest()
-        if got != digest:
-            raise DigestMismatch(f"adapter bytes for digest {digest} hash to {got}")
-        header, modules = unpack(data)
-        if header.base_fingerprint != self.base_fingerprint:
-            raise BaseModelMismatch(
-                f"adapter {digest[:12]}… was made for base model "
-                f"{header.base_fingerprint[:12]}…, this executor serves "
-                f"{self.base_fingerprint[:12]}…",
-                metadata={"adapter_base": header.base_fingerprint, "base": self.base_fingerprint},
-            )
-        shapes = self.layer_shapes
-        for m in header.modules:
-            if m.name not in shapes:
-                raise InvalidAdapter(
-                    f"adapter {digest[:12]}… targets module {m.name}, which is not a LoRA layer "
-                    f"of this executor (layers end in "
-                    f"{sorted({n.rsplit('.', 1)[-1] for n in shapes})})"
-                )
-            if (m.out_features, m.in_features) != tuple(shapes[m.name]):
-                raise InvalidAdapter(
-                    f"adapter {digest[:12]}… module {m.name} is {m.out_features}x"
-                    f"{m.in_features}, the layer is {shapes[m.name][0]}x{shapes[m.name][1]}"
-                )
-            if m.rank > self.max_rank:
-                raise InvalidAdapter(
-                    f"adapter {digest[:12]}… module {m.name} has rank {m.rank}, above "
-                    f"max_rank {self.max_rank} of this executor"
-                )
-        return PreparedAdapter(digest=digest, header=header, modules=modules, nbytes=len(data))
-
-    def prepare(self, digest: str, timeout: float | None = None) -> PreparedAdapter | None:
-        """Make digest loadable: None when it is resident already, else the checked adapter
-        (fetched from the source at most once at a time per digest)."""
-        check_digest(digest)
-        if digest in self.pool:
-            return None
-        with self._lock:
-            staged = self._staged.get(digest)
-            if staged is not None:
-                return staged
-            flock = self._fetch_locks.setdefault(digest, threading.Lock())
-        try:
-            with flock:
-                with self._lock:
-                    staged = self._staged.get(digest)
-                if staged is not None:
-                    return staged
-                if digest in self.pool:
-                    return None
-                t = self.fetch_timeout_s if timeout is None else min(timeout, self.fetch_timeout_s)
-                try:
-                    data = self.source.fetch(digest, timeout=t)
-                except grpc.RpcError as e:  # a source that lets gRPC errors through
-                    from mintmesh.services.common.errors import reraise_downstream
-
-                    raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
-                prepared = self.check(digest, data)
-                with self._lock:
-                    self._staged[digest] = prepared
-                    while len(self._staged) > self.max_staged:
-                        self._staged.popitem(last=False)
-                return prepared
-        finally:
-            with self._lock:
-                if self._fetch_locks.get(digest) is flock:
-                    del self._fetch_locks[digest]
-
-    # -- device side (call under the engine's model lock) --------------------------------
-
-    def ensure_loaded(
-        self,
-        wanted: Mapping[str, PreparedAdapter | None],
-        *,
-        keep: Iterable[str] = (),
-    ) -> dict[str, int]:
-        """Load every wanted digest into the pool; return digest -> slot. Evicts least recently
-        used adapters not in wanted or keep (those a running batch uses)."""
-        protected = set(wanted) | set(keep)
-        slots: dict[str, int] = {}
-        for digest, prepared in wanted.items():
-            slot = self.pool.slot(digest)
-            if slot is None:
-                if prepared is None:
-                    with self._lock:
-                        prepared = self._staged.get(digest)
-                if prepared is None:
-                    # Evicted since it was prepared: fetch again (rare).
-                    prepared = self.prepare(digest)
-                    if prepared is None:
-                        slot = self.pool.slot(digest)
-                if slot is None:
-                    slot = self._load(prepared, protected)
-            self._lru[digest] = None
-            self._lru.move_to_end(digest)
-            slots[digest] = slot
-        return slots
-
-    def _load(self, prepared: PreparedAdapter, protected: set[str]) -> int:
-        while True:
-            try:
-                slot = self.pool.load(prepared.digest, prepared.modules)
-                break
-            except ResourceExhausted:
-                victim = next((d for d in self._lru if d not in protected), None)
-                if victim is None:
-                    raise ResourceExhausted(
-                        f"adapter pool is full: all {len(self._lru)} resident adapters are in "
-                        "use by running batches"
-                    ) from None
-                self.evict(victim)
-            except ValueError as e:
-                raise InvalidAdapter(f"adapter {prepared.digest[:12]}…: {e}") from e
-        self.loads += 1
-        with self._lock:
-            self._staged.pop(prepared.digest, None)
-        logger.info(
-            "loaded adapter %s (rank %d, %d modules) into slot %d",
-            prepared.digest[:12],
-            prepared.header.max_rank,
-            len(prepared.modules),
-            slot,
-        )
-        return slot
-
-    def evict(self, digest: str) -> bool:
-        self._lru.pop(digest, None)
-        if self.pool.evict(digest):
-            self.evictions += 1
-            logger.info("evicted adapter %s", digest[:12])
-            return True
-        return False
-
-    def resident(self) -> list[str]:
-        return list(self.pool.resident())
+def _lmdb_keys(reader) -> list[str]:
+    """Every key of the node cache's blob table, read-only, through the reader's environment
+    (one Environment per process per path)."""
+    try:
+        env = reader._ensure()
+        if env is None:
+            return []
+        with env.begin(db=reader._db) as txn:
+            keys = txn.cursor().iternext(values=False)
+            return [bytes(k).decode("ascii", "replace") for k in keys]
+    except Exception:  # a listing is informational; never fail Status over it
+        logger.warning("listing the node cache LMDB keys failed", exc_info=True)
+        return []

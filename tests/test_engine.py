@@ -1,0 +1,663 @@
+"""The step loop, driven by hand (autostart=False): requests join and leave at every step, and
+every claim is counted in steps, not seconds. Real peft adapters on the tiny backbone; peft
+greedy generation with each adapter alone is the oracle for every token."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from peft_util import make_peft_adapter, peft_model_with
+
+from mintmesh.errors import (
+    AdapterNotFound,
+    BaseModelMismatch,
+    DigestMismatch,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from mintmesh.kernels import AdapterPool
+from mintmesh.peft_io import read_peft_dir, validate_and_pack
+from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.engine import (
+    FINISH_CANCELLED,
+    Engine,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingOptions,
+)
+from mintmesh.services.executor.kv import BlockAllocator, PagedKVCache
+from mintmesh.services.executor.residency import AdapterResidency, HostTier, PreparedAdapter
+from mintmesh.services.executor.scheduler import FairQueue, Sequence
+from mintmesh.services.executor.sources import PackedBytesSource
+
+ADAPTERS = {
+    # name: (rank, targets, seed)
+    "a": (4, ("q_proj", "v_proj"), 0),
+    "b": (8, ("q_proj", "k_proj", "v_proj", "o_proj"), 1),
+    "c": (16, ("gate_proj", "up_proj", "down_proj"), 2),
+    "d": (2, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 3),
+    # "a" pushed again under the same name: a new revision, other weights.
+    "a_v2": (4, ("q_proj", "v_proj"), 10),
+}
+UNKNOWN = "0" * 64
+
+
+@dataclasses.dataclass
+class Packed:
+    dir: object
+    data: bytes
+    digest: str
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, base_info, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-adapters")
+    out = {}
+    for name, (rank, targets, seed) in ADAPTERS.items():
+        d = make_peft_adapter(tiny_model_dir, root / name, rank=rank, targets=targets, seed=seed)
+        pa = validate_and_pack(*read_peft_dir(d), base_info, max_rank=64)
+        out[name] = Packed(d, pa.data, pa.digest)
+    other = dataclasses.replace(base_info, fingerprint="f" * 64)
+    pa = validate_and_pack(*read_peft_dir(out["a"].dir), other, max_rank=64)
+    out["wrong_base"] = Packed(out["a"].dir, pa.data, pa.digest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir, adapters):
+    pm = peft_model_with(tiny_model_dir, {n: adapters[n].dir for n in ADAPTERS})
+    cache: dict = {}
+
+    def greedy(name, ids, n):
+        key = (name, tuple(ids), n)
+        if key not in cache:
+            x = torch.tensor([list(ids)])
+            kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n)
+            with torch.no_grad():
+                if name is None:
+                    with pm.disable_adapter():
+                        out = pm.generate(input_ids=x, **kw)
+                else:
+                    pm.set_adapter(name)
+                    out = pm.generate(input_ids=x, **kw)
+            cache[key] = out[0, len(ids) :].tolist()
+        return cache[key]
+
+    return greedy
+
+
+class GatedSource(PackedBytesSource):
+    """A source whose fetches of `gated` digests wait until open() (a slow cold load)."""
+
+    def __init__(self, adapters, gated=()):
+        super().__init__(adapters)
+        self.gated = set(gated)
+        self.gate = threading.Event()
+        self.trace_ids: dict[str, int] = {}
+
+    def fetch(self, digest, timeout=None):
+        self.trace_ids[digest] = trace.get_current_span().get_span_context().trace_id
+        if digest in self.gated:
+            assert self.gate.wait(30), "gate never opened"
+        return super().fetch(digest, timeout)
+
+
+@pytest.fixture()
+def make_engine(tiny_model_dir, adapters):
+    made: list[Engine] = []
+
+    def make(source=None, **cfg) -> Engine:
+        if source is None:
+            source = PackedBytesSource({p.digest: p.data for p in adapters.values()})
+        eng = Engine.from_config(
+            ExecutorConfig(model_dir=tiny_model_dir, **cfg), source=source, autostart=False
+        )
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        if eng.loader.pending():
+            src = eng.residency.source
+            if isinstance(src, GatedSource):
+                src.gate.set()
+        eng.close(timeout=0)
+
+
+def _req(adapters, name, ids, n, tenant="", **sampling):
+    return GenerationRequest(
+        prompt_token_ids=list(ids),
+        sampling=SamplingOptions(max_tokens=n, **sampling),
+        adapter_digest=adapters[name].digest if name else None,
+        tenant=tenant,
+    )
+
+
+def _drain(handle) -> list[GenerationOutput | BaseException]:
+    out = []
+    while not handle._q.empty():
+        out.append(handle._q.get_nowait())
+    return out
+
+
+# ---- mixed continuous batching vs peft ----------------------------------------------------------
+
+# (arrival step, adapter, prompt, max_tokens): adapters and ranks mixed, the base model too,
+# prompts from 1 to 41 tokens (several chunks at 16 tokens a step), arrivals at different steps.
+ARRIVALS = [
+    (0, "a", [72, 101, 108, 108, 111], 10),
+    (0, None, [10, 20, 30], 6),
+    (1, "b", list(range(30, 71)), 8),
+    (2, "c", [50], 12),
+    (3, "d", list(range(100, 120)), 5),
+    (5, "a", [200, 201, 202], 9),
+    (8, "b", [1, 2], 7),
+    (9, "c", list(range(5, 40)), 4),
+    (9, None, list(range(60, 64)), 11),
+]
+
+
+def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle):
+    eng = make_engine(max_batch_size=4, max_step_tokens=16, kv_block_size=4)
+    handles = {}
+    stats = []
+    step = 0
+    while step < 400 and not (
+        len(handles) == len(ARRIVALS) and all(h.done for h in handles.values())
+    ):
+        for i, (at, name, ids, n) in enumerate(ARRIVALS):
+            if at == step:
+                handles[i] = eng.submit(_req(adapters, name, ids, n))
+        eng.wait_loads()
+        stats.append(eng.step())
+        step += 1
+    for i, (_, name, ids, n) in enumerate(ARRIVALS):
+        res = handles[i].result()
+        assert res.token_ids == oracle(name, ids, n), f"request {i} ({name})"
+        assert res.completion_tokens == len(res.token_ids)
+    # Steps really mixed things: prefill chunks with decodes, several adapters in one forward,
+    # a 41-token prompt split over steps; every block came back.
+    assert any(s.prefill_tokens and s.decode_tokens for s in stats)
+    assert max(s.adapters for s in stats) >= 3
+    assert max(s.num_tokens for s in stats) <= 16
+    assert eng.kv_blocks_used() == 0 and eng.running == 0 and eng.queue_depth == 0
+
+
+def test_kv_exhaustion_preempts_and_every_request_finishes_right(make_engine, adapters, oracle):
+    per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 4, torch.float32)
+    eng = make_engine(kv_block_size=4, kv_cache_bytes=12 * per_block, max_batch_size=8)
+    assert eng.kv.num_blocks == 12
+    jobs = [("a", list(range(40, 48)), 14), ("b", list(range(50, 59)), 14),
+            ("c", list(range(60, 66)), 14), (None, list(range(70, 78)), 14)]  # fmt: skip
+    hs = [eng.submit(_req(adapters, n, ids, k, ignore_eos=True)) for n, ids, k in jobs]
+    eng.run_until_done(hs)
+    assert eng.preemptions > 0
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        res = h.result()
+        assert res.finish_reason == "length" and len(res.token_ids) == k
+        assert res.token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+    assert sum(h.result().preemptions for h in hs) == eng.preemptions
+    assert eng.kv_blocks_used() == 0
+
+
+def test_a_sequence_larger_than_the_kv_cache_ends_with_length(make_engine, adapters):
+    per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 4, torch.float32)
+    eng = make_engine(kv_block_size=4, kv_cache_bytes=6 * per_block)
+    with pytest.raises(InvalidArgument, match="KV cache"):
+        eng.submit(_req(adapters, None, list(range(1, 25)), 2))
+    h = eng.submit(_req(adapters, "a", list(range(1, 21)), 10, ignore_eos=True))
+    other = eng.submit(_req(adapters, None, [7, 8], 3, ignore_eos=True))
+    eng.run_until_done([h, other])
+    res = h.result()
+    assert res.finish_reason == "length" and 1 <= res.completion_tokens < 10
+    assert other.result().completion_tokens == 3
+    assert eng.kv_blocks_used() == 0
+
+
+def _tiny_cfg():
+    from transformers import LlamaConfig
+
+    from mintmesh.model import PRESETS
+
+    return LlamaConfig(**PRESETS["tiny"])
+
+
+def _ignore_eos_greedy(eng, name, ids, k, adapters):
+    """Greedy continuation of k tokens by full forwards (no KV cache, no EOS stop), the
+    sequential oracle for ignore_eos runs."""
+    seq = list(ids)
+    digest = adapters[name].digest if name else None
+    for _ in range(k):
+        logits = eng.forward([(digest, seq)])[0]
+        seq.append(int(torch.argmax(logits[-1])))
+    return seq[len(ids) :]
+
+
+def test_preempted_greedy_equals_peft(make_engine, adapters, oracle):
+    """Tight KV: sequences are preempted and recomputed, outputs still equal peft's."""
+    per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 2, torch.float32)
+    eng = make_engine(kv_block_size=2, kv_cache_bytes=14 * per_block, max_batch_size=4)
+    jobs = [("a", [72, 101, 108, 108, 111], 8), ("b", list(range(30, 37)), 8),
+            ("d", [5, 6, 7], 8)]  # fmt: skip
+    hs = [eng.submit(_req(adapters, n, ids, k)) for n, ids, k in jobs]
+    eng.run_until_done(hs)
+    assert eng.preemptions > 0
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        assert h.result().token_ids == oracle(name, ids, k), name
+
+
+def test_adapter_budget_bounds_distinct_adapters_per_step(make_engine, adapters, oracle):
+    eng = make_engine(max_step_adapters=2)
+    jobs = [("a", [1, 2, 3], 5), ("b", [4, 5], 5), ("c", [6], 5), (None, [7, 8], 5),
+            ("a", [9, 10], 4), ("d", [11], 3)]  # fmt: skip
+    hs = [eng.submit(_req(adapters, n, ids, k)) for n, ids, k in jobs]
+    eng.wait_loads()
+    most = 0
+    while not all(h.done for h in hs):
+        most = max(most, eng.step().adapters)
+    assert most == 2
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        assert h.result().token_ids == oracle(name, ids, k), name
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_batch_compositions(make_engine, adapters):
+    opts = dict(temperature=1.0, top_p=0.9, top_k=50, seed=1234, logprobs=True)
+
+    def alone(seed=1234):
+        eng = make_engine()
+        h = eng.submit(_req(adapters, "c", [72, 105], 12, **{**opts, "seed": seed}))
+        eng.run_until_done([h])
+        return h.result()
+
+    first = alone()
+    assert alone().token_ids == first.token_ids  # another run, another engine
+    assert alone(seed=99).token_ids != first.token_ids
+    # In a crowd: other adapters, greedy and sampled neighbours, joining at other steps.
+    eng = make_engine(max_step_tokens=32)
+    others = [eng.submit(_req(adapters, "a", list(range(20, 50)), 6, temperature=0.7))]
+    eng.wait_loads()
+    eng.step()
+    eng.step()
+    h = eng.submit(_req(adapters, "c", [72, 105], 12, **opts))
+    others.append(eng.submit(_req(adapters, None, [1, 2, 3], 20)))
+    eng.step()
+    others.append(eng.submit(_req(adapters, "b", [9], 5, temperature=1.3, seed=5)))
+    eng.run_until_done([h, *others])
+    res = h.result()
+    assert res.token_ids == first.token_ids
+    torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(first.logprobs))
+
+
+def test_stop_strings_and_stop_token_ids(make_engine, adapters):
+    eng = make_engine()
+    full = eng.submit(_req(adapters, "b", list(range(30, 41)), 12, ignore_eos=True))
+    eng.run_until_done([full])
+    toks = full.result().token_ids
+    k = next(i for i in range(1, len(toks)) if toks[i] not in toks[:i])
+    h = eng.submit(_req(adapters, "b", list(range(30, 41)), 12, stop_token_ids=(toks[k],)))
+    eng.run_until_done([h])
+    assert h.result().token_ids == toks[: k + 1] and h.result().finish_reason == "stop"
+
+
+# ---- cancellation, deadlines, queue bound -------------------------------------------------------
+
+
+def test_cancelling_frees_the_kv_blocks_at_the_next_step(make_engine, adapters):
+    eng = make_engine(kv_block_size=4)
+    keep = eng.submit(_req(adapters, "a", list(range(10, 30)), 50, ignore_eos=True))
+    gone = eng.submit(_req(adapters, "b", list(range(40, 70)), 50, ignore_eos=True))
+    eng.wait_loads()
+    for _ in range(4):
+        eng.step()
+    used = eng.kv_blocks_used()
+    assert used == eng.kv.blocks_for(20 + 3) + eng.kv.blocks_for(30 + 3)
+    gone.cancel()
+    st = eng.step()
+    assert st.num_seqs == 1
+    assert eng.kv_blocks_used() == eng.kv.blocks_for(20 + 4)
+    last = _drain(gone)[-1]
+    assert isinstance(last, GenerationOutput) and last.finish_reason == FINISH_CANCELLED
+    assert eng.rows_cancelled == 1
+    keep.cancel()
+    eng.step()
+    assert eng.kv_blocks_used() == 0 and eng.running == 0
+    # The adapters are no longer referenced: evictable.
+    assert eng.residency.refs(adapters["a"].digest) == 0
+
+
+def test_deadline_ends_waiting_and_running_requests(make_engine, adapters):
+    eng = make_engine(max_batch_size=1)
+    running = eng.submit(_req(adapters, None, [1, 2], 50, ignore_eos=True))
+    eng.step()
+    waiting = eng.submit(_req(adapters, None, [3, 4], 5))
+    waiting.request.deadline = 0.0  # already past
+    running.request.deadline = 0.0
+    eng.step()
+    for h in (running, waiting):
+        assert h.done and _drain(h)[-1].finish_reason == FINISH_CANCELLED
+    assert eng.queue_depth == 0 and eng.running == 0 and eng.kv_blocks_used() == 0
+
+
+def test_queue_overflow_is_resource_exhausted_with_retry_info(make_engine, adapters):
+    eng = make_engine(max_queue=3, max_queue_per_tenant=2)
+    eng.submit(_req(adapters, "a", [1], 2, tenant="alice"))
+    eng.submit(_req(adapters, "a", [2], 2, tenant="alice"))
+    with pytest.raises(ResourceExhausted, match="tenant 'alice'") as ei:
+        eng.submit(_req(adapters, "a", [3], 2, tenant="alice"))
+    assert ei.value.retry_after_s > 0
+    eng.submit(_req(adapters, None, [4], 2))
+    with pytest.raises(ResourceExhausted, match="queue") as ei:
+        eng.submit(_req(adapters, "b", [5], 2, tenant="bob"))
+    assert ei.value.retry_after_s > 0
+    assert eng.queue_depth == 3
+    eng.wait_loads()
+    eng.step()  # all three admitted: the queue has room again
+    assert eng.queue_depth == 0
+    eng.submit(_req(adapters, "b", [5], 2, tenant="bob"))
+
+
+def test_bad_requests_are_refused_at_submit(make_engine, adapters):
+    eng = make_engine()
+    with pytest.raises(InvalidArgument, match="max_tokens"):
+        eng.submit(_req(adapters, None, [1], 0))
+    with pytest.raises(InvalidArgument, match="9999"):
+        eng.submit(_req(adapters, None, [1, 9999], 2))
+    with pytest.raises(InvalidArgument, match="not-a-digest"):
+        eng.submit(GenerationRequest([1], adapter_digest="not-a-digest"))
+    assert eng.queue_depth == 0
+
+
+# ---- fairness -----------------------------------------------------------------------------------
+
+
+def test_flooding_tenant_does_not_starve_another_tenants_request(make_engine, adapters):
+    eng = make_engine(max_batch_size=2, max_queue=200)
+    flood = [
+        eng.submit(_req(adapters, "a", [i % 200, 7], 6, tenant="flood", ignore_eos=True))
+        for i in range(60)
+    ]
+    eng.wait_loads()
+    for _ in range(3):
+        eng.step()
+    solo = eng.submit(_req(adapters, "b", [42, 43], 3, tenant="solo", ignore_eos=True))
+    eng.wait_loads()
+    eng.run_until_done([solo])
+    res = solo.result()
+    # Waited at most for one running sequence to finish (6 tokens), not for 58 queued ones.
+    assert res.first_step - res.submit_step <= 6 + 2, res
+    assert sum(h.done for h in flood) < 10
+    # Base-model requests are a tenant of their own, too.
+    base = eng.submit(_req(adapters, None, [5, 6], 2, ignore_eos=True))
+    eng.run_until_done([base])
+    assert base.result().first_step - base.result().submit_step <= 6 + 2
+    for h in flood:
+        h.cancel()
+    eng.step()
+    assert eng.queue_depth == 0 and eng.kv_blocks_used() == 0
+
+
+def test_fair_queue_virtual_token_counters():
+    q = FairQueue()
+
+    def seq(i, tenant):
+        return Sequence(seq_id=i, tenant=tenant, digest=None, prompt_len=1, tokens=[1])
+
+    for i in range(5):
+        q.push(seq(i, "big"))
+    q.charge("big", prompt_tokens=100, output_tokens=50)
+    q.push(seq(10, "small"))  # lifted to big's counter: no banked credit, no starvation
+    assert q.counters["small"] == q.counters["big"]
+    first = q.peek()
+    q.remove(first)
+    q.charge(first.tenant, prompt_tokens=1)
+    assert q.peek().tenant != first.tenant
+    assert len(q) == 5
+
+
+# ---- adapters: revisions, residency, cold loads -------------------------------------------------
+
+
+def test_repushed_adapter_never_changes_a_running_request(make_engine, adapters, oracle):
+    """alice/chat@1 runs; alice/chat@2 (same name, new digest) arrives mid-stream. With one
+    device slot, @2 waits until @1's request ends: a referenced adapter is never evicted."""
+    eng = make_engine(max_adapters=1)
+    v1, v2 = adapters["a"].digest, adapters["a_v2"].digest
+    ids = [72, 101, 108, 108, 111]
+    r1 = eng.submit(_req(adapters, "a", ids, 12, tenant="alice", ignore_eos=True))
+    eng.wait_loads()
+    eng.step()
+    slot = eng.pool.slot(v1)
+    steps = 0
+    r2 = None
+    while not r1.done:
+        if steps == 3:
+            r2 = eng.submit(_req(adapters, "a_v2", ids, 12, tenant="alice"))
+        eng.step()
+        steps += 1
+        if not r1.done:
+            assert eng.pool.slot(v1) == slot and v2 not in eng.pool
+    eng.run_until_done([r2])
+    assert r1.result().token_ids == oracle("a", ids, 12)
+    assert r2.result().token_ids == oracle("a_v2", ids, 12)
+    assert r1.result().token_ids != r2.result().token_ids
+    assert eng.pool.resident() == [v2]
+
+
+def test_cold_adapter_does_not_delay_running_sequences(make_engine, adapters, oracle):
+    src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={adapters["c"].digest})
+    eng = make_engine(source=src)
+    warm = eng.submit(_req(adapters, "a", [72, 101], 30, ignore_eos=True))
+    eng.wait_loads()
+    eng.step()
+    assert eng.running == 1
+    cold = eng.submit(_req(adapters, "c", [50], 6))
+    for _ in range(6):  # the cold load is in flight; the running batch keeps going
+        before = len(_peek(warm))
+        st = eng.step()
+        assert st.sampled == 1 and len(_peek(warm)) == before + 1
+        assert eng.status().loading == 1 and not _peek(cold)
+    src.gate.set()
+    eng.wait_loads()
+    st = eng.step()  # the adapter landed: the request joins at this step
+    assert st.sampled == 2 and st.admitted == 1
+    assert cold.first_step == eng.step_no
+    eng.run_until_done([warm, cold])
+    assert cold.result().token_ids == oracle("c", [50], 6)
+    assert warm.result().first_step + 29 == warm.result().last_step  # a token every step
+
+
+def _peek(handle) -> list:
+    return list(handle._q.queue)
+
+
+LOAD_ERRORS = [
+    # (what the source holds for the digest, error class, text of the message)
+    ("missing", AdapterNotFound, UNKNOWN),
+    ("corrupt", DigestMismatch, "hash to"),
+    ("wrong_base", BaseModelMismatch, "base model"),
+]
+
+
+@pytest.mark.parametrize("kind,cls,needle", LOAD_ERRORS, ids=[c[0] for c in LOAD_ERRORS])
+def test_load_errors_reach_the_requests_stream(make_engine, adapters, kind, cls, needle):
+    data = {p.digest: p.data for p in adapters.values()}
+    digest = {"missing": UNKNOWN, "corrupt": adapters["b"].digest,
+              "wrong_base": adapters["wrong_base"].digest}[kind]  # fmt: skip
+    if kind == "corrupt":
+        data[digest] = data[digest][:-8] + b"\x00" * 8
+    eng = make_engine(source=PackedBytesSource(data))
+    ok = eng.submit(_req(adapters, None, [1, 2], 4, ignore_eos=True))
+    bad = eng.submit(GenerationRequest([1, 2], SamplingOptions(max_tokens=4), digest))
+    eng.run_until_done([ok, bad])
+    err = _drain(bad)[-1]
+    assert isinstance(err, cls) and needle in str(err)
+    assert ok.result().completion_tokens == 4
+    assert eng.queue_depth == 0
+
+
+def test_loader_keeps_the_requests_trace_context(make_engine, adapters):
+    src = GatedSource({p.digest: p.data for p in adapters.values()})
+    eng = make_engine(source=src)
+    span_ctx = trace.SpanContext(
+        trace_id=0xABC123, span_id=0x42, is_remote=False, trace_flags=trace.TraceFlags(1)
+    )
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(span_ctx)))
+    try:
+        h = eng.submit(_req(adapters, "d", [1], 2))
+    finally:
+        otel_context.detach(token)
+    eng.run_until_done([h])
+    assert src.trace_ids[adapters["d"].digest] == 0xABC123
+
+
+def test_host_tier_is_bounded_lru_of_idle():
+    def prep(name, n):
+        return PreparedAdapter(digest=name, header=None, modules={}, nbytes=n)
+
+    host = HostTier(max_bytes=100)
+    assert host.put(prep("x", 40)) and host.put(prep("y", 40))
+    host.get("x")  # y is now least recently used
+    host.hold("y")  # ...but busy: x goes instead
+    assert host.put(prep("z", 40))
+    assert host.digests() == ["y", "z"] and host.nbytes == 80
+    host.unhold("y")
+    assert host.put(prep("w", 40)) and host.digests() == ["z", "w"]
+    assert not host.put(prep("huge", 101))
+
+
+def test_device_pool_evicts_only_unreferenced_adapters(base_info, adapters):
+    shapes = base_info.linear_shapes
+    pool = AdapterPool(shapes, max_adapters=2, max_bytes=None)
+    src = PackedBytesSource({p.digest: p.data for p in adapters.values()})
+    res = AdapterResidency(
+        pool, src, layer_shapes=shapes, base_fingerprint=base_info.fingerprint, max_rank=64
+    )
+    a, b, c = adapters["a"].digest, adapters["b"].digest, adapters["c"].digest
+    res.ensure(a)
+    res.ensure(b)
+    with pytest.raises(ResourceExhausted, match="in use"):
+        res.ensure(c, timeout=0.05)
+    assert not res.evict(a)
+    res.release(b)
+    res.ensure(c)  # b was idle: evicted
+    assert set(pool.resident()) == {a, c}
+    assert b in res.host  # still on the host: a reload needs no fetch
+    fetches = res.fetches
+    res.release(c)
+    res.ensure(b)
+    assert res.fetches == fetches and set(pool.resident()) == {a, b}
+
+
+def test_device_pool_is_bounded_in_bytes(base_info, adapters):
+    """A pool with the bytes of one rank-16 adapter: many slots, yet a second adapter waits
+    until the first is no longer referenced, then replaces it."""
+    shapes = base_info.linear_shapes
+    probe = AdapterPool(shapes, max_adapters=1)
+    budget = probe.page_nbytes * probe.pages_for_rank(16)
+    pool = AdapterPool(shapes, max_adapters=8, max_bytes=budget)
+    src = PackedBytesSource({p.digest: p.data for p in adapters.values()})
+    res = AdapterResidency(
+        pool, src, layer_shapes=shapes, base_fingerprint=base_info.fingerprint, max_rank=64
+    )
+    b, c = adapters["b"].digest, adapters["c"].digest
+    res.ensure(c)
+    assert pool.capacity_bytes == budget and pool.nbytes() == budget
+    with pytest.raises(ResourceExhausted):
+        res.ensure(b, timeout=0.05)
+    res.release(c)
+    res.ensure(b)
+    assert pool.resident() == [b] and pool.nbytes() <= budget
+
+
+def test_block_allocator():
+    al = BlockAllocator(4)
+    x = al.alloc(3)
+    assert al.alloc(2) is None and al.num_free == 1
+    al.free(x)
+    assert al.num_free == 4
+    with pytest.raises(RuntimeError, match="twice"):
+        al.free([x[0]])
+
+
+def test_status_reports_the_engine(make_engine, adapters):
+    eng = make_engine(kv_block_size=4)
+    h = eng.submit(_req(adapters, "b", list(range(10, 19)), 20, ignore_eos=True))
+    eng.wait_loads()
+    eng.step()
+    eng.step()
+    st = eng.status()
+    assert (st.running, st.queue_depth) == (1, 0)
+    assert st.kv_blocks_used == eng.kv.blocks_for(11) and st.kv_blocks_total == eng.kv.num_blocks
+    assert st.resident_adapters == [adapters["b"].digest] == st.host_adapters
+    assert st.tokens_per_s > 0 and st.steps == 2 and st.tokens_generated == 2
+    h.cancel()
+    eng.step()
+
+
+@pytest.mark.parametrize("layout", ["runs", "scattered"])
+def test_paged_attention_matches_the_models_own(tiny_model_dir, layout):
+    """One packed forward: a fresh prefill, a decode token and a later prefill chunk, with
+    each sequence's blocks in one run (zero-copy views) or scattered (gathered)."""
+    from mintmesh.model import load_model
+    from mintmesh.services.executor.kv import AttentionPlan, SeqSpan, use_paged_attention
+
+    ref, _ = load_model(tiny_model_dir)
+    model, _ = load_model(tiny_model_dir)
+    use_paged_attention(model)
+    kv = PagedKVCache.for_model(
+        model.config, max_bytes=64 * PagedKVCache.block_nbytes(model.config, 4, torch.float32),
+        block_size=4, device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    seqs = [list(range(5, 16)), [7, 9, 11, 13, 15, 17], list(range(40, 50))]
+    if layout == "runs":
+        blocks = [list(range(0, 4)), list(range(8, 12)), list(range(20, 24))]
+    else:
+        blocks = [[30, 3, 17, 9], [50, 1, 2, 3], [44, 12, 60, 5]]
+    first = {0: 11, 1: 5, 2: 6}  # tokens of each sequence in the first forward
+
+    def run(spans_tokens):
+        ids, pos, spans = [], [], []
+        for i, (c, n) in spans_tokens.items():
+            spans.append(SeqSpan(len(ids), n, c + n, blocks[i]))
+            ids += seqs[i][c : c + n]
+            pos += range(c, c + n)
+        plan = AttentionPlan(spans, kv)
+        with torch.inference_mode():
+            return model(
+                input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
+                use_cache=False, mint_plan=plan,
+            ).logits[0]  # fmt: skip
+
+    run({i: (0, n) for i, n in first.items()})
+    # Step 2: seq 0 has no more tokens; seq 1 decodes its 6th token; seq 2 prefills 4 more.
+    got = run({1: (5, 1), 2: (6, 4)})
+    with torch.inference_mode():
+        want1 = ref(input_ids=torch.tensor([seqs[1]])).logits[0, -1]
+        want2 = ref(input_ids=torch.tensor([seqs[2]])).logits[0, 6:]
+    torch.testing.assert_close(got[0], want1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1:], want2, rtol=1e-4, atol=1e-5)
+    plan = AttentionPlan([SeqSpan(0, 1, 6, blocks[1]), SeqSpan(1, 4, 10, blocks[2])], kv)
+    assert (len(plan.runs) == 2) == (layout == "runs")
+
+
+def test_block_allocator_keeps_a_sequence_contiguous():
+    al = BlockAllocator(32)
+    a = al.alloc(2, key="a", expect=8)
+    b = al.alloc(2, key="b", expect=8)
+    assert a == [0, 1] and b == [8, 9]  # b starts after a's claim
+    a += al.alloc(1, after=a[-1])
+    assert a == [0, 1, 2]
+    al.free(a, key="a")
+    c = al.alloc(3, key="c", expect=3)
+    assert c == [0, 1, 2]
+    # Nothing unclaimed left of that size: claimed blocks are taken, then scattered ones.
+    rest = al.alloc(al.num_free)
+    assert len(rest) == 32 - 5 and al.num_free == 0 and al.alloc(1) is None
