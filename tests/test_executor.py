@@ -446,6 +446,8 @@ def test_sidecar_source_reads_the_node_cache(tmp_path, adapters):
         with pytest.raises(AdapterNotFound, match=UNKNOWN):
             src.fetch(UNKNOWN)
         assert fake.calls == [a.digest, UNKNOWN]
+        # Status's node-cache tier: the fake has no Stats, so the LMDB keys are listed.
+        assert src.node_cache_digests() == [a.digest]
     finally:
         src.close()
         server.stop(grace=0.5)

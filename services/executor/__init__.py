@@ -1,10 +1,15 @@
-"""The executor: the resident backbone serving batches that mix LoRA adapters
+"""The executor: the resident backbone serving continuous batches that mix LoRA adapters
 (installed as mintmesh.services.executor).
 
 - config.py: ExecutorConfig, the one frozen configuration;
 - lora.py: the multi-LoRA layer wrapped around each targeted Linear;
-- sources.py: where adapter bytes come from (the node cache sidecar) and device residency;
-- engine.py: the core (plain Python/torch): batched forward, static-batch generation, sampling;
+- kv.py: the paged KV cache (fixed-size blocks, block tables) and the paged attention function
+  registered in transformers' AttentionInterface;
+- scheduler.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- sampling.py: per-request sampling options, token choice, incremental text with stop strings;
+- sources.py: where adapter bytes come from (the node cache sidecar);
+- residency.py: the host tier, the device pool with references, the background adapter loader;
+- engine.py: the core (plain Python/torch): the step loop (continuous batching), Forward;
 - servicer.py / server.py: the mintmesh.v1.Executor gRPC service over the engine.
 """
 
