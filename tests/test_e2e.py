@@ -214,6 +214,51 @@ def test_cli_generate_json_and_adapter_commands(cluster, pushed):
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
 
 
+def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
+    """Read each tier back: executor device pool and host tier, node cache (sidecar Stats and the
+    LMDB file itself), store catalog and blob directory."""
+    from mintmesh.cache.reader import NodeCacheReader
+    from mintmesh.v1 import cache_pb2, cache_pb2_grpc, executor_pb2, executor_pb2_grpc
+
+    rev = client.push_adapter(make_peft_adapter(tiny_model_dir, tmp_path / "gone", rank=2,
+                                                seed=77), "erin/gone")
+    d = rev.digest
+    res = client.generate("bye", adapter="erin/gone", sampling=sampling_params(max_tokens=2))
+    i = int(res.executor.rsplit("-", 1)[1])
+    ex_ch = grpc.insecure_channel(cluster.executor_addresses[i])
+    cache_ch = grpc.insecure_channel(cluster.cache_addresses[i])
+    ex = executor_pb2_grpc.ExecutorStub(ex_ch)
+    cache = cache_pb2_grpc.AdapterCacheStub(cache_ch)
+    req = executor_pb2.ExecutorStatusRequest(include_node_cache=True)
+
+    def tiers():
+        st = ex.Status(req, timeout=10)
+        stats = cache.Stats(cache_pb2.CacheStatsRequest(), timeout=10)
+        return {
+            "device": d in st.resident_adapters,
+            "host": d in st.host_adapters,
+            "node_cache": d in st.node_cache_adapters or d in stats.digests,
+        }
+
+    assert tiers() == {"device": True, "host": True, "node_cache": True}
+    blobs = [p for p in (cluster.config.data_dir / "store").rglob(d) if p.is_file()]
+    assert blobs, "the blob should be in the store's directory"
+    deleted = client.delete("erin/gone")
+    assert [r.digest for r in deleted] == [d]
+    assert tiers() == {"device": False, "host": False, "node_cache": False}
+    reader = NodeCacheReader(cluster.config.data_dir / f"node-{i}")
+    assert reader.read(d) is None, "the bytes are still in the node's LMDB file"
+    assert not any(p.exists() for p in blobs), "the blob is still in the store"
+    for call in (lambda: client.fetch(digest=d), lambda: client.resolve("erin/gone"),
+                 lambda: client.generate("bye", adapter="erin/gone",
+                                         sampling=sampling_params(max_tokens=2))):
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    ex_ch.close()
+    cache_ch.close()
+
+
 def test_router_fails_over_when_an_executor_dies(cluster, client, pushed, oracle):
     """Last: kills one executor. Every request still succeeds, on the survivor."""
     victim = cluster.children["executor-0"]

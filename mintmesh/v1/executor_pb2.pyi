@@ -17,6 +17,20 @@ FORWARD_OUTPUT_UNSPECIFIED: ForwardOutput
 FORWARD_OUTPUT_LOGITS: ForwardOutput
 FORWARD_OUTPUT_LOGPROBS: ForwardOutput
 
+class PurgeAdaptersRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PurgeAdaptersResponse(_message.Message):
+    __slots__ = ("purged", "busy")
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    purged: _containers.RepeatedScalarFieldContainer[str]
+    busy: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, purged: _Optional[_Iterable[str]] = ..., busy: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ExecutorGenerateRequest(_message.Message):
     __slots__ = ("adapter", "prompt", "prompt_token_ids", "sampling", "request_id")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class ExecutorStub:
                 request_serializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusResponse.FromString,
                 _registered_method=True)
+        self.PurgeAdapters = channel.unary_unary(
+                '/mintmesh.v1.Executor/PurgeAdapters',
+                request_serializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -75,6 +80,14 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeAdapters(self, request, context):
+        """Remove deleted adapters from every tier of this node (device pool, host tier, node cache),
+        after the requests running on them finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusResponse.SerializeToString,
+            ),
+            'PurgeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeAdapters,
+                    request_deserializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class Executor:
             '/mintmesh.v1.Executor/Status',
             mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusRequest.SerializeToString,
             mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Executor/PurgeAdapters',
+            mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.SerializeToString,
+            mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

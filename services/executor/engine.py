@@ -613,6 +613,28 @@ class Engine:
             start += len(ids)
         return out
 
+    def purge(
+        self, digests: Sequence[str], timeout: float = 30.0
+    ) -> tuple[list[str], list[str]]:
+        """Deleted adapters: once no running request uses one, drop it from the device pool, the
+        host tier and the node cache. Requests still waiting for it fail NOT_FOUND when their
+        load reaches the (deleted) store. Returns (purged, still busy)."""
+        from mintmesh.identity import check_digest
+
+        purged, busy = [], []
+        for d in digests:
+            check_digest(d)
+            present, still = self.residency.purge(d, timeout)
+            if still:
+                busy.append(d)
+                continue
+            evict = getattr(self.residency.source, "evict", None)
+            in_cache = bool(evict(d)) if callable(evict) else False
+            if present or in_cache:
+                purged.append(d)
+        logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
+        return purged, busy
+
     def close(self, timeout: float = 30.0) -> None:
         """Drain: stop accepting, let queued and running requests finish (up to timeout), then
         stop the step loop and the loader."""

@@ -114,6 +114,15 @@ class HostTier:
             self.nbytes += prepared.nbytes
             return True
 
+    def discard(self, digest: str) -> bool:
+        """Drop digest from the host tier (a deleted adapter); False when it was not there."""
+        with self._lock:
+            p = self._items.pop(digest, None)
+            if p is None:
+                return False
+            self.nbytes -= p.nbytes
+            return True
+
     def hold(self, digest: str) -> None:
         with self._lock:
             self._busy[digest] = self._busy.get(digest, 0) + 1
@@ -326,6 +335,19 @@ class AdapterResidency:
             if self._refs.get(digest):
                 return False
             return self._evict(digest)
+
+    def purge(self, digest: str, timeout: float = 30.0) -> tuple[bool, bool]:
+        """A deleted adapter: wait (up to timeout) until no running request references it, then
+        drop it from the device pool and the host tier. Returns (was present, still busy)."""
+        end = time.monotonic() + timeout
+        with self._cv:
+            while self._refs.get(digest) and time.monotonic() < end:
+                self._cv.wait(min(0.2, max(0.0, end - time.monotonic())))
+            if self._refs.get(digest):
+                return True, True
+            on_device = self._evict(digest)
+        on_host = self.host.discard(digest)
+        return on_device or on_host, False
 
     def _evict(self, digest: str) -> bool:
         self._lru.pop(digest, None)

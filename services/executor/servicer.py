@@ -187,6 +187,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         )
 
 
+    def PurgeAdapters(self, request, context) -> executor_pb2.PurgeAdaptersResponse:
+        left = context.time_remaining()
+        purged, busy = self.engine.purge(
+            list(request.digests), timeout=30.0 if left is None else max(0.0, left - 1.0)
+        )
+        return executor_pb2.PurgeAdaptersResponse(purged=purged, busy=busy)
+
+
 def add_to_server(engine: Engine, server: grpc.Server) -> list[str]:
     executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(engine), server)
     return [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name]

@@ -136,6 +136,19 @@ class SidecarSource:
         self._listed = (now, digests)
         return digests
 
+    def evict(self, digest: str, timeout: float = 10.0) -> bool:
+        """Remove digest from the node cache (unpinning it first): a deleted adapter."""
+        from mintmesh.services.common.errors import reraise_downstream
+        from mintmesh.v1 import cache_pb2
+
+        try:
+            self._stub.Unpin(cache_pb2.UnpinRequest(digest=digest), timeout=timeout)
+            resp = self._stub.Evict(cache_pb2.EvictRequest(digest=digest), timeout=timeout)
+        except grpc.RpcError as e:
+            raise reraise_downstream(e, f"Evict({digest[:12]}…) on {self.cache_address}") from e
+        self._listed = None
+        return bool(resp.evicted)
+
     def close(self) -> None:
         self._channel.close()
 

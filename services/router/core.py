@@ -126,17 +126,16 @@ class RouterCore:
     def after_delete(self, response: bytes) -> None:
         """Purge deleted revisions from every executor (device pool and node cache)."""
         resp = store_pb2.DeleteAdapterResponse.FromString(response)
-        digests = sorted({r.digest for r in resp.deleted if r.digest})
+        # Only digests no live revision still shares: the store freed their bytes.
+        digests = sorted(set(resp.deleted_digests))
         if digests:
             self.purge(digests)
 
     def purge(self, digests: list[str]) -> None:
-        if not hasattr(executor_pb2, "PurgeAdaptersRequest"):
-            return
         for address, st in self.executors.executors.items():
             try:
                 st.stub.PurgeAdapters(
-                    executor_pb2.PurgeAdaptersRequest(digests=digests), timeout=30.0
+                    executor_pb2.PurgeAdaptersRequest(digests=digests), timeout=35.0
                 )
             except grpc.RpcError as err:
                 logger.warning("purging %d digests on %s failed: %s", len(digests), address,
