@@ -661,3 +661,26 @@ def test_block_allocator_keeps_a_sequence_contiguous():
     # Nothing unclaimed left of that size: claimed blocks are taken, then scattered ones.
     rest = al.alloc(al.num_free)
     assert len(rest) == 32 - 5 and al.num_free == 0 and al.alloc(1) is None
+
+
+def test_purge_waits_for_the_running_request_then_drops_every_copy(make_engine, adapters):
+    """A deleted adapter: the request running on it finishes untouched; only then is the
+    adapter gone from the device pool and the host tier."""
+    eng = make_engine()
+    d = adapters["b"].digest
+    h = eng.submit(_req(adapters, "b", [5, 6, 7], 12, ignore_eos=True))
+    eng.wait_loads()
+    eng.step()
+    eng.step()
+    assert d in eng.residency.resident() and eng.residency.refs(d) > 0
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(r=eng.purge([d], timeout=30)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive(), "purge must wait while a running request uses the adapter"
+    eng.run_until_done([h])
+    t.join(10)
+    assert done["r"] == ([d], [])
+    assert len(h.result().token_ids) == 12
+    assert d not in eng.residency.resident()
+    assert d not in eng.residency.host
