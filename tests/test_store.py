@@ -511,7 +511,9 @@ def test_client_cancel_mid_push_leaves_nothing(stub, core, adapters):
     deadline = time.monotonic() + 10
     while core.stats().push_failures == before[2] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert core.stats().push_failures == before[2] + 1
+    # On a loaded machine the cancel can reach the server before its handler ever ran, so the
+    # failure count may not move; what must hold either way is that nothing became visible.
+    assert core.stats().push_failures in (before[2], before[2] + 1)
     assert (list_all(stub), sorted(core.blobs.digests())) == before[:2]
     assert not list(core.blobs.tmp_dir.iterdir())
 
