@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mintmesh.bench.kernels import _ensure_model
+    from mintmesh.bench.common import ensure_model
     from mintmesh.client import MintClient
     from mintmesh.cluster import Child
     from mintmesh.kernels import AdapterPool
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from mintmesh.synth import synth_peft_bytes, write_synth_adapter
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model_dir = _ensure_model(args.preset, args.model_dir)
+    model_dir = ensure_model(args.preset, args.model_dir)
     base = base_model_info(model_dir)
     shapes = {n: s for n, s in base.linear_shapes.items() if n.rsplit(".", 1)[-1] in TARGETS}
     n = args.trials

@@ -25,7 +25,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from mintmesh.bench.common import ensure_model
 
 logger = logging.getLogger(__name__)
 
@@ -229,22 +230,6 @@ def _loadavg() -> float | None:
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def _ensure_model(preset: str, model_dir: Path | None) -> Path:
-    from mintmesh.model import init_model
-
-    d = model_dir or Path.home() / ".cache" / "mintmesh" / preset
-    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
-        return d
-    _progress(f"building the {preset} backbone in {d} (once)")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=d.parent))
-    init_model(preset, tmp)
-    for f in tmp.iterdir():
-        f.replace(d / f.name)
-    tmp.rmdir()
-    return d
 
 
 # ---- scenarios -----------------------------------------------------------------------------
@@ -543,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = _loadavg()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t0 = time.perf_counter()
-    model_dir = _ensure_model(args.preset, args.model_dir)
+    model_dir = ensure_model(args.preset, args.model_dir)
     from mintmesh.model import base_model_info
 
     info = base_model_info(model_dir)

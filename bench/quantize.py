@@ -109,14 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mintmesh import packed, peft_io
-    from mintmesh.model import base_model_info, init_model, load_model
+    from mintmesh.bench.common import ensure_model
+    from mintmesh.model import base_model_info, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model_dir or Path.home() / ".cache" / "mintmesh" / args.preset
-    if not (model_dir / "config.json").is_file():
-        sys.stderr.write(f"building the {args.preset} backbone in {model_dir} (once)\n")
-        init_model(args.preset, model_dir)
+    model_dir = ensure_model(args.preset, args.model_dir)
     base = base_model_info(model_dir)
     cfg, weights = make_adapter(base, args.rank, args.b_std, args.seed)
     packs = {

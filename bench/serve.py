@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mintmesh.bench.common import ensure_model
+
 logger = logging.getLogger(__name__)
 
 RANK = 16
@@ -47,23 +49,6 @@ TARGETS = {"tps_1000_vs_1": (">=", 0.8), "vs_peft_serial": (">=", 10.0)}
 
 def _progress(msg: str) -> None:
     print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
-
-
-def ensure_model(preset: str, model_dir: Path | None) -> Path:
-    """The preset backbone in model_dir (default ~/.cache/mintmesh/PRESET), built once."""
-    from mintmesh.model import init_model
-
-    d = model_dir or Path.home() / ".cache" / "mintmesh" / preset
-    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
-        return d
-    _progress(f"building the {preset} backbone in {d} (once)")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=d.parent))
-    init_model(preset, tmp)
-    for f in tmp.iterdir():
-        f.replace(d / f.name)
-    tmp.rmdir()
-    return d
 
 
 @dataclass

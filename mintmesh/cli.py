@@ -706,7 +706,7 @@ def bench(ctx: typer.Context, name: str = typer.Argument(..., help="e.g. kernels
         import mintmesh.bench as b
 
         names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(b.__path__)
-                       if m.name != "gpu_check")
+                       if m.name not in ("gpu_check", "common"))
         _fail(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}")
     raise typer.Exit(mod.main(list(ctx.args)) or 0)
 

@@ -309,7 +309,6 @@ def unpack(
     if header.quantized:
         return header, _unpack_int8(buf, header, dequantize_to)
     dtype = DTYPES[header.dtype]
-    esize = torch.empty((), dtype=dtype).element_size()
     mv = memoryview(buf)
     if copy or mv.readonly:
         # torch.frombuffer needs a writable buffer; a read-only one (an LMDB page, bytes) is
@@ -324,7 +323,6 @@ def unpack(
             mv, dtype=dtype, count=m.out_features * m.rank, offset=header.data_offset + m.b_offset
         ).view(m.out_features, m.rank)
         out[m.name] = ModuleWeights(A=a, B=b, alpha=m.alpha, scale=m.scale)
-    del esize
     return header, out
 
 

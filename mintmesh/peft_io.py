@@ -19,6 +19,7 @@ from mintmesh.model import BaseModelInfo
 from mintmesh.packed import (
     DTYPE_NAMES,
     ModuleWeights,
+    digest,
     lora_scale,
     pack,
     storage_format,
@@ -208,8 +209,6 @@ def validate_and_pack(
         data = pack(
             modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, storage=storage
         )
-    from mintmesh.packed import digest
-
     return PackedAdapter(
         data=data,
         digest=digest(data),

@@ -127,15 +127,21 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return inner
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
-        return handler
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped, for a server interceptor: wrap_unary(fn) for
+    RPCs with one response, wrap_stream(fn) (a generator) for server-streaming ones."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.stream_stream:
+        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+    return handler
 
 
 def reraise_downstream(err: grpc.RpcError, what: str) -> E.MintError:

@@ -33,7 +33,7 @@ import grpc
 
 from mintmesh.errors import MintError, TenantDenied, Unauthenticated
 from mintmesh.identity import check_part
-from mintmesh.services.common.errors import to_rpc_status
+from mintmesh.services.common.errors import to_rpc_status, wrap_handler
 from mintmesh.services.store.catalog import Catalog, KeyRecord
 
 logger = logging.getLogger(__name__)
@@ -232,12 +232,4 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
             return inner
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
-        return handler
+        return wrap_handler(handler, wrap_unary, wrap_stream)

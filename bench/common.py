@@ -1,0 +1,29 @@
+"""What the benchmarks share: progress on stderr, and the preset backbone built once."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_model(preset: str, model_dir: Path | None) -> Path:
+    """The preset backbone in model_dir (default ~/.cache/mintmesh/PRESET), built once and
+    moved into place whole, so an interrupted build is never mistaken for a model."""
+    from mintmesh.model import init_model
+
+    d = model_dir or Path.home() / ".cache" / "mintmesh" / preset
+    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+        return d
+    progress(f"building the {preset} backbone in {d} (once)")
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=d.parent))
+    init_model(preset, tmp)
+    for f in tmp.iterdir():
+        f.replace(d / f.name)
+    tmp.rmdir()
+    return d
