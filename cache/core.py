@@ -197,6 +197,12 @@ class CacheCore:
             with self._prefetch_lock:
                 self._prefetching.discard(digest)
 
+    def record_hits(self, digests: Iterable[str]) -> int:
+        """Count hits the executor served straight from the node cache file (see RecordHits);
+        returns how many digests were still cached. Malformed digests: InvalidArgument."""
+        wanted = [check_digest(d) for d in digests]
+        return sum(self.node.touch(d, miss=False) is not None for d in wanted)
+
     def prefetch_pending(self) -> int:
         """Digests queued or being fetched in the background."""
         with self._prefetch_lock:

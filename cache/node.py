@@ -480,12 +480,14 @@ class NodeCache:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def touch(self, digest: str) -> int | None:
+    def touch(self, digest: str, *, miss: bool = True) -> int | None:
         """The size of digest if present (a hit, refreshing its recency), else None (a miss,
-        which the policy's frequency sketch records)."""
+        which the policy's frequency sketch records; with miss=False nothing is recorded)."""
         with self._state_lock:
             e = self._index.get(digest)
             if e is None:
+                if not miss:
+                    return None
                 self._misses += 1
                 self._policy.record_access(digest)
                 return None

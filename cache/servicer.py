@@ -39,6 +39,9 @@ class AdapterCacheServicer(cache_pb2_grpc.AdapterCacheServicer):
     def Unpin(self, request, context):
         return cache_pb2.UnpinResponse(was_pinned=self.core.unpin(request.digest))
 
+    def RecordHits(self, request, context):
+        return cache_pb2.RecordHitsResponse(recorded=self.core.record_hits(request.digests))
+
     def Stats(self, request, context):
         s = self.core.node.stats()
         return cache_pb2.CacheStatsResponse(

@@ -207,6 +207,9 @@ class AdapterPool:
             self.b_pages.append(
                 torch.zeros(self.num_pages, self.page_rows, out_f, dtype=dtype, device=dev)
             )
+        # [P * PR, in] / [P * PR, out] row views of each layer's pages (loads slice them).
+        self._a_flat = [t.view(-1, t.shape[2]) for t in self.a_pages]
+        self._b_flat = [t.view(-1, t.shape[2]) for t in self.b_pages]
         n_l = len(self.layer_names)
         self.page_table = torch.zeros(
             self.max_adapters, self.max_pages_per_adapter, dtype=torch.int32, device=dev
@@ -412,38 +415,47 @@ class AdapterPool:
     ) -> _Resident:
         n, pr, dev = len(pages), self.page_rows, self.device
         contiguous = pages == list(range(pages[0], pages[0] + n))
-        page_idx = torch.tensor(pages, dtype=torch.long, device=dev)
+        page_idx = None if contiguous else torch.tensor(pages, dtype=torch.long, device=dev)
         ranks, scales, views = [], [], []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for li, name in enumerate(self.layer_names):
             out_f, in_f = self.layer_shapes[name]
             mw = modules.get(name)
-            # Every reserved row is written (weights or zeros): no stale rows from an evicted
-            # adapter survive in these pages, and whole-page reads are exact.
-            a_buf = torch.zeros(n * pr, in_f, dtype=self.dtype, device=dev)
-            b_buf = torch.zeros(n * pr, out_f, dtype=self.dtype, device=dev)
             r = 0
             scale = 0.0
             if mw is not None:
                 r = mw.rank
                 scale = float(mw.scale)
-                a_buf[:r].copy_(mw.A.detach())
-                b_buf[:r].copy_(mw.B.detach().t())
+            # Every reserved row is written (weights or zeros): no stale rows from an evicted
+            # adapter survive in these pages, and whole-page reads are exact.
             if contiguous:
-                p0 = pages[0]
-                self.a_pages[li][p0 : p0 + n].copy_(a_buf.view(n, pr, in_f))
-                self.b_pages[li][p0 : p0 + n].copy_(b_buf.view(n, pr, out_f))
+                # Straight into the pages (zeros only past the rank); the copies of all layers
+                # go in one _foreach_copy_ below: per-call overhead dominates these 64 KiB
+                # copies on the CPU.
+                row0 = pages[0] * pr
+                a_rows = self._a_flat[li][row0 : row0 + n * pr]
+                b_rows = self._b_flat[li][row0 : row0 + n * pr]
+                if r:
+                    dst += (a_rows[:r], b_rows[:r])
+                    src += (mw.A.detach(), mw.B.detach().t())
+                if r < n * pr:
+                    a_rows[r:].zero_()
+                    b_rows[r:].zero_()
+                views.append((a_rows[:r], b_rows[:r], scale) if r else None)
             else:
+                a_buf = torch.zeros(n * pr, in_f, dtype=self.dtype, device=dev)
+                b_buf = torch.zeros(n * pr, out_f, dtype=self.dtype, device=dev)
+                if r:
+                    a_buf[:r].copy_(mw.A.detach())
+                    b_buf[:r].copy_(mw.B.detach().t())
                 self.a_pages[li].index_copy_(0, page_idx, a_buf.view(n, pr, in_f))
                 self.b_pages[li].index_copy_(0, page_idx, b_buf.view(n, pr, out_f))
+                views.append(None)
             ranks.append(r)
             scales.append(scale)
-            if contiguous and r > 0:
-                row0 = pages[0] * pr
-                A = self.a_pages[li].view(-1, in_f)[row0 : row0 + r]
-                Bt = self.b_pages[li].view(-1, out_f)[row0 : row0 + r]
-                views.append((A, Bt, scale))
-            else:
-                views.append(None)
+        if dst:
+            torch._foreach_copy_(dst, src)
         row = torch.zeros(self.max_pages_per_adapter, dtype=torch.int32)
         row[:n] = torch.tensor(pages, dtype=torch.int32)
         self.page_table[slot].copy_(row)

@@ -312,6 +312,30 @@ def adapter_show(ref: str, router: str = RouterOpt):
     out.print_json(json.dumps(_revision_dict(rev)))
 
 
+@adapter_app.command("prefetch")
+@_rpc_guard
+def adapter_prefetch(
+    refs: list[str],
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Warm adapters before their requests: each executor that would serve one starts loading
+    it (node cache -> host -> device) in the background."""
+    with _client(router) as cl:
+        placements = cl.prefetch(*refs)
+    rows = [
+        {"adapter": p.adapter, "digest": p.digest, "executor": p.executor,
+         "resident": p.resident, "dropped": p.dropped}
+        for p in placements
+    ]  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        state = "resident" if r["resident"] else "dropped" if r["dropped"] else "loading"
+        out.print(f"{r['adapter']} {r['digest'][:12]} -> {r['executor']}: {state}")
+
+
 @adapter_app.command("rm")
 @_rpc_guard
 def adapter_rm(ref: str, router: str = RouterOpt):

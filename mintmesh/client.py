@@ -506,3 +506,10 @@ class MintClient:
 
     def status(self) -> router_pb2.RouterStatusResponse:
         return self._unary(self.router.Status, router_pb2.RouterStatusRequest())
+
+    def prefetch(self, *adapters: str) -> list[router_pb2.PrefetchPlacement]:
+        """Warm adapters before their requests (a hint: returns once it is sent)."""
+        resp = self._unary(
+            self.router.Prefetch, router_pb2.RouterPrefetchRequest(adapters=list(adapters))
+        )
+        return list(resp.placements)

@@ -240,8 +240,13 @@ def export_peft_dir(packed: bytes, out_dir: Path | str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, mw in modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = mw.A.clone()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = mw.B.clone()
+        # contiguous_format: a format-2 pack's B is a transposed view (safetensors wants rows).
+        tensors[f"base_model.model.{name}.lora_A.weight"] = mw.A.clone(
+            memory_format=torch.contiguous_format
+        )
+        tensors[f"base_model.model.{name}.lora_B.weight"] = mw.B.clone(
+            memory_format=torch.contiguous_format
+        )
     ranks = {n: mw.rank for n, mw in modules.items()}
     alphas = {n: mw.alpha for n, mw in modules.items()}
     r = max(ranks.values())

@@ -524,7 +524,14 @@ def test_concurrent_rpcs_keep_the_budget_the_pins_and_the_file(store, tmp_path):
                         else:
                             stub.Unpin(cache_pb2.UnpinRequest(digest=d), timeout=TIMEOUT)
                     except grpc.RpcError as e:
-                        if e.code() not in allowed:
+                        # Under this much churn a pin's fetch can lose its entry to eviction
+                        # three times in a row: UNAVAILABLE (retryable), by design.
+                        thrashed = (
+                            op == "pin"
+                            and e.code() == grpc.StatusCode.UNAVAILABLE
+                            and "evicted three times" in (e.details() or "")
+                        )
+                        if e.code() not in allowed and not thrashed:
                             failures.append(f"{op} {d}: {e.code()} {e.details()}")
                     if core.node.stats().bytes > cap:
                         failures.append(f"over budget after {op}")
@@ -734,3 +741,44 @@ def test_sidecar_killed_loses_nothing_committed(store, store_stub, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.e2e
+def test_executor_reads_hits_from_the_file_and_reports_them(store, store_stub, tmp_path):
+    """The executor's SidecarSource: a miss goes through EnsureAdapter (the sidecar fetches and
+    commits), a hit is read straight from the node cache file with no RPC; the hits are then
+    reported in a batch (RecordHits), so the sidecar's Stats and eviction policy see them."""
+    from mintmesh.services.executor.sources import SidecarSource
+
+    rev = store[2]["a1"]
+    cache_dir, log = tmp_path / "node", tmp_path / "cache.log"
+    proc, addr = _start_sidecar(cache_dir, store[0].address, log)
+    # A long report interval: the test flushes by hand.
+    src = SidecarSource(addr, cache_dir, timeout_s=TIMEOUT, hit_report_interval_s=3600)
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            stub = cache_pb2_grpc.AdapterCacheStub(ch)
+            want = _fetch(store_stub, rev.digest)
+            assert bytes(src.fetch(rev.digest)) == want
+            s0 = stats(stub)
+            assert (s0.misses, s0.hits, s0.entries) == (1, 0, 1)
+            for _ in range(3):
+                assert bytes(src.fetch(rev.digest)) == want
+            assert (src.reads_ensured, src.reads_hit) == (1, 3)
+            assert stats(stub).hits == 0  # not reported yet
+            assert src.flush_hits() == 3
+            s1 = stats(stub)
+            assert (s1.hits, s1.misses) == (3, 1)
+            # Digests no longer (or never) cached are not counted; malformed ones are refused.
+            resp = stub.RecordHits(
+                cache_pb2.RecordHitsRequest(digests=["0" * 64, rev.digest]), timeout=TIMEOUT
+            )
+            assert resp.recorded == 1 and stats(stub).misses == 1
+            err = _rpc_error(
+                stub.RecordHits, cache_pb2.RecordHitsRequest(digests=["nope"]), timeout=TIMEOUT
+            )
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in err.details()
+    finally:
+        src.close()
+        proc.terminate()
+        proc.wait(20)

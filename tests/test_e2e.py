@@ -259,6 +259,39 @@ def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     cache_ch.close()
 
 
+def test_router_prefetch_warms_the_executor_generate_goes_to(cluster, client, tiny_model_dir,
+                                                             tmp_path):
+    """Prefetch through the router: the hint goes to the executor the rendezvous order picks,
+    which loads the adapter store -> node cache -> host -> device before any request; the
+    Generate that follows lands on that executor and finds it resident."""
+    from mintmesh.v1 import executor_pb2, executor_pb2_grpc
+
+    rev = client.push_adapter(make_peft_adapter(tiny_model_dir, tmp_path / "warm", rank=4,
+                                                seed=91), "frank/warm")
+    [p] = client.prefetch("frank/warm", "frank/warm")  # duplicates count once
+    assert (p.adapter, p.digest, p.resident, p.dropped) == ("frank/warm", rev.digest, False,
+                                                            False)
+    i = cluster.executor_addresses.index(p.executor)
+    with grpc.insecure_channel(p.executor) as ch:
+        ex = executor_pb2_grpc.ExecutorStub(ch)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            st = ex.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
+            if rev.digest in st.resident_adapters:
+                break
+            time.sleep(0.05)
+        assert rev.digest in st.resident_adapters and rev.digest in st.host_adapters
+    assert client.prefetch("frank/warm")[0].resident
+    res = client.generate("hi", adapter="frank/warm", sampling=sampling_params(max_tokens=2))
+    assert res.executor == f"executor-{i}" and res.digest == rev.digest
+    for refs, code in (([], grpc.StatusCode.INVALID_ARGUMENT),
+                       (["frank/never-pushed"], grpc.StatusCode.NOT_FOUND),
+                       (["not a ref"], grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as ei:
+            client.prefetch(*refs)
+        assert ei.value.code() == code, (refs, ei.value.details())
+
+
 def test_router_fails_over_when_an_executor_dies(cluster, client, pushed, oracle):
     """Last: kills one executor. Every request still succeeds, on the survivor."""
     victim = cluster.children["executor-0"]

@@ -100,11 +100,11 @@ class GatedSource(PackedBytesSource):
         self.gate = threading.Event()
         self.trace_ids: dict[str, int] = {}
 
-    def fetch(self, digest, timeout=None):
+    def fetch(self, digest, timeout=None, into=None):
         self.trace_ids[digest] = trace.get_current_span().get_span_context().trace_id
         if digest in self.gated:
             assert self.gate.wait(30), "gate never opened"
-        return super().fetch(digest, timeout)
+        return super().fetch(digest, timeout, into)
 
 
 @pytest.fixture()
@@ -474,6 +474,53 @@ def test_cold_adapter_does_not_delay_running_sequences(make_engine, adapters, or
     assert warm.result().first_step + 29 == warm.result().last_step  # a token every step
 
 
+def test_prefetch_hints_load_in_the_background_and_never_evict_adapters_in_use(make_engine,
+                                                                              adapters):
+    a, b, c = (adapters[k].digest for k in "abc")
+    src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={a})
+    eng = make_engine(source=src, max_adapters=2)
+    with pytest.raises(InvalidArgument, match="digest"):
+        eng.prefetch(["nope"])
+    assert eng.prefetch([b, b]) == ([], [b], [])  # duplicates count once
+    eng.wait_loads()
+    eng.step()  # the step loop takes the landed load (and lets go of the loader's reference)
+    assert b in eng.pool and eng.residency.refs(b) == 0  # resident, held by nothing
+    assert eng.prefetch([b]) == ([b], [], [])
+    # A hint never takes the room of an adapter in use: with a and b referenced by running
+    # requests (pool of 2), c's hint leaves c on the host only.
+    ra = eng.submit(_req(adapters, "a", [72, 101], 20, ignore_eos=True))
+    rb = eng.submit(_req(adapters, "b", [50], 20, ignore_eos=True))
+    src.gate.set()
+    eng.wait_loads()
+    eng.step()
+    assert eng.running == 2
+    assert eng.prefetch([c]) == ([], [c], [])
+    eng.wait_loads()
+    assert set(eng.pool.resident()) == {a, b} and c in eng.residency.host
+    assert eng.loader.hints_failed == 1
+    eng.run_until_done([ra, rb])
+    assert ra.result().completion_tokens == rb.result().completion_tokens == 20
+    # Once they are idle, a hint evicts the least recently used one.
+    assert eng.prefetch([c]) == ([], [c], [])
+    eng.wait_loads()
+    eng.step()
+    assert c in eng.pool and eng.residency.refs(c) == 0 and eng.loader.hints_loaded == 2
+
+
+def test_prefetch_hints_are_bounded_and_overtaken_by_requests(make_engine, adapters):
+    a, b = adapters["a"].digest, adapters["b"].digest
+    src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={a, b})
+    eng = make_engine(source=src, loader_threads=1)
+    eng.loader.max_hints = 1
+    assert eng.prefetch([a, b]) == ([], [a], [b])  # one hint at most: b is dropped
+    # A request for b queues its own load, ahead of any further hint.
+    req = eng.submit(_req(adapters, "b", [50], 3))
+    assert eng.loader.pending() == sorted([a, b])
+    src.gate.set()
+    eng.run_until_done([req])
+    assert req.result().completion_tokens == 3 and a in eng.pool and b in eng.pool
+
+
 def _peek(handle) -> list:
     return list(handle._q.queue)
 
@@ -518,19 +565,38 @@ def test_loader_keeps_the_requests_trace_context(make_engine, adapters):
     assert src.trace_ids[adapters["d"].digest] == 0xABC123
 
 
-def test_host_tier_is_bounded_lru_of_idle():
-    def prep(name, n):
-        return PreparedAdapter(digest=name, header=None, modules={}, nbytes=n)
+def _host_put(host: HostTier, name: str, n: int) -> bool:
+    region = host.reserve(n)
+    if region is None:
+        return False
+    off, view = region
+    view[:] = bytes([ord(name[0])]) * n
+    host.commit(PreparedAdapter(digest=name, header=None, modules={}, nbytes=n), off)
+    return True
 
-    host = HostTier(max_bytes=100)
-    assert host.put(prep("x", 40)) and host.put(prep("y", 40))
+
+def test_host_tier_is_bounded_lru_of_idle():
+    host = HostTier(max_bytes=256)  # regions are 64-byte aligned: two of 100 bytes fit
+    assert _host_put(host, "x", 100) and _host_put(host, "y", 100)
     host.get("x")  # y is now least recently used
     host.hold("y")  # ...but busy: x goes instead
-    assert host.put(prep("z", 40))
-    assert host.digests() == ["y", "z"] and host.nbytes == 80
+    assert _host_put(host, "z", 100)
+    assert host.digests() == ["y", "z"] and host.nbytes == 256
     host.unhold("y")
-    assert host.put(prep("w", 40)) and host.digests() == ["z", "w"]
-    assert not host.put(prep("huge", 101))
+    assert _host_put(host, "w", 100) and host.digests() == ["z", "w"]
+    assert host.reserve(257) is None and host.digests() == ["z", "w"]  # never fits: no eviction
+    # Freed neighbours coalesce: one region of the whole arena fits once both are dropped.
+    assert _host_put(host, "big", 256) and host.digests() == ["big"] and host.evictions == 4
+
+
+def test_host_tier_frees_a_held_entry_only_when_let_go():
+    host = HostTier(max_bytes=128)
+    assert _host_put(host, "a", 128)
+    p = host.get("a", hold=True)
+    assert p is not None and host.discard("a") and "a" not in host
+    assert host.reserve(64) is None  # a's region is still being read by its holder
+    host.unhold("a")
+    assert host.nbytes == 0 and _host_put(host, "b", 128)
 
 
 def test_device_pool_evicts_only_unreferenced_adapters(base_info, adapters):

@@ -417,6 +417,11 @@ class _FakeSidecar(cache_pb2_grpc.AdapterCacheServicer):
     def __init__(self, known: set[str]):
         self.known = known
         self.calls: list[str] = []
+        self.hits: list[str] = []
+
+    def RecordHits(self, request, context):
+        self.hits.extend(request.digests)
+        return cache_pb2.RecordHitsResponse(recorded=len(request.digests))
 
     def EnsureAdapter(self, request, context):
         self.calls.append(request.digest)
@@ -445,7 +450,12 @@ def test_sidecar_source_reads_the_node_cache(tmp_path, adapters):
         assert bytes(src.fetch(a.digest)) == a.data
         with pytest.raises(AdapterNotFound, match=UNKNOWN):
             src.fetch(UNKNOWN)
-        assert fake.calls == [a.digest, UNKNOWN]
+        # A hit is read from the file without an RPC and reported afterwards; only the miss
+        # asked the sidecar.
+        assert fake.calls == [UNKNOWN]
+        assert (src.reads_hit, src.reads_ensured) == (1, 0)
+        src.flush_hits()
+        assert fake.hits == [a.digest]
         # Status's node-cache tier: the fake has no Stats, so the LMDB keys are listed.
         assert src.node_cache_digests() == [a.digest]
     finally:

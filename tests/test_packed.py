@@ -99,16 +99,36 @@ def _golden_modules(dtype: torch.dtype) -> dict[str, packed.ModuleWeights]:
     return out
 
 
-# Digests of packs written before storage formats existed: float packs must never change.
-GOLDEN = [
+# Digests of format-1 packs (B stored [out, rank]), written before storage formats existed:
+# those stored bytes must stay readable as they are.
+GOLDEN_V1 = [
     (torch.float32, "fdd5b7c3b62aea633ae75eba4e9e0b347a3b0232c7720ac4cdc9960ff6886dd3"),
     (torch.float16, "30745f7221385093481114dedd20546088449281518162eceeebbb77af15692c"),
     (torch.bfloat16, "4a9fe0136cf6345d0a0317b6c532da1b8a4948823eeffa158e5c717a28780160"),
 ]
+# Digests of the same weights packed in format 2 (B stored as B^T): packing must not drift.
+GOLDEN = [
+    (torch.float32, "40fca95be3206958f763ba0a65893dbc08baaa0c65d10f5d5cb09f4de8231825"),
+    (torch.float16, "495add30f6d69941b45e58474a58e35d800daee65e05fdf8a5fff1d0c063fe95"),
+    (torch.bfloat16, "38643098510bc313c495f484c081ad0080c179237a447d67209731fafa234072"),
+]
+
+
+def _as_format1(buf: bytes) -> bytes:
+    """The format-1 bytes of a float format-2 pack: header "format" 1, each B row-major."""
+    header, mods = packed.unpack(buf)
+    out = bytearray(buf)
+    at = out.index(b'"format":2')
+    out[at : at + 10] = b'"format":1'
+    for m in header.modules:
+        raw = mods[m.name].B.contiguous().view(torch.uint8).numpy().tobytes()
+        start = header.data_offset + m.b_offset
+        out[start : start + len(raw)] = raw
+    return bytes(out)
 
 
 @pytest.mark.parametrize("dtype,want", GOLDEN, ids=[str(d) for d, _ in GOLDEN])
-def test_float_packs_are_byte_identical_to_before(dtype, want):
+def test_float_packs_are_stable(dtype, want):
     kw = dict(base_fingerprint="f" * 64, peft_config={"r": 3})
     by_dtype = packed.pack(_golden_modules(dtype), **kw)
     by_storage = packed.pack(
@@ -116,7 +136,23 @@ def test_float_packs_are_byte_identical_to_before(dtype, want):
     )
     assert packed.digest(by_dtype) == want
     assert by_storage == by_dtype
-    assert packed.read_header(by_dtype).storage_format == packed.DTYPE_NAMES[dtype]
+    header = packed.read_header(by_dtype)
+    assert header.storage_format == packed.DTYPE_NAMES[dtype]
+    assert header.format_version == packed.FORMAT_VERSION == 2
+
+
+@pytest.mark.parametrize("dtype,want", GOLDEN_V1, ids=[str(d) for d, _ in GOLDEN_V1])
+def test_format1_packs_still_unpack_to_the_same_weights(dtype, want):
+    mods = _golden_modules(dtype)
+    v1 = _as_format1(packed.pack(mods, base_fingerprint="f" * 64, peft_config={"r": 3}))
+    assert packed.digest(v1) == want  # byte for byte what format 1 wrote
+    header, got = packed.unpack(v1)
+    assert header.format_version == 1
+    for name, mw in mods.items():
+        assert torch.equal(got[name].A, mw.A) and torch.equal(got[name].B, mw.B), name
+    # B^T is stored contiguous in format 2: the pool's copy of it is a plain row copy.
+    _, v2 = packed.unpack(packed.pack(mods, base_fingerprint="f" * 64))
+    assert all(m.B.t().is_contiguous() for m in v2.values())
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 64), (16, 1024), (2816, 16), (7, 3)])

@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mintmesh/v1/cache.proto\x12\x0bmintmesh.v1\"\"\n\x0fPrefetchRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"3\n\x10PrefetchResponse\x12\x0f\n\x07present\x18\x01 \x03(\t\x12\x0e\n\x06queued\x18\x02 \x03(\t\"\x1e\n\x0c\x45victRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\" \n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x08\"+\n\nPinRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05\x66\x65tch\x18\x02 \x01(\x08\"!\n\x0bPinResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"\x1e\n\x0cUnpinRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"#\n\rUnpinResponse\x12\x12\n\nwas_pinned\x18\x01 \x01(\x08\"&\n\x14\x45nsureAdapterRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Z\n\x15\x45nsureAdapterResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0b\n\x03hit\x18\x03 \x01(\x08\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"\x13\n\x11\x43\x61\x63heStatsRequest\"\x86\x02\n\x12\x43\x61\x63heStatsResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x65tch_p50_ms\x18\x06 \x01(\x01\x12\x14\n\x0c\x66\x65tch_p99_ms\x18\x07 \x01(\x01\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x08 \x01(\x04\x12\x0c\n\x04path\x18\t \x01(\t\x12\x16\n\x0epinned_entries\x18\n \x01(\x04\x12\x14\n\x0cpinned_bytes\x18\x0b \x01(\x04\x12\x0e\n\x06policy\x18\x0c \x01(\t\x12\x0f\n\x07\x64igests\x18\r \x03(\t2\xb3\x03\n\x0c\x41\x64\x61pterCache\x12V\n\rEnsureAdapter\x12!.mintmesh.v1.EnsureAdapterRequest\x1a\".mintmesh.v1.EnsureAdapterResponse\x12H\n\x05Stats\x12\x1e.mintmesh.v1.CacheStatsRequest\x1a\x1f.mintmesh.v1.CacheStatsResponse\x12G\n\x08Prefetch\x12\x1c.mintmesh.v1.PrefetchRequest\x1a\x1d.mintmesh.v1.PrefetchResponse\x12>\n\x05\x45vict\x12\x19.mintmesh.v1.EvictRequest\x1a\x1a.mintmesh.v1.EvictResponse\x12\x38\n\x03Pin\x12\x17.mintmesh.v1.PinRequest\x1a\x18.mintmesh.v1.PinResponse\x12>\n\x05Unpin\x12\x19.mintmesh.v1.UnpinRequest\x1a\x1a.mintmesh.v1.UnpinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mintmesh/v1/cache.proto\x12\x0bmintmesh.v1\"$\n\x11RecordHitsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"&\n\x12RecordHitsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\"\"\n\x0fPrefetchRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"3\n\x10PrefetchResponse\x12\x0f\n\x07present\x18\x01 \x03(\t\x12\x0e\n\x06queued\x18\x02 \x03(\t\"\x1e\n\x0c\x45victRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\" \n\rEvictResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x08\"+\n\nPinRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05\x66\x65tch\x18\x02 \x01(\x08\"!\n\x0bPinResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"\x1e\n\x0cUnpinRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"#\n\rUnpinResponse\x12\x12\n\nwas_pinned\x18\x01 \x01(\x08\"&\n\x14\x45nsureAdapterRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"Z\n\x15\x45nsureAdapterResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0b\n\x03hit\x18\x03 \x01(\x08\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"\x13\n\x11\x43\x61\x63heStatsRequest\"\x86\x02\n\x12\x43\x61\x63heStatsResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x65tch_p50_ms\x18\x06 \x01(\x01\x12\x14\n\x0c\x66\x65tch_p99_ms\x18\x07 \x01(\x01\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x08 \x01(\x04\x12\x0c\n\x04path\x18\t \x01(\t\x12\x16\n\x0epinned_entries\x18\n \x01(\x04\x12\x14\n\x0cpinned_bytes\x18\x0b \x01(\x04\x12\x0e\n\x06policy\x18\x0c \x01(\t\x12\x0f\n\x07\x64igests\x18\r \x03(\t2\x82\x04\n\x0c\x41\x64\x61pterCache\x12V\n\rEnsureAdapter\x12!.mintmesh.v1.EnsureAdapterRequest\x1a\".mintmesh.v1.EnsureAdapterResponse\x12H\n\x05Stats\x12\x1e.mintmesh.v1.CacheStatsRequest\x1a\x1f.mintmesh.v1.CacheStatsResponse\x12G\n\x08Prefetch\x12\x1c.mintmesh.v1.PrefetchRequest\x1a\x1d.mintmesh.v1.PrefetchResponse\x12>\n\x05\x45vict\x12\x19.mintmesh.v1.EvictRequest\x1a\x1a.mintmesh.v1.EvictResponse\x12\x38\n\x03Pin\x12\x17.mintmesh.v1.PinRequest\x1a\x18.mintmesh.v1.PinResponse\x12>\n\x05Unpin\x12\x19.mintmesh.v1.UnpinRequest\x1a\x1a.mintmesh.v1.UnpinResponse\x12M\n\nRecordHits\x12\x1e.mintmesh.v1.RecordHitsRequest\x1a\x1f.mintmesh.v1.RecordHitsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mintmesh.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFETCHREQUEST']._serialized_start=40
-  _globals['_PREFETCHREQUEST']._serialized_end=74
-  _globals['_PREFETCHRESPONSE']._serialized_start=76
-  _globals['_PREFETCHRESPONSE']._serialized_end=127
-  _globals['_EVICTREQUEST']._serialized_start=129
-  _globals['_EVICTREQUEST']._serialized_end=159
-  _globals['_EVICTRESPONSE']._serialized_start=161
-  _globals['_EVICTRESPONSE']._serialized_end=193
-  _globals['_PINREQUEST']._serialized_start=195
-  _globals['_PINREQUEST']._serialized_end=238
-  _globals['_PINRESPONSE']._serialized_start=240
-  _globals['_PINRESPONSE']._serialized_end=273
-  _globals['_UNPINREQUEST']._serialized_start=275
-  _globals['_UNPINREQUEST']._serialized_end=305
-  _globals['_UNPINRESPONSE']._serialized_start=307
-  _globals['_UNPINRESPONSE']._serialized_end=342
-  _globals['_ENSUREADAPTERREQUEST']._serialized_start=344
-  _globals['_ENSUREADAPTERREQUEST']._serialized_end=382
-  _globals['_ENSUREADAPTERRESPONSE']._serialized_start=384
-  _globals['_ENSUREADAPTERRESPONSE']._serialized_end=474
-  _globals['_CACHESTATSREQUEST']._serialized_start=476
-  _globals['_CACHESTATSREQUEST']._serialized_end=495
-  _globals['_CACHESTATSRESPONSE']._serialized_start=498
-  _globals['_CACHESTATSRESPONSE']._serialized_end=760
-  _globals['_ADAPTERCACHE']._serialized_start=763
-  _globals['_ADAPTERCACHE']._serialized_end=1198
+  _globals['_RECORDHITSREQUEST']._serialized_start=40
+  _globals['_RECORDHITSREQUEST']._serialized_end=76
+  _globals['_RECORDHITSRESPONSE']._serialized_start=78
+  _globals['_RECORDHITSRESPONSE']._serialized_end=116
+  _globals['_PREFETCHREQUEST']._serialized_start=118
+  _globals['_PREFETCHREQUEST']._serialized_end=152
+  _globals['_PREFETCHRESPONSE']._serialized_start=154
+  _globals['_PREFETCHRESPONSE']._serialized_end=205
+  _globals['_EVICTREQUEST']._serialized_start=207
+  _globals['_EVICTREQUEST']._serialized_end=237
+  _globals['_EVICTRESPONSE']._serialized_start=239
+  _globals['_EVICTRESPONSE']._serialized_end=271
+  _globals['_PINREQUEST']._serialized_start=273
+  _globals['_PINREQUEST']._serialized_end=316
+  _globals['_PINRESPONSE']._serialized_start=318
+  _globals['_PINRESPONSE']._serialized_end=351
+  _globals['_UNPINREQUEST']._serialized_start=353
+  _globals['_UNPINREQUEST']._serialized_end=383
+  _globals['_UNPINRESPONSE']._serialized_start=385
+  _globals['_UNPINRESPONSE']._serialized_end=420
+  _globals['_ENSUREADAPTERREQUEST']._serialized_start=422
+  _globals['_ENSUREADAPTERREQUEST']._serialized_end=460
+  _globals['_ENSUREADAPTERRESPONSE']._serialized_start=462
+  _globals['_ENSUREADAPTERRESPONSE']._serialized_end=552
+  _globals['_CACHESTATSREQUEST']._serialized_start=554
+  _globals['_CACHESTATSREQUEST']._serialized_end=573
+  _globals['_CACHESTATSRESPONSE']._serialized_start=576
+  _globals['_CACHESTATSRESPONSE']._serialized_end=838
+  _globals['_ADAPTERCACHE']._serialized_start=841
+  _globals['_ADAPTERCACHE']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,11 @@ class AdapterCacheStub:
                 request_serializer=mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.FromString,
                 _registered_method=True)
+        self.RecordHits = channel.unary_unary(
+                '/mintmesh.v1.AdapterCache/RecordHits',
+                request_serializer=mintmesh_dot_v1_dot_cache__pb2.RecordHitsRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_cache__pb2.RecordHitsResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterCacheServicer:
@@ -112,6 +117,15 @@ class AdapterCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordHits(self, request, context):
+        """The executor read these adapters straight from the node cache file (its fast path on a
+        hit, without EnsureAdapter): count them as hits for the eviction policy and Stats. Sent in
+        batches, after the fact; digests no longer cached are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_AdapterCacheServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.SerializeToString,
+            ),
+            'RecordHits': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordHits,
+                    request_deserializer=mintmesh_dot_v1_dot_cache__pb2.RecordHitsRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_cache__pb2.RecordHitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +328,33 @@ class AdapterCache:
             '/mintmesh.v1.AdapterCache/Unpin',
             mintmesh_dot_v1_dot_cache__pb2.UnpinRequest.SerializeToString,
             mintmesh_dot_v1_dot_cache__pb2.UnpinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordHits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.AdapterCache/RecordHits',
+            mintmesh_dot_v1_dot_cache__pb2.RecordHitsRequest.SerializeToString,
+            mintmesh_dot_v1_dot_cache__pb2.RecordHitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,22 @@ FORWARD_OUTPUT_UNSPECIFIED: ForwardOutput
 FORWARD_OUTPUT_LOGITS: ForwardOutput
 FORWARD_OUTPUT_LOGPROBS: ForwardOutput
 
+class PrefetchAdaptersRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrefetchAdaptersResponse(_message.Message):
+    __slots__ = ("resident", "queued", "dropped")
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    resident: _containers.RepeatedScalarFieldContainer[str]
+    queued: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, resident: _Optional[_Iterable[str]] = ..., queued: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PurgeAdaptersRequest(_message.Message):
     __slots__ = ("digests",)
     DIGESTS_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class ExecutorStub:
                 request_serializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.FromString,
                 _registered_method=True)
+        self.PrefetchAdapters = channel.unary_unary(
+                '/mintmesh.v1.Executor/PrefetchAdapters',
+                request_serializer=mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -88,6 +93,15 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefetchAdapters(self, request, context):
+        """Hints (the router's prefetch): start moving these adapters node cache -> host -> device in
+        the background, behind the loads that waiting requests need. Returns at once; a hint never
+        evicts an adapter in use and never waits for room. Failures are only logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.PurgeAdapters,
                     request_deserializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.SerializeToString,
+            ),
+            'PrefetchAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchAdapters,
+                    request_deserializer=mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class Executor:
             '/mintmesh.v1.Executor/PurgeAdapters',
             mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersRequest.SerializeToString,
             mintmesh_dot_v1_dot_executor__pb2.PurgeAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefetchAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Executor/PrefetchAdapters',
+            mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersRequest.SerializeToString,
+            mintmesh_dot_v1_dot_executor__pb2.PrefetchAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

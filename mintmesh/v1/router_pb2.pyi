@@ -7,6 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RouterPrefetchRequest(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrefetchPlacement(_message.Message):
+    __slots__ = ("adapter", "digest", "executor", "resident", "dropped")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    digest: str
+    executor: str
+    resident: bool
+    dropped: bool
+    def __init__(self, adapter: _Optional[str] = ..., digest: _Optional[str] = ..., executor: _Optional[str] = ..., resident: _Optional[bool] = ..., dropped: _Optional[bool] = ...) -> None: ...
+
+class RouterPrefetchResponse(_message.Message):
+    __slots__ = ("placements",)
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    placements: _containers.RepeatedCompositeFieldContainer[PrefetchPlacement]
+    def __init__(self, placements: _Optional[_Iterable[_Union[PrefetchPlacement, _Mapping]]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("adapter", "prompt", "prompt_token_ids", "sampling", "request_id")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]

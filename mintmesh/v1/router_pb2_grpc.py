@@ -47,6 +47,11 @@ class RouterStub:
                 request_serializer=mintmesh_dot_v1_dot_router__pb2.RouterStatusRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterStatusResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/mintmesh.v1.Router/Prefetch',
+                request_serializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -67,6 +72,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Warm adapters before their requests come (a user opened a chat, say): each ref is resolved
+        and the executor its Generate would be placed on (the same rendezvous order) gets a
+        prefetch hint. Returns once the hints are sent, not when the adapters are loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterStatusRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_router__pb2.RouterStatusResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +157,33 @@ class Router:
             '/mintmesh.v1.Router/Status',
             mintmesh_dot_v1_dot_router__pb2.RouterStatusRequest.SerializeToString,
             mintmesh_dot_v1_dot_router__pb2.RouterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/Prefetch',
+            mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.SerializeToString,
+            mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

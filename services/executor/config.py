@@ -34,6 +34,8 @@ class ExecutorConfig:
     max_step_adapters: int = 0
     # Host tier: checked, unpacked adapters kept in (pinned on CUDA) host memory, in bytes.
     host_cache_bytes: int = 512 << 20
+    # Touch the host tier's staging arena at start (CPU), so no load page-faults fresh memory.
+    host_prefault: bool = True
     # Background threads moving adapters node cache -> host -> device.
     loader_threads: int = 2
     # Generation requests waiting (for a sequence slot or their adapter); more are refused with

@@ -327,6 +327,7 @@ class Engine:
             max_rank=int(config.max_rank),
             fetch_timeout_s=float(config.fetch_timeout_s),
             host_bytes=int(config.host_cache_bytes),
+            host_prefault=bool(config.host_prefault),
         )
         self.loader = AdapterLoader(
             self.residency, self._on_loaded, threads=int(config.loader_threads)
@@ -612,6 +613,24 @@ class Engine:
             out.append(logits[start : start + len(ids)].clone())
             start += len(ids)
         return out
+
+    def prefetch(self, digests: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+        """Prefetch hints: start loading these adapters in the background (see AdapterLoader).
+        Returns (already resident, queued or already loading, dropped: too many hints)."""
+        from mintmesh.identity import check_digest
+
+        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+        resident, queued, dropped = [], [], []
+        for d in wanted:
+            if d in self.pool:
+                resident.append(d)
+            elif self.loader.hint(d) is None:
+                dropped.append(d)
+            else:
+                queued.append(d)
+        if queued or dropped:
+            logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
+        return resident, queued, dropped
 
     def purge(
         self, digests: Sequence[str], timeout: float = 30.0

@@ -3,9 +3,11 @@
     node cache (sidecar LMDB, via an AdapterSource) -> host -> device
 
 - host (HostTier): packed adapters fetched, verified against their digest and this executor
-  (base-model fingerprint, modules, ranks) and unpacked, as zero-copy views of one buffer per
-  adapter (page-locked on CUDA, so the host-to-device copy is a DMA); bounded in bytes, the
-  least recently used idle entry is dropped first;
+  (base-model fingerprint, modules, ranks) and unpacked, as zero-copy views of their region of
+  one preallocated staging arena (HostArena: page-locked on CUDA, so the host-to-device copy
+  is a DMA; touched once at start on the CPU, so a load never page-faults fresh memory, which
+  cost ~4 ms per 4 MiB adapter); the source copies the bytes straight into the region; bounded
+  in bytes by the arena, the least recently used idle entry is dropped first;
 - device (AdapterResidency over the kernels' AdapterPool): bounded in bytes and slots; every
   user of a resident adapter holds a reference (acquire/release) and an adapter is evicted only
   when nothing references it (no running or admitted sequence, no Forward call), least recently
@@ -57,18 +59,80 @@ class PreparedAdapter:
     nbytes: int
 
 
-class HostTier:
-    """digest -> PreparedAdapter, bounded in bytes, least recently used idle entry dropped first
-    (an entry is busy while a loader copies it to the device)."""
+class HostArena:
+    """One preallocated byte buffer carved into adapter-sized regions: first fit from the lowest
+    offset (so the same warm memory is reused), 64-byte aligned, frees coalesce. Not
+    thread-safe: HostTier locks around it."""
 
-    def __init__(self, max_bytes: int) -> None:
+    ALIGN = 64
+
+    def __init__(self, nbytes: int, *, pin: bool = False, prefault: bool = True) -> None:
+        self.nbytes = int(nbytes)
+        if pin and self.nbytes:
+            t = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            t = torch.empty(self.nbytes, dtype=torch.uint8)
+            if prefault:
+                t.zero_()  # fault every page in now, not during a load
+        self._t = t
+        self._mv = memoryview(t.numpy()) if self.nbytes else memoryview(bytearray())
+        self._free: list[tuple[int, int]] = [(0, self.nbytes)] if self.nbytes else []
+
+    @classmethod
+    def span(cls, n: int) -> int:
+        return (int(n) + cls.ALIGN - 1) // cls.ALIGN * cls.ALIGN
+
+    def alloc(self, n: int) -> int | None:
+        """Offset of a free region of n bytes, or None when no free run is large enough."""
+        need = self.span(n)
+        for i, (start, end) in enumerate(self._free):
+            if end - start >= need:
+                if end - start == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + need, end)
+                return start
+        return None
+
+    def free(self, offset: int, n: int) -> None:
+        start, end = offset, offset + self.span(n)
+        runs = self._free
+        i = 0
+        while i < len(runs) and runs[i][0] < start:
+            i += 1
+        if i > 0 and runs[i - 1][1] == start:
+            i -= 1
+            start = runs[i][0]
+            del runs[i]
+        if i < len(runs) and runs[i][0] == end:
+            end = runs[i][1]
+            del runs[i]
+        runs.insert(i, (start, end))
+
+    def view(self, offset: int, n: int) -> memoryview:
+        return self._mv[offset : offset + n]
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(e - s for s, e in self._free)
+
+
+class HostTier:
+    """digest -> PreparedAdapter whose bytes live in a region of the HostArena, bounded by the
+    arena's bytes; the least recently used idle entry is dropped first to make room (an entry is
+    busy while held: between prepare() and the end of its device load)."""
+
+    def __init__(self, max_bytes: int, *, pin: bool = False, prefault: bool = True) -> None:
         if max_bytes < 0:
             raise ValueError(f"host tier max_bytes {max_bytes} must be >= 0")
         self.max_bytes = int(max_bytes)
+        self.arena = HostArena(self.max_bytes, pin=pin, prefault=prefault)
         self._items: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self._regions: dict[str, tuple[int, int]] = {}
         self._busy: dict[str, int] = {}
+        self._doomed: dict[str, tuple[int, int]] = {}  # dropped while busy: freed on unhold
         self._lock = threading.Lock()
-        self.nbytes = 0
+        self.nbytes = 0  # bytes of the arena in use (entries and regions being filled)
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -83,7 +147,8 @@ class HostTier:
         with self._lock:
             return list(self._items)
 
-    def get(self, digest: str) -> PreparedAdapter | None:
+    def get(self, digest: str, *, hold: bool = False) -> PreparedAdapter | None:
+        """The entry of digest (taking a hold on it when hold=True), None when absent."""
         with self._lock:
             p = self._items.get(digest)
             if p is None:
@@ -91,37 +156,63 @@ class HostTier:
                 return None
             self._items.move_to_end(digest)
             self.hits += 1
+            if hold:
+                self._busy[digest] = self._busy.get(digest, 0) + 1
             return p
 
-    def put(self, prepared: PreparedAdapter) -> bool:
-        """Keep prepared (dropping idle LRU entries to fit); False when it cannot fit at all."""
+    def reserve(self, nbytes: int) -> tuple[int, memoryview] | None:
+        """A region of nbytes to fill (offset, writable view), dropping idle entries, least
+        recently used first, until one fits; None when it cannot fit at all."""
+        if HostArena.span(nbytes) > self.arena.nbytes:
+            return None  # larger than the whole tier: evicting would not help
         with self._lock:
-            if prepared.digest in self._items:
-                self._items.move_to_end(prepared.digest)
-                return True
-            if prepared.nbytes > self.max_bytes:
-                return False
-            for d in list(self._items):
-                if self.nbytes + prepared.nbytes <= self.max_bytes:
-                    break
-                if self._busy.get(d):
-                    continue
-                self.nbytes -= self._items.pop(d).nbytes
+            while True:
+                off = self.arena.alloc(nbytes)
+                if off is not None:
+                    self.nbytes += HostArena.span(nbytes)
+                    return off, self.arena.view(off, nbytes)
+                victim = next((d for d in self._items if not self._busy.get(d)), None)
+                if victim is None:
+                    return None
+                self._drop(victim)
                 self.evictions += 1
-            if self.nbytes + prepared.nbytes > self.max_bytes:
-                return False
-            self._items[prepared.digest] = prepared
-            self.nbytes += prepared.nbytes
-            return True
+
+    def unreserve(self, offset: int, nbytes: int) -> None:
+        """Give back a reserved region that will not become an entry (its fetch failed)."""
+        with self._lock:
+            self.arena.free(offset, nbytes)
+            self.nbytes -= HostArena.span(nbytes)
+
+    def commit(self, prepared: PreparedAdapter, offset: int, *, hold: bool = False) -> None:
+        """Make a filled region (from reserve) the entry of prepared.digest."""
+        with self._lock:
+            d = prepared.digest
+            if d in self._items:  # cannot happen under prepare's per-digest lock; stay sound
+                self.arena.free(offset, prepared.nbytes)
+                self.nbytes -= HostArena.span(prepared.nbytes)
+            else:
+                self._items[d] = prepared
+                self._regions[d] = (offset, prepared.nbytes)
+            if hold:
+                self._busy[d] = self._busy.get(d, 0) + 1
 
     def discard(self, digest: str) -> bool:
-        """Drop digest from the host tier (a deleted adapter); False when it was not there."""
+        """Drop digest from the host tier (a deleted adapter); False when it was not there. A
+        held entry's region is freed when its last holder lets go."""
         with self._lock:
-            p = self._items.pop(digest, None)
-            if p is None:
+            if digest not in self._items:
                 return False
-            self.nbytes -= p.nbytes
+            self._drop(digest)
             return True
+
+    def _drop(self, digest: str) -> None:
+        self._items.pop(digest)
+        region = self._regions.pop(digest)
+        if self._busy.get(digest):
+            self._doomed[digest] = region
+        else:
+            self.arena.free(*region)
+            self.nbytes -= HostArena.span(region[1])
 
     def hold(self, digest: str) -> None:
         with self._lock:
@@ -132,8 +223,12 @@ class HostTier:
             n = self._busy.get(digest, 0) - 1
             if n > 0:
                 self._busy[digest] = n
-            else:
-                self._busy.pop(digest, None)
+                return
+            self._busy.pop(digest, None)
+            region = self._doomed.pop(digest, None)
+            if region is not None:
+                self.arena.free(*region)
+                self.nbytes -= HostArena.span(region[1])
 
 
 class AdapterResidency:
@@ -150,6 +245,7 @@ class AdapterResidency:
         max_rank: int,
         fetch_timeout_s: float = 30.0,
         host_bytes: int = 512 << 20,
+        host_prefault: bool = True,
     ) -> None:
         self.pool = pool
         self.layer_shapes = dict(layer_shapes)
@@ -157,8 +253,8 @@ class AdapterResidency:
         self.base_fingerprint = base_fingerprint
         self.max_rank = int(max_rank)
         self.fetch_timeout_s = float(fetch_timeout_s)
-        self.host = HostTier(host_bytes)
         self._pin_host = pool.device.type == "cuda"
+        self.host = HostTier(host_bytes, pin=self._pin_host, prefault=host_prefault)
         self._stream = torch.cuda.Stream(pool.device) if pool.device.type == "cuda" else None
         self._cv = threading.Condition()
         self._refs: dict[str, int] = {}
@@ -179,20 +275,17 @@ class AdapterResidency:
 
     # -- host side ------------------------------------------------------------------------
 
-    def check(self, digest: str, data: bytes | bytearray | memoryview) -> PreparedAdapter:
-        """Verify bytes against their digest and this executor; unpack them (host tier layout:
-        one buffer per adapter, page-locked on CUDA)."""
-        got = hashlib.sha256(data).hexdigest()
-        if got != digest:
-            raise DigestMismatch(f"adapter bytes for digest {digest} hash to {got}")
-        buf = data
-        if self._pin_host:
-            pinned = torch.empty(len(data), dtype=torch.uint8).pin_memory()
-            pinned.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-            buf = memoryview(pinned.numpy())
-        elif not isinstance(data, bytearray):
-            buf = bytearray(data)
-        header, modules = unpack(buf)
+    def check(
+        self, digest: str, data: bytes | bytearray | memoryview, *, verified: bool = False
+    ) -> PreparedAdapter:
+        """Verify bytes against their digest (unless the source already did: verified=True) and
+        against this executor; unpack them (host tier layout: one buffer per adapter,
+        page-locked on CUDA)."""
+        if not verified:
+            got = hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise DigestMismatch(f"adapter bytes for digest {digest} hash to {got}")
+        header, modules = unpack(data)  # views of data (a copy first if it is read-only)
         if header.base_fingerprint != self.base_fingerprint:
             raise BaseModelMismatch(
                 f"adapter {digest[:12]}… was made for base model "
@@ -221,34 +314,60 @@ class AdapterResidency:
         return PreparedAdapter(digest=digest, header=header, modules=modules, nbytes=len(data))
 
     def prepare(self, digest: str, timeout: float | None = None) -> PreparedAdapter:
-        """The checked adapter on the host: from the host tier, else fetched from the source
-        (node cache) at most once at a time per digest."""
+        """The checked adapter on the host, held (its host entry is not dropped) until load()
+        or unhold(): from the host tier, else fetched from the source (node cache) straight
+        into a host-arena region, at most once at a time per digest. When the arena has no room
+        (every entry busy, or the adapter larger than the tier) it goes through a private buffer
+        and is not kept."""
         check_digest(digest)
-        hit = self.host.get(digest)
+        hit = self.host.get(digest, hold=True)
         if hit is not None:
             return hit
         with self._fetch_locks_lock:
             flock = self._fetch_locks.setdefault(digest, threading.Lock())
         try:
             with flock:
-                hit = self.host.get(digest)
+                hit = self.host.get(digest, hold=True)
                 if hit is not None:
                     return hit
-                t = self.fetch_timeout_s if timeout is None else min(timeout, self.fetch_timeout_s)
-                try:
-                    data = self.source.fetch(digest, timeout=max(0.001, t))
-                except grpc.RpcError as e:  # a source that lets gRPC errors through
-                    from mintmesh.services.common.errors import reraise_downstream
-
-                    raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
-                self.fetches += 1
-                prepared = self.check(digest, data)
-                self.host.put(prepared)
-                return prepared
+                return self._fetch(digest, timeout)
         finally:
             with self._fetch_locks_lock:
                 if self._fetch_locks.get(digest) is flock:
                     del self._fetch_locks[digest]
+
+    def _fetch(self, digest: str, timeout: float | None) -> PreparedAdapter:
+        reserved: list[tuple[int, int]] = []
+
+        def into(n: int) -> memoryview:
+            region = self.host.reserve(n)
+            if region is None:
+                return memoryview(bytearray(n))
+            reserved.append((region[0], n))
+            return region[1]
+
+        t = self.fetch_timeout_s if timeout is None else min(timeout, self.fetch_timeout_s)
+        try:
+            try:
+                data = self.source.fetch(digest, timeout=max(0.001, t), into=into)
+            except grpc.RpcError as e:  # a source that lets gRPC errors through
+                from mintmesh.services.common.errors import reraise_downstream
+
+                raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
+            self.fetches += 1
+            verified = bool(getattr(self.source, "verified", False))
+            prepared = self.check(digest, data, verified=verified)
+        except BaseException:
+            for off, n in reserved:
+                self.host.unreserve(off, n)
+            raise
+        if reserved:
+            self.host.commit(prepared, reserved[0][0], hold=True)
+        return prepared
+
+    def unhold(self, prepared: PreparedAdapter) -> None:
+        """Let go of a prepared adapter without loading it."""
+        self.host.unhold(prepared.digest)
 
     # -- device side ------------------------------------------------------------------------
 
@@ -286,13 +405,13 @@ class AdapterResidency:
                 self._cv.notify_all()
 
     def load(self, prepared: PreparedAdapter, *, timeout: float | None = None) -> int:
-        """Make prepared resident and take a reference on it; return its slot. Evicts least
-        recently used adapters that nothing references; waits (up to timeout) while every
-        resident adapter is referenced; ResourceExhausted after that."""
+        """Make prepared (held by prepare()) resident and take a reference on it; return its
+        slot. Evicts least recently used adapters that nothing references; waits (up to timeout)
+        while every resident adapter is referenced; ResourceExhausted after that. Lets go of
+        the host hold in any case."""
         digest = prepared.digest
         wait = DEFAULT_ROOM_WAIT_S if timeout is None else max(0.0, timeout)
         end = time.monotonic() + wait
-        self.host.hold(digest)
         try:
             with self._cv:
                 while True:
@@ -327,7 +446,7 @@ class AdapterResidency:
         end = None if timeout is None else time.monotonic() + timeout
         prepared = self.prepare(digest, timeout=timeout)
         left = None if end is None else end - time.monotonic()
-        return self.load(prepared, timeout=left)
+        return self.load(prepared, timeout=left)  # lets go of prepare's hold
 
     def evict(self, digest: str) -> bool:
         """Drop digest from the device unless something references it."""
@@ -402,24 +521,39 @@ class _Job:
     digest: str
     otel_context: object
     deadline: float | None
+    hint: bool = False  # a prefetch hint: behind requested loads, never waits for room
 
 
 class AdapterLoader:
-    """Background workers moving digests node cache -> host -> device."""
+    """Background workers moving digests node cache -> host -> device. Loads that requests
+    wait for go first; prefetch hints (at most max_hints pending) run when no such load is
+    queued, never evict a referenced adapter and never wait for room (a hint that finds the
+    device full of adapters in use leaves its adapter on the host). A hint's failure is only
+    logged: the requests that later want the adapter get a load of their own."""
 
     def __init__(
-        self, residency: AdapterResidency, on_done: LoadCallback, *, threads: int = 2
+        self,
+        residency: AdapterResidency,
+        on_done: LoadCallback,
+        *,
+        threads: int = 2,
+        max_hints: int = 64,
     ) -> None:
         self.residency = residency
         self.on_done = on_done
-        self._q: queue.Queue[_Job | None] = queue.Queue()
-        self._pending: set[str] = set()
+        self.max_hints = int(max_hints)
+        self._q: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
+        self._order = 0
+        # digest -> True while only a hint is pending for it, False once a request wants it.
+        self._pending: dict[str, bool] = {}
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name=f"adapter-loader-{i}", daemon=True)
             for i in range(max(1, threads))
         ]
         self.busy = 0
+        self.hints_loaded = 0
+        self.hints_failed = 0
         for t in self._threads:
             t.start()
 
@@ -427,26 +561,45 @@ class AdapterLoader:
         with self._lock:
             return sorted(self._pending)
 
+    def _put(self, priority: int, job: _Job | None) -> None:
+        with self._lock:
+            self._order += 1
+            order = self._order
+        self._q.put((priority, order, job))
+
     def request(
         self, digest: str, *, otel_context: object = None, deadline: float | None = None
     ) -> bool:
-        """Queue a load of digest; False when one is already queued or running."""
+        """Queue a load of digest that requests wait for; False when one is already queued or
+        running (a pending hint is overtaken by a load of its own)."""
+        with self._lock:
+            if self._pending.get(digest) is False:
+                return False
+            self._pending[digest] = False
+        self._put(0, _Job(digest, otel_context, deadline))
+        return True
+
+    def hint(self, digest: str) -> bool | None:
+        """Queue a prefetch of digest: True when queued, False when a load of it is already
+        pending, None when too many hints are pending (dropped)."""
         with self._lock:
             if digest in self._pending:
                 return False
-            self._pending.add(digest)
-        self._q.put(_Job(digest, otel_context, deadline))
+            if sum(self._pending.values()) >= self.max_hints:
+                return None
+            self._pending[digest] = True
+        self._put(1, _Job(digest, None, None, hint=True))
         return True
 
     def close(self, timeout: float = 5.0) -> None:
         for _ in self._threads:
-            self._q.put(None)
+            self._put(2, None)
         for t in self._threads:
             t.join(timeout)
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
+            _, _, job = self._q.get()
             if job is None:
                 return
             with self._lock:
@@ -465,7 +618,8 @@ class AdapterLoader:
         err: BaseException | None = None
         try:
             tracer = trace.get_tracer(__name__)
-            with tracer.start_as_current_span("executor.load_adapter") as span:
+            name = "executor.prefetch_adapter" if job.hint else "executor.load_adapter"
+            with tracer.start_as_current_span(name) as span:
                 span.set_attribute("mint.adapter.digest", job.digest)
                 t = None if job.deadline is None else job.deadline - time.monotonic()
                 if t is not None and t <= 0:
@@ -474,7 +628,9 @@ class AdapterLoader:
                     )
                 prepared = self.residency.prepare(job.digest, timeout=t)
                 t = None if job.deadline is None else job.deadline - time.monotonic()
-                self.residency.load(prepared, timeout=t)
+                if job.hint:
+                    t = 0.0  # evict idle adapters if need be, never wait for room
+                self.residency.load(prepared, timeout=t)  # lets go of prepare's hold
         except MintError as e:
             err = e
         except Exception as e:  # a bug: INTERNAL for the requests that wait on it
@@ -484,7 +640,14 @@ class AdapterLoader:
             if token is not None:
                 otel_context.detach(token)
             with self._lock:
-                self._pending.discard(job.digest)
+                if self._pending.get(job.digest) == job.hint:
+                    del self._pending[job.digest]
+        if job.hint:
+            if err is not None:
+                self.hints_failed += 1
+                logger.info("prefetch of adapter %s failed: %s", job.digest[:12], err)
+                return
+            self.hints_loaded += 1
         try:
             self.on_done(job.digest, err)
         except Exception:

@@ -195,6 +195,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return executor_pb2.PurgeAdaptersResponse(purged=purged, busy=busy)
 
 
+    def PrefetchAdapters(self, request, context) -> executor_pb2.PrefetchAdaptersResponse:
+        resident, queued, dropped = self.engine.prefetch(list(request.digests))
+        return executor_pb2.PrefetchAdaptersResponse(
+            resident=resident, queued=queued, dropped=dropped
+        )
+
+
 def add_to_server(engine: Engine, server: grpc.Server) -> list[str]:
     executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(engine), server)
     return [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name]

@@ -123,6 +123,56 @@ class RouterCore:
         assert last_err is not None
         raise reraise_downstream(last_err, "generating") from None
 
+    def prefetch(
+        self, refs: list[str], time_left: float | None, caller: Caller = ADMIN
+    ) -> router_pb2.RouterPrefetchResponse:
+        """Resolve each ref and send the executor its Generate would go to a prefetch hint
+        (one PrefetchAdapters call per executor). Bad or unknown refs fail the whole call
+        before any hint is sent; an executor that cannot take its hints is reported dropped."""
+        deadline = self._deadline(time_left, self.config.store_timeout_s)
+        if not refs:
+            raise E.InvalidArgument("prefetch needs at least one adapter ref")
+        revisions: list[tuple[str, common_pb2.AdapterRevision]] = []
+        for ref in dict.fromkeys(refs):
+            caller.check(parse_ref(ref).tenant, f"adapter {ref!r}")
+            left = deadline - time.monotonic()
+            rev = self.resolve(ref, min(left, self.config.store_timeout_s), caller)
+            revisions.append((ref, rev))
+        healthy = self.executors.healthy()
+        if not healthy:
+            raise E.Unavailable(
+                f"no healthy executor (of {len(self.executors.executors)} configured)"
+            )
+        by_executor: dict[str, list[tuple[str, common_pb2.AdapterRevision]]] = {}
+        for ref, rev in revisions:
+            first = self.placement.order(healthy, rev.digest)[0]
+            by_executor.setdefault(first, []).append((ref, rev))
+        out = router_pb2.RouterPrefetchResponse()
+        for address, revs in by_executor.items():
+            digests = list(dict.fromkeys(r.digest for _, r in revs))
+            resident: set[str] = set()
+            dropped: set[str] = set()
+            try:
+                resp = self.executors.executors[address].stub.PrefetchAdapters(
+                    executor_pb2.PrefetchAdaptersRequest(digests=digests),
+                    timeout=max(0.001, min(deadline - time.monotonic(), 5.0)),
+                )
+                resident, dropped = set(resp.resident), set(resp.dropped)
+            except grpc.RpcError as err:
+                logger.warning("prefetch hints to %s failed: %s", address, err.code().name)
+                dropped = set(digests)
+            for ref, r in revs:
+                out.placements.append(
+                    router_pb2.PrefetchPlacement(
+                        adapter=ref,
+                        digest=r.digest,
+                        executor=address,
+                        resident=r.digest in resident,
+                        dropped=r.digest in dropped,
+                    )
+                )
+        return out
+
     def after_delete(self, response: bytes) -> None:
         """Purge deleted revisions from every executor (device pool and node cache)."""
         resp = store_pb2.DeleteAdapterResponse.FromString(response)

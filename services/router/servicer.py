@@ -27,6 +27,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def Status(self, request, context):
         return self.core.status()
 
+    def Prefetch(self, request, context):
+        caller = self.core.auth.caller(context)
+        return self.core.prefetch(list(request.adapters), context.time_remaining(), caller)
+
 
 class StoreProxy(grpc.GenericRpcHandler):
     """Serves every mintmesh.v1.AdapterStore RPC by forwarding its bytes to the store, with the
