@@ -1,8 +1,12 @@
 # MinT mesh services. CPU torch by default; pass --build-arg TORCH_SPEC=... for a CUDA build.
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch==2.13.0"
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false \
+    TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 WORKDIR /app
+# g++ builds the native CPU LoRA kernel (kernels/lora_cpu.cpp), once, at image build time.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY protos ./protos
@@ -11,7 +15,8 @@ COPY services ./services
 COPY cache ./cache
 COPY kernels ./kernels
 COPY bench ./bench
-RUN pip install .
+RUN pip install . \
+    && python -c "from mintmesh.kernels import native; assert native.load(block=True)"
 STOPSIGNAL SIGTERM
 ENTRYPOINT []
 CMD ["mint", "--help"]

@@ -1,6 +1,13 @@
-"""The CPU path: plain torch calls into MKL/oneDNN, arranged by batch shape.
+"""The CPU path: a native fp32 kernel (native.py) where it is built, else plain torch calls into
+MKL/oneDNN, arranged by batch shape.
 
-Three strategies, all exact (no rank padding), chosen per layer call by a small cost model:
+- native: one C++ call per layer and op (lora_cpu.cpp): per tile of up to 4 rows of one adapter,
+          shrink, scale and expand fused, reading A and B^T in place through the page table (no
+          gather copies, no per-adapter torch calls). float32 only; chosen by the cost model
+          below (every batch shape measured here, except long prefill segments where MKL's
+          GEMMs win). Unavailable (no compiler, MINTMESH_NATIVE=0): the torch strategies.
+
+The torch strategies, all exact (no rank padding), chosen per layer call by a small cost model:
 
 - runs:   loop over the runs of rows that share an adapter in row order (a prefill request is
           one run); zero-copy views of x, y and the adapter's pages; two GEMMs per run.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mintmesh.kernels import native
 from mintmesh.kernels.meta import HostMeta, MetaTensors, host_from_tensors
 from mintmesh.kernels.pool import HostLayer, LayerWeights, host_layer_from_tensors
 
@@ -39,6 +48,18 @@ CALL_US = 10.0  # one run or segment: two small GEMM calls and the views
 GROUP_US = 30.0  # one gather group: two index_selects and two bmm calls
 BYTES_PER_US = 20_000.0  # streaming weights from memory
 GATHER_MARGIN = 0.5  # gather must be estimated at most this fraction of the alternatives
+
+
+# The native kernel reads an adapter's weights once per tile of 4 rows (from cache after the
+# first); MKL's GEMMs win once segments are long (measured, 1024x1024 rank 16: 64 rows of one
+# adapter native 148us vs runs 184us; 4 adapters x 128 rows 1208us vs 824us).
+NATIVE_MAX_MEAN_SEGMENT = 64
+
+
+def native_wins(hm: HostMeta) -> bool:
+    """Whether the native kernel beats the torch strategies on this batch: decode and short
+    segments, not long prefill segments."""
+    return hm.num_active <= NATIVE_MAX_MEAN_SEGMENT * max(hm.num_segments, 1)
 
 
 _threads_lock = threading.Lock()
@@ -200,14 +221,37 @@ class CpuBackend:
 
     name = "cpu"
 
-    def __init__(self, strategy: str | None = None, single_thread: bool = True) -> None:
-        """strategy: force "runs", "sorted" or "gather" (tests, benchmarks); None: cost model.
-        single_thread: run the ops on the calling thread (see the module docstring)."""
-        if strategy not in (None, "runs", "sorted", "gather"):
-            raise ValueError(f"unknown CPU strategy {strategy!r}; use runs, sorted or gather")
+    def __init__(
+        self,
+        strategy: str | None = None,
+        single_thread: bool = True,
+        native_threads: int | None = None,
+    ) -> None:
+        """strategy: force "native", "runs", "sorted" or "gather" (tests, benchmarks; "native"
+        falls back to the cost model where the library is unavailable or the dtype is not
+        float32); None: cost model.
+        single_thread: run the ops on the calling thread (see the module docstring).
+        native_threads: OpenMP threads of the native kernel (default $MINTMESH_CPU_THREADS, else
+        1: a parallel region stalls whenever the cores are shared, see the module docstring)."""
+        if strategy not in (None, "native", "runs", "sorted", "gather"):
+            raise ValueError(
+                f"unknown CPU strategy {strategy!r}; use native, runs, sorted or gather"
+            )
         self.strategy = strategy
         self.single_thread = single_thread
+        if native_threads is None:
+            native_threads = int(os.environ.get("MINTMESH_CPU_THREADS", "1") or 1)
+        self.native_threads = max(1, native_threads)
         self._local = threading.local()
+
+    def _native(self, hm: HostMeta, dtype: torch.dtype):
+        """The native library if it should serve this call, else None."""
+        if dtype != torch.float32 or self.strategy not in (None, "native"):
+            return None
+        lib = native.load(block=False)
+        if lib is None or self.strategy == "native":
+            return lib
+        return lib if native_wins(hm) else None
 
     def _buf(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # Reused per-thread workspaces: large fresh allocations page-fault on every call.
@@ -242,8 +286,12 @@ class CpuBackend:
         hl, hm = self._hosts(lw, md, host)
         if hm.num_active == 0:
             return
+        lib = self._native(hm, x.dtype)
+        if lib is not None and lib.fused(y, x, lw, md, hm.num_segments, self.native_threads):
+            return
         pr = lw.a_pages.shape[1]
-        plan = _plan(hm, hl, md, x.shape[1], y.shape[1], x.element_size(), pr, self.strategy)
+        strategy = None if self.strategy == "native" else self.strategy
+        plan = _plan(hm, hl, md, x.shape[1], y.shape[1], x.element_size(), pr, strategy)
         if plan.kind == "runs":
             self._fused_runs(y, x, lw, hl, hm)
         elif plan.kind == "sorted":
@@ -323,6 +371,12 @@ class CpuBackend:
         host: HostMeta | None = None,
     ) -> None:
         hl, hm = self._hosts(lw, md, host)
+        lib = self._native(hm, x.dtype)
+        if lib is not None and hm.num_active:
+            if hm.num_active < hm.num_tokens:
+                v.zero_()
+            if lib.shrink(v, x, lw, md, hm.num_segments, self.native_threads):
+                return
         v.zero_()
         start = 0
         for s, n in zip(hm.run_slots, hm.run_sizes, strict=True):
@@ -345,6 +399,11 @@ class CpuBackend:
         host: HostMeta | None = None,
     ) -> None:
         hl, hm = self._hosts(lw, md, host)
+        if hm.num_active == 0:
+            return
+        lib = self._native(hm, y.dtype)
+        if lib is not None and lib.expand(y, v, lw, md, hm.num_segments, self.native_threads):
+            return
         start = 0
         for s, n in zip(hm.run_slots, hm.run_sizes, strict=True):
             if s >= 0:

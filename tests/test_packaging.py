@@ -116,6 +116,7 @@ def test_wheel_holds_only_the_mintmesh_namespace(tmp_path):
         "mintmesh/services/router/core.py",
         "mintmesh/cache/reader.py",
         "mintmesh/kernels/api.py",
+        "mintmesh/kernels/lora_cpu.cpp",
         "mintmesh/v1/store_pb2.py",
         "mintmesh/bench/__init__.py",
     ):
