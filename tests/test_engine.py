@@ -188,6 +188,32 @@ def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle):
     assert eng.kv_blocks_used() == 0 and eng.running == 0 and eng.queue_depth == 0
 
 
+def test_only_layers_an_adapter_of_the_forward_targets_run_the_lora_op(
+    make_engine, adapters, oracle, monkeypatch
+):
+    from mintmesh.services.executor import lora
+
+    eng = make_engine()
+    called: set[str] = set()
+    real = lora.apply_lora
+
+    def spy(y, x, layer, pool, meta):
+        called.add(layer)
+        real(y, x, layer, pool, meta)
+
+    monkeypatch.setattr(lora, "apply_lora", spy)
+    # "a" targets q_proj/v_proj, "c" the MLP: k_proj and o_proj are nobody's.
+    jobs = [("a", [5, 6, 7], 4), ("c", [8, 9], 4), (None, [10, 11], 4)]
+    hs = [eng.submit(_req(adapters, n, ids, k)) for n, ids, k in jobs]
+    eng.run_until_done(hs)
+    assert called and {name.rsplit(".", 1)[-1] for name in called} == {
+        "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        assert h.result().token_ids == oracle(name, ids, k), name
+    assert eng.ctx.targeted is None and eng.ctx.meta is None
+
+
 def test_kv_exhaustion_preempts_and_every_request_finishes_right(make_engine, adapters, oracle):
     per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 4, torch.float32)
     eng = make_engine(kv_block_size=4, kv_cache_bytes=12 * per_block, max_batch_size=8)
@@ -474,8 +500,9 @@ def test_cold_adapter_does_not_delay_running_sequences(make_engine, adapters, or
     assert warm.result().first_step + 29 == warm.result().last_step  # a token every step
 
 
-def test_prefetch_hints_load_in_the_background_and_never_evict_adapters_in_use(make_engine,
-                                                                              adapters):
+def test_prefetch_hints_load_in_the_background_and_never_evict_adapters_in_use(
+    make_engine, adapters
+):
     a, b, c = (adapters[k].digest for k in "abc")
     src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={a})
     eng = make_engine(source=src, max_adapters=2)

@@ -632,9 +632,7 @@ class Engine:
             logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
         return resident, queued, dropped
 
-    def purge(
-        self, digests: Sequence[str], timeout: float = 30.0
-    ) -> tuple[list[str], list[str]]:
+    def purge(self, digests: Sequence[str], timeout: float = 30.0) -> tuple[list[str], list[str]]:
         """Deleted adapters: once no running request uses one, drop it from the device pool, the
         host tier and the node cache. Requests still waiting for it fail NOT_FOUND when their
         load reaches the (deleted) store. Returns (purged, still busy)."""
@@ -838,10 +836,12 @@ class Engine:
     ) -> torch.Tensor:
         """One forward of one packed row; logits [len(keep_rows) or T, vocab]."""
         dev = self.device
-        slots_t = torch.tensor(token_slots, dtype=torch.long)
-        self.ctx.meta = (
-            self._meta.prepare(slots_t, device=dev) if any(s >= 0 for s in token_slots) else None
-        )
+        slots = {s for s in token_slots if s >= 0}
+        if slots:
+            self.ctx.meta = self._meta.prepare(
+                torch.tensor(token_slots, dtype=torch.long), device=dev
+            )
+            self.ctx.targeted = self._targeted_layers(slots)
         kwargs = {}
         if keep_rows is not None:
             kwargs["logits_to_keep"] = torch.tensor(keep_rows, dtype=torch.long, device=dev)
@@ -856,8 +856,19 @@ class Engine:
                 )
         finally:
             self.ctx.meta = None
+            self.ctx.targeted = None
         self.forwards_run += 1
         return out.logits[0]
+
+    def _targeted_layers(self, slots: set[int]) -> set[str]:
+        """The LoRA layers some adapter in `slots` has weights on (rank > 0): only those run the
+        LoRA op in this forward (a few microseconds of Python and dispatch per layer call
+        otherwise, for nothing)."""
+        names = self.pool.layer_names
+        out: set[str] = set()
+        for slot in slots:
+            out.update(names[i] for i, r in enumerate(self.pool.resident_at(slot).ranks) if r)
+        return out
 
     # -- intake ------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ layer that adds every row's own adapter delta on top of the untouched base outpu
 
 The backbone's weights are never merged or modified. All layers share one LoraContext: the
 engine sets its BatchMeta once per forward (token slots, -1 = no adapter) and every layer reads
-it; with no meta set the model is exactly the base model.
+it; with no meta set the model is exactly the base model. The engine also names the layers that
+some adapter of the forward targets, so the others skip the LoRA op and its per-call overhead
+(adapters commonly target q_proj/v_proj only: 2 of the 7 wrapped Linears of a block).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class LoraContext:
     def __init__(self, pool: AdapterPool | None = None) -> None:
         self.pool = pool
         self.meta: BatchMeta | None = None
+        # Layers some adapter of the current batch targets; None = assume every layer.
+        self.targeted: set[str] | None = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -53,8 +57,13 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        meta, pool = self.ctx.meta, self.ctx.pool
-        if meta is None or pool is None:
+        ctx = self.ctx
+        meta, pool = ctx.meta, ctx.pool
+        if (
+            meta is None
+            or pool is None
+            or (ctx.targeted is not None and self.name not in ctx.targeted)
+        ):
             return y
         x2 = x.reshape(-1, self.in_features)
         if not y.is_contiguous():

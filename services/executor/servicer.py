@@ -186,14 +186,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             tokens_generated=st.tokens_generated,
         )
 
-
     def PurgeAdapters(self, request, context) -> executor_pb2.PurgeAdaptersResponse:
         left = context.time_remaining()
         purged, busy = self.engine.purge(
             list(request.digests), timeout=30.0 if left is None else max(0.0, left - 1.0)
         )
         return executor_pb2.PurgeAdaptersResponse(purged=purged, busy=busy)
-
 
     def PrefetchAdapters(self, request, context) -> executor_pb2.PrefetchAdaptersResponse:
         resident, queued, dropped = self.engine.prefetch(list(request.digests))
