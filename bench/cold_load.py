@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mint bench cold-load", description=__doc__)
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--model-dir", type=Path, help="default ~/.cache/mintmesh/PRESET")
-    p.add_argument("--trials", type=int, default=20, help="adapters per way in")
+    p.add_argument("--trials", type=int, default=40, help="adapters per way in")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = p.parse_args(argv)

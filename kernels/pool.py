@@ -432,17 +432,19 @@ class AdapterPool:
             if contiguous:
                 # Straight into the pages (zeros only past the rank); the copies of all layers
                 # go in one _foreach_copy_ below: per-call overhead dominates these 64 KiB
-                # copies on the CPU.
+                # copies on the CPU (so do the few tensor ops per layer here: keep them few).
                 row0 = pages[0] * pr
-                a_rows = self._a_flat[li][row0 : row0 + n * pr]
-                b_rows = self._b_flat[li][row0 : row0 + n * pr]
                 if r:
-                    dst += (a_rows[:r], b_rows[:r])
-                    src += (mw.A.detach(), mw.B.detach().t())
+                    A = self._a_flat[li][row0 : row0 + r]
+                    Bt = self._b_flat[li][row0 : row0 + r]
+                    dst += (A, Bt)
+                    src += (mw.A, mw.B.t())
+                    views.append((A, Bt, scale))
+                else:
+                    views.append(None)
                 if r < n * pr:
-                    a_rows[r:].zero_()
-                    b_rows[r:].zero_()
-                views.append((a_rows[:r], b_rows[:r], scale) if r else None)
+                    self._a_flat[li][row0 + r : row0 + n * pr].zero_()
+                    self._b_flat[li][row0 + r : row0 + n * pr].zero_()
             else:
                 a_buf = torch.zeros(n * pr, in_f, dtype=self.dtype, device=dev)
                 b_buf = torch.zeros(n * pr, out_f, dtype=self.dtype, device=dev)
@@ -455,7 +457,8 @@ class AdapterPool:
             ranks.append(r)
             scales.append(scale)
         if dst:
-            torch._foreach_copy_(dst, src)
+            with torch.no_grad():  # weights that require grad (tests, benches) copy as data
+                torch._foreach_copy_(dst, src)
         row = torch.zeros(self.max_pages_per_adapter, dtype=torch.int32)
         row[:n] = torch.tensor(pages, dtype=torch.int32)
         self.page_table[slot].copy_(row)

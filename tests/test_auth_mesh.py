@@ -56,6 +56,7 @@ CROSS_TENANT = [
     ("delete", lambda c: c.delete("bolt/chat")),
     ("generate", lambda c: c.generate("hi", adapter="bolt/chat",
                                       sampling=sampling_params(max_tokens=2))),
+    ("prefetch", lambda c: c.prefetch("acme/chat", "bolt/chat")),
 ]
 
 

@@ -286,10 +286,17 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(cluster, client, ti
     assert res.executor == f"executor-{i}" and res.digest == rev.digest
     for refs, code in (([], grpc.StatusCode.INVALID_ARGUMENT),
                        (["frank/never-pushed"], grpc.StatusCode.NOT_FOUND),
-                       (["not a ref"], grpc.StatusCode.INVALID_ARGUMENT)):
+                       (["not a ref"], grpc.StatusCode.INVALID_ARGUMENT),
+                       ([f"frank/a{i}" for i in range(65)], grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.RpcError) as ei:
             client.prefetch(*refs)
         assert ei.value.code() == code, (refs, ei.value.details())
+    # The executor's own hint RPC names a malformed digest.
+    with grpc.insecure_channel(p.executor) as ch:
+        with pytest.raises(grpc.RpcError) as ei:
+            executor_pb2_grpc.ExecutorStub(ch).PrefetchAdapters(
+                executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xyz" in ei.value.details()
 
 
 def test_router_fails_over_when_an_executor_dies(cluster, client, pushed, oracle):

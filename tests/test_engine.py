@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -527,25 +528,37 @@ def test_prefetch_hints_load_in_the_background_and_never_evict_adapters_in_use(
     assert eng.loader.hints_failed == 1
     eng.run_until_done([ra, rb])
     assert ra.result().completion_tokens == rb.result().completion_tokens == 20
-    # Once they are idle, a hint evicts the least recently used one.
+    # Idle now, but warm: a hint fills free room only, it never evicts (c stays on the host).
     assert eng.prefetch([c]) == ([], [c], [])
     eng.wait_loads()
-    eng.step()
-    assert c in eng.pool and eng.residency.refs(c) == 0 and eng.loader.hints_loaded == 2
+    assert set(eng.pool.resident()) == {a, b} and c in eng.residency.host
+    assert (eng.loader.hints_loaded, eng.loader.hints_failed) == (1, 2)
+    # A request for c evicts the least recently used idle adapter, as always.
+    rc = eng.submit(_req(adapters, "c", [50], 2))
+    eng.run_until_done([rc])
+    assert c in eng.pool and rc.result().completion_tokens == 2
 
 
-def test_prefetch_hints_are_bounded_and_overtaken_by_requests(make_engine, adapters):
-    a, b = adapters["a"].digest, adapters["b"].digest
-    src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={a, b})
+def test_prefetch_hints_never_hold_up_requested_loads(make_engine, adapters):
+    a, b, c = (adapters[k].digest for k in "abc")
+    src = GatedSource({p.digest: p.data for p in adapters.values()}, gated={a})
     eng = make_engine(source=src, loader_threads=1)
-    eng.loader.max_hints = 1
-    assert eng.prefetch([a, b]) == ([], [a], [b])  # one hint at most: b is dropped
-    # A request for b queues its own load, ahead of any further hint.
-    req = eng.submit(_req(adapters, "b", [50], 3))
-    assert eng.loader.pending() == sorted([a, b])
+    eng.loader.max_hints = 2
+    # a's hint is stuck in its fetch (on the prefetch worker), b's waits behind it, c's is
+    # dropped: at most two hints pending.
+    assert eng.prefetch([a, b, c]) == ([], [a, b], [c])
+    rb = eng.submit(_req(adapters, "b", [50], 3))  # overtakes b's hint
+    rc = eng.submit(_req(adapters, "c", [50], 3))
+    end = time.monotonic() + 30
+    while not (b in eng.pool and c in eng.pool) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert b in eng.pool and c in eng.pool, "requested loads waited for a stuck hint"
+    assert eng.loader.pending() == [a]
     src.gate.set()
-    eng.run_until_done([req])
-    assert req.result().completion_tokens == 3 and a in eng.pool and b in eng.pool
+    eng.run_until_done([rb, rc])
+    assert rb.result().completion_tokens == rc.result().completion_tokens == 3
+    # a's hint landed; b's was skipped when its turn came (its request had loaded b).
+    assert a in eng.pool and (eng.loader.hints_loaded, eng.loader.hints_failed) == (1, 0)
 
 
 def _peek(handle) -> list:
@@ -624,6 +637,60 @@ def test_host_tier_frees_a_held_entry_only_when_let_go():
     assert host.reserve(64) is None  # a's region is still being read by its holder
     host.unhold("a")
     assert host.nbytes == 0 and _host_put(host, "b", 128)
+
+
+def test_host_tier_second_commit_of_a_digest_yields_the_first_entry():
+    """Two fetches of one digest raced (a fetch lock handed over): the later commit frees its
+    own region and returns the committed entry, so no caller keeps a freed region."""
+    host = HostTier(max_bytes=256)
+    (o1, v1), (o2, _) = host.reserve(100), host.reserve(100)
+    v1[:] = b"1" * 100
+    first = PreparedAdapter(digest="d", header=None, modules={}, nbytes=100)
+    second = PreparedAdapter(digest="d", header=None, modules={}, nbytes=100)
+    assert host.commit(first, o1, hold=True) is first
+    assert host.commit(second, o2, hold=True) is first
+    assert host.nbytes == 128 and host.arena.free_bytes == 128
+    host.unhold("d")
+    host.unhold("d")
+    assert host.discard("d") and host.nbytes == 0 and host.arena.free_bytes == 256
+    with pytest.raises(RuntimeError, match="freed twice"):
+        host.arena.free(o1, 100)
+
+
+def test_host_tier_frees_every_region_dropped_while_held():
+    host = HostTier(max_bytes=512)
+    assert _host_put(host, "d", 100)
+    host.hold("d")
+    assert host.discard("d")  # region 1 doomed
+    assert _host_put(host, "d", 100)  # re-fetched meanwhile: region 2
+    host.hold("d")
+    assert host.discard("d")  # region 2 doomed too
+    host.unhold("d")
+    assert host.nbytes == 256
+    host.unhold("d")
+    assert host.nbytes == 0 and host.arena.free_bytes == 512
+
+
+def test_adapters_that_do_not_fit_the_host_tier_still_load(base_info, adapters):
+    """A host tier smaller than an adapter (or an int8 pack, dequantized into fresh tensors):
+    the adapter goes through a private buffer, is not kept on the host, and the holds balance."""
+    from mintmesh import packed
+
+    shapes = base_info.linear_shapes
+    a = adapters["a"]
+    header, mods = packed.unpack(a.data, copy=True)
+    int8 = packed.pack(mods, base_fingerprint=header.base_fingerprint, storage="int8",
+                       peft_config=header.peft_config)  # fmt: skip
+    src = PackedBytesSource({a.digest: a.data})
+    d8 = src.add(int8)
+    for host_bytes, digest in ((len(a.data) // 2, a.digest), (64 << 20, d8)):
+        pool = AdapterPool(shapes, max_adapters=2)
+        res = AdapterResidency(pool, src, layer_shapes=shapes, host_bytes=host_bytes,
+                               base_fingerprint=base_info.fingerprint, max_rank=64)  # fmt: skip
+        res.ensure(digest)
+        assert digest in pool and digest not in res.host and res.host.nbytes == 0
+        assert res.host._busy == {}
+        res.release(digest)
 
 
 def test_device_pool_evicts_only_unreferenced_adapters(base_info, adapters):

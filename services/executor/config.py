@@ -32,7 +32,8 @@ class ExecutorConfig:
     adapter_pool_bytes: int = 0
     # Distinct adapters among running sequences (the step's adapter budget); 0 = max_adapters.
     max_step_adapters: int = 0
-    # Host tier: checked, unpacked adapters kept in (pinned on CUDA) host memory, in bytes.
+    # Host tier: checked, unpacked adapters kept in one staging arena of host memory, in bytes
+    # (page-locked on CUDA, where torch's pinned allocator rounds the size up to a power of 2).
     host_cache_bytes: int = 512 << 20
     # Touch the host tier's staging arena at start (CPU), so no load page-faults fresh memory.
     host_prefault: bool = True

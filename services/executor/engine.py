@@ -615,8 +615,9 @@ class Engine:
         return out
 
     def prefetch(self, digests: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-        """Prefetch hints: start loading these adapters in the background (see AdapterLoader).
-        Returns (already resident, queued or already loading, dropped: too many hints)."""
+        """Prefetch hints: start loading these adapters in the background, into free device room
+        or else the host tier (see AdapterLoader). Returns (already resident, queued or already
+        loading, dropped: too many hints pending)."""
         from mintmesh.identity import check_digest
 
         wanted = list(dict.fromkeys(check_digest(d) for d in digests))

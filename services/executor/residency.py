@@ -100,6 +100,8 @@ class HostArena:
         i = 0
         while i < len(runs) and runs[i][0] < start:
             i += 1
+        if (i > 0 and runs[i - 1][1] > start) or (i < len(runs) and runs[i][0] < end):
+            raise RuntimeError(f"host arena: region [{start}, {end}) freed twice")
         if i > 0 and runs[i - 1][1] == start:
             i -= 1
             start = runs[i][0]
@@ -130,7 +132,8 @@ class HostTier:
         self._items: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self._regions: dict[str, tuple[int, int]] = {}
         self._busy: dict[str, int] = {}
-        self._doomed: dict[str, tuple[int, int]] = {}  # dropped while busy: freed on unhold
+        # Regions of entries dropped while held: freed when the last holder lets go.
+        self._doomed: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self.nbytes = 0  # bytes of the arena in use (entries and regions being filled)
         self.hits = 0
@@ -183,18 +186,26 @@ class HostTier:
             self.arena.free(offset, nbytes)
             self.nbytes -= HostArena.span(nbytes)
 
-    def commit(self, prepared: PreparedAdapter, offset: int, *, hold: bool = False) -> None:
-        """Make a filled region (from reserve) the entry of prepared.digest."""
+    def commit(
+        self, prepared: PreparedAdapter, offset: int, *, hold: bool = False
+    ) -> PreparedAdapter:
+        """Make a filled region (from reserve) the entry of prepared.digest and return the entry
+        to use: when another fetch of the digest committed first, that one (this region is
+        freed at once, so nothing may keep using `prepared`)."""
         with self._lock:
             d = prepared.digest
-            if d in self._items:  # cannot happen under prepare's per-digest lock; stay sound
+            entry = self._items.get(d)
+            if entry is not None:
                 self.arena.free(offset, prepared.nbytes)
                 self.nbytes -= HostArena.span(prepared.nbytes)
+                self._items.move_to_end(d)
             else:
+                entry = prepared
                 self._items[d] = prepared
                 self._regions[d] = (offset, prepared.nbytes)
             if hold:
                 self._busy[d] = self._busy.get(d, 0) + 1
+            return entry
 
     def discard(self, digest: str) -> bool:
         """Drop digest from the host tier (a deleted adapter); False when it was not there. A
@@ -209,7 +220,7 @@ class HostTier:
         self._items.pop(digest)
         region = self._regions.pop(digest)
         if self._busy.get(digest):
-            self._doomed[digest] = region
+            self._doomed.setdefault(digest, []).append(region)
         else:
             self.arena.free(*region)
             self.nbytes -= HostArena.span(region[1])
@@ -225,8 +236,7 @@ class HostTier:
                 self._busy[digest] = n
                 return
             self._busy.pop(digest, None)
-            region = self._doomed.pop(digest, None)
-            if region is not None:
+            for region in self._doomed.pop(digest, ()):
                 self.arena.free(*region)
                 self.nbytes -= HostArena.span(region[1])
 
@@ -260,7 +270,8 @@ class AdapterResidency:
         self._refs: dict[str, int] = {}
         # Resident digests, least recently used first.
         self._lru: OrderedDict[str, None] = OrderedDict()
-        self._fetch_locks: dict[str, threading.Lock] = {}
+        # digest -> [lock, users]: one fetch at a time per digest; dropped with its last user.
+        self._fetch_locks: dict[str, list] = {}
         self._fetch_locks_lock = threading.Lock()
         self.loads = 0
         self.evictions = 0
@@ -324,16 +335,18 @@ class AdapterResidency:
         if hit is not None:
             return hit
         with self._fetch_locks_lock:
-            flock = self._fetch_locks.setdefault(digest, threading.Lock())
+            entry = self._fetch_locks.setdefault(digest, [threading.Lock(), 0])
+            entry[1] += 1
         try:
-            with flock:
+            with entry[0]:
                 hit = self.host.get(digest, hold=True)
                 if hit is not None:
                     return hit
                 return self._fetch(digest, timeout)
         finally:
             with self._fetch_locks_lock:
-                if self._fetch_locks.get(digest) is flock:
+                entry[1] -= 1
+                if entry[1] == 0:
                     del self._fetch_locks[digest]
 
     def _fetch(self, digest: str, timeout: float | None) -> PreparedAdapter:
@@ -361,8 +374,14 @@ class AdapterResidency:
             for off, n in reserved:
                 self.host.unreserve(off, n)
             raise
-        if reserved:
-            self.host.commit(prepared, reserved[0][0], hold=True)
+        if reserved and not prepared.header.quantized:
+            return self.host.commit(prepared, reserved[0][0], hold=True)
+        # Not kept on the host: no room in the arena (a private buffer), or an int8 pack (its
+        # weights were dequantized into fresh tensors; the region of its bytes is dead). The
+        # hold keeps holds balanced with load()'s release.
+        for off, n in reserved:
+            self.host.unreserve(off, n)
+        self.host.hold(digest)
         return prepared
 
     def unhold(self, prepared: PreparedAdapter) -> None:
@@ -404,11 +423,13 @@ class AdapterResidency:
                 del self._refs[digest]
                 self._cv.notify_all()
 
-    def load(self, prepared: PreparedAdapter, *, timeout: float | None = None) -> int:
+    def load(
+        self, prepared: PreparedAdapter, *, timeout: float | None = None, evict: bool = True
+    ) -> int:
         """Make prepared (held by prepare()) resident and take a reference on it; return its
-        slot. Evicts least recently used adapters that nothing references; waits (up to timeout)
-        while every resident adapter is referenced; ResourceExhausted after that. Lets go of
-        the host hold in any case."""
+        slot. Evicts least recently used adapters that nothing references (unless evict=False:
+        free room only); waits (up to timeout) while every resident adapter is referenced;
+        ResourceExhausted after that. Lets go of the host hold in any case."""
         digest = prepared.digest
         wait = DEFAULT_ROOM_WAIT_S if timeout is None else max(0.0, timeout)
         end = time.monotonic() + wait
@@ -422,12 +443,13 @@ class AdapterResidency:
                         slot = self._pool_load(prepared)
                         break
                     except ResourceExhausted as e:
-                        if self._evict_idle():
+                        if evict and self._evict_idle():
                             continue
                         left = end - time.monotonic()
                         if left <= 0 or len(self.pool) == 0 or self._closed:
+                            why = "all" if evict else "no free room (evict=False);"
                             raise ResourceExhausted(
-                                f"adapter {digest[:12]}… cannot be loaded: {e.message}; all "
+                                f"adapter {digest[:12]}… cannot be loaded: {e.message}; {why} "
                                 f"{len(self.pool)} resident adapters are in use"
                             ) from None
                         self._cv.wait(min(left, 0.5))
@@ -525,11 +547,14 @@ class _Job:
 
 
 class AdapterLoader:
-    """Background workers moving digests node cache -> host -> device. Loads that requests
-    wait for go first; prefetch hints (at most max_hints pending) run when no such load is
-    queued, never evict a referenced adapter and never wait for room (a hint that finds the
-    device full of adapters in use leaves its adapter on the host). A hint's failure is only
-    logged: the requests that later want the adapter get a load of their own."""
+    """Background workers moving digests node cache -> host -> device.
+
+    Loads that requests wait for run on `threads` workers. Prefetch hints (at most max_hints
+    pending) have a worker of their own, so a hint never holds up a requested load; a hint
+    fetches with a short deadline (hint_timeout_s), fills free device room only (it never
+    evicts: a burst of hints must not push warm adapters out; without room it stops at the host
+    tier), and its failure is only logged: requests that later want the adapter get a load of
+    their own. A hint overtaken by a request (or by close) is skipped when its turn comes."""
 
     def __init__(
         self,
@@ -538,19 +563,27 @@ class AdapterLoader:
         *,
         threads: int = 2,
         max_hints: int = 64,
+        hint_timeout_s: float = 10.0,
     ) -> None:
         self.residency = residency
         self.on_done = on_done
         self.max_hints = int(max_hints)
-        self._q: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
-        self._order = 0
+        self.hint_timeout_s = float(hint_timeout_s)
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._hq: queue.Queue[_Job | None] = queue.Queue()
         # digest -> True while only a hint is pending for it, False once a request wants it.
         self._pending: dict[str, bool] = {}
         self._lock = threading.Lock()
+        self._closing = False
         self._threads = [
-            threading.Thread(target=self._run, name=f"adapter-loader-{i}", daemon=True)
+            threading.Thread(target=self._run, args=(self._q,), name=f"adapter-loader-{i}",
+                             daemon=True)
             for i in range(max(1, threads))
-        ]
+        ]  # fmt: skip
+        self._threads.append(
+            threading.Thread(target=self._run, args=(self._hq,), name="adapter-prefetch",
+                             daemon=True)
+        )  # fmt: skip
         self.busy = 0
         self.hints_loaded = 0
         self.hints_failed = 0
@@ -561,12 +594,6 @@ class AdapterLoader:
         with self._lock:
             return sorted(self._pending)
 
-    def _put(self, priority: int, job: _Job | None) -> None:
-        with self._lock:
-            self._order += 1
-            order = self._order
-        self._q.put((priority, order, job))
-
     def request(
         self, digest: str, *, otel_context: object = None, deadline: float | None = None
     ) -> bool:
@@ -576,7 +603,7 @@ class AdapterLoader:
             if self._pending.get(digest) is False:
                 return False
             self._pending[digest] = False
-        self._put(0, _Job(digest, otel_context, deadline))
+        self._q.put(_Job(digest, otel_context, deadline))
         return True
 
     def hint(self, digest: str) -> bool | None:
@@ -585,23 +612,31 @@ class AdapterLoader:
         with self._lock:
             if digest in self._pending:
                 return False
-            if sum(self._pending.values()) >= self.max_hints:
+            if self._closing or sum(self._pending.values()) >= self.max_hints:
                 return None
             self._pending[digest] = True
-        self._put(1, _Job(digest, None, None, hint=True))
+        self._hq.put(_Job(digest, None, time.monotonic() + self.hint_timeout_s, hint=True))
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        for _ in self._threads:
-            self._put(2, None)
+        with self._lock:
+            self._closing = True  # queued hints are skipped from now on
+        for _ in self._threads[:-1]:
+            self._q.put(None)
+        self._hq.put(None)
         for t in self._threads:
             t.join(timeout)
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue) -> None:
         while True:
-            _, _, job = self._q.get()
+            job = q.get()
             if job is None:
                 return
+            if job.hint:
+                with self._lock:
+                    stale = self._closing or self._pending.get(job.digest) is not True
+                if stale:
+                    continue
             with self._lock:
                 self.busy += 1
             try:
@@ -625,12 +660,13 @@ class AdapterLoader:
                 if t is not None and t <= 0:
                     raise ResourceExhausted(
                         f"adapter {job.digest[:12]}… was not loaded before the request's deadline"
-                    )
+                    )  # (a hint's deadline is only its fetch's)
                 prepared = self.residency.prepare(job.digest, timeout=t)
-                t = None if job.deadline is None else job.deadline - time.monotonic()
-                if job.hint:
-                    t = 0.0  # evict idle adapters if need be, never wait for room
-                self.residency.load(prepared, timeout=t)  # lets go of prepare's hold
+                if job.hint:  # free room only, no waiting for it
+                    self.residency.load(prepared, timeout=0.0, evict=False)
+                else:
+                    t = None if job.deadline is None else job.deadline - time.monotonic()
+                    self.residency.load(prepared, timeout=t)  # lets go of prepare's hold
         except MintError as e:
             err = e
         except Exception as e:  # a bug: INTERNAL for the requests that wait on it

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 BASE_KEY = "__base__"
 # Errors that mean "this executor can't take it now; another may".
 _FAILOVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Refs per Prefetch call (an executor keeps at most 64 hints pending by default).
+MAX_PREFETCH_REFS = 64
 
 
 class RouterCore:
@@ -132,6 +134,10 @@ class RouterCore:
         deadline = self._deadline(time_left, self.config.store_timeout_s)
         if not refs:
             raise E.InvalidArgument("prefetch needs at least one adapter ref")
+        if len(refs) > MAX_PREFETCH_REFS:
+            raise E.InvalidArgument(
+                f"prefetch of {len(refs)} refs; at most {MAX_PREFETCH_REFS} per call"
+            )
         revisions: list[tuple[str, common_pb2.AdapterRevision]] = []
         for ref in dict.fromkeys(refs):
             caller.check(parse_ref(ref).tenant, f"adapter {ref!r}")
