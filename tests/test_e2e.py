@@ -132,6 +132,28 @@ def test_mixed_greedy_generation_matches_peft(client, pushed, oracle):
     assert executors, "no executor reported"
 
 
+def test_repeated_prompt_reuses_its_cached_prefix_and_stays_exact(cluster, client, pushed,
+                                                                  oracle):
+    """Automatic prefix caching on a real executor: the same prompt under the same adapter
+    revision reuses the KV of its full blocks (Status counts the hit tokens) and the tokens are
+    still peft's."""
+    from mintmesh.v1 import executor_pb2, executor_pb2_grpc
+
+    name, prompt = "alice/chat", PROMPTS[3]
+    sp = sampling_params(max_tokens=MAX_TOKENS, temperature=0.0)
+    first = client.generate(prompt, adapter=name, sampling=sp)
+    with grpc.insecure_channel(cluster.executor_addresses[int(first.executor[-1])]) as ch:
+        ex = executor_pb2_grpc.ExecutorStub(ch)
+        before = ex.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
+        again = client.generate(prompt, adapter=name, sampling=sp)
+        after = ex.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
+    assert again.executor == first.executor
+    assert first.token_ids == again.token_ids == oracle[(name, prompt)]
+    assert after.prefix_caching and after.kv_blocks_cached > 0
+    assert after.prefix_hit_tokens - before.prefix_hit_tokens >= after.kv_block_size
+    assert after.prefix_query_tokens > before.prefix_query_tokens
+
+
 def test_bad_requests_get_the_right_status(client, pushed):
     cases = [
         (dict(adapter="nobody/nothing"), grpc.StatusCode.NOT_FOUND, "nobody/nothing"),

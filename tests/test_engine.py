@@ -844,3 +844,239 @@ def test_purge_waits_for_the_running_request_then_drops_every_copy(make_engine, 
     assert len(h.result().token_ids) == 12
     assert d not in eng.residency.resident()
     assert d not in eng.residency.host
+
+
+# ---- automatic prefix caching -------------------------------------------------------------------
+
+
+def _computed(eng, h_or_hs) -> int:
+    """Run the handles to the end; the prompt tokens that went through the model meanwhile."""
+    before = eng.prefill_tokens_computed
+    eng.run_until_done(h_or_hs if isinstance(h_or_hs, list) else [h_or_hs])
+    return eng.prefill_tokens_computed - before
+
+
+def _no_refs_left(eng) -> None:
+    al = eng.kv.allocator
+    assert eng.kv_blocks_used() == 0
+    assert all(al.refs(b) == 0 for b in range(al.num_blocks))
+    assert al.num_cached == al.num_hashed  # every registered block is cached, none referenced
+    assert al.num_free == al.num_blocks and not eng._block_hashes and not eng._after_hit
+
+
+def test_prefix_block_hash_keys_adapter_digest_and_whole_prefix():
+    from mintmesh.services.executor.kv import prefix_block_hash as h
+
+    a, b = "a" * 64, "b" * 64
+    first = h(None, a, [1, 2, 3, 4])
+    assert first == h(None, a, [1, 2, 3, 4])
+    assert len({first, h(None, b, [1, 2, 3, 4]), h(None, None, [1, 2, 3, 4])}) == 3
+    assert h(None, None, [1, 2]) == h(None, "", [1, 2])  # both mean the base model
+    # The same block tokens after another prefix are another block.
+    assert h(first, a, [5, 6, 7, 8]) != h(h(None, a, [1, 2, 3, 9]), a, [5, 6, 7, 8])
+    assert h(None, a, [1, 2]) != h(None, a, [1, 2, 0])
+
+
+def test_block_allocator_refcounts_caches_and_evicts_registered_blocks():
+    al = BlockAllocator(6)
+    x = al.alloc(4, key="x", expect=4)
+    assert al.register(x[0], b"h0") and al.register(x[1], b"h1")
+    assert not al.register(x[2], b"h0")  # that prefix already has a block
+    al.acquire(al.lookup([b"h0", b"h1", b"h2"]))  # a second sequence shares 2 blocks
+    assert [al.refs(b) for b in x] == [2, 2, 1, 1]
+    al.free(x, key="x")
+    assert al.num_used == 2 and al.num_cached == 0
+    al.free(x[:2])
+    # Unreferenced: registered blocks are cached (free, still findable), the others plain free.
+    assert al.num_free == 6 and al.num_cached == 2 and al.lookup([b"h0", b"h1"]) == x[:2]
+    with pytest.raises(RuntimeError, match="twice"):
+        al.free([x[0]])
+    # Plainly free blocks go first; a shortfall evicts cached ones, tail of the prefix first.
+    y = al.alloc(4)
+    assert set(y).isdisjoint(x[:2]) and al.num_cached == 2 and al.evictions == 0
+    z = al.alloc(1)
+    assert z == [x[1]] and al.evictions == 1 and al.lookup([b"h0", b"h1"]) == [x[0]]
+    assert al.alloc(2) is None
+    al.acquire([x[0]])  # a cached block taken back is referenced again, not free
+    assert al.num_free == 0 and al.alloc(1) is None
+
+
+def test_prefix_cache_hit_equals_peft_and_skips_the_cached_prompt(make_engine, adapters, oracle):
+    """Multi-turn: the second turn re-sends the first (prompt and reply) and reuses its KV."""
+    eng = make_engine(kv_block_size=4)
+    p1 = list(range(20, 43))  # 23 tokens
+    h1 = eng.submit(_req(adapters, "a", p1, 6))
+    assert _computed(eng, h1) == len(p1)
+    out1 = h1.result().token_ids
+    assert out1 == oracle("a", p1, 6)
+    assert (eng.prefix_query_tokens, eng.prefix_hit_tokens) == (len(p1), 0)
+    p2 = p1 + out1 + [7, 8, 9, 10, 11]
+    assert len(p2) == 34
+    h2 = eng.submit(_req(adapters, "a", p2, 6))
+    computed = _computed(eng, h2)
+    assert h2.result().token_ids == oracle("a", p2, 6)
+    # Every full block turn 1 computed (its last sampled token never went through the model).
+    hit = (len(p1) + len(out1) - 1) // 4 * 4
+    assert hit >= 20 and eng.prefix_hit_tokens == hit
+    assert computed == len(p2) - hit
+    st = eng.status()
+    assert st.prefix_caching and st.prefix_hit_tokens == hit
+    assert st.prefix_query_tokens == len(p1) + len(p2) and st.kv_blocks_cached > 0
+    # The same prompt again: its full blocks are cached (34 tokens: 32), and a prompt of 33
+    # tokens leaves just its last token to compute (a one-token step, not a prefill chunk).
+    h3 = eng.submit(_req(adapters, "a", p2, 6))
+    assert _computed(eng, h3) == len(p2) - 32
+    assert h3.result().token_ids == oracle("a", p2, 6)
+    h4 = eng.submit(_req(adapters, "a", p2[:33], 6))
+    assert _computed(eng, h4) == 0
+    assert h4.result().token_ids == oracle("a", p2[:33], 6)
+    assert eng.prefix_hit_tokens == hit + 32 + 32
+    _no_refs_left(eng)
+
+
+def test_prefix_cache_never_crosses_adapters_or_revisions(make_engine, adapters, oracle):
+    """The same tokens under adapter a, adapter b, the base model and a re-pushed a (a_v2, same
+    name, new digest): no K/V is reused across them, each output is its own adapter's."""
+    eng = make_engine(kv_block_size=4)
+    p = list(range(100, 121))  # 21 tokens: 5 full blocks
+    for name in ("a", "b", None, "a_v2"):
+        h = eng.submit(_req(adapters, name, p, 5))
+        assert _computed(eng, h) == len(p), name
+        assert h.result().token_ids == oracle(name, p, 5), name
+        assert eng.prefix_hit_tokens == 0, name
+    assert eng.kv.allocator.num_cached >= 4 * 5
+    # Each one reuses only its own.
+    for i, name in enumerate(("a_v2", None, "b", "a"), start=1):
+        h = eng.submit(_req(adapters, name, p + [3, 4], 5))
+        assert _computed(eng, h) == len(p) + 2 - 20, name
+        assert h.result().token_ids == oracle(name, p + [3, 4], 5), name
+        assert eng.prefix_hit_tokens == 20 * i
+    # Another tenant with the same digest: the same adapter revision, so the same K/V.
+    h = eng.submit(_req(adapters, "b", p + [9], 5, tenant="someone-else"))
+    assert _computed(eng, h) == 2
+    assert h.result().token_ids == oracle("b", p + [9], 5)
+    _no_refs_left(eng)
+
+
+def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, oracle):
+    """A running request's prompt blocks are shared by requests admitted while it decodes;
+    shared blocks are never written, every reference comes back."""
+    eng = make_engine(kv_block_size=4, max_batch_size=4)
+    p = list(range(30, 47))  # 17 tokens: 4 full blocks
+    first = eng.submit(_req(adapters, "b", p, 12, ignore_eos=True))
+    eng.wait_loads()
+    eng.step()
+    eng.step()  # prefilled and decoding
+    more = [eng.submit(_req(adapters, "b", p + [5, 6], 4, ignore_eos=True)),
+            eng.submit(_req(adapters, "b", p + [9], 9, ignore_eos=True)),
+            eng.submit(_req(adapters, "d", p, 6, ignore_eos=True))]  # fmt: skip
+    eng.wait_loads()
+    eng.step()
+    al = eng.kv.allocator
+    seqs = {s.handle: s for s in eng._running}
+    shared = seqs[first].blocks[:4]
+    assert [seqs[h].blocks[:4] for h in more[:2]] == [shared, shared]
+    assert set(seqs[more[2]].blocks).isdisjoint(shared)  # other adapter, own blocks
+    assert [al.refs(b) for b in shared] == [3, 3, 3, 3]
+    assert eng.prefix_hit_tokens == 32
+    eng.run_until_done([first, *more])
+    want = [("b", p, 12), ("b", p + [5, 6], 4), ("b", p + [9], 9), ("d", p, 6)]
+    for (name, ids, k), h in zip(want, [first, *more], strict=True):
+        assert h.result().token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+    _no_refs_left(eng)
+
+
+def test_cached_blocks_are_evicted_to_admit_new_work(make_engine, adapters, oracle):
+    """A small KV cache: cached prefixes are evicted for new requests (least recently freed,
+    tail first); running sequences still preempt rather than fail; outputs stay right."""
+    per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 4, torch.float32)
+    eng = make_engine(kv_block_size=4, kv_cache_bytes=12 * per_block, max_batch_size=4)
+    prompts = [list(range(10 * i + 1, 10 * i + 19)) for i in range(1, 5)]  # 18 tokens each
+    for i, ids in enumerate(prompts):
+        h = eng.submit(_req(adapters, "c", ids, 6, ignore_eos=True))
+        eng.run_until_done([h])
+        assert h.result().token_ids == _ignore_eos_greedy(eng, "c", ids, 6, adapters), i
+    al = eng.kv.allocator
+    assert al.evictions > 0 and eng.prefix_hit_tokens == 0
+    # The last prompt's prefix is still cached (its 4 full blocks), the first one's is not
+    # (evicted tail first: at most its head block is left).
+    h = eng.submit(_req(adapters, "c", prompts[-1] + [1], 3, ignore_eos=True))
+    eng.run_until_done([h])
+    assert eng.prefix_hit_tokens == 16
+    h = eng.submit(_req(adapters, "c", prompts[0] + [1], 3, ignore_eos=True))
+    eng.run_until_done([h])
+    assert eng.prefix_hit_tokens - 16 in (0, 4)
+    assert h.result().token_ids == _ignore_eos_greedy(eng, "c", prompts[0] + [1], 3, adapters)
+    # Now everything at once, with preemption, over a cache that is full of cached prefixes.
+    jobs = [("c", prompts[1], 10), ("c", prompts[1] + [2, 3], 10), ("a", prompts[2], 10),
+            (None, prompts[3], 10)]  # fmt: skip
+    hs = [eng.submit(_req(adapters, n, ids, k, ignore_eos=True)) for n, ids, k in jobs]
+    eng.run_until_done(hs)
+    assert eng.preemptions > 0
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        assert h.result().token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+    _no_refs_left(eng)
+
+
+def test_preempted_sequences_take_their_cached_blocks_back(make_engine, adapters, oracle):
+    per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 2, torch.float32)
+    eng = make_engine(kv_block_size=2, kv_cache_bytes=14 * per_block, max_batch_size=4)
+    jobs = [("a", [72, 101, 108, 108, 111], 8), ("b", list(range(30, 37)), 8),
+            ("d", [5, 6, 7], 8)]  # fmt: skip
+    hs = [eng.submit(_req(adapters, n, ids, k)) for n, ids, k in jobs]
+    eng.run_until_done(hs)
+    assert eng.preemptions > 0 and eng.prefix_hit_tokens > 0
+    for (name, ids, k), h in zip(jobs, hs, strict=True):
+        assert h.result().token_ids == oracle(name, ids, k), name
+    _no_refs_left(eng)
+
+
+def test_prefix_caching_off_reuses_nothing(make_engine, adapters, oracle):
+    eng = make_engine(kv_block_size=4, prefix_caching=False)
+    p = list(range(20, 43))
+    for _ in range(2):
+        h = eng.submit(_req(adapters, "a", p, 6))
+        assert _computed(eng, h) == len(p)
+        assert h.result().token_ids == oracle("a", p, 6)
+    al = eng.kv.allocator
+    assert (eng.prefix_query_tokens, eng.prefix_hit_tokens) == (0, 0)
+    assert al.num_hashed == 0 and al.num_cached == 0 and eng.kv_blocks_used() == 0
+    assert not eng.status().prefix_caching
+
+
+def test_prefix_caching_flag_and_environment():
+    from mintmesh.services.common.config import load_config
+    from mintmesh.services.executor.__main__ import build_parser
+
+    def cfg(argv, env=None):
+        over = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "log_level"}
+        return load_config(ExecutorConfig, "EXECUTOR", over, environ=env or {})
+
+    assert cfg(["--model-dir", "m"]).prefix_caching is True
+    assert cfg(["--model-dir", "m", "--no-prefix-caching"]).prefix_caching is False
+    off = {"MINT_EXECUTOR_PREFIX_CACHING": "0"}
+    assert cfg(["--model-dir", "m"], off).prefix_caching is False
+    assert cfg(["--model-dir", "m", "--prefix-caching"], off).prefix_caching is True
+
+
+def test_purging_an_adapter_drops_the_prefixes_computed_with_it(make_engine, adapters, oracle):
+    eng = make_engine(kv_block_size=4)
+    p = list(range(20, 43))
+    for name in ("a", "b"):
+        h = eng.submit(_req(adapters, name, p, 4))
+        assert _computed(eng, h) == len(p)
+        h.result()
+    al = eng.kv.allocator
+    cached = al.num_cached
+    assert cached > 0
+    purged, busy = eng.purge([adapters["a"].digest])
+    assert adapters["a"].digest in purged and not busy
+    assert 0 < al.num_cached < cached  # a's blocks are plainly free now; b's stay cached
+    again = eng.submit(_req(adapters, "b", p, 4))
+    assert _computed(eng, again) < len(p)  # b still hits
+    assert again.result().token_ids == oracle("b", p, 4)
+    # Were a's bytes served again (this source still has them), nothing of its old KV is used.
+    back = eng.submit(_req(adapters, "a", p, 4))
+    assert _computed(eng, back) == len(p)
+    assert back.result().token_ids == oracle("a", p, 4)
+    _no_refs_left(eng)

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-per-tenant", type=int, help="0 = max-queue")
     p.add_argument("--kv-cache-bytes", type=int, help="paged KV cache bytes (0 = default)")
     p.add_argument("--kv-block-size", type=int, help="tokens per KV block")
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse cached KV blocks of a prompt's prefix (same adapter digest; default on)",
+    )
     p.add_argument("--max-prompt-tokens", type=int, help="0 = the model's max positions - 1")
     p.add_argument("--max-rank", type=int, help="largest LoRA rank served (default 256)")
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")

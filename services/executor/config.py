@@ -47,6 +47,10 @@ class ExecutorConfig:
     # tokens) and tokens per block.
     kv_cache_bytes: int = 0
     kv_block_size: int = 16
+    # Automatic prefix caching: full KV blocks stay cached after their sequence leaves, keyed by
+    # (adapter digest, every token up to the block's end); a new request with the same digest
+    # and prefix reuses them instead of recomputing (multi-turn chat re-sends its history).
+    prefix_caching: bool = True
     # Longest prompt accepted; 0 = the model's max_position_embeddings - 1.
     max_prompt_tokens: int = 0
     # Largest LoRA rank this executor serves.

@@ -49,6 +49,7 @@ from mintmesh.services.executor.kv import (
     AttentionPlan,
     PagedKVCache,
     SeqSpan,
+    prefix_block_hash,
     use_paged_attention,
 )
 from mintmesh.services.executor.lora import LoraContext, inject_lora
@@ -167,6 +168,13 @@ class EngineStatus:
     steps: int = 0
     preemptions: int = 0
     tokens_generated: int = 0
+    # Automatic prefix caching: prompt tokens looked up at admission, and of those the tokens
+    # whose K/V was reused from cached blocks (same adapter digest, same prefix); unreferenced
+    # blocks kept for their prefix (counted free in kv_blocks_used/total).
+    prefix_caching: bool = False
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    kv_blocks_cached: int = 0
 
 
 class GenerationHandle:
@@ -316,6 +324,18 @@ class Engine:
         )
         # Blocks kept free when admitting (so running sequences can grow a little).
         self._watermark = max(1, self.kv.num_blocks // 100)
+        # Automatic prefix caching: full computed blocks are registered under a hash of (adapter
+        # digest, every token up to the block's end); an admitted sequence takes references on
+        # the longest registered run of its prompt's blocks and computes only the rest.
+        self.prefix_caching = bool(config.prefix_caching)
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.prefill_tokens_computed = 0
+        # seq_id -> hashes of the sequence's full blocks computed so far (a memo: tokens only
+        # grow, so a block's hash never changes).
+        self._block_hashes: dict[int, list[bytes]] = {}
+        # Sequences holding only cached prefix blocks: their first own block starts a new run.
+        self._after_hit: set[int] = set()
 
         # Adapter tiers and the background loader.
         self._source = source
@@ -471,6 +491,10 @@ class Engine:
             steps=self.step_no,
             preemptions=self.preemptions,
             tokens_generated=self.tokens_generated,
+            prefix_caching=self.prefix_caching,
+            prefix_query_tokens=self.prefix_query_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            kv_blocks_cached=self.kv.allocator.num_cached,
         )
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
@@ -646,6 +670,9 @@ class Engine:
             if still:
                 busy.append(d)
                 continue
+            # No prefix computed with a deleted adapter is reused (its KV blocks go too).
+            with self._model_lock:  # the step loop's lock: it owns the allocator
+                self.kv.allocator.forget(d)
             evict = getattr(self.residency.source, "evict", None)
             in_cache = bool(evict(d)) if callable(evict) else False
             if present or in_cache:
@@ -800,10 +827,13 @@ class Engine:
                 decode += n
             else:
                 prefill += n
+        self.prefill_tokens_computed += prefill
         plan = AttentionPlan(spans, self.kv)
         logits = self._run_model(flat, positions, token_slots, plan, sample_rows)
         for seq, n in sched:
             seq.num_computed += n
+            if self.prefix_caching:
+                self._register_blocks(seq, seq.num_computed - n)
             if n > 1 or seq.generated == 0:
                 self._fair.charge(seq.tenant, prompt_tokens=n)
         finished = self._sample_and_stream(samplers, logits, step)
@@ -979,10 +1009,16 @@ class Engine:
                 and len(in_use) >= self.max_step_adapters
             ):
                 break  # the adapter budget: it waits for a running adapter to leave
+            hit = self._match_prefix(seq)
             n = min(seq.remaining, budget, self._room(seq, self._watermark if self._running else 0))
             if n < 1:
+                if hit:  # back to the cache; looked up again next time
+                    self._drop_blocks(seq)
                 break
             self._fair.remove(seq)
+            if self.prefix_caching:
+                self.prefix_query_tokens += len(seq.tokens)
+                self.prefix_hit_tokens += hit
             self._take(seq, n)
             seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
             if seq.slot is None:  # cannot happen: the sequence holds a reference
@@ -1001,6 +1037,59 @@ class Engine:
             admitted += 1
         return sched, admitted, preempted
 
+    def _match_prefix(self, seq: Seq) -> int:
+        """Prefix caching, at admission: references on the cached blocks of the longest
+        registered prefix of seq's tokens under seq's own adapter digest (at least the last
+        token is left to compute, for the logits to sample from); returns the tokens matched,
+        now counted computed."""
+        if not self.prefix_caching or seq.blocks or seq.num_computed:
+            return 0
+        full = (len(seq.tokens) - 1) // self.kv.block_size
+        if full < 1:
+            return 0
+        al = self.kv.allocator
+        blocks = al.lookup(self._hashes(seq, full))
+        if not blocks:
+            return 0
+        al.acquire(blocks)
+        self._after_hit.add(seq.seq_id)
+        seq.blocks = list(blocks)
+        seq.num_computed = len(blocks) * self.kv.block_size
+        return seq.num_computed
+
+    def _hashes(self, seq: Seq, n: int) -> list[bytes]:
+        """The prefix hashes of seq's first n full blocks (computed once per sequence)."""
+        memo = self._block_hashes.setdefault(seq.seq_id, [])
+        bs = self.kv.block_size
+        while len(memo) < n:
+            i = len(memo)
+            memo.append(
+                prefix_block_hash(
+                    memo[-1] if memo else None, seq.digest, seq.tokens[i * bs : (i + 1) * bs]
+                )
+            )
+        return memo[:n]
+
+    def _register_blocks(self, seq: Seq, before: int) -> None:
+        """After a forward: the blocks of seq that became full (computed from `before` to
+        seq.num_computed) become findable by their prefix hash."""
+        bs = self.kv.block_size
+        first, end = before // bs, seq.num_computed // bs
+        if end <= first:
+            return
+        hashes = self._hashes(seq, end)
+        al = self.kv.allocator
+        for i in range(first, end):
+            al.register(seq.blocks[i], hashes[i], owner=seq.digest or "")
+
+    def _drop_blocks(self, seq: Seq) -> None:
+        """seq's references on its blocks go (registered ones stay cached); its KV is gone."""
+        if seq.blocks:
+            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
+        seq.blocks = []
+        seq.num_computed = 0
+        self._after_hit.discard(seq.seq_id)
+
     def _room(self, seq: Seq, reserve: int) -> int:
         """Tokens seq can add to its KV with its blocks and the free ones (less reserve)."""
         free = max(0, self.kv.allocator.num_free - reserve)
@@ -1011,13 +1100,17 @@ class Engine:
         a new run claims room for the sequence's whole expected length)."""
         need = self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks)
         if need > 0:
-            if seq.blocks:
-                got = self.kv.allocator.alloc(need, after=seq.blocks[-1])
+            al = self.kv.allocator
+            if seq.blocks and seq.seq_id not in self._after_hit:
+                got = al.alloc(need, after=seq.blocks[-1])
             else:
+                # A new run (after a cached prefix: right after it if that is free).
                 opts = seq.handle.request.sampling
                 total = len(seq.tokens) + max(0, opts.max_tokens - seq.generated)
-                expect = self.kv.blocks_for(min(total, self.max_positions))
-                got = self.kv.allocator.alloc(need, key=seq.seq_id, expect=expect)
+                expect = self.kv.blocks_for(min(total, self.max_positions)) - len(seq.blocks)
+                after = seq.blocks[-1] if seq.blocks else None
+                got = al.alloc(need, after=after, key=seq.seq_id, expect=expect)
+                self._after_hit.discard(seq.seq_id)
             if got is None:
                 raise RuntimeError(f"sequence {seq.seq_id}: {need} KV blocks not free")
             seq.blocks += got
@@ -1029,10 +1122,9 @@ class Engine:
 
     def _preempt(self, seq: Seq) -> None:
         """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
-        from its prompt and the tokens it generated so far."""
-        self.kv.allocator.free(seq.blocks, key=seq.seq_id)
-        seq.blocks = []
-        seq.num_computed = 0
+        from its prompt and the tokens it generated so far (its full blocks stay cached, so
+        with prefix caching it usually takes them back instead of recomputing them)."""
+        self._drop_blocks(seq)
         seq.preemptions += 1
         seq.handle.preemptions = seq.preemptions
         self.preemptions += 1
@@ -1101,6 +1193,8 @@ class Engine:
         if seq.blocks:
             self.kv.allocator.free(seq.blocks, key=seq.seq_id)
             seq.blocks = []
+        self._block_hashes.pop(seq.seq_id, None)
+        self._after_hit.discard(seq.seq_id)
         self._unpin(seq)
         seq.finished = True
         if error is not None:
@@ -1115,6 +1209,8 @@ class Engine:
             self.residency.release(seq.digest)
 
     def _finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
+        self._block_hashes.pop(seq.seq_id, None)
+        self._after_hit.discard(seq.seq_id)
         self._unpin(seq)
         seq.finished = True
         with self._lock:

@@ -6,8 +6,11 @@ Layout. One preallocated tensor per K and V, for every attention layer of the ba
 
 A sequence owns a *block table*: the ids of the blocks that hold its tokens in order, token p of
 the sequence at (blocks[p // block_size], p % block_size). Blocks are fixed-size and come from
-one free list (BlockAllocator); the cache is bounded in bytes (num_blocks = bytes / block bytes),
-so a sequence that cannot get blocks waits or is preempted, never fails.
+one allocator (BlockAllocator); the cache is bounded in bytes (num_blocks = bytes / block bytes),
+so a sequence that cannot get blocks waits or is preempted, never fails. Blocks are
+reference-counted: full blocks are registered under a prefix hash (adapter digest + tokens,
+chained) and shared read-only by later sequences with the same prefix (automatic prefix
+caching); unreferenced registered blocks stay cached until an allocation evicts them.
 
 Attention. `paged_attention` is registered in transformers' AttentionInterface under
 ATTN_IMPLEMENTATION; the model's own modules (q/k/v/o projections, rotary embedding, our
@@ -30,7 +33,10 @@ usable as an ordinary HF model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,20 +57,53 @@ class BlockAllocator:
     gets a run of free blocks with room for its expected length (prompt + max_tokens), which is
     *claimed* (softly: other new sequences look elsewhere first, but may take claimed blocks
     when nothing else is free), and a growing sequence takes the block right after its last.
+
+    Prefix caching. Blocks are reference-counted. A full block whose K/V is computed may be
+    registered under a prefix hash (`prefix_block_hash`: its adapter digest and every token up
+    to its end, chained). When its last reference goes, a registered block is not plainly free
+    but *cached*: still counted in num_free, kept in an LRU order, and found by `lookup` until
+    an allocation that the plainly free blocks cannot satisfy evicts it (least recently freed
+    first; its hash entry goes with it). Blocks are shared read-only: only full, registered
+    blocks are ever shared, and a sequence writes only past its shared prefix.
     """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks {num_blocks} must be >= 1")
         self.num_blocks = int(num_blocks)
-        self._used = bytearray(self.num_blocks)  # 1 = allocated
+        # 1 = not plainly free: referenced, or cached (unreferenced but holding a prefix).
+        self._used = bytearray(self.num_blocks)
+        self._refs = [0] * self.num_blocks
         self._claimed = bytearray(self.num_blocks)  # 1 = inside some sequence's claim
         self._claims: dict[object, tuple[int, int]] = {}
-        self.num_free = self.num_blocks
+        # Unreferenced registered blocks, least recently freed first.
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self._owner: dict[int, str] = {}  # registered block -> adapter digest ("" = base)
+        self.num_free = self.num_blocks  # plainly free + cached
+        self.evictions = 0
 
     @property
     def num_used(self) -> int:
+        """Blocks some sequence references."""
         return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Unreferenced blocks kept for their prefix (free for allocation, by eviction)."""
+        return len(self._cached)
+
+    @property
+    def num_hashed(self) -> int:
+        """Registered blocks, referenced or cached."""
+        return len(self._by_hash)
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
+    def has_claim(self, key: object) -> bool:
+        return key in self._claims
 
     def alloc(
         self,
@@ -76,13 +115,17 @@ class BlockAllocator:
     ) -> list[int] | None:
         """n blocks, or None (nothing taken) when fewer than n are free. after: the caller's
         last block (the run continues there if it is free); key/expect: claim a run of
-        `expect` blocks for the owner `key` when starting a new run."""
+        `expect` blocks for the owner `key` when starting a new run. Plainly free blocks go
+        first; cached ones are evicted (least recently freed first) only for the shortfall."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
         if n > self.num_free:
             return None
         if n == 0:
             return []
+        short = n - (self.num_free - len(self._cached))
+        if short > 0:
+            self._evict(short)
         used = self._used
         if (
             after is not None
@@ -113,10 +156,23 @@ class BlockAllocator:
             pos += 1
         return self._take(out)
 
+    def _evict(self, n: int) -> None:
+        """Make n cached blocks plainly free (their prefixes forgotten)."""
+        for _ in range(n):
+            b, _ = self._cached.popitem(last=False)
+            self._unregister(b)
+            self._used[b] = 0
+            self.evictions += 1
+
+    def _unregister(self, b: int) -> None:
+        del self._by_hash[self._hash_of.pop(b)]
+        self._owner.pop(b, None)
+
     def _take(self, blocks) -> list[int]:
         out = list(blocks)
         for b in out:
             self._used[b] = 1
+            self._refs[b] = 1
         self.num_free -= len(out)
         return out
 
@@ -132,13 +188,86 @@ class BlockAllocator:
                     self._claimed[lo:hi] = b"\x01" * (hi - lo)
 
     def free(self, blocks: Sequence[int], *, key: object = None) -> None:
+        """Drop one reference on each block; a block left unreferenced is plainly free, or
+        cached when it is registered. Tail blocks are queued for eviction before the head of
+        their sequence (the head is the part other prompts are likelier to share)."""
         for b in blocks:
-            if not self._used[b]:
+            if self._refs[b] < 1:
                 raise RuntimeError(f"KV block {b} freed twice")
-            self._used[b] = 0
-        self.num_free += len(blocks)
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            self.num_free += 1
+            if b in self._hash_of:
+                self._cached[b] = None
+            else:
+                self._used[b] = 0
         if key is not None:
             self.release_claim(key)
+
+    # -- prefix cache ---------------------------------------------------------------------
+
+    def register(self, block: int, block_hash: bytes, owner: str = "") -> bool:
+        """Make a referenced, full, computed block findable under block_hash; owner: the adapter
+        digest it was computed with ("" = base model), for forget(). False when that prefix is
+        already registered (another block holds the same K/V) or the block already has a
+        hash: then nothing changes."""
+        if self._refs[block] < 1:
+            raise RuntimeError(f"KV block {block} registered while not referenced")
+        if block_hash in self._by_hash or block in self._hash_of:
+            return False
+        self._by_hash[block_hash] = block
+        self._hash_of[block] = block_hash
+        self._owner[block] = owner
+        return True
+
+    def forget(self, owner: str) -> int:
+        """A deleted adapter: no prefix computed with it is found again. Its cached blocks
+        become plainly free; blocks still referenced lose their hash (they are freed as usual
+        when their sequences end). Returns how many blocks were unregistered."""
+        blocks = [b for b, o in self._owner.items() if o == owner]
+        for b in blocks:
+            self._unregister(b)
+            if b in self._cached:
+                del self._cached[b]
+                self._used[b] = 0
+        return len(blocks)
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks of the longest registered run of hashes[0], hashes[1], ... (no
+        reference taken)."""
+        out: list[int] = []
+        for h in hashes:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """One more reference on each (registered) block; cached ones leave the LRU order."""
+        for b in blocks:
+            if b not in self._hash_of:
+                raise RuntimeError(f"KV block {b} shared without a prefix hash")
+            if self._refs[b] == 0:
+                del self._cached[b]
+                self.num_free -= 1
+            self._refs[b] += 1
+
+
+def prefix_block_hash(parent: bytes | None, adapter: str | None, tokens: Sequence[int]) -> bytes:
+    """The hash of a full KV block: its parent block's hash (None for a sequence's first
+    block), the adapter digest (None or "" = the base model) and the block's token ids. A
+    chain of these names a whole prefix under one adapter revision, so cached K/V is reused
+    only for the same digest and the same tokens, never across adapters or names."""
+    h = hashlib.blake2b(digest_size=16, person=b"mintmesh-kv-v1")
+    h.update(parent if parent is not None else b"\x00" * 16)
+    a = (adapter or "").encode()
+    h.update(len(a).to_bytes(2, "little"))
+    h.update(a)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class PagedKVCache:

@@ -184,6 +184,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             steps=st.steps,
             preemptions=st.preemptions,
             tokens_generated=st.tokens_generated,
+            prefix_caching=st.prefix_caching,
+            prefix_query_tokens=st.prefix_query_tokens,
+            prefix_hit_tokens=st.prefix_hit_tokens,
+            kv_blocks_cached=st.kv_blocks_cached,
         )
 
     def PurgeAdapters(self, request, context) -> executor_pb2.PurgeAdaptersResponse:
