@@ -1080,3 +1080,20 @@ def test_purging_an_adapter_drops_the_prefixes_computed_with_it(make_engine, ada
     assert _computed(eng, back) == len(p)
     assert back.result().token_ids == oracle("a", p, 4)
     _no_refs_left(eng)
+
+
+def test_prefix_bench_runs_on_the_tiny_backbone(tiny_model_dir, capsys):
+    """`mint bench prefix` end to end at a small scale: caching saves prompt tokens on a
+    multi-turn workload and changes no output."""
+    import json
+
+    from mintmesh.bench import prefix
+
+    argv = ["--preset", "tiny", "--model-dir", str(tiny_model_dir), "--conversations", "3",
+            "--turns", "3", "--json"]  # fmt: skip
+    assert prefix.main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = res["metrics"]
+    assert res["bench"] == "prefix" and m["identical_outputs"] == "9/9"
+    assert m["prompt_tokens_computed_on"] < m["prompt_tokens_computed_off"]
+    assert 0 < m["prefill_saving"] < 1 and 0 < m["hit_ratio"] < 1
