@@ -58,22 +58,29 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _lib_path(cxx: str, src: bytes) -> Path:
+def _lib_path(
+    cxx: str, src: bytes, name: str = "lora_cpu", abi: int = ABI_VERSION, flags: str = ""
+) -> Path:
     ver = _run([cxx, "--version"], timeout=30)
     key = hashlib.sha256()
     for part in (src, " ".join(_BASE_FLAGS).encode(), cxx.encode(), ver.stdout.encode(),
-                 platform.machine().encode(), str(ABI_VERSION).encode()):  # fmt: skip
+                 platform.machine().encode(), str(abi).encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
-    return build_dir() / f"lora_cpu_{key.hexdigest()[:16]}.so"
+    if flags:
+        key.update(flags.encode())
+    return build_dir() / f"{name}_{key.hexdigest()[:16]}.so"
 
 
-def _compile(cxx: str, src_path: Path, out: Path) -> None:
+def _compile(
+    cxx: str, src_path: Path, out: Path, variants: tuple[list[str], ...] = (["-fopenmp"], [])
+) -> None:
     """Compile to a temporary file, then rename it into place (atomic: concurrent builders and
-    readers never see a partial library). With OpenMP if the toolchain has it, else without."""
+    readers never see a partial library). With OpenMP if the toolchain has it, else without
+    (variants: the extra flags to try, in order)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for extra in (["-fopenmp"], []):
+    for extra in variants:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
@@ -274,3 +281,160 @@ def load(block: bool = True) -> NativeLib | None:
             )
             _builder.start()
     return _lib
+
+
+# -- paged decode attention (attn_cpu.cpp) ---------------------------------------------------
+
+ATTN_SOURCE = Path(__file__).with_name("attn_cpu.cpp")
+ATTN_ABI_VERSION = 2
+_ATTN_VARIANTS = (["-pthread"], [])
+_I32 = torch.int32
+
+
+class AttnLib:
+    """The loaded attention library: fp32 decode attention through block tables, one call per
+    layer for the whole decode batch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        if lib.mm_attn_abi_version() != ATTN_ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI {lib.mm_attn_abi_version()} != {ATTN_ABI_VERSION}")
+        self._lib = lib
+        self.isa = "avx2" if lib.mm_attn_isa() == 1 else "baseline"
+        self._decode = lib.mm_paged_decode_attn_f32
+        self._decode.argtypes = [_VP, _I64, _I64, _VP, _I64, _I64, _VP, _VP, _I64, _I64, _I64,
+                                 _I64, _VP, _VP, _VP, _VP, _I64, _I64, _I64, ctypes.c_float,
+                                 _INT]  # fmt: skip
+        self._decode.restype = _INT
+
+    def set_isa(self, isa: str | None) -> str:
+        """Force the "baseline" (no AVX2) code path, or None: the best the CPU has (tests)."""
+        self.isa = (
+            "avx2" if self._lib.mm_attn_set_isa(0 if isa == "baseline" else -1) else "baseline"
+        )
+        return self.isa
+
+    def decode(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: torch.Tensor,
+        lens: torch.Tensor,
+        starts: torch.Tensor,
+        blocks: torch.Tensor,
+        scale: float,
+        threads: int = 1,
+    ) -> bool:
+        """out[rows[s], h] = softmax(scale * q[h, rows[s]] K_s^T) V_s for every decode sequence s:
+        its lens[s] tokens in blocks[starts[s]:starts[s + 1]] of k_cache / v_cache (one layer,
+        [num_blocks, block_size, KVH, D]). out: [T, H, D]; q: [H, T, D] (strided rows). False
+        (nothing done) where this layout or shape is not supported."""
+        if not (
+            out.dtype == q.dtype == k_cache.dtype == v_cache.dtype == _F32
+            and out.device.type == q.device.type == k_cache.device.type == "cpu"
+            and out.dim() == 3
+            and q.dim() == 3
+            and out.stride(2) == 1
+            and q.stride(2) == 1
+            and k_cache.dim() == 4
+            and k_cache.shape == v_cache.shape
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and rows.dtype == torch.int64
+            and lens.dtype == starts.dtype == blocks.dtype == _I32
+            and rows.is_contiguous()
+            and lens.is_contiguous()
+            and starts.is_contiguous()
+            and blocks.is_contiguous()
+            and starts.numel() == rows.numel() + 1 == lens.numel() + 1
+        ):
+            return False
+        nblocks, bs, kvh, d = k_cache.shape
+        h = q.shape[0]
+        if out.shape[1] != h or out.shape[2] != d or q.shape[2] != d:
+            return False
+        if blocks.numel() < int(starts[-1]) or out.shape[0] != q.shape[1]:
+            return False
+        rc = self._decode(
+            out.data_ptr(), out.stride(0), out.stride(1), q.data_ptr(), q.stride(1), q.stride(0),
+            k_cache.data_ptr(), v_cache.data_ptr(), bs, h, kvh, d, rows.data_ptr(),
+            lens.data_ptr(), starts.data_ptr(), blocks.data_ptr(), rows.numel(), out.shape[0],
+            nblocks, float(scale), int(threads),
+        )  # fmt: skip
+        return rc == 0
+
+
+_attn_lib: AttnLib | None = None
+_attn_failed = False
+_attn_builder: threading.Thread | None = None
+
+
+def _attn_fail(e: BaseException) -> None:
+    global _attn_failed
+    if not _attn_failed:
+        _attn_failed = True
+        logger.warning(
+            "native CPU attention kernel unavailable (%s: %s); using the torch attention path",
+            type(e).__name__,
+            e,
+        )
+
+
+def _attn_load_or_build(build: bool) -> AttnLib | None:
+    global _attn_lib
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) found")
+    flags = " ".join(" ".join(v) for v in _ATTN_VARIANTS)
+    path = _lib_path(cxx, ATTN_SOURCE.read_bytes(), "attn_cpu", ATTN_ABI_VERSION, flags)
+    if not path.exists():
+        if not build:
+            return None
+        logger.info("building native CPU attention kernel: %s", path)
+        _compile(cxx, ATTN_SOURCE, path, _ATTN_VARIANTS)
+    lib = AttnLib(path)
+    with _lock:
+        if _attn_lib is None:
+            _attn_lib = lib
+            logger.info("native CPU attention kernel loaded (%s, %s)", path.name, lib.isa)
+    return _attn_lib
+
+
+def _attn_build_in_background() -> None:
+    try:
+        _attn_load_or_build(True)
+    except Exception as e:  # noqa: BLE001 - any build failure means: torch path
+        _attn_fail(e)
+
+
+def load_attn(block: bool = True) -> AttnLib | None:
+    """The native attention library, or None where it is off (MINTMESH_NATIVE=0) or failed to
+    build (logged once). block=False as load(): a missing build is compiled in the background."""
+    global _attn_builder
+    if _attn_lib is not None:
+        return _attn_lib
+    if _attn_failed or _disabled():
+        return None
+    with _lock:
+        builder = _attn_builder
+    if builder is not None:
+        if block:
+            builder.join()
+        return _attn_lib
+    try:
+        lib = _attn_load_or_build(block)
+    except Exception as e:  # noqa: BLE001 - any compile/load failure means: torch path
+        _attn_fail(e)
+        return None
+    if lib is not None or block:
+        return lib
+    with _lock:
+        if _attn_builder is None:
+            _attn_builder = threading.Thread(
+                target=_attn_build_in_background, name="mintmesh-native-attn-build", daemon=True
+            )
+            _attn_builder.start()
+    return _attn_lib

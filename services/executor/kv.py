@@ -22,8 +22,11 @@ each sequence's queries over its own context:
 
 - fresh sequences (no cached context: a first prefill chunk, or a Forward row): causal attention
   over the new tokens themselves, no gather;
-- decode tokens (one new token after a cached context): batched, K/V gathered block-wise from
-  the block tables, padded to the longest context and masked;
+- decode tokens (one new token after a cached context): on CPU with an fp32 cache, one call per
+  layer into the native kernel (kernels/attn_cpu.cpp via kernels.native.load_attn: online
+  softmax over each sequence's blocks, read in place through its block table, no copy or
+  padding); otherwise as below (a context in one run of blocks) or batched, K/V gathered
+  block-wise from the block tables, padded to the longest context and masked;
 - later prefill chunks (several new tokens after a cached context): gathered per sequence, with
   a causal mask offset by the context length.
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -43,7 +47,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mintmesh.kernels import native
+
 logger = logging.getLogger(__name__)
+
+
+def _attn_threads() -> int:
+    """Threads of the native decode attention (MINTMESH_ATTN_THREADS, default 1)."""
+    try:
+        return max(1, int(os.environ.get("MINTMESH_ATTN_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+ATTN_THREADS = _attn_threads()
 
 ATTN_IMPLEMENTATION = "mintmesh_paged"
 _registered = False
@@ -379,9 +396,15 @@ class AttentionPlan:
         dev = kv.device if kv is not None else torch.device("cpu")
         self.fresh: list[tuple[int, int]] = []
         self.chunks: list[tuple[int, int, int, torch.Tensor]] = []
-        # Sequences whose context blocks are one run: (q_start, q_len, ctx_len, first slot).
+        # Sequences whose context blocks are one run: (q_start, q_len, ctx_len, first slot);
+        # with the native kernel, its decode tokens (q_len 1) are attended there instead.
         self.runs: list[tuple[int, int, int, int]] = []
         decode: list[SeqSpan] = []
+        # Decode tokens for the native kernel (CPU, fp32 cache, library loaded).
+        self.native: native.AttnLib | None = None
+        if kv is not None and kv.device.type == "cpu" and kv.dtype == torch.float32:
+            self.native = native.load_attn(block=False)
+        self.native_spans: list[SeqSpan] = []
         for s in self.spans:
             if s.q_len < 1 or s.ctx_len < s.q_len:
                 raise ValueError(f"bad sequence span {s}: need 1 <= q_len <= ctx_len")
@@ -390,6 +413,8 @@ class AttentionPlan:
                 continue
             if kv is None:
                 raise ValueError(f"span {s} has cached context but the plan has no KV cache")
+            if s.q_len == 1 and self.native is not None:
+                self.native_spans.append(s)
             nb = kv.blocks_for(s.ctx_len)
             b0 = s.blocks[0] if s.blocks else 0
             if (
@@ -399,7 +424,8 @@ class AttentionPlan:
             ):
                 self.runs.append((s.q_start, s.q_len, s.ctx_len, b0 * kv.block_size))
             elif s.q_len == 1:
-                decode.append(s)
+                if self.native is None:
+                    decode.append(s)
             else:
                 nb = kv.blocks_for(s.ctx_len)
                 self.chunks.append(
@@ -419,6 +445,18 @@ class AttentionPlan:
                 table = torch.tensor(s.blocks[:nb], dtype=torch.long)
                 parts.append(table[pos // bs] * bs + pos % bs)
             self.slot_mapping = torch.cat(parts).to(dev)
+        if self.native_spans:
+            flat: list[int] = []
+            starts = [0]
+            for s in self.native_spans:
+                flat.extend(s.blocks[: kv.blocks_for(s.ctx_len)])
+                starts.append(len(flat))
+            self.native_rows = torch.tensor([s.q_start for s in self.native_spans])
+            self.native_lens = torch.tensor(
+                [s.ctx_len for s in self.native_spans], dtype=torch.int32
+            )
+            self.native_starts = torch.tensor(starts, dtype=torch.int32)
+            self.native_blocks = torch.tensor(flat, dtype=torch.int32)
         self.decode_rows: torch.Tensor | None = None
         if decode:
             bs = kv.block_size
@@ -472,6 +510,8 @@ class AttentionPlan:
             kc = kv.k[layer].view(-1, KVH, D)
             vc = kv.v[layer].view(-1, KVH, D)
             for s, n, ctx, first in self.runs:
+                if n == 1 and self.native is not None:
+                    continue  # a decode token: the native kernel's (below)
                 # Zero-copy: the context is one run of blocks.
                 k = kc[first : first + ctx].transpose(0, 1)[None]
                 v = vc[first : first + ctx].transpose(0, 1)[None]
@@ -495,6 +535,33 @@ class AttentionPlan:
                     query[:, :, s : s + n], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
                 )
                 out[s : s + n] = o[0].transpose(0, 1)
+        if self.native_spans:
+            assert kv is not None and self.native is not None
+            if not self.native.decode(
+                out,
+                query[0],
+                kv.k[layer],
+                kv.v[layer],
+                self.native_rows,
+                self.native_lens,
+                self.native_starts,
+                self.native_blocks,
+                D**-0.5 if scaling is None else scaling,
+                ATTN_THREADS,
+            ):
+                # A layout the kernel does not take (e.g. a query dtype other than the cache's).
+                for s in self.native_spans:
+                    table = torch.tensor(s.blocks[: kv.blocks_for(s.ctx_len)], device=out.device)
+                    k = _gather(kv.k[layer], table).view(-1, KVH, D)[: s.ctx_len]
+                    v = _gather(kv.v[layer], table).view(-1, KVH, D)[: s.ctx_len]
+                    o = F.scaled_dot_product_attention(
+                        query[:, :, s.q_start : s.q_start + 1],
+                        k.transpose(0, 1)[None].to(query.dtype),
+                        v.transpose(0, 1)[None].to(query.dtype),
+                        scale=scaling,
+                        enable_gqa=gqa,
+                    )
+                    out[s.q_start] = o[0, :, 0]
         if self.decode_rows is not None:
             assert kv is not None
             B = self.decode_rows.numel()
