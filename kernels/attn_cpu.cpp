@@ -271,7 +271,11 @@ struct Pool {
   void ensure(int helpers) {
     std::lock_guard<std::mutex> lk(mu);
     while (started < helpers) {
-      std::thread([this] { worker(); }).detach();
+      try {
+        std::thread([this] { worker(); }).detach();
+      } catch (...) {  // no more threads (a pids limit, say): the caller does the rest itself
+        break;
+      }
       ++started;
     }
   }
@@ -284,6 +288,8 @@ void run(Job& J, int nthreads) {
   J.isa = detect_isa();
   int helpers = nthreads - 1;
   if ((int64_t)helpers > J.items - 1) helpers = (int)(J.items - 1);
+  const unsigned hc = std::thread::hardware_concurrency();
+  if (hc > 0 && helpers > (int)hc - 1) helpers = (int)hc - 1;
   if (helpers < 1) {
     work(J);
     return;
@@ -343,7 +349,8 @@ int mm_paged_decode_attn_f32(float* out, int64_t out_st, int64_t out_sh, const f
                              const int32_t* ctx_lens, const int32_t* starts,
                              const int32_t* blocks, int64_t batch, int64_t num_rows,
                              int64_t num_blocks, float scale, int nthreads) {
-  if (num_kv_heads < 1 || num_heads % num_kv_heads != 0 || head_dim < 1 ||
+  if (num_kv_heads < 1 || num_heads < num_kv_heads || num_heads % num_kv_heads != 0 ||
+      head_dim < 1 ||
       head_dim > kMaxHeadDim || block_size < 1)
     return -1;
   const int64_t G = num_heads / num_kv_heads;

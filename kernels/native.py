@@ -358,6 +358,9 @@ class AttnLib:
             return False
         if blocks.numel() < int(starts[-1]) or out.shape[0] != q.shape[1]:
             return False
+        # The kernel trusts starts to be a non-decreasing index into blocks.
+        if int(starts[0]) < 0 or not bool((starts[1:] >= starts[:-1]).all()):
+            return False
         rc = self._decode(
             out.data_ptr(), out.stride(0), out.stride(1), q.data_ptr(), q.stride(1), q.stride(0),
             k_cache.data_ptr(), v_cache.data_ptr(), bs, h, kvh, d, rows.data_ptr(),

@@ -923,12 +923,12 @@ def test_prefix_cache_hit_equals_peft_and_skips_the_cached_prompt(make_engine, a
     assert st.prefix_caching and st.prefix_hit_tokens == hit
     assert st.prefix_query_tokens == len(p1) + len(p2) and st.kv_blocks_cached > 0
     # The same prompt again: its full blocks are cached (34 tokens: 32), and a prompt of 33
-    # tokens leaves just its last token to compute (a one-token step, not a prefill chunk).
+    # tokens leaves just its last token to compute (a one-token prefill).
     h3 = eng.submit(_req(adapters, "a", p2, 6))
     assert _computed(eng, h3) == len(p2) - 32
     assert h3.result().token_ids == oracle("a", p2, 6)
     h4 = eng.submit(_req(adapters, "a", p2[:33], 6))
-    assert _computed(eng, h4) == 0
+    assert _computed(eng, h4) == 1
     assert h4.result().token_ids == oracle("a", p2[:33], 6)
     assert eng.prefix_hit_tokens == hit + 32 + 32
     _no_refs_left(eng)

@@ -670,11 +670,12 @@ class Engine:
             if still:
                 busy.append(d)
                 continue
-            # No prefix computed with a deleted adapter is reused (its KV blocks go too).
-            with self._model_lock:  # the step loop's lock: it owns the allocator
-                self.kv.allocator.forget(d)
             evict = getattr(self.residency.source, "evict", None)
             in_cache = bool(evict(d)) if callable(evict) else False
+            # No prefix computed with a deleted adapter is reused (its KV blocks go too); after
+            # the node-cache eviction, so a request that slipped in before it is forgotten too.
+            with self._model_lock:  # the step loop's lock: it owns the allocator
+                self.kv.allocator.forget(d)
             if present or in_cache:
                 purged.append(d)
         logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
@@ -1016,16 +1017,18 @@ class Engine:
                     self._drop_blocks(seq)
                 break
             self._fair.remove(seq)
-            if self.prefix_caching:
+            if self.prefix_caching:  # every admission, re-admissions after preemption too
                 self.prefix_query_tokens += len(seq.tokens)
                 self.prefix_hit_tokens += hit
+            self._admit_counter += 1
+            seq.admit_order = self._admit_counter
+            # Running from here on: should anything below fail, the step's failure path
+            # retires it with the batch (its blocks and prefix references freed).
+            self._running.append(seq)
             self._take(seq, n)
             seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
             if seq.slot is None:  # cannot happen: the sequence holds a reference
                 raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
-            self._admit_counter += 1
-            seq.admit_order = self._admit_counter
-            self._running.append(seq)
             if seq.digest:
                 in_use.add(seq.digest)
             with self._lock:

@@ -58,7 +58,9 @@ class Sequence:
 
     @property
     def decoding(self) -> bool:
-        return self.num_computed > 0 and self.remaining == 1
+        """One token to run after a sampled one (a prompt whose prefix came from the cache
+        but for its last token is still a prefill)."""
+        return self.num_computed > 0 and self.remaining == 1 and self.generated > 0
 
 
 class FairQueue:
