@@ -1097,3 +1097,17 @@ def test_prefix_bench_runs_on_the_tiny_backbone(tiny_model_dir, capsys):
     assert res["bench"] == "prefix" and m["identical_outputs"] == "9/9"
     assert m["prompt_tokens_computed_on"] < m["prompt_tokens_computed_off"]
     assert 0 < m["prefill_saving"] < 1 and 0 < m["hit_ratio"] < 1
+
+
+def test_close_ends_running_requests_and_frees_their_kv(make_engine, adapters):
+    from mintmesh.errors import Unavailable
+
+    eng = make_engine(kv_block_size=4)
+    h = eng.submit(_req(adapters, "a", list(range(20, 43)), 50, ignore_eos=True))
+    eng.wait_loads()
+    for _ in range(3):
+        eng.step()
+    assert eng.running == 1 and eng.kv_blocks_used() > 0
+    eng.close(timeout=0)
+    assert isinstance(_drain(h)[-1], Unavailable)
+    assert eng.kv_blocks_used() == 0

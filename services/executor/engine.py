@@ -705,6 +705,8 @@ class Engine:
                     s.handle._put(
                         Unavailable(f"executor {self.executor_id} stopped before the request ended")
                     )
+            for s in self._running:  # their KV blocks and prefix references go too
+                self._drop_blocks(s)
         self.residency.close()
         self.loader.close()
         close = getattr(self._source, "close", None)
