@@ -4,7 +4,10 @@
    unset: every kernel compiled for the GPU against the float32 oracle, real model sizes too;
 2. `python -m mintmesh.bench.kernels --json --device cuda` (the kernel benchmark on CUDA);
 3. the decode LoRA ops (per-row fused kernel, 64 rows with 64 distinct rank-16 adapters on
-   Llama-7B-sized q/k/v/o layers, bfloat16): achieved memory bandwidth next to the device's peak.
+   Llama-7B-sized q/k/v/o layers, bfloat16): achieved memory bandwidth next to the device's peak;
+4. the adapter tiers on the device: packed adapters through the executor's AdapterResidency
+   (page-locked host arena, copies on the loader's own CUDA stream) into a device pool, every
+   row compared with the packed weights, and the host -> device load time.
 
 Without a GPU it prints why and exits 0. Budget: under 8 minutes in all.
     python -m mintmesh.bench.gpu_check [--skip-tests] [--skip-bench]
@@ -130,6 +133,64 @@ def decode_bandwidth(device: torch.device) -> dict:
     }
 
 
+def residency_roundtrip(device: torch.device, n: int = 16, rank: int = 16) -> dict:
+    """Load n packed adapters (q/k/v/o of 4 Llama-7B-sized layers) through AdapterResidency into
+    a pool on `device`; check every module's rows against the packed weights. Returns the
+    median ms of a load from the host tier (device pool evicted first) and whether all rows
+    matched."""
+    import hashlib
+    import statistics
+
+    from mintmesh.kernels import AdapterPool
+    from mintmesh.packed import ModuleWeights, pack
+    from mintmesh.services.executor.residency import AdapterResidency
+    from mintmesh.services.executor.sources import PackedBytesSource
+
+    hidden = 4096
+    shapes = {f"layers.{i}.{m}": (hidden, hidden) for i in range(4) for m in "qkvo"}
+    g = torch.Generator().manual_seed(1)
+    src = PackedBytesSource()
+    digests, weights = [], {}
+    for _ in range(n):
+        mods = {
+            name: ModuleWeights(A=torch.randn(rank, i, generator=g),
+                                B=torch.randn(o, rank, generator=g), alpha=rank, scale=1.0)
+            for name, (o, i) in shapes.items()
+        }  # fmt: skip
+        data = pack(mods, base_fingerprint="f" * 64)
+        d = src.add(data, hashlib.sha256(data).hexdigest())
+        digests.append(d)
+        weights[d] = mods
+    pool = AdapterPool(shapes, max_adapters=n, device=device, max_rank=rank)
+    res = AdapterResidency(pool, src, layer_shapes=shapes, base_fingerprint="f" * 64,
+                           max_rank=rank, host_bytes=(n + 1) * len(data))  # fmt: skip
+    for d in digests:  # node cache -> host -> device
+        res.ensure(d)
+        res.release(d)
+    ok = True
+    for d in digests:
+        slot = pool.slot(d)
+        for name, mw in weights[d].items():
+            A, B, _ = pool.layer_weights(slot, name)
+            ok &= torch.equal(A.cpu(), mw.A) and torch.equal(B.cpu(), mw.B)
+    ms = []
+    for d in digests:  # host tier -> device only
+        res.evict(d)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        res.ensure(d)
+        ms.append((time.perf_counter() - t0) * 1e3)
+        res.release(d)
+    return {
+        "adapters": n,
+        "adapter_bytes": len(data),
+        "rows_match": bool(ok),
+        "host_to_device_p50_ms": statistics.median(ms),
+        "host_pinned": res.host.arena._t.is_pinned() if device.type == "cuda" else False,
+    }
+
+
 def _run(cmd: list[str], env: dict, timeout: int) -> tuple[int, str]:
     _say("$ " + " ".join(cmd))
     try:
@@ -206,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         f"device-to-device copy {copy:.0f} GB/s"
         + (f"; {100 * bw['achieved_gbps'] / peak:.0f}% of peak" if peak else "")
     )
+    rt = residency_roundtrip(device)
+    _say(
+        f"adapter tiers: {rt['adapters']} adapters of {rt['adapter_bytes'] / 2**20:.1f} MiB "
+        f"through the host arena (pinned: {rt['host_pinned']}) into the device pool; rows match: "
+        f"{rt['rows_match']}; host -> device p50 {rt['host_to_device_p50_ms']:.2f} ms"
+    )
+    if not rt["rows_match"]:
+        failed.append("adapter tiers")
     _say(f"done in {time.perf_counter() - t0:.0f}s" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0
 

@@ -428,3 +428,11 @@ def test_kernel_bench_runs_end_to_end_on_the_tiny_backbone(tiny_model_dir, capsy
     assert m["decode_logits_max_abs_lora_effect"] > 100 * m["decode_logits_max_abs_diff_vs_peft"]
     assert set(res["targets"]) >= {"decode_mixed_vs_base", "pool_bytes_rank8"}
     assert res["targets"]["pool_bytes_rank8"]["met"] is True
+
+
+def test_gpu_check_adapter_tiers_step_runs_on_the_cpu():
+    """The residency round trip `make gpu-check` runs on CUDA works (here on the CPU pool)."""
+    from mintmesh.bench.gpu_check import residency_roundtrip
+
+    rt = residency_roundtrip(torch.device("cpu"), n=3, rank=8)
+    assert rt["rows_match"] and rt["adapters"] == 3 and rt["host_to_device_p50_ms"] > 0
