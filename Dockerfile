@@ -4,7 +4,7 @@ ARG TORCH_SPEC="torch==2.13.0"
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false \
     TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 WORKDIR /app
-# g++ builds the native CPU LoRA kernel (kernels/lora_cpu.cpp), once, at image build time.
+# g++ builds the native CPU kernels (kernels/lora_cpu.cpp, attn_cpu.cpp) at image build time.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install "${TORCH_SPEC}"
@@ -16,7 +16,8 @@ COPY cache ./cache
 COPY kernels ./kernels
 COPY bench ./bench
 RUN pip install . \
-    && python -c "from mintmesh.kernels import native; assert native.load(block=True)"
+    && python -c "from mintmesh.kernels import native; \
+assert native.load(block=True) and native.load_attn(block=True)"
 STOPSIGNAL SIGTERM
 ENTRYPOINT []
 CMD ["mint", "--help"]

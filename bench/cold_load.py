@@ -26,15 +26,6 @@ from pathlib import Path
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mint bench cold-load", description=__doc__)
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
@@ -46,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mintmesh.bench.common import ensure_model
+    from mintmesh.bench.common import ensure_model, percentile, progress
     from mintmesh.client import MintClient
     from mintmesh.cluster import Child
     from mintmesh.kernels import AdapterPool
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         cache.start()
         cache_address = cache.wait_ready(120)
-        _progress(f"pushing {2 * n} rank-{args.rank} adapters")
+        progress(f"pushing {2 * n} rank-{args.rank} adapters")
         with MintClient(store.address, timeout=120) as cl:
             digests = [
                 cl.push_adapter_bytes(
@@ -104,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                 residency.release(d)
             return out
 
-        _progress("cold loads: node-cache hits")
+        progress("cold loads: node-cache hits")
         hit_ms = timed(hit_set)
-        _progress("cold loads: node-cache misses (fetched from the store)")
+        progress("cold loads: node-cache misses (fetched from the store)")
         miss_ms = timed(miss_set)
         source.flush_hits()
         hits_reported = source.hits_reported
@@ -116,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.wait(20)
         store.stop(0)
 
-        _progress("peft load_adapter from PEFT directories")
+        progress("peft load_adapter from PEFT directories")
         from peft import PeftModel
 
         dirs = [write_synth_adapter(base, root / "peft" / f"a{i}", rank=args.rank,
@@ -133,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     hit_p50 = statistics.median(hit_ms)
     metrics = {
         "hit_load_p50_ms": round(hit_p50, 3),
-        "hit_load_p99_ms": round(_pct(hit_ms, 0.99), 3),
+        "hit_load_p99_ms": round(percentile(hit_ms, 0.99), 3),
         "miss_load_p50_ms": round(statistics.median(miss_ms), 3),
-        "miss_load_p99_ms": round(_pct(miss_ms, 0.99), 3),
+        "miss_load_p99_ms": round(percentile(miss_ms, 0.99), 3),
         "peft_load_p50_ms": round(statistics.median(peft_ms), 3),
-        "peft_load_p99_ms": round(_pct(peft_ms, 0.99), 3),
+        "peft_load_p99_ms": round(percentile(peft_ms, 0.99), 3),
         "hit_vs_peft": round(statistics.median(peft_ms) / hit_p50, 2),
         "adapter_bytes": int(pool.nbytes(hit_set[0])) if hit_set[0] in pool else None,
         # The hit path made no EnsureAdapter RPC; the sidecar still counted every hit.

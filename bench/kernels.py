@@ -228,10 +228,6 @@ def _loadavg() -> float | None:
         return None
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 # ---- scenarios -----------------------------------------------------------------------------
 
 
@@ -368,12 +364,12 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
                 f"prefill {rep + 1}/{args.prefill_repeats}: base {res['base_p'][-1]:.2f}s, "
                 f"ours {res['ours_p'][-1]:.2f}s, peft {res['peft_p'][-1]:.2f}s"
             )
-    med = {k: _median(v) for k, v in res.items()}
+    med = {k: statistics.median(v) for k, v in res.items()}
 
     def paired(num: str, den: str) -> float:
         """Median over rounds of the ratio within a round (the variants of one round ran back
         to back, so a slow stretch of a shared machine hits both sides)."""
-        return _median([a / b for a, b in zip(res[num], res[den], strict=True)])
+        return statistics.median([a / b for a, b in zip(res[num], res[den], strict=True)])
 
     return {
         "kv_cache": "static" if kv["static"] else "dynamic",
@@ -433,11 +429,11 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
             times["pad_p"].append(_timed(lambda: ops(pad_pool, pad_slots, 0), device))
             times["real_d"].append(_timed(lambda: ops(real_pool, real_slots, 1), device))
             times["pad_d"].append(_timed(lambda: ops(pad_pool, pad_slots, 1), device))
-    med = {k: _median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     t = times
 
     def paired(ratios) -> float:
-        return _median(list(ratios))
+        return statistics.median(list(ratios))
 
     _progress(
         "mixed ranks, LoRA ops over all layers: prefill real {:.0f}ms / padded {:.0f}ms, decode "

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mintmesh.bench.common import ensure_model
+from mintmesh.bench.common import ensure_model, percentile
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,6 @@ def run_stream(client, jobs: list[Job], n: int) -> tuple[list[Outcome], float]:
     return outcomes, max(o.end for o in outcomes)
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[i]
-
-
 def summarize(outcomes: list[Outcome], makespan: float) -> dict:
     tokens = sum(o.tokens for o in outcomes)
     ttft = [o.ttft for o in outcomes if o.ttft is not None]
@@ -163,10 +155,10 @@ def summarize(outcomes: list[Outcome], makespan: float) -> dict:
         "tokens_per_s": round(tokens / makespan, 2) if makespan else 0.0,
         "tokens": tokens,
         "makespan_s": round(makespan, 2),
-        "ttft_p50_ms": ms(_pct(ttft, 50)),
-        "ttft_p99_ms": ms(_pct(ttft, 99)),
-        "itl_p50_ms": ms(_pct(gaps, 50)),
-        "itl_p99_ms": ms(_pct(gaps, 99)),
+        "ttft_p50_ms": ms(percentile(ttft, 0.50)),
+        "ttft_p99_ms": ms(percentile(ttft, 0.99)),
+        "itl_p50_ms": ms(percentile(gaps, 0.50)),
+        "itl_p99_ms": ms(percentile(gaps, 0.99)),
         "errors": sum(1 for o in outcomes if o.error),
         "first_error": next((o.error for o in outcomes if o.error), ""),
     }

@@ -108,8 +108,9 @@ class CacheCore:
             flight = self._flights.get(digest)
             leader = flight is None
             if leader:
-                if self.node.contains(digest):  # committed by a flight that just ended
-                    return EnsureResult(digest, self.node.size_of(digest) or 0, hit=True)
+                size = self.node.size_of(digest)
+                if size is not None:  # committed by a flight that just ended
+                    return EnsureResult(digest, size, hit=True)
                 flight = Future()
                 self._flights[digest] = flight
         if not leader:
@@ -123,7 +124,7 @@ class CacheCore:
         try:
             t0 = time.perf_counter()
             data = self._fetch(digest, timeout)
-            self.node.put(digest, data)
+            self.node.put(digest, data, verified=True)  # _fetch checked the sha256
             ms = (time.perf_counter() - t0) * 1000.0
             self.node.record_fetch(ms)
             flight.set_result((len(data), ms))
@@ -234,7 +235,7 @@ class CacheCore:
         FailedPrecondition (naming it) while it is pinned."""
         return self.node.delete(digest)
 
-    def _fetch(self, digest: str, timeout: float) -> bytes:
+    def _fetch(self, digest: str, timeout: float) -> bytearray:
         """The verified bytes of digest from the store."""
         with self._flights_lock:
             self._fetches += 1
@@ -280,4 +281,4 @@ class CacheCore:
                 f"bytes received from the store for {digest} hash to {got}; not committed",
                 metadata={"digest": digest, "actual": got},
             )
-        return bytes(buf)
+        return buf

@@ -284,20 +284,26 @@ class NodeCache:
     # -- writes -------------------------------------------------------------------------------
 
     def put(
-        self, digest: str, data: bytes | bytearray | memoryview, *, pinned: bool = False
+        self,
+        digest: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        pinned: bool = False,
+        verified: bool = False,
     ) -> bool:
-        """Commit data under digest after verifying its sha256, evicting as needed to stay
-        within the byte budget (pinned entries never go). Returns False if it was already
-        present (then pinned=True still pins it). Raises ResourceExhausted if it cannot fit:
-        larger than the budget, the budget taken by pinned entries, or the map or disk full
-        with nothing left to evict."""
+        """Commit data under digest after verifying its sha256 (unless the caller just did:
+        verified=True), evicting as needed to stay within the byte budget (pinned entries never
+        go). Returns False if it was already present (then pinned=True still pins it). Raises
+        ResourceExhausted if it cannot fit: larger than the budget, the budget taken by pinned
+        entries, or the map or disk full with nothing left to evict."""
         check_digest(digest)
-        got = hashlib.sha256(data).hexdigest()
-        if got != digest:
-            raise DigestMismatch(
-                f"bytes offered for digest {digest} hash to {got}; not committed",
-                metadata={"digest": digest, "actual": got},
-            )
+        if not verified:
+            got = hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise DigestMismatch(
+                    f"bytes offered for digest {digest} hash to {got}; not committed",
+                    metadata={"digest": digest, "actual": got},
+                )
         size = len(data)
         if size > self.capacity_bytes:
             raise ResourceExhausted(
@@ -522,11 +528,6 @@ class NodeCache:
     def contains(self, digest: str) -> bool:
         with self._state_lock:
             return digest in self._index
-
-    def is_pinned(self, digest: str) -> bool:
-        with self._state_lock:
-            e = self._index.get(digest)
-            return e is not None and e.pinned
 
     def entries(self) -> list[CacheEntry]:
         """Copies of the entries' records, in no particular order."""

@@ -248,9 +248,6 @@ class S3FIFOPolicy:
         while self._ghost_bytes > self._ghost_target and ghost:
             self._ghost_bytes -= ghost.popitem(last=False)[1]
 
-    def in_ghost(self, key: Key) -> bool:
-        return key in self._ghost
-
     def segment(self, key: Key) -> str | None:
         """'small', 'main', 'ghost' or None (for tests and debugging)."""
         if key in self._small:

@@ -79,5 +79,14 @@ class NodeCacheReader:
         """A private copy of the packed bytes of digest, or None if it is not in the cache."""
         return self.with_buffer(digest, bytearray)
 
+    def digests(self) -> list[str]:
+        """Every digest in the node cache (the keys of its blob table), [] before it exists."""
+        env = self._ensure()
+        if env is None:
+            return []
+        with env.begin(db=self._db) as txn:
+            keys = txn.cursor().iternext(values=False)
+            return [bytes(k).decode("ascii", "replace") for k in keys]
+
     def contains(self, digest: str) -> bool:
         return self.with_buffer(digest, lambda _b: True) is True

@@ -27,6 +27,7 @@ for a scheduler quantum whenever the cores are shared (measured here: 18 ms sing
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -274,7 +275,6 @@ class CpuBackend:
 
     # ---- fused: y += scale * (x A^T) B^T ---------------------------------------------------
 
-    @_on_one_thread
     def fused(
         self,
         y: torch.Tensor,
@@ -288,16 +288,17 @@ class CpuBackend:
             return
         lib = self._native(hm, x.dtype)
         if lib is not None and lib.fused(y, x, lw, md, hm.num_segments, self.native_threads):
-            return
-        pr = lw.a_pages.shape[1]
-        strategy = None if self.strategy == "native" else self.strategy
-        plan = _plan(hm, hl, md, x.shape[1], y.shape[1], x.element_size(), pr, strategy)
-        if plan.kind == "runs":
-            self._fused_runs(y, x, lw, hl, hm)
-        elif plan.kind == "sorted":
-            self._fused_sorted(y, x, lw, hl, hm, plan)
-        else:
-            self._fused_gather(y, x, lw, plan)
+            return  # no torch op ran: torch's thread count was never touched
+        with single_threaded() if self.single_thread else contextlib.nullcontext():
+            pr = lw.a_pages.shape[1]
+            strategy = None if self.strategy == "native" else self.strategy
+            plan = _plan(hm, hl, md, x.shape[1], y.shape[1], x.element_size(), pr, strategy)
+            if plan.kind == "runs":
+                self._fused_runs(y, x, lw, hl, hm)
+            elif plan.kind == "sorted":
+                self._fused_sorted(y, x, lw, hl, hm, plan)
+            else:
+                self._fused_gather(y, x, lw, plan)
 
     @staticmethod
     def _run_weights(hl: HostLayer, lw: LayerWeights, hm: HostMeta):

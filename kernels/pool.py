@@ -112,6 +112,8 @@ class _Resident:
     # Per layer: (A [r, in], Bt [r, out], scale) as views into the pages when the pages are one
     # contiguous run, else None (the CPU path gathers). None also where rank is 0.
     views: list[tuple[torch.Tensor, torch.Tensor, float] | None] = field(default_factory=list)
+    # The layers it has weights on (rank > 0), by name.
+    targeted: frozenset[str] = frozenset()
 
 
 class _PageAllocator:
@@ -473,6 +475,7 @@ class AdapterPool:
             contiguous=contiguous,
             nbytes=n * self.page_nbytes,
             views=views,
+            targeted=frozenset(name for name, r in zip(self.layer_names, ranks, strict=True) if r),
         )
 
     def evict(self, key: str) -> bool:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
+from mintmesh.identity import check_digest
 from mintmesh.kernels import AdapterPool, BatchMeta
 from mintmesh.packed import DTYPES
 from mintmesh.services.executor.config import ExecutorConfig
@@ -57,7 +58,7 @@ from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
 from mintmesh.services.executor.sampling import IncrementalText, SamplingOptions, sample_token
 from mintmesh.services.executor.scheduler import BASE_TENANT, FairQueue
 from mintmesh.services.executor.scheduler import Sequence as Seq
-from mintmesh.services.executor.sources import AdapterSource, check_digest
+from mintmesh.services.executor.sources import AdapterSource
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,6 @@ class Engine:
         self.preemptions = 0
         self.rows_cancelled = 0
         self.tokens_generated = 0
-        self.forwards_run = 0
         self._rate: deque[tuple[float, int]] = deque()
         self._num_running = 0
         self._num_loading = 0
@@ -551,7 +551,6 @@ class Engine:
                 generator=gen,
                 deadline=request.deadline,
                 otel_context=otel_context.get_current(),
-                arrival_step=self.step_no,
             )
             handle.submit_step = self.step_no
             if digest and digest not in self.pool:
@@ -642,8 +641,6 @@ class Engine:
         """Prefetch hints: start loading these adapters in the background, into free device room
         or else the host tier (see AdapterLoader). Returns (already resident, queued or already
         loading, dropped: too many hints pending)."""
-        from mintmesh.identity import check_digest
-
         wanted = list(dict.fromkeys(check_digest(d) for d in digests))
         resident, queued, dropped = [], [], []
         for d in wanted:
@@ -661,8 +658,6 @@ class Engine:
         """Deleted adapters: once no running request uses one, drop it from the device pool, the
         host tier and the node cache. Requests still waiting for it fail NOT_FOUND when their
         load reaches the (deleted) store. Returns (purged, still busy)."""
-        from mintmesh.identity import check_digest
-
         purged, busy = [], []
         for d in digests:
             check_digest(d)
@@ -857,7 +852,7 @@ class Engine:
             admitted=admitted,
             preempted=preempted,
             finished=finished,
-            adapters=len({s for s in token_slots if s >= 0}),
+            adapters=len({seq.slot for seq, _ in sched if seq.slot >= 0}),
         )
 
     def _run_model(
@@ -891,17 +886,15 @@ class Engine:
         finally:
             self.ctx.meta = None
             self.ctx.targeted = None
-        self.forwards_run += 1
         return out.logits[0]
 
     def _targeted_layers(self, slots: set[int]) -> set[str]:
         """The LoRA layers some adapter in `slots` has weights on (rank > 0): only those run the
         LoRA op in this forward (a few microseconds of Python and dispatch per layer call
         otherwise, for nothing)."""
-        names = self.pool.layer_names
         out: set[str] = set()
         for slot in slots:
-            out.update(names[i] for i, r in enumerate(self.pool.resident_at(slot).ranks) if r)
+            out |= self.pool.resident_at(slot).targeted
         return out
 
     # -- intake ------------------------------------------------------------------------------
@@ -1195,13 +1188,9 @@ class Engine:
         """A running sequence leaves: blocks freed, adapter reference dropped, final message."""
         if seq in self._running:
             self._running.remove(seq)
-        if seq.blocks:
-            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
-            seq.blocks = []
+        self._drop_blocks(seq)
         self._block_hashes.pop(seq.seq_id, None)
-        self._after_hit.discard(seq.seq_id)
         self._unpin(seq)
-        seq.finished = True
         if error is not None:
             seq.handle._put(error)
         elif reason is not None:
@@ -1217,7 +1206,6 @@ class Engine:
         self._block_hashes.pop(seq.seq_id, None)
         self._after_hit.discard(seq.seq_id)
         self._unpin(seq)
-        seq.finished = True
         with self._lock:
             self._num_waiting -= 1
             self._tenant_left(seq.tenant)

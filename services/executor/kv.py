@@ -119,9 +119,6 @@ class BlockAllocator:
     def refs(self, block: int) -> int:
         return self._refs[block]
 
-    def has_claim(self, key: object) -> bool:
-        return key in self._claims
-
     def alloc(
         self,
         n: int,

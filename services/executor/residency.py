@@ -38,9 +38,10 @@ from mintmesh.errors import (
     MintError,
     ResourceExhausted,
 )
+from mintmesh.identity import check_digest
 from mintmesh.kernels import AdapterPool
 from mintmesh.packed import ModuleWeights, PackedHeader, unpack
-from mintmesh.services.executor.sources import AdapterSource, NoSource, check_digest
+from mintmesh.services.executor.sources import AdapterSource, NoSource
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,6 @@ class HostTier:
         self._doomed: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self.nbytes = 0  # bytes of the arena in use (entries and regions being filled)
-        self.hits = 0
-        self.misses = 0
         self.evictions = 0
 
     def __contains__(self, digest: object) -> bool:
@@ -155,10 +154,8 @@ class HostTier:
         with self._lock:
             p = self._items.get(digest)
             if p is None:
-                self.misses += 1
                 return None
             self._items.move_to_end(digest)
-            self.hits += 1
             if hold:
                 self._busy[digest] = self._busy.get(digest, 0) + 1
             return p
@@ -584,7 +581,6 @@ class AdapterLoader:
             threading.Thread(target=self._run, args=(self._hq,), name="adapter-prefetch",
                              daemon=True)
         )  # fmt: skip
-        self.busy = 0
         self.hints_loaded = 0
         self.hints_failed = 0
         for t in self._threads:
@@ -637,13 +633,7 @@ class AdapterLoader:
                     stale = self._closing or self._pending.get(job.digest) is not True
                 if stale:
                     continue
-            with self._lock:
-                self.busy += 1
-            try:
-                self._load(job)
-            finally:
-                with self._lock:
-                    self.busy -= 1
+            self._load(job)
 
     def _load(self, job: _Job) -> None:
         from opentelemetry import context as otel_context

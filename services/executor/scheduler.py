@@ -42,10 +42,8 @@ class Sequence:
     pinned: bool = False  # holds a reference on its adapter in the pool
     admit_order: int = -1
     preemptions: int = 0
-    arrival_step: int = 0
     first_step: int | None = None  # step of its first generated token
     last_step: int | None = None
-    finished: bool = False
 
     @property
     def generated(self) -> int:
@@ -77,9 +75,6 @@ class FairQueue:
     def __iter__(self) -> Iterator[Sequence]:
         for q in self._queues.values():
             yield from q
-
-    def tenants(self) -> list[str]:
-        return [t for t, q in self._queues.items() if q]
 
     def push(self, seq: Sequence, *, front: bool = False) -> None:
         q = self._queues.get(seq.tenant)

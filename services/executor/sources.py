@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,20 +23,9 @@ from typing import Protocol
 
 import grpc
 
-from mintmesh.errors import AdapterNotFound, FailedPrecondition, InvalidArgument, Unavailable
+from mintmesh.errors import AdapterNotFound, FailedPrecondition, Unavailable
 
 logger = logging.getLogger(__name__)
-
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_digest(digest: str) -> str:
-    if not _DIGEST_RE.match(digest or ""):
-        raise InvalidArgument(
-            f"adapter digest {digest!r} is not a sha256 hex digest (64 lowercase hex chars)"
-        )
-    return digest
-
 
 # Where a source writes a fetched adapter: called once with its size, returns a writable
 # buffer of that size (the host tier's staging region).
@@ -236,11 +224,9 @@ class _HitReporter:
         self._interval = max(0.001, float(interval))
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
-        self.failures = 0
 
     def add(self, digest: str) -> None:
         with self._lock:
@@ -264,7 +250,6 @@ class _HitReporter:
         try:
             self._stub.RecordHits(cache_pb2.RecordHitsRequest(digests=digests), timeout=timeout)
         except grpc.RpcError as e:
-            self.failures += 1
             logger.warning(
                 "reporting %d node-cache hits to %s failed: %s",
                 len(digests),
@@ -288,15 +273,9 @@ class _HitReporter:
 
 
 def _lmdb_keys(reader) -> list[str]:
-    """Every key of the node cache's blob table, read-only, through the reader's environment
-    (one Environment per process per path)."""
+    """Every digest of the node cache, read from its file; [] when that fails."""
     try:
-        env = reader._ensure()
-        if env is None:
-            return []
-        with env.begin(db=reader._db) as txn:
-            keys = txn.cursor().iternext(values=False)
-            return [bytes(k).decode("ascii", "replace") for k in keys]
+        return reader.digests()
     except Exception:  # a listing is informational; never fail Status over it
         logger.warning("listing the node cache LMDB keys failed", exc_info=True)
         return []

@@ -73,9 +73,6 @@ class Principal:
                 metadata={"tenant": self.tenant},
             )
 
-    def describe(self) -> str:
-        return "admin" if self.is_admin else f"tenant {self.tenant!r}"
-
 
 ADMIN = Principal(tenant="", is_admin=True, key_id="")
 

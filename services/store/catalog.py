@@ -402,35 +402,6 @@ class Catalog:
 
     # -- revisions: writes --------------------------------------------------------------------
 
-    def add_revision(
-        self,
-        tenant: str,
-        name: str,
-        *,
-        digest: str,
-        base_fingerprint: str,
-        rank: int,
-        alpha: float,
-        target_modules: list[str] | tuple[str, ...],
-        size_bytes: int,
-        labels: dict[str, str] | None = None,
-        **more,
-    ) -> RevisionRecord:
-        """Record the next revision of tenant/name (one transaction) and point `latest` at it."""
-        spec = RevisionSpec(
-            tenant=tenant,
-            name=name,
-            digest=digest,
-            base_fingerprint=base_fingerprint,
-            rank=int(rank),
-            alpha=float(alpha),
-            target_modules=tuple(target_modules),
-            size_bytes=int(size_bytes),
-            labels=dict(labels or {}),
-            **more,
-        )
-        return self.add_revisions([spec])[0]
-
     def add_revisions(self, specs: Sequence[RevisionSpec]) -> list[RevisionRecord]:
         """Record many new revisions in one transaction (group commit): each gets the next
         number of its name, in order, and `latest` points at the last one of each name."""
