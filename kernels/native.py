@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -204,6 +205,8 @@ class NativeLib:
 
 
 _lock = threading.Lock()
+# Per library, module globals {prefix}lib / {prefix}failed / {prefix}builder: the loaded library,
+# whether it failed (logged once), and its background build.
 _lib: NativeLib | None = None
 _failed = False
 _builder: threading.Thread | None = None
@@ -213,74 +216,114 @@ def _disabled() -> bool:
     return os.environ.get("MINTMESH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _fail(e: BaseException) -> None:
-    global _failed
-    if not _failed:
-        _failed = True
+@dataclass(frozen=True)
+class _Spec:
+    """One native library: where its state lives and how it is built and opened."""
+
+    prefix: str  # of its module globals
+    what: str  # in log lines
+    fallback: str  # what serves when it is unavailable
+    source: Path
+    name: str
+    abi: int
+    variants: tuple[list[str], ...] | None  # compile flag variants (None: _compile's default)
+    cls: type
+
+    def path(self, cxx: str) -> Path:
+        if self.variants is None:
+            return _lib_path(cxx, self.source.read_bytes())
+        flags = " ".join(" ".join(v) for v in self.variants)
+        return _lib_path(cxx, self.source.read_bytes(), self.name, self.abi, flags)
+
+    def compile(self, cxx: str, path: Path) -> None:
+        if self.variants is None:
+            _compile(cxx, self.source, path)
+        else:
+            _compile(cxx, self.source, path, self.variants)
+
+
+def _fail(spec: _Spec, e: BaseException) -> None:
+    g = globals()
+    if not g[spec.prefix + "failed"]:
+        g[spec.prefix + "failed"] = True
         logger.warning(
-            "native CPU LoRA kernels unavailable (%s: %s); using the torch CPU path",
+            "native CPU %s unavailable (%s: %s); using %s",
+            spec.what,
             type(e).__name__,
             e,
+            spec.fallback,
         )
 
 
-def _load_or_build(build: bool) -> NativeLib | None:
-    """The library, compiling it if `build` (else None when no cached build exists). Raises on
-    a failed compile or load."""
-    global _lib
+def _locate(spec: _Spec) -> tuple[str, Path]:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) found")
-    path = _lib_path(cxx, SOURCE.read_bytes())
+    return cxx, spec.path(cxx)
+
+
+def _open(spec: _Spec, cxx: str, path: Path, build: bool):
+    """The library at path, compiling it first if `build` (else None when it is not built).
+    Raises on a failed compile or load."""
     if not path.exists():
         if not build:
             return None
-        logger.info("building native CPU LoRA kernels: %s", path)
-        _compile(cxx, SOURCE, path)
-    lib = NativeLib(path)
+        logger.info("building native CPU %s: %s", spec.what, path)
+        spec.compile(cxx, path)
+    lib = spec.cls(path)
+    g = globals()
     with _lock:
-        if _lib is None:
-            _lib = lib
-            logger.info("native CPU LoRA kernels loaded (%s, %s)", path.name, lib.isa)
-    return _lib
+        if g[spec.prefix + "lib"] is None:
+            g[spec.prefix + "lib"] = lib
+            logger.info("native CPU %s loaded (%s, %s)", spec.what, path.name, lib.isa)
+        return g[spec.prefix + "lib"]
 
 
-def _build_in_background() -> None:
+def _build_in_background(spec: _Spec, cxx: str, path: Path) -> None:
     try:
-        _load_or_build(True)
-    except Exception as e:  # noqa: BLE001 - any build failure means: torch path
-        _fail(e)
+        _open(spec, cxx, path, True)
+    except Exception as e:  # noqa: BLE001 - any build failure means: the fallback
+        _fail(spec, e)
 
 
-def load(block: bool = True) -> NativeLib | None:
-    """The native library, or None where it is off or failed to build (logged once).
-    block=False: a cached build is loaded here, but a missing one is compiled in the background
-    (None until it is ready) rather than on the calling thread."""
-    global _builder
-    if _lib is not None:
-        return _lib
-    if _failed or _disabled():
+def _load(spec: _Spec, block: bool):
+    g = globals()
+    if g[spec.prefix + "lib"] is not None:
+        return g[spec.prefix + "lib"]
+    if g[spec.prefix + "failed"] or _disabled():
         return None
     with _lock:
-        builder = _builder
+        builder = g[spec.prefix + "builder"]
     if builder is not None:
         if block:
             builder.join()
-        return _lib
+        return g[spec.prefix + "lib"]
     try:
-        lib = _load_or_build(block)
-    except Exception as e:  # noqa: BLE001 - any compile/load failure means: torch path
-        _fail(e)
+        cxx, path = _locate(spec)
+        lib = _open(spec, cxx, path, block)
+    except Exception as e:  # noqa: BLE001 - any compile/load failure means: the fallback
+        _fail(spec, e)
         return None
     if lib is not None or block:
         return lib
     with _lock:
-        if _builder is None:
-            _builder = threading.Thread(
-                target=_build_in_background, name="mintmesh-native-build", daemon=True
+        if g[spec.prefix + "builder"] is None:
+            t = threading.Thread(
+                target=_build_in_background,
+                args=(spec, cxx, path),
+                name=f"mintmesh-native-{spec.name}-build",
+                daemon=True,
             )
-            _builder.start()
-    return _lib
+            g[spec.prefix + "builder"] = t
+            t.start()
+    return g[spec.prefix + "lib"]
+
+
+def load(block: bool = True) -> NativeLib | None:
+    """The native LoRA library, or None where it is off (MINTMESH_NATIVE=0) or failed to build
+    (logged once). block=False: a cached build is loaded here, but a missing one is compiled in
+    the background (None until it is ready) rather than on the calling thread."""
+    return _load(_LORA, block)
 
 
 # -- paged decode attention (attn_cpu.cpp) ---------------------------------------------------
@@ -374,70 +417,13 @@ _attn_lib: AttnLib | None = None
 _attn_failed = False
 _attn_builder: threading.Thread | None = None
 
-
-def _attn_fail(e: BaseException) -> None:
-    global _attn_failed
-    if not _attn_failed:
-        _attn_failed = True
-        logger.warning(
-            "native CPU attention kernel unavailable (%s: %s); using the torch attention path",
-            type(e).__name__,
-            e,
-        )
-
-
-def _attn_load_or_build(build: bool) -> AttnLib | None:
-    global _attn_lib
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) found")
-    flags = " ".join(" ".join(v) for v in _ATTN_VARIANTS)
-    path = _lib_path(cxx, ATTN_SOURCE.read_bytes(), "attn_cpu", ATTN_ABI_VERSION, flags)
-    if not path.exists():
-        if not build:
-            return None
-        logger.info("building native CPU attention kernel: %s", path)
-        _compile(cxx, ATTN_SOURCE, path, _ATTN_VARIANTS)
-    lib = AttnLib(path)
-    with _lock:
-        if _attn_lib is None:
-            _attn_lib = lib
-            logger.info("native CPU attention kernel loaded (%s, %s)", path.name, lib.isa)
-    return _attn_lib
-
-
-def _attn_build_in_background() -> None:
-    try:
-        _attn_load_or_build(True)
-    except Exception as e:  # noqa: BLE001 - any build failure means: torch path
-        _attn_fail(e)
+_LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION, None,
+              NativeLib)  # fmt: skip
+_ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",
+              ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib)  # fmt: skip
 
 
 def load_attn(block: bool = True) -> AttnLib | None:
     """The native attention library, or None where it is off (MINTMESH_NATIVE=0) or failed to
     build (logged once). block=False as load(): a missing build is compiled in the background."""
-    global _attn_builder
-    if _attn_lib is not None:
-        return _attn_lib
-    if _attn_failed or _disabled():
-        return None
-    with _lock:
-        builder = _attn_builder
-    if builder is not None:
-        if block:
-            builder.join()
-        return _attn_lib
-    try:
-        lib = _attn_load_or_build(block)
-    except Exception as e:  # noqa: BLE001 - any compile/load failure means: torch path
-        _attn_fail(e)
-        return None
-    if lib is not None or block:
-        return lib
-    with _lock:
-        if _attn_builder is None:
-            _attn_builder = threading.Thread(
-                target=_attn_build_in_background, name="mintmesh-native-attn-build", daemon=True
-            )
-            _attn_builder.start()
-    return _attn_lib
+    return _load(_ATTN, block)
