@@ -11,6 +11,12 @@ Scenarios (defaults: 64 requests, 64 distinct adapters on q/k/v/o, 128-token pro
   adapters zero-padded to rank 64.
 - memory: device-pool bytes of one rank-8 and one rank-64 adapter.
 
+"base" and "ours" run the backbone as the executor does: its Linears packed for oneDNN where
+that serves (CPU float32; --dense torch keeps nn.Linear). peft runs stock transformers Linears.
+So the step-level gain of the packed Linears alone is measured too: the base decode through
+peft's model with its adapters disabled (stock Linears) over ours without adapters
+(dense_decode_speedup), next to the ratios it is part of.
+
 Progress goes to stderr; the last stdout line is one JSON object
 {"bench": "kernels", "device", "params", "metrics", "targets"}.
     python -m mintmesh.bench.kernels --json [--model-dir DIR] [--device cuda]
@@ -84,11 +90,13 @@ class MultiLoraLinear(nn.Module):
         return y
 
 
-def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from mintmesh.kernels.dense import PackedLinear
+
     return [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGET_LEAVES
+        if isinstance(m, (nn.Linear, PackedLinear)) and n.rsplit(".", 1)[-1] in TARGET_LEAVES
     ]
 
 
@@ -233,10 +241,13 @@ def _loadavg() -> float | None:
 
 def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
     from mintmesh.kernels import BatchMeta
+    from mintmesh.kernels.dense import pack_linears
     from mintmesh.model import load_model
 
     R, L = args.requests, args.prompt_len
     model, _ = load_model(model_dir, device=str(device), dtype=dtype)
+    if args.dense_kernels == "onednn":
+        pack_linears(model, batch_hint=R)
     w = Wrapped(model)
     shapes = w.shapes()
     _progress(f"{len(shapes)} LoRA layers; {R} adapters of rank {args.rank}")
@@ -257,7 +268,7 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
     names = [f"a{i}" for i in range(R)]
 
     res: dict[str, list[float]] = {k: [] for k in ("base_p", "ours_p", "peft_p")}
-    res.update({k: [] for k in ("base_d", "ours_d", "peft_d", "serial_d")})
+    res.update({k: [] for k in ("base_d", "ours_d", "peft_d", "serial_d", "stock_d")})
     ck = _cache_kw(model)
     kv = {"static": True}
     cache: dict = {}
@@ -310,6 +321,13 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
         cache["c"].crop(-1)
         return out.logits
 
+    def stock_decode():
+        """The base model with transformers' own Linears (peft's copy, adapters off)."""
+        with pm.disable_adapter():
+            out = pm(input_ids=nxt, **{ck: cache["c"]}, use_cache=True)
+        cache["c"].crop(-1)
+        return out.logits
+
     with torch.inference_mode():
         # Decode first: it is short and the most sensitive to a busy machine. Its KV cache
         # comes from an untimed base prefill (which also warms the prefill path up).
@@ -328,13 +346,17 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
         lora_effect = (ours_logits.float() - base_logits.float()).abs().max().item()
         _progress(f"decode logits: ours vs peft max |diff| {logit_diff:.2e} "
                   f"(LoRA changes them by up to {lora_effect:.2e})")  # fmt: skip
-        variants = [("base_d", base_decode), ("ours_d", ours_decode), ("peft_d", peft_decode)]
+        stock_diff = (stock_decode().float() - base_logits.float()).abs().max().item()
+        variants = [("base_d", base_decode), ("ours_d", ours_decode), ("peft_d", peft_decode),
+                    ("stock_d", stock_decode)]  # fmt: skip
         for rep in range(args.repeats):
-            for key, fn in variants[rep % 3 :] + variants[: rep % 3]:
+            k = rep % len(variants)
+            for key, fn in variants[k:] + variants[:k]:
                 res[key].append(_timed(fn, device))
             _progress(
                 f"decode {rep + 1}/{args.repeats}: base {res['base_d'][-1] * 1e3:.0f}ms, "
-                f"ours {res['ours_d'][-1] * 1e3:.0f}ms, peft {res['peft_d'][-1] * 1e3:.0f}ms"
+                f"ours {res['ours_d'][-1] * 1e3:.0f}ms, peft {res['peft_d'][-1] * 1e3:.0f}ms, "
+                f"stock base {res['stock_d'][-1] * 1e3:.0f}ms"
             )
         # peft serving the requests one adapter at a time (batch 1, its own 128-token cache).
         c1 = new_cache()
@@ -375,6 +397,7 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
         "kv_cache": "static" if kv["static"] else "dynamic",
         "decode_logits_max_abs_diff_vs_peft": logit_diff,
         "decode_logits_max_abs_lora_effect": lora_effect,
+        "decode_logits_max_abs_diff_stock_base": stock_diff,
         "base_prefill_s": med["base_p"],
         "ours_prefill_s": med["ours_p"],
         "peft_prefill_s": med["peft_p"],
@@ -382,6 +405,8 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
         "ours_decode_ms": med["ours_d"] * 1e3,
         "peft_decode_ms": med["peft_d"] * 1e3,
         "peft_serial_decode_ms": med["serial_d"] * 1e3,
+        "stock_base_decode_ms": med["stock_d"] * 1e3,
+        "dense_decode_speedup": paired("stock_d", "base_d"),
         "prefill_mixed_vs_base": paired("base_p", "ours_p"),
         "decode_mixed_vs_base": paired("base_d", "ours_d"),
         "prefill_vs_peft_mixed": paired("peft_p", "ours_p"),
@@ -503,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         default=150.0,
         help="no further prefill round once the prefill rounds took this long",
     )
+    p.add_argument(
+        "--dense",
+        choices=("auto", "onednn", "torch"),
+        default="auto",
+        help="the backbone's Linears for base/ours (as the executor's dense_kernels)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--serial-repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -521,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mintmesh.kernels.dense import select_dense
+
+    try:
+        args.dense_kernels = select_dense(device, dtype, args.dense)
+    except ValueError as e:
+        p.error(str(e))
     load_start = _loadavg()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t0 = time.perf_counter()
@@ -553,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": list(TARGET_LEAVES),
             "dtype": dt_name,
             "backend": backend_name(device),
+            "dense_kernels": args.dense_kernels,
             "kv_cache": metrics.pop("kv_cache", None),
             "threads": torch.get_num_threads(),
             "loadavg_1m_start": load_start,

@@ -164,8 +164,11 @@ def summarize(outcomes: list[Outcome], makespan: float) -> dict:
     }
 
 
-def peft_serial(model_dir: Path, info, jobs: list[Job], n: int, threads: int) -> dict:
-    """peft serving the jobs one at a time: set_adapter, greedy generate of exactly out_len."""
+def peft_serial(
+    model_dir: Path, info, jobs: list[Job], n: int, threads: int, device: str = "cpu"
+) -> dict:
+    """peft serving the jobs one at a time on `device` (the executor's): set_adapter, greedy
+    generate of exactly out_len."""
     import torch
     from peft import PeftModel
 
@@ -180,7 +183,7 @@ def peft_serial(model_dir: Path, info, jobs: list[Job], n: int, threads: int) ->
         if i not in names:
             names[i] = f"u{i}"
             write_synth_adapter(info, tmp / names[i], rank=RANK, seed=adapter_seed(n, i))
-    base, _ = load_model(model_dir)
+    base, _ = load_model(model_dir, device=device)
     first = next(iter(names.values()))
     pm = PeftModel.from_pretrained(base, str(tmp / first), adapter_name=first)
     for name in names.values():
@@ -191,7 +194,7 @@ def peft_serial(model_dir: Path, info, jobs: list[Job], n: int, threads: int) ->
     t0 = time.perf_counter()
     for job in jobs:
         pm.set_adapter(names[job.adapter % n])
-        x = torch.tensor([job.prompt])
+        x = torch.tensor([job.prompt], device=device)
         with torch.inference_mode():
             out = pm.generate(
                 input_ids=x,
@@ -202,6 +205,8 @@ def peft_serial(model_dir: Path, info, jobs: list[Job], n: int, threads: int) ->
                 pad_token_id=0,
             )
         tokens += out.shape[1] - x.shape[1]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"tokens_per_s": round(tokens / dt, 2), "tokens": tokens, "seconds": round(dt, 2)}
 
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     peft_runs: list[dict] = []
     if sample:
         _progress(f"peft serial: {len(sample)} requests of the N={mid} stream, one at a time")
-        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads))
+        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads, args.device))
         _progress(f"peft serial: {peft_runs[-1]}")
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="mint-bench-serve-"))
     env = {
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"tps_{hi}_vs_{lo}"] = round(ratio, 3)
     if args.peft_requests > 0:
         _progress("peft serial, after the cluster stopped")
-        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads))
+        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads, args.device))
         # The CPUs are shared: the faster of the two peft runs (the conservative ratio).
         best = max(peft_runs, key=lambda r: r["tokens_per_s"])
         metrics["peft_serial_tokens_per_s"] = best["tokens_per_s"]

@@ -22,6 +22,7 @@ from mintmesh.errors import (
     ResourceExhausted,
 )
 from mintmesh.kernels import AdapterPool
+from mintmesh.kernels.dense import select_dense
 from mintmesh.peft_io import read_peft_dir, validate_and_pack
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import (
@@ -163,8 +164,12 @@ ARRIVALS = [
 ]
 
 
-def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle):
-    eng = make_engine(max_batch_size=4, max_step_tokens=16, kv_block_size=4)
+@pytest.mark.parametrize("dense", ["auto", "torch"])
+def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle, dense):
+    # Both implementations of the base Linears: oneDNN-packed (auto, on CPU float32) and
+    # torch's nn.Linear.
+    eng = make_engine(max_batch_size=4, max_step_tokens=16, kv_block_size=4, dense_kernels=dense)
+    assert eng.dense_kernels == select_dense("cpu", torch.float32, dense)
     handles = {}
     stats = []
     step = 0
@@ -758,6 +763,7 @@ def test_status_reports_the_engine(make_engine, adapters):
     assert st.kv_blocks_used == eng.kv.blocks_for(11) and st.kv_blocks_total == eng.kv.num_blocks
     assert st.resident_adapters == [adapters["b"].digest] == st.host_adapters
     assert st.tokens_per_s > 0 and st.steps == 2 and st.tokens_generated == 2
+    assert st.dense_kernels == select_dense("cpu", torch.float32) == eng.dense_kernels
     h.cancel()
     eng.step()
 
@@ -1111,3 +1117,26 @@ def test_close_ends_running_requests_and_frees_their_kv(make_engine, adapters):
     eng.close(timeout=0)
     assert isinstance(_drain(h)[-1], Unavailable)
     assert eng.kv_blocks_used() == 0
+
+
+def test_dense_kernels_flag_environment_and_refusals(tiny_model_dir):
+    from mintmesh.services.common.config import load_config
+    from mintmesh.services.executor.__main__ import build_parser
+
+    def cfg(argv, env=None):
+        over = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "log_level"}
+        return load_config(ExecutorConfig, "EXECUTOR", over, environ=env or {})
+
+    assert cfg(["--model-dir", "m"]).dense_kernels == "auto"
+    assert cfg(["--model-dir", "m", "--dense-kernels", "torch"]).dense_kernels == "torch"
+    assert cfg(["--model-dir", "m"], {"MINT_EXECUTOR_DENSE_KERNELS": "onednn"}).dense_kernels == (
+        "onednn"
+    )
+    with pytest.raises(ValueError, match="dense_kernels 'mkl' is not supported"):
+        cfg(["--model-dir", "m"], {"MINT_EXECUTOR_DENSE_KERNELS": "mkl"})
+    # oneDNN required where it cannot serve: the engine does not start, and says why.
+    with pytest.raises(ValueError, match="float32"):
+        Engine.from_config(
+            ExecutorConfig(model_dir=tiny_model_dir, dtype="bfloat16", dense_kernels="onednn"),
+            autostart=False,
+        )

@@ -337,6 +337,7 @@ def test_status_lists_resident_adapters(stub, engine, adapters, base_info):
     assert adapters["wrong_base"].digest not in st.resident_adapters
     assert (st.max_batch_size, st.max_adapters, st.device) == (8, 64, "cpu")
     assert st.kernel_backend and not st.draining
+    assert st.dense_kernels == engine.dense_kernels in ("onednn", "torch")
     assert st.kv_blocks_total > 0 and st.kv_block_size == 16
     assert st.kv_blocks_used <= st.kv_blocks_total
     assert {adapters[n].digest for n in ADAPTERS} <= set(st.host_adapters)

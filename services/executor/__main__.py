@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse cached KV blocks of a prompt's prefix (same adapter digest; default on)",
     )
     p.add_argument("--max-prompt-tokens", type=int, help="0 = the model's max positions - 1")
+    p.add_argument(
+        "--dense-kernels",
+        choices=("auto", "onednn", "torch"),
+        help="the backbone's Linears: auto (oneDNN packed on CPU fp32), onednn, torch",
+    )
     p.add_argument("--max-rank", type=int, help="largest LoRA rank served (default 256)")
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
     p.add_argument("--log-level", default="INFO")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mintmesh.kernels.dense import DENSE_MODES
 from mintmesh.packed import DTYPES
 
 
@@ -53,6 +54,9 @@ class ExecutorConfig:
     prefix_caching: bool = True
     # Longest prompt accepted; 0 = the model's max_position_embeddings - 1.
     max_prompt_tokens: int = 0
+    # The backbone's Linears: "auto" (oneDNN with weights packed once on CPU float32, else
+    # torch's nn.Linear), "onednn" (required; start fails where it cannot serve) or "torch".
+    dense_kernels: str = "auto"
     # Largest LoRA rank this executor serves.
     max_rank: int = 256
     # Deadline of one EnsureAdapter call to the sidecar (capped by the caller's deadline).
@@ -85,6 +89,11 @@ class ExecutorConfig:
             val = getattr(self, name)
             if int(val) < 0:
                 raise ValueError(f"{name}={val} must be >= 0")
+        if self.dense_kernels not in DENSE_MODES:
+            raise ValueError(
+                f"dense_kernels {self.dense_kernels!r} is not supported; use one of "
+                f"{', '.join(DENSE_MODES)}"
+            )
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
         if self.fetch_timeout_s <= 0:

@@ -44,6 +44,7 @@ import torch
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.kernels import AdapterPool, BatchMeta
+from mintmesh.kernels.dense import pack_linears, select_dense
 from mintmesh.packed import DTYPES
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import (
@@ -176,6 +177,7 @@ class EngineStatus:
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
     kv_blocks_cached: int = 0
+    dense_kernels: str = "torch"
 
 
 class GenerationHandle:
@@ -299,6 +301,11 @@ class Engine:
         self.ctx = LoraContext()
         layer_shapes = inject_lora(model, self.ctx)
         use_paged_attention(model)
+        # The base Linears (wrapped or not, the LM head too): packed once for oneDNN where that
+        # serves (CPU float32), laid out for the decode step's rows.
+        self.dense_kernels = select_dense(self.device, self.dtype, config.dense_kernels)
+        if self.dense_kernels == "onednn":
+            pack_linears(model, batch_hint=self.max_batch_size)
         self.pool = AdapterPool(
             layer_shapes,
             max_adapters=self.max_adapters,
@@ -384,7 +391,7 @@ class Engine:
             self._thread.start()
         logger.info(
             "executor %s: %d LoRA layers, device %s, dtype %s, kernels %s, %d sequences x "
-            "%d tokens per step, KV %d blocks of %d",
+            "%d tokens per step, KV %d blocks of %d, dense %s",
             self.executor_id,
             len(layer_shapes),
             self.device,
@@ -394,6 +401,7 @@ class Engine:
             self.max_step_tokens,
             self.kv.num_blocks,
             self.kv.block_size,
+            self.dense_kernels,
         )
 
     @classmethod
@@ -495,6 +503,7 @@ class Engine:
             prefix_query_tokens=self.prefix_query_tokens,
             prefix_hit_tokens=self.prefix_hit_tokens,
             kv_blocks_cached=self.kv.allocator.num_cached,
+            dense_kernels=self.dense_kernels,
         )
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
