@@ -4,7 +4,6 @@ once."""
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -21,18 +20,11 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 def ensure_model(preset: str, model_dir: Path | None) -> Path:
-    """The preset backbone in model_dir (default ~/.cache/mintmesh/PRESET), built once and
-    moved into place whole, so an interrupted build is never mistaken for a model."""
-    from mintmesh.model import init_model
+    """The preset backbone in model_dir (default ~/.cache/mintmesh/PRESET), built once."""
+    from mintmesh.model import build_preset, model_ready
 
     d = model_dir or Path.home() / ".cache" / "mintmesh" / preset
-    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
-        return d
-    progress(f"building the {preset} backbone in {d} (once)")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=d.parent))
-    init_model(preset, tmp)
-    for f in tmp.iterdir():
-        f.replace(d / f.name)
-    tmp.rmdir()
+    if not model_ready(d):
+        progress(f"building the {preset} backbone in {d} (once)")
+        build_preset(preset, d)
     return d

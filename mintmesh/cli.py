@@ -206,16 +206,16 @@ def up(
 
 
 def _ensure_model(model: Path | None, data: Path) -> Path:
-    from mintmesh.model import init_model
+    from mintmesh.model import build_preset, model_ready
 
     if model is not None:
         if not (model / "config.json").is_file():
             _fail(f"--model {model} has no config.json; build one with `mint model init`")
         return model.resolve()
     path = data / "model"
-    if not (path / "config.json").is_file():
+    if not model_ready(path):
         with console.status("building the tiny backbone"):
-            init_model("tiny", path)
+            build_preset("tiny", path)
     return path.resolve()
 
 

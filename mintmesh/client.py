@@ -19,16 +19,11 @@ import grpc
 from mintmesh.packed import storage_format as _storage_name
 from mintmesh.peft_io import read_peft_dir
 from mintmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
+from mintmesh.wire import STORAGE_TO_PROTO
 
 logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-STORAGE_FORMATS = {
-    "float32": common_pb2.STORAGE_FORMAT_FLOAT32,
-    "bfloat16": common_pb2.STORAGE_FORMAT_BFLOAT16,
-    "float16": common_pb2.STORAGE_FORMAT_FLOAT16,
-    "int8": common_pb2.STORAGE_FORMAT_INT8,
-}
 SOURCES = {
     "upload": common_pb2.REVISION_SOURCE_UPLOAD,
     "training": common_pb2.REVISION_SOURCE_TRAINING,
@@ -43,7 +38,7 @@ GATE_DIRECTIONS = {
 
 def storage_enum(name: str | None) -> int:
     """"bf16", "int8", ... -> common_pb2.StorageFormat ("" or None = UNSPECIFIED)."""
-    return STORAGE_FORMATS[_storage_name(name)] if name else 0
+    return STORAGE_TO_PROTO[_storage_name(name)] if name else 0
 
 
 @dataclass

@@ -118,6 +118,29 @@ def init_model(preset: str, out_dir: Path | str) -> Path:
     return out
 
 
+def model_ready(model_dir: Path | str) -> bool:
+    """Whether model_dir holds a whole backbone (as build_preset leaves one)."""
+    d = Path(model_dir)
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def build_preset(preset: str, model_dir: Path | str) -> Path:
+    """init_model into model_dir, whole or not at all: built in a temporary directory beside it
+    and moved into place with config.json last, so an interrupted build is never mistaken for
+    a model (model_ready)."""
+    import tempfile
+
+    d = Path(model_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=d.parent))
+    init_model(preset, tmp)
+    files = sorted(tmp.iterdir(), key=lambda f: f.name == "config.json")
+    for f in files:
+        f.replace(d / f.name)
+    tmp.rmdir()
+    return d
+
+
 @dataclass(frozen=True)
 class BaseModelInfo:
     """What the store needs to validate adapters: no weights, just shapes."""

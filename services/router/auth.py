@@ -11,32 +11,19 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 
-from mintmesh.errors import TenantDenied, Unauthenticated
+from mintmesh.services.common.auth import (
+    ADMIN,
+    AUTHORIZATION,
+    INTERNAL_TOKEN_HEADER,
+    TENANT_HEADER,
+    Principal,
+    bearer_key,
+)
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.v1 import store_pb2, store_pb2_grpc
-
-AUTHORIZATION = "authorization"
-TENANT_HEADER = "x-mint-tenant"
-INTERNAL_TOKEN_HEADER = "x-mint-internal-token"
-
-
-@dataclass(frozen=True)
-class Caller:
-    tenant: str
-    is_admin: bool
-
-    def check(self, tenant: str, what: str) -> None:
-        if not self.is_admin and tenant != self.tenant:
-            raise TenantDenied(
-                f"tenant {self.tenant!r} may not use {what} (it belongs to tenant {tenant!r})"
-            )
-
-
-ADMIN = Caller(tenant="", is_admin=True)
 
 
 class RouterAuth:
@@ -54,22 +41,19 @@ class RouterAuth:
         self.enabled = enabled
         self.internal_token = internal_token
         self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[Caller, float]] = {}
+        self._cache: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
 
-    def caller(self, context: grpc.ServicerContext | None) -> Caller:
+    def caller(self, context: grpc.ServicerContext | None) -> Principal:
         """Who makes this call (ADMIN when auth is off); Unauthenticated otherwise."""
         if not self.enabled:
             return ADMIN
         md = dict(context.invocation_metadata() or ()) if context is not None else {}
-        auth = md.get(AUTHORIZATION, "")
-        if not isinstance(auth, str) or not auth:
-            raise Unauthenticated("this mesh requires an API key: send 'authorization: Bearer "
-                                  "<key>' (the CLI sends $MINT_API_KEY)")
-        scheme, _, key = auth.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
+        key = bearer_key(
+            md.get(AUTHORIZATION),
+            "this mesh requires an API key: send 'authorization: Bearer <key>' (the CLI sends "
+            "$MINT_API_KEY)",
+        )
         fp = hashlib.sha256(key.encode()).hexdigest()
         now = time.monotonic()
         with self._lock:
@@ -84,14 +68,14 @@ class RouterAuth:
             )
         except grpc.RpcError as err:
             raise reraise_downstream(err, "authenticating") from None
-        who = Caller(tenant=resp.tenant, is_admin=resp.is_admin)
+        who = Principal(tenant=resp.tenant, is_admin=resp.is_admin)
         with self._lock:
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[fp] = (who, now + self.ttl_s)
         return who
 
-    def internal_metadata(self, caller: Caller) -> list[tuple[str, str]]:
+    def internal_metadata(self, caller: Principal) -> list[tuple[str, str]]:
         """Metadata that makes the store act for caller."""
         if not self.enabled:
             return []

@@ -14,9 +14,10 @@ import grpc
 
 from mintmesh import errors as E
 from mintmesh.identity import parse_ref
+from mintmesh.services.common.auth import ADMIN, Principal
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import insecure_channel
-from mintmesh.services.router.auth import ADMIN, Caller, RouterAuth
+from mintmesh.services.router.auth import RouterAuth
 from mintmesh.services.router.config import RouterConfig
 from mintmesh.services.router.health import ExecutorSet
 from mintmesh.services.router.placement import Placement
@@ -58,7 +59,7 @@ class RouterCore:
         return time.monotonic() + (timeout if timeout is not None else default)
 
     def resolve(
-        self, ref: str, timeout: float, caller: Caller = ADMIN
+        self, ref: str, timeout: float, caller: Principal = ADMIN
     ) -> common_pb2.AdapterRevision:
         try:
             return self.store.ResolveAdapter(
@@ -70,7 +71,7 @@ class RouterCore:
             raise reraise_downstream(err, f"resolving {ref!r}") from None
 
     def generate(
-        self, req: router_pb2.GenerateRequest, time_left: float | None, caller: Caller = ADMIN
+        self, req: router_pb2.GenerateRequest, time_left: float | None, caller: Principal = ADMIN
     ) -> Iterator[router_pb2.GenerateResponse]:
         deadline = self._deadline(time_left, self.config.request_timeout_s)
         revision = common_pb2.AdapterRevision()
@@ -126,7 +127,7 @@ class RouterCore:
         raise reraise_downstream(last_err, "generating") from None
 
     def prefetch(
-        self, refs: list[str], time_left: float | None, caller: Caller = ADMIN
+        self, refs: list[str], time_left: float | None, caller: Principal = ADMIN
     ) -> router_pb2.RouterPrefetchResponse:
         """Resolve each ref and send the executor its Generate would go to a prefetch hint
         (one PrefetchAdapters call per executor). Bad or unknown refs fail the whole call

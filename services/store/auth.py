@@ -27,12 +27,19 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import grpc
 
-from mintmesh.errors import MintError, TenantDenied, Unauthenticated
+from mintmesh.errors import MintError, Unauthenticated
 from mintmesh.identity import check_part
+from mintmesh.services.common.auth import (
+    ADMIN,
+    AUTHORIZATION,
+    INTERNAL_TOKEN_HEADER,
+    TENANT_HEADER,
+    Principal,
+    bearer_key,
+)
 from mintmesh.services.common.errors import to_rpc_status, wrap_handler
 from mintmesh.services.store.catalog import Catalog, KeyRecord
 
@@ -40,41 +47,10 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mint_"
 _KEY_RE = re.compile(r"^mint_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_\-]{20,128})$")
-AUTHORIZATION = "authorization"
-TENANT_HEADER = "x-mint-tenant"
-INTERNAL_TOKEN_HEADER = "x-mint-internal-token"
 STORE_SERVICE = "/mintmesh.v1.AdapterStore/"
 OPEN_METHODS = frozenset({"Authenticate"})
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who makes a call: one tenant, or an admin (every tenant)."""
-
-    tenant: str = ""
-    is_admin: bool = False
-    key_id: str = ""
-
-    def may_access(self, tenant: str) -> bool:
-        return self.is_admin or (bool(self.tenant) and self.tenant == tenant)
-
-    def check(self, tenant: str, what: str) -> None:
-        """Raise TenantDenied unless this principal may touch tenant's adapters."""
-        if not self.may_access(tenant):
-            raise TenantDenied(
-                f"tenant {self.tenant!r} may not access {what} of tenant {tenant!r}",
-                metadata={"tenant": self.tenant, "target_tenant": tenant},
-            )
-
-    def require_admin(self, what: str) -> None:
-        if not self.is_admin:
-            raise TenantDenied(
-                f"{what} needs an admin key; tenant {self.tenant!r} is not an admin",
-                metadata={"tenant": self.tenant},
-            )
-
-
-ADMIN = Principal(tenant="", is_admin=True, key_id="")
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "mint_store_principal", default=None
@@ -155,15 +131,11 @@ class Authenticator:
                 return Principal(tenant="", is_admin=True, key_id="internal")
             check_part("tenant", tenant)
             return Principal(tenant=tenant, is_admin=False, key_id="internal")
-        auth = metadata.get(AUTHORIZATION, "")
-        if not auth:
-            raise Unauthenticated(
-                "this store requires an API key: send 'authorization: Bearer <key>'"
-            )
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
-        return self.verify_key(key.strip())
+        key = bearer_key(
+            metadata.get(AUTHORIZATION),
+            "this store requires an API key: send 'authorization: Bearer <key>'",
+        )
+        return self.verify_key(key)
 
 
 def _reset(token: contextvars.Token) -> None:

@@ -28,14 +28,8 @@ from mintmesh.services.store.catalog import (
 )
 from mintmesh.services.store.core import PushHeader, StoreCore
 from mintmesh.v1 import common_pb2, store_pb2, store_pb2_grpc
+from mintmesh.wire import STORAGE_FROM_PROTO, STORAGE_TO_PROTO
 
-STORAGE_TO_PROTO = {
-    "float32": common_pb2.STORAGE_FORMAT_FLOAT32,
-    "bfloat16": common_pb2.STORAGE_FORMAT_BFLOAT16,
-    "float16": common_pb2.STORAGE_FORMAT_FLOAT16,
-    "int8": common_pb2.STORAGE_FORMAT_INT8,
-}
-STORAGE_FROM_PROTO = {v: k for k, v in STORAGE_TO_PROTO.items()}
 STATE_TO_PROTO = {
     READY: common_pb2.REVISION_STATE_READY,
     DEPRECATED: common_pb2.REVISION_STATE_DEPRECATED,
