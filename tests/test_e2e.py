@@ -3,6 +3,7 @@ started by the same code as `mint up`. peft is the oracle for every generated to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -180,6 +181,22 @@ def test_garbage_push_through_router_is_refused_and_catalog_unchanged(client, pu
     assert "safetensors" in ei.value.details()
     after = sorted((a.tenant, a.name, a.revision_count) for a in client.list_adapters())
     assert before == after
+
+
+def test_batched_push_and_fetch_stream_through_the_router(client, base_info):
+    """The router proxies the store's streaming RPCs both ways: a PushAdapters stream (one
+    result per item, a bad item refused alone) and a FetchAdapter stream back."""
+    from mintmesh.synth import synth_peft_bytes
+
+    good = [synth_peft_bytes(base_info, rank=2, seed=s) for s in (31, 32)]
+    items = [("gina/one", *good[0]), ("gina/bad", good[1][0], b"\x00junk"), ("gina/two", *good[1])]
+    res = list(client.push_many(items))
+    assert [r.HasField("error") for r in res] == [False, True, False]
+    assert res[1].error.code == "INVALID_ARGUMENT"
+    digest = res[2].revision.digest
+    assert client.resolve("gina/two").digest == digest
+    data = client.fetch(ref="gina/two")
+    assert hashlib.sha256(data).hexdigest() == digest
 
 
 def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_dir, otlp,

@@ -63,21 +63,13 @@ class StoreProxy(grpc.GenericRpcHandler):
         ident = None  # bytes in, bytes out
         what = path.rsplit("/", 1)[-1]
         after = self.core.after_delete if what == "DeleteAdapter" else None
-        if client_stream and not server_stream:
-            call = self.channel.stream_unary(path, ident, ident)
+        # "unary_unary", "stream_unary", ...: the channel's callable and grpc's handler factory.
+        kind = f"{'stream' if client_stream else 'unary'}_{'stream' if server_stream else 'unary'}"
+        call = getattr(self.channel, kind)(path, ident, ident)
 
-            def stream_unary(request_iterator, context):
-                try:
-                    md = self._md(context, what)
-                    return call(request_iterator, timeout=self._t(context), metadata=md)
-                except grpc.RpcError as err:
-                    raise reraise_downstream(err, what) from None
+        if server_stream:
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary)
-        if server_stream and not client_stream:
-            call = self.channel.unary_stream(path, ident, ident)
-
-            def unary_stream(request, context):
+            def handler(request, context):  # request: a message or an iterator of them
                 it = call(request, timeout=self._t(context), metadata=self._md(context, what))
                 try:
                     yield from it
@@ -86,30 +78,16 @@ class StoreProxy(grpc.GenericRpcHandler):
                 finally:
                     it.cancel()
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream)
-        if client_stream and server_stream:
-            call = self.channel.stream_stream(path, ident, ident)
+        else:
 
-            def stream_stream(request_iterator, context):
-                md = self._md(context, what)
-                it = call(request_iterator, timeout=self._t(context), metadata=md)
+            def handler(request, context):
                 try:
-                    yield from it
+                    md = self._md(context, what)
+                    resp = call(request, timeout=self._t(context), metadata=md)
                 except grpc.RpcError as err:
                     raise reraise_downstream(err, what) from None
-                finally:
-                    it.cancel()
+                if after is not None:
+                    after(resp)
+                return resp
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream)
-        call = self.channel.unary_unary(path, ident, ident)
-
-        def unary_unary(request, context):
-            try:
-                resp = call(request, timeout=self._t(context), metadata=self._md(context, what))
-            except grpc.RpcError as err:
-                raise reraise_downstream(err, what) from None
-            if after is not None:
-                after(resp)
-            return resp
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary)
+        return getattr(grpc, f"{kind}_rpc_method_handler")(handler)
