@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mintmesh.errors import TenantDenied, Unauthenticated
+from mintmesh.identity import AdapterRef, parse_ref
 
 AUTHORIZATION = "authorization"
 TENANT_HEADER = "x-mint-tenant"
@@ -42,6 +43,16 @@ class Principal:
                 f"tenant {self.tenant!r} may not access {what} of tenant {tenant!r}",
                 metadata={"tenant": self.tenant, "target_tenant": tenant},
             )
+
+    def check_adapter(self, ref: AdapterRef) -> None:
+        """Raise TenantDenied unless this principal may touch the adapter ref names."""
+        self.check(ref.tenant, f"adapter {ref.full_name!r}")
+
+    def check_ref(self, ref: str) -> AdapterRef:
+        """parse_ref(ref) (InvalidArgument when malformed), checked as check_adapter."""
+        parsed = parse_ref(ref)
+        self.check_adapter(parsed)
+        return parsed
 
     def require_admin(self, what: str) -> None:
         if not self.is_admin:

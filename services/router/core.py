@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import grpc
 
 from mintmesh import errors as E
-from mintmesh.identity import parse_ref
 from mintmesh.services.common.auth import ADMIN, Principal
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import insecure_channel
@@ -77,7 +76,7 @@ class RouterCore:
         revision = common_pb2.AdapterRevision()
         if req.adapter:
             # Checked before resolving, so another tenant's adapter names do not leak.
-            caller.check(parse_ref(req.adapter).tenant, f"adapter {req.adapter!r}")
+            caller.check_ref(req.adapter)
             left = deadline - time.monotonic()
             revision = self.resolve(req.adapter, min(left, self.config.store_timeout_s), caller)
         key = revision.digest or BASE_KEY
@@ -141,7 +140,7 @@ class RouterCore:
             )
         revisions: list[tuple[str, common_pb2.AdapterRevision]] = []
         for ref in dict.fromkeys(refs):
-            caller.check(parse_ref(ref).tenant, f"adapter {ref!r}")
+            caller.check_ref(ref)
             left = deadline - time.monotonic()
             rev = self.resolve(ref, min(left, self.config.store_timeout_s), caller)
             revisions.append((ref, rev))

@@ -42,7 +42,7 @@ from mintmesh.errors import (
     Unauthenticated,
     Unavailable,
 )
-from mintmesh.identity import DIGEST_RE, check_digest, check_part, parse_name, parse_ref
+from mintmesh.identity import DIGEST_RE, check_digest, check_part, parse_name
 from mintmesh.model import BaseModelInfo, base_model_info
 from mintmesh.packed import ModuleWeights, pack, storage_format, unpack
 from mintmesh.services.store.auth import ADMIN, Authenticator, Principal, new_key
@@ -477,7 +477,7 @@ class StoreCore:
 
     def _check_header(self, header: PushHeader, who: Principal) -> tuple:
         ref = parse_name(header.name)
-        who.check(ref.tenant, f"adapter {ref.full_name!r}")
+        who.check_adapter(ref)
         sha = header.sha256
         if not isinstance(sha, str) or not DIGEST_RE.match(sha):
             raise InvalidAdapter(
@@ -553,8 +553,7 @@ class StoreCore:
     # -- reads --------------------------------------------------------------------------------
 
     def resolve(self, ref: str, *, principal: Principal | None = None) -> RevisionRecord:
-        parsed = parse_ref(ref)
-        self._who(principal).check(parsed.tenant, f"adapter {parsed.full_name!r}")
+        parsed = self._who(principal).check_ref(ref)
         return self.catalog.resolve(parsed)
 
     def fetch(
@@ -636,7 +635,7 @@ class StoreCore:
         principal: Principal | None = None,
     ) -> tuple[list[RevisionRecord], str, AdapterInfo]:
         ref = parse_name(name)
-        self._who(principal).check(ref.tenant, f"adapter {ref.full_name!r}")
+        self._who(principal).check_adapter(ref)
         return self.catalog.list_revisions(
             ref.tenant,
             ref.name,
@@ -651,8 +650,7 @@ class StoreCore:
     def delete(self, ref: str, *, principal: Principal | None = None) -> DeleteResult:
         """'tenant/name@rev' (or @alias) deletes one revision, 'tenant/name' every revision; a
         blob goes when no remaining revision references its digest."""
-        parsed = parse_ref(ref)
-        self._who(principal).check(parsed.tenant, f"adapter {parsed.full_name!r}")
+        parsed = self._who(principal).check_ref(ref)
         with self._commit_lock:
             doomed, orphans = self.catalog.delete(parsed, whole=parsed.selector is None)
             for d in orphans:
@@ -671,7 +669,7 @@ class StoreCore:
     ) -> tuple[RevisionRecord, int]:
         """Re-point alias of name at revision atomically: (the revision, the previous one)."""
         ref = parse_name(name)
-        self._who(principal).check(ref.tenant, f"adapter {ref.full_name!r}")
+        self._who(principal).check_adapter(ref)
         rec, prev = self.catalog.set_alias(
             ref.tenant, ref.name, alias, int(revision), rollback=rollback
         )
@@ -687,7 +685,7 @@ class StoreCore:
 
     def delete_alias(self, name: str, alias: str, *, principal: Principal | None = None) -> int:
         ref = parse_name(name)
-        self._who(principal).check(ref.tenant, f"adapter {ref.full_name!r}")
+        self._who(principal).check_adapter(ref)
         return self.catalog.delete_alias(ref.tenant, ref.name, alias)
 
     def set_gate(
@@ -702,7 +700,7 @@ class StoreCore:
         principal: Principal | None = None,
     ) -> Gate | None:
         ref = parse_name(name)
-        self._who(principal).check(ref.tenant, f"adapter {ref.full_name!r}")
+        self._who(principal).check_adapter(ref)
         return self.catalog.set_gate(
             ref.tenant,
             ref.name,
@@ -722,8 +720,7 @@ class StoreCore:
         *,
         principal: Principal | None = None,
     ) -> RevisionRecord:
-        parsed = parse_ref(ref)
-        self._who(principal).check(parsed.tenant, f"adapter {parsed.full_name!r}")
+        parsed = self._who(principal).check_ref(ref)
         check_part("metric", metric)
         if not math.isfinite(value):
             raise InvalidArgument(f"evaluation value {value!r} of {metric!r} must be finite")
@@ -738,8 +735,7 @@ class StoreCore:
     def deprecate(
         self, ref: str, *, undo: bool = False, principal: Principal | None = None
     ) -> RevisionRecord:
-        parsed = parse_ref(ref)
-        self._who(principal).check(parsed.tenant, f"adapter {parsed.full_name!r}")
+        parsed = self._who(principal).check_ref(ref)
         return self.catalog.set_state(parsed, READY if undo else DEPRECATED)
 
     def merge(
@@ -756,7 +752,7 @@ class StoreCore:
         merge_linear), stored as `storage` (default float32), provenance = the sources."""
         who = self._who(principal)
         target = parse_name(name)
-        who.check(target.tenant, f"adapter {target.full_name!r}")
+        who.check_adapter(target)
         if (method or LINEAR) != LINEAR:
             raise InvalidArgument(f"merge method {method!r} is not supported; use {LINEAR!r}")
         if not sources:
