@@ -15,7 +15,9 @@ rows and ~1.1x at prefill chunks of 512 rows on the 2-core AVX2 build machine
   probe fails). The packed path needs fp32 here: oneDNN's bf16/fp16 weight packing requires
   AVX-512/AVX-NE-CONVERT, which this CPU lacks.
 - pack_linears(model, batch_hint): replace every nn.Linear of the model (including the base
-  layers inside the multi-LoRA wrappers) by a PackedLinear; returns how many.
+  layers inside the multi-LoRA wrappers) by a PackedLinear, except one whose weight is tied to
+  another module's (an LM head sharing the embedding matrix would be held twice); returns how
+  many.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DENSE_MODES = ("auto", "onednn", "torch")
 
 _probe_lock = threading.Lock()
 _probe: dict[str, str | None] = {}  # "cpu" -> None (works) or why it does not
+_warned: set[str] = set()  # failed probes already logged
 
 
 def _ops_present() -> bool:
@@ -101,7 +104,11 @@ def select_dense(device: torch.device | str, dtype: torch.dtype, mode: str = "au
         raise ValueError(f"dense kernels 'onednn': {why}")
     if device.type == "cpu" and dtype == torch.float32:
         # Expected to work here and did not: say so once (other cases are simply not its job).
-        logger.warning("dense kernels: %s; the backbone keeps torch's nn.Linear", why)
+        with _probe_lock:
+            first = why not in _warned
+            _warned.add(why)
+        if first:
+            logger.warning("dense kernels: %s; the backbone keeps torch's nn.Linear", why)
     return "torch"
 
 
@@ -144,7 +151,16 @@ def pack_linears(model: nn.Module, batch_hint: int = 32) -> int:
 
     batch_hint: the rows per call oneDNN lays the weight out for (the engine passes its
     sequence budget, the decode step's rows); any row count is still correct."""
-    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    # A weight tied to another module (tie_word_embeddings: the LM head is the embedding
+    # matrix) stays as it is: a packed copy would hold vocab x hidden twice.
+    others = {
+        p.untyped_storage().data_ptr()
+        for m in model.modules()
+        if type(m) is not nn.Linear
+        for p in m.parameters(recurse=False)
+    }
+    found = [(n, m) for n, m in linears if m.weight.untyped_storage().data_ptr() not in others]
     for name, mod in found:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -16,11 +16,12 @@ from mintmesh.kernels.dense import PackedLinear, pack_linears, select_dense
 from mintmesh.model import load_model
 from mintmesh.services.executor.lora import LoraContext, MultiLoraLinear, inject_lora
 
-pytestmark = pytest.mark.skipif(
+needs_onednn = pytest.mark.skipif(
     select_dense("cpu", torch.float32) != "onednn", reason="no oneDNN linear in this torch build"
 )
 
 
+@needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 64), (7, 64), (133, 64), (1, 5, 64), (2, 9, 64)])
 @pytest.mark.parametrize("out_in", [(96, 64), (777, 64)])
@@ -43,6 +44,7 @@ def test_packed_linear_equals_nn_linear(bias, shape, out_in):
     assert not torch.equal(packed.weight, lin.weight.detach())
 
 
+@needs_onednn
 def test_packed_linear_takes_strided_and_empty_input():
     torch.manual_seed(1)
     lin = nn.Linear(48, 32)
@@ -52,6 +54,7 @@ def test_packed_linear_takes_strided_and_empty_input():
     assert packed(torch.randn(0, 48)).shape == (0, 32)
 
 
+@needs_onednn
 def test_packed_linear_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="CPU float32"):
         PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
@@ -60,6 +63,7 @@ def test_packed_linear_refuses_what_it_cannot_run():
         packed(torch.randn(2, 8, dtype=torch.float64))
 
 
+@needs_onednn
 def test_pack_linears_replaces_every_linear_and_keeps_the_models_output(tiny_model_dir):
     ref, _ = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
     model, _ = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
@@ -89,8 +93,13 @@ def test_pack_linears_replaces_every_linear_and_keeps_the_models_output(tiny_mod
 
 def test_select_dense_modes():
     f32 = torch.float32
-    assert select_dense("cpu", f32, "auto") == "onednn"
-    assert select_dense("cpu", f32, "onednn") == "onednn"
+    if dense._probe_cpu() is None:
+        assert select_dense("cpu", f32, "auto") == "onednn"
+        assert select_dense("cpu", f32, "onednn") == "onednn"
+    else:  # a torch build without the oneDNN ops: auto keeps nn.Linear, onednn is refused
+        assert select_dense("cpu", f32, "auto") == "torch"
+        with pytest.raises(ValueError):
+            select_dense("cpu", f32, "onednn")
     assert select_dense("cpu", f32, "torch") == "torch"
     # Not its job: other dtypes and devices keep nn.Linear under auto, and are refused when
     # oneDNN is required, with the reason.
@@ -106,14 +115,34 @@ def test_select_dense_modes():
 
 def test_a_failed_probe_keeps_nn_linear_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(dense, "_probe", {"cpu": "the packed oneDNN linear failed: boom"})
+    monkeypatch.setattr(dense, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="mintmesh.kernels.dense"):
         assert select_dense("cpu", torch.float32, "auto") == "torch"
-    assert "boom" in caplog.text and "nn.Linear" in caplog.text
+        assert select_dense("cpu", torch.float32, "auto") == "torch"  # an engine per test...
+    warnings = [r for r in caplog.records if r.name == "mintmesh.kernels.dense"]
+    assert len(warnings) == 1, warnings  # ...one warning
+    assert "boom" in warnings[0].getMessage() and "nn.Linear" in warnings[0].getMessage()
     with pytest.raises(ValueError, match="boom"):
         select_dense("cpu", torch.float32, "onednn")
 
 
+@needs_onednn
 def test_probe_compares_against_f_linear(monkeypatch):
     # A oneDNN linear that answers wrongly is caught by the probe, not served.
     monkeypatch.setattr(dense, "_linear", lambda x, p, b: F.linear(x, p.to_dense(), b) + 1.0)
     assert "does not match" in dense._run_probe()
+
+
+@needs_onednn
+def test_a_tied_lm_head_is_not_packed_twice():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False))
+    model[2].weight = model[0].weight  # tie_word_embeddings
+    ids = torch.tensor([[1, 7, 49]])
+    with torch.inference_mode():
+        want = model(ids)
+    assert pack_linears(model) == 1
+    assert isinstance(model[1], PackedLinear) and type(model[2]) is nn.Linear
+    assert model[2].weight is model[0].weight  # still one matrix
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
