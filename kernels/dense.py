@@ -98,17 +98,18 @@ def select_dense(device: torch.device | str, dtype: torch.dtype, mode: str = "au
         why = f"the packed oneDNN linear serves float32 here (dtype is {dtype})"
     else:
         why = _probe_cpu()
+        if why is not None and mode == "auto":
+            # Expected to work here and did not: say so once (other cases are simply not its
+            # job).
+            with _probe_lock:
+                first = why not in _warned
+                _warned.add(why)
+            if first:
+                logger.warning("dense kernels: %s; the backbone keeps torch's nn.Linear", why)
     if why is None:
         return "onednn"
     if mode == "onednn":
         raise ValueError(f"dense kernels 'onednn': {why}")
-    if device.type == "cpu" and dtype == torch.float32:
-        # Expected to work here and did not: say so once (other cases are simply not its job).
-        with _probe_lock:
-            first = why not in _warned
-            _warned.add(why)
-        if first:
-            logger.warning("dense kernels: %s; the backbone keeps torch's nn.Linear", why)
     return "torch"
 
 
