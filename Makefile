@@ -5,7 +5,7 @@ MINT   := $(VENV)/bin/mint
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test protos lint gpu-check bench-kernels clean
+.PHONY: install demo test fuzz protos lint gpu-check bench-kernels clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,14 +20,20 @@ install: $(VENV)/.installed
 demo: install
 	$(MINT) demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The differential kernel tests with many more (random) examples than CI runs.
+fuzz: install
+	MINT_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz $(PYTEST_ARGS)
 
 protos: install
 	$(PY) -m mintmesh.protogen
 
+# ruff is pinned in pyproject (the formatter's output changes between releases).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # On a machine with an NVIDIA GPU: the kernel tests compiled (no interpreter) and the kernel
 # benchmark on CUDA. Exits cleanly with a message elsewhere.

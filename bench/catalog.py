@@ -54,9 +54,9 @@ def make_weights(i: int, shapes: list[tuple[str, int, int]], seed: int) -> bytes
     tensors = {}
     for mod, out_f, in_f in shapes:
         key = f"base_model.model.{mod}"
-        tensors[f"{key}.lora_A.weight"] = (
-            rng.standard_normal((1, in_f), dtype=np.float32) / np.float32(in_f**0.5)
-        )
+        tensors[f"{key}.lora_A.weight"] = rng.standard_normal(
+            (1, in_f), dtype=np.float32
+        ) / np.float32(in_f**0.5)
         tensors[f"{key}.lora_B.weight"] = rng.standard_normal((out_f, 1), dtype=np.float32)
     return save(tensors)
 

@@ -56,14 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mint-cold-") as tmp:
         root = Path(tmp)
-        store = create_store(StoreConfig(data_dir=root / "store", model_dir=model_dir,
-                                         max_rank=max(128, args.rank)))
+        store = create_store(
+            StoreConfig(data_dir=root / "store", model_dir=model_dir, max_rank=max(128, args.rank))
+        )
         # The sidecar is its own process, as in production: LMDB allows one Environment per
         # process per file, and the executor side (this process) opens it read-only.
         cache = Child(
             name="cache",
-            argv=[sys.executable, "-m", "mintmesh.cache", "--cache-dir", str(root / "node"),
-                  "--store", store.address, "--port", "0"],
+            argv=[
+                sys.executable,
+                "-m",
+                "mintmesh.cache",
+                "--cache-dir",
+                str(root / "node"),
+                "--store",
+                store.address,
+                "--port",
+                "0",
+            ],
             log_path=root / "cache.log",
             env=dict(os.environ),
         )
@@ -83,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             source.fetch(d)
         ensured_before = source.reads_ensured
         pool = AdapterPool(shapes, max_adapters=2 * n + 1, max_rank=max(64, args.rank))
-        residency = AdapterResidency(pool, source, layer_shapes=shapes,
-                                     base_fingerprint=base.fingerprint, max_rank=args.rank)
+        residency = AdapterResidency(
+            pool, source, layer_shapes=shapes, base_fingerprint=base.fingerprint, max_rank=args.rank
+        )
 
         def timed(ds: list[str]) -> list[float]:
             out = []
@@ -110,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         progress("peft load_adapter from PEFT directories")
         from peft import PeftModel
 
-        dirs = [write_synth_adapter(base, root / "peft" / f"a{i}", rank=args.rank,
-                                    targets=TARGETS, seed=1000 + i) for i in range(n + 1)]
+        dirs = [
+            write_synth_adapter(
+                base, root / "peft" / f"a{i}", rank=args.rank, targets=TARGETS, seed=1000 + i
+            )
+            for i in range(n + 1)
+        ]
         model, _tok = load_model(model_dir)
         pm = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name="a0")
         peft_ms = []
@@ -140,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "bench": "cold-load",
         "device": "cpu",
-        "params": {"preset": args.preset, "rank": args.rank, "targets": list(TARGETS),
-                   "trials": n},
+        "params": {"preset": args.preset, "rank": args.rank, "targets": list(TARGETS), "trials": n},
         "metrics": metrics,
     }
     if not args.json:

@@ -143,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "bench": "prefix",
         "device": "cpu",
-        "params": {"preset": args.preset, "conversations": args.conversations,
-                   "turns": args.turns, "new_tokens": args.new, "gen_tokens": args.gen,
-                   "rank": 8, "seed": args.seed},  # fmt: skip
+        "params": {
+            "preset": args.preset,
+            "conversations": args.conversations,
+            "turns": args.turns,
+            "new_tokens": args.new,
+            "gen_tokens": args.gen,
+            "rank": 8,
+            "seed": args.seed,
+        },  # fmt: skip
         "metrics": metrics,
     }
     if not args.json:

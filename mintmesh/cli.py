@@ -31,8 +31,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="MinT mesh: millions of personal LoRA models on one shared backbone.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="MinT mesh: millions of personal LoRA models on one shared backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 model_app = typer.Typer(help="The backbone.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapters in the store.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
@@ -112,8 +115,12 @@ def _revision_dict(rev) -> dict:
             "method": rev.provenance.method,
         },
         "evaluations": [
-            {"metric": e.metric, "value": e.value, "evaluator": e.evaluator,
-             "evaluated_at_unix_ms": e.evaluated_at_unix_ms}
+            {
+                "metric": e.metric,
+                "value": e.value,
+                "evaluator": e.evaluator,
+                "evaluated_at_unix_ms": e.evaluated_at_unix_ms,
+            }
             for e in rev.evaluations
         ],
     }
@@ -178,8 +185,15 @@ def up(
     logging.basicConfig(level=logging.INFO)
     model_dir = _ensure_model(model, data)
     cluster = LocalCluster(
-        ClusterConfig(model_dir=model_dir, data_dir=data.resolve(), executors=executors,
-                      port=port, otlp_endpoint=otlp_endpoint, auth=auth, admin_key=admin_key)
+        ClusterConfig(
+            model_dir=model_dir,
+            data_dir=data.resolve(),
+            executors=executors,
+            port=port,
+            otlp_endpoint=otlp_endpoint,
+            auth=auth,
+            admin_key=admin_key,
+        )
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -244,8 +258,13 @@ def status(router: str = RouterOpt, as_json: bool = typer.Option(False, "--json"
     out.print(f"store {st.store_address}: {'healthy' if st.store_healthy else 'DOWN'}")
     t = Table("executor", "address", "healthy", "queue", "resident adapters")
     for e in st.executors:
-        t.add_row(e.executor_id or "?", e.address, str(e.healthy), str(e.queue_depth),
-                  str(len(e.resident_adapters)))
+        t.add_row(
+            e.executor_id or "?",
+            e.address,
+            str(e.healthy),
+            str(e.queue_depth),
+            str(len(e.resident_adapters)),
+        )
     out.print(t)
 
 
@@ -291,15 +310,29 @@ def adapter_list(
     with _client(router) as cl:
         items = list(cl.list_adapters(tenant))
     if as_json:
-        out.print_json(json.dumps([
-            {"name": f"{a.tenant}/{a.name}", "revisions": a.revision_count,
-             "latest": _revision_dict(a.latest)} for a in items
-        ]))
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "name": f"{a.tenant}/{a.name}",
+                        "revisions": a.revision_count,
+                        "latest": _revision_dict(a.latest),
+                    }
+                    for a in items
+                ]
+            )
+        )
         return
     t = Table("adapter", "revisions", "latest", "rank", "targets", "digest")
     for a in items:
-        t.add_row(f"{a.tenant}/{a.name}", str(a.revision_count), a.latest.ref,
-                  str(a.latest.rank), ",".join(a.latest.target_modules), a.latest.digest[:12])
+        t.add_row(
+            f"{a.tenant}/{a.name}",
+            str(a.revision_count),
+            a.latest.ref,
+            str(a.latest.rank),
+            ",".join(a.latest.target_modules),
+            a.latest.digest[:12],
+        )
     out.print(t)
 
 
@@ -372,9 +405,11 @@ def _print_revision(rev, as_json: bool, what: str = "") -> None:
     if as_json:
         out.print_json(json.dumps(_revision_dict(rev)))
     else:
-        out.print(f"{what}{rev.ref}  digest {rev.digest[:16]}…  rank {rev.rank}  "
-                  f"{_enum_name(_common().StorageFormat, rev.storage_format) or '?'}  "
-                  f"{rev.size_bytes} bytes")
+        out.print(
+            f"{what}{rev.ref}  digest {rev.digest[:16]}…  rank {rev.rank}  "
+            f"{_enum_name(_common().StorageFormat, rev.storage_format) or '?'}  "
+            f"{rev.size_bytes} bytes"
+        )
 
 
 @adapter_app.command("revisions")
@@ -393,27 +428,46 @@ def adapter_revisions(
         _fail(f"--state {state!r} must be one of {sorted(s for s in states if s)}")
     with _client(router) as cl, console.status(f"listing revisions of {name}"):
         res = cl.revisions(name, label=label, state=states[state])
-    gates = [{"alias": g.alias, "metric": g.metric, "threshold": g.threshold,
-              "direction": _enum_name(_gate_enum(), g.direction)} for g in res.gates]
+    gates = [
+        {
+            "alias": g.alias,
+            "metric": g.metric,
+            "threshold": g.threshold,
+            "direction": _enum_name(_gate_enum(), g.direction),
+        }
+        for g in res.gates
+    ]
     if as_json:
-        out.print_json(json.dumps({
-            "name": name, "aliases": res.aliases, "gates": gates,
-            "revisions": [_revision_dict(r) for r in res.revisions],
-        }))
+        out.print_json(
+            json.dumps(
+                {
+                    "name": name,
+                    "aliases": res.aliases,
+                    "gates": gates,
+                    "revisions": [_revision_dict(r) for r in res.revisions],
+                }
+            )
+        )
         return
     by_rev: dict[int, list[str]] = {}
     for a, r in res.aliases.items():
         by_rev.setdefault(r, []).append(a)
-    t = Table("rev", "aliases", "state", "format", "rank", "bytes", "source", "evaluations",
-              "digest")
+    t = Table(
+        "rev", "aliases", "state", "format", "rank", "bytes", "source", "evaluations", "digest"
+    )
     for r in res.revisions:
         evals = ", ".join(f"{e.metric}={e.value:g}" for e in r.evaluations)
-        t.add_row(str(r.revision), ",".join(sorted(by_rev.get(r.revision, []))),
-                  _enum_name(_common().RevisionState, r.state),
-                  _enum_name(_common().StorageFormat, r.storage_format),
-                  str(r.rank), str(r.size_bytes),
-                  _enum_name(_common().RevisionSource, r.provenance.source), evals,
-                  r.digest[:12])
+        t.add_row(
+            str(r.revision),
+            ",".join(sorted(by_rev.get(r.revision, []))),
+            _enum_name(_common().RevisionState, r.state),
+            _enum_name(_common().StorageFormat, r.storage_format),
+            str(r.rank),
+            str(r.size_bytes),
+            _enum_name(_common().RevisionSource, r.provenance.source),
+            evals,
+            r.digest[:12],
+        )
     out.print(t)
     for g in gates:
         op = ">=" if g["direction"] == "at_least" else "<="
@@ -483,9 +537,15 @@ def adapter_alias(
 
 def _print_alias(name: str, alias: str, resp, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps({"alias": f"{name}@{alias}",
-                                   "revision": _revision_dict(resp.revision),
-                                   "previous_revision": resp.previous_revision}))
+        out.print_json(
+            json.dumps(
+                {
+                    "alias": f"{name}@{alias}",
+                    "revision": _revision_dict(resp.revision),
+                    "previous_revision": resp.previous_revision,
+                }
+            )
+        )
         return
     was = f" (was @{resp.previous_revision})" if resp.previous_revision else ""
     out.print(f"{name}@{alias} -> {resp.revision.ref}{was}")
@@ -611,8 +671,18 @@ def tenant_list(router: str = RouterOpt, as_json: bool = typer.Option(False, "--
     with _client(router) as cl, console.status("listing tenants"):
         items = list(cl.list_tenants())
     if as_json:
-        out.print_json(json.dumps([{"tenant": t.tenant, "created_at_unix_ms": t.created_at_unix_ms,
-                                    "key_count": t.key_count} for t in items]))
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "tenant": t.tenant,
+                        "created_at_unix_ms": t.created_at_unix_ms,
+                        "key_count": t.key_count,
+                    }
+                    for t in items
+                ]
+            )
+        )
         return
     t = Table("tenant", "keys", "created (unix ms)")
     for x in items:
@@ -674,8 +744,9 @@ def generate(
     from mintmesh.client import GenerateResult, sampling_params
     from mintmesh.v1 import common_pb2
 
-    sp = sampling_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                         top_k=top_k, seed=seed)
+    sp = sampling_params(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )
     res = GenerateResult("", [], "", "", "", "")
     with _client(router, timeout=600) as cl:
         for ch in cl.generate_stream(prompt, adapter=adapter, sampling=sp):
@@ -688,8 +759,11 @@ def generate(
                 sys.stdout.write(ch.text)
                 sys.stdout.flush()
             if ch.finish_reason:
-                res.finish_reason = common_pb2.FinishReason.Name(ch.finish_reason).removeprefix(
-                    "FINISH_REASON_").lower()
+                res.finish_reason = (
+                    common_pb2.FinishReason.Name(ch.finish_reason)
+                    .removeprefix("FINISH_REASON_")
+                    .lower()
+                )
             if ch.HasField("usage"):
                 res.prompt_tokens = ch.usage.prompt_tokens
                 res.completion_tokens = ch.usage.completion_tokens
@@ -729,8 +803,11 @@ def bench(ctx: typer.Context, name: str = typer.Argument(..., help="e.g. kernels
 
         import mintmesh.bench as b
 
-        names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(b.__path__)
-                       if m.name not in ("gpu_check", "common"))
+        names = sorted(
+            m.name.replace("_", "-")
+            for m in pkgutil.iter_modules(b.__path__)
+            if m.name not in ("gpu_check", "common")
+        )
         _fail(f"unknown benchmark {name!r}; available: {', '.join(names) or 'none'}")
     raise typer.Exit(mod.main(list(ctx.args)) or 0)
 

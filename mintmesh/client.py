@@ -37,7 +37,7 @@ GATE_DIRECTIONS = {
 
 
 def storage_enum(name: str | None) -> int:
-    """"bf16", "int8", ... -> common_pb2.StorageFormat ("" or None = UNSPECIFIED)."""
+    """ "bf16", "int8", ... -> common_pb2.StorageFormat ("" or None = UNSPECIFIED)."""
     return STORAGE_TO_PROTO[_storage_name(name)] if name else 0
 
 
@@ -450,9 +450,7 @@ class MintClient:
 
     def authenticate(self, api_key: str = "") -> store_pb2.AuthenticateResponse:
         """Who api_key (or, if empty, this client's own key) stands for."""
-        return self._unary(
-            self.store.Authenticate, store_pb2.AuthenticateRequest(api_key=api_key)
-        )
+        return self._unary(self.store.Authenticate, store_pb2.AuthenticateRequest(api_key=api_key))
 
     # -- router -----------------------------------------------------------------------------
 
@@ -490,9 +488,11 @@ class MintClient:
             ids.extend(ch.token_ids)
             lps.extend(ch.logprobs)
             if ch.finish_reason:
-                res.finish_reason = common_pb2.FinishReason.Name(ch.finish_reason).removeprefix(
-                    "FINISH_REASON_"
-                ).lower()
+                res.finish_reason = (
+                    common_pb2.FinishReason.Name(ch.finish_reason)
+                    .removeprefix("FINISH_REASON_")
+                    .lower()
+                )
             if ch.HasField("usage"):
                 res.prompt_tokens = ch.usage.prompt_tokens
                 res.completion_tokens = ch.usage.completion_tokens

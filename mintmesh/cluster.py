@@ -177,15 +177,31 @@ class LocalCluster:
             store = self._child(
                 "store",
                 "mintmesh.services.store",
-                ["--data-dir", str(c.data_dir / "store"), "--model-dir", str(c.model_dir),
-                 "--host", c.host, "--port", "0"],
+                [
+                    "--data-dir",
+                    str(c.data_dir / "store"),
+                    "--model-dir",
+                    str(c.model_dir),
+                    "--host",
+                    c.host,
+                    "--port",
+                    "0",
+                ],
             )
             store.start()
             self.store_address = store.wait_ready(timeout)
             caches = []
             for i in range(c.executors):
-                args = ["--cache-dir", str(c.data_dir / f"node-{i}"), "--store",
-                        self.store_address, "--host", c.host, "--port", "0"]
+                args = [
+                    "--cache-dir",
+                    str(c.data_dir / f"node-{i}"),
+                    "--store",
+                    self.store_address,
+                    "--host",
+                    c.host,
+                    "--port",
+                    "0",
+                ]
                 if c.cache_capacity_bytes:
                     args += ["--capacity-bytes", str(c.cache_capacity_bytes)]
                 ch = self._child(f"cache-{i}", "mintmesh.cache", args)
@@ -197,9 +213,22 @@ class LocalCluster:
                 ex = self._child(
                     f"executor-{i}",
                     "mintmesh.services.executor",
-                    ["--model-dir", str(c.model_dir), "--cache-dir", str(c.data_dir / f"node-{i}"),
-                     "--cache", self.cache_addresses[i], "--host", c.host, "--port", "0",
-                     "--executor-id", f"executor-{i}", "--max-batch-size", str(c.max_batch_size)],
+                    [
+                        "--model-dir",
+                        str(c.model_dir),
+                        "--cache-dir",
+                        str(c.data_dir / f"node-{i}"),
+                        "--cache",
+                        self.cache_addresses[i],
+                        "--host",
+                        c.host,
+                        "--port",
+                        "0",
+                        "--executor-id",
+                        f"executor-{i}",
+                        "--max-batch-size",
+                        str(c.max_batch_size),
+                    ],
                 )
                 ex.start()
                 execs.append(ex)

@@ -65,22 +65,33 @@ def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None)
         table = Table("adapter", "executor", "tokens", "finish", "text (first 24 chars)")
         table.columns[0].no_wrap = True
         for r in rows:
-            table.add_row(r.adapter or "(base model)", r.executor, str(len(r.token_ids)),
-                          r.finish_reason, repr(r.text[:24]))
+            table.add_row(
+                r.adapter or "(base model)",
+                r.executor,
+                str(len(r.token_ids)),
+                r.finish_reason,
+                repr(r.text[:24]),
+            )
         console.print(table)
         tokens = sum(len(r.token_ids) for r in rows)
         summary = Table(title="summary", show_header=False)
-        summary.add_row("adapters pushed", f"{adapters} in {push_s:.1f}s "
-                        f"({adapters / max(push_s, 1e-9):.0f}/s)")
+        summary.add_row(
+            "adapters pushed", f"{adapters} in {push_s:.1f}s ({adapters / max(push_s, 1e-9):.0f}/s)"
+        )
         summary.add_row("adapters listed", str(listed))
         distinct = len({r.digest for r in rows if r.digest})
-        summary.add_row("generations", f"{len(rows)} requests, {distinct} distinct adapters "
-                        "(+ base), mixed in the executors' batches")
+        summary.add_row(
+            "generations",
+            f"{len(rows)} requests, {distinct} distinct adapters "
+            "(+ base), mixed in the executors' batches",
+        )
         summary.add_row("tokens", f"{tokens} in {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.0f}/s)")
         for e in st.executors:
-            summary.add_row(f"{e.executor_id} ({e.address})",
-                            f"{'healthy' if e.healthy else 'down'}, "
-                            f"{len(e.resident_adapters)} adapters resident")
+            summary.add_row(
+                f"{e.executor_id} ({e.address})",
+                f"{'healthy' if e.healthy else 'down'}, "
+                f"{len(e.resident_adapters)} adapters resident",
+            )
         summary.add_row("total", f"{time.perf_counter() - t_all:.1f}s, clean shutdown")
         console.print(summary)
         ok = listed == adapters and all(r.finish_reason for r in rows)
@@ -94,8 +105,13 @@ def _push_all(console, cl, base, n: int, synth) -> float:
     cols = (TextColumn("pushing adapters"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
     def push(i: int):
-        cfg, weights = synth(base, rank=RANKS[i % len(RANKS)],
-                             targets=TARGET_SETS[i % len(TARGET_SETS)], seed=i, std=0.5)
+        cfg, weights = synth(
+            base,
+            rank=RANKS[i % len(RANKS)],
+            targets=TARGET_SETS[i % len(TARGET_SETS)],
+            seed=i,
+            std=0.5,
+        )
         return cl.push_adapter_bytes(demo_adapter_name(i), cfg, weights)
 
     t0 = time.perf_counter()
@@ -113,7 +129,8 @@ def _generate_mixed(cl, n_adapters: int, sampling_params):
     sp = sampling_params(max_tokens=24, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(refs)) as pool:
-        futs = [pool.submit(cl.generate, "Hello from MinT mesh!", adapter=r, sampling=sp)
-                for r in refs]
+        futs = [
+            pool.submit(cl.generate, "Hello from MinT mesh!", adapter=r, sampling=sp) for r in refs
+        ]
         rows = [f.result() for f in futs]
     return rows, time.perf_counter() - t0

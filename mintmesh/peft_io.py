@@ -201,9 +201,7 @@ def validate_and_pack(
     if isinstance(peft_keep.get("target_modules"), (set, tuple, list)):
         peft_keep["target_modules"] = sorted(peft_keep["target_modules"])
     if storage is None:
-        data = pack(
-            modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype
-        )
+        data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
         storage = DTYPE_NAMES[dtype]
     else:
         data = pack(

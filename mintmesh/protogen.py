@@ -1,7 +1,7 @@
 """Regenerate the Python stubs in mintmesh/v1 from protos/ (the source of truth).
 
-    python -m mintmesh.protogen            # writes mintmesh/v1/*_pb2*.py(i)
-    python -m mintmesh.protogen --out DIR  # writes DIR/mintmesh/v1/... (used by the staleness test)
+python -m mintmesh.protogen            # writes mintmesh/v1/*_pb2*.py(i)
+python -m mintmesh.protogen --out DIR  # writes DIR/mintmesh/v1/... (used by the staleness test)
 """
 
 from __future__ import annotations

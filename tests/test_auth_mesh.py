@@ -20,12 +20,23 @@ TOKEN = "internal-" + "t" * 32
 @pytest.fixture(scope="module")
 def mesh(tiny_model_dir, tmp_path_factory):
     store = create_store(
-        StoreConfig(data_dir=tmp_path_factory.mktemp("store"), model_dir=tiny_model_dir,
-                    auth=True, admin_key=ADMIN_KEY, internal_token=TOKEN)
+        StoreConfig(
+            data_dir=tmp_path_factory.mktemp("store"),
+            model_dir=tiny_model_dir,
+            auth=True,
+            admin_key=ADMIN_KEY,
+            internal_token=TOKEN,
+        )
     )
     router, _core = create_router(
-        RouterConfig(store_address=store.address, executors=("127.0.0.1:1",), port=0,
-                     health_interval_s=5, auth=True, internal_token=TOKEN)
+        RouterConfig(
+            store_address=store.address,
+            executors=("127.0.0.1:1",),
+            port=0,
+            health_interval_s=5,
+            auth=True,
+            internal_token=TOKEN,
+        )
     )
     yield router.address
     router.stop(0)
@@ -54,8 +65,10 @@ CROSS_TENANT = [
     ("revisions", lambda c: c.revisions("bolt/chat")),
     ("alias", lambda c: c.set_alias("bolt/chat", "prod", 1)),
     ("delete", lambda c: c.delete("bolt/chat")),
-    ("generate", lambda c: c.generate("hi", adapter="bolt/chat",
-                                      sampling=sampling_params(max_tokens=2))),
+    (
+        "generate",
+        lambda c: c.generate("hi", adapter="bolt/chat", sampling=sampling_params(max_tokens=2)),
+    ),
     ("prefetch", lambda c: c.prefetch("acme/chat", "bolt/chat")),
 ]
 
@@ -81,8 +94,10 @@ def test_own_adapters_work_and_generate_passes_auth(mesh, keys):
 @pytest.mark.parametrize("key", [None, "mint_000000000000_" + "x" * 43, "not-a-key"])
 def test_missing_or_wrong_key_is_unauthenticated(mesh, keys, key):
     with client(mesh, key) as cl:
-        for call in (lambda: cl.resolve("acme/chat"),
-                     lambda: cl.generate("hi", sampling=sampling_params(max_tokens=2))):
+        for call in (
+            lambda: cl.resolve("acme/chat"),
+            lambda: cl.generate("hi", sampling=sampling_params(max_tokens=2)),
+        ):
             with pytest.raises(grpc.RpcError) as ei:
                 call()
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED

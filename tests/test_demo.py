@@ -12,9 +12,19 @@ pytestmark = pytest.mark.e2e
 
 def test_mint_demo_runs_and_summarizes(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "mintmesh.cli", "demo", "--adapters", "60", "--data",
-         str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mintmesh.cli",
+            "demo",
+            "--adapters",
+            "60",
+            "--data",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout

@@ -66,8 +66,9 @@ def client(cluster):
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {
-        name: make_peft_adapter(tiny_model_dir, root / name.replace("/", "_"), rank=r,
-                                targets=t, seed=i + 1)
+        name: make_peft_adapter(
+            tiny_model_dir, root / name.replace("/", "_"), rank=r, targets=t, seed=i + 1
+        )
         for i, (name, (r, t)) in enumerate(ADAPTERS.items())
     }
 
@@ -85,14 +86,18 @@ def oracle(tiny_model_dir, adapter_dirs):
     out: dict[tuple[str, str], list[int]] = {}
     for prompt in PROMPTS:
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        kw = dict(do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=PAD_ID,
-                  attention_mask=torch.ones_like(ids))
+        kw = dict(
+            do_sample=False,
+            max_new_tokens=MAX_TOKENS,
+            pad_token_id=PAD_ID,
+            attention_mask=torch.ones_like(ids),
+        )
         for name in ADAPTERS:
             pm.set_adapter(name.replace("/", "_"))
             with torch.no_grad():
-                out[(name, prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1]:].tolist()
+                out[(name, prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1] :].tolist()
         with torch.no_grad(), pm.disable_adapter():
-            out[("", prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1]:].tolist()
+            out[("", prompt)] = pm.generate(input_ids=ids, **kw)[0, ids.shape[1] :].tolist()
     return out
 
 
@@ -133,8 +138,7 @@ def test_mixed_greedy_generation_matches_peft(client, pushed, oracle):
     assert executors, "no executor reported"
 
 
-def test_repeated_prompt_reuses_its_cached_prefix_and_stays_exact(cluster, client, pushed,
-                                                                  oracle):
+def test_repeated_prompt_reuses_its_cached_prefix_and_stays_exact(cluster, client, pushed, oracle):
     """Automatic prefix caching on a real executor: the same prompt under the same adapter
     revision reuses the KV of its full blocks (Status counts the hit tokens) and the tokens are
     still peft's."""
@@ -160,10 +164,16 @@ def test_bad_requests_get_the_right_status(client, pushed):
         (dict(adapter="nobody/nothing"), grpc.StatusCode.NOT_FOUND, "nobody/nothing"),
         (dict(adapter="alice/chat@99"), grpc.StatusCode.NOT_FOUND, "99"),
         (dict(adapter="not a ref"), grpc.StatusCode.INVALID_ARGUMENT, "not a ref"),
-        (dict(sampling=sampling_params(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
-         "max_tokens"),
-        (dict(sampling=sampling_params(max_tokens=4, temperature=-1.0)),
-         grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (
+            dict(sampling=sampling_params(max_tokens=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
+        ),
+        (
+            dict(sampling=sampling_params(max_tokens=4, temperature=-1.0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
     ]
     for kw, code, needle in cases:
         with pytest.raises(grpc.RpcError) as ei:
@@ -175,8 +185,9 @@ def test_bad_requests_get_the_right_status(client, pushed):
 def test_garbage_push_through_router_is_refused_and_catalog_unchanged(client, pushed):
     before = sorted((a.tenant, a.name, a.revision_count) for a in client.list_adapters())
     with pytest.raises(grpc.RpcError) as ei:
-        client.push_adapter_bytes("alice/junk", '{"peft_type": "LORA", "r": 4, "lora_alpha": 8}',
-                                  b"\x00garbage" * 100)
+        client.push_adapter_bytes(
+            "alice/junk", '{"peft_type": "LORA", "r": 4, "lora_alpha": 8}', b"\x00garbage" * 100
+        )
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "safetensors" in ei.value.details()
     after = sorted((a.tenant, a.name, a.revision_count) for a in client.list_adapters())
@@ -199,13 +210,11 @@ def test_batched_push_and_fetch_stream_through_the_router(client, base_info):
     assert hashlib.sha256(data).hexdigest() == digest
 
 
-def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_dir, otlp,
-                                                             tmp_path):
+def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_dir, otlp, tmp_path):
     # A fresh adapter: the executor must ask its sidecar, which must fetch from the store.
     path = make_peft_adapter(tiny_model_dir, tmp_path / "trace", rank=2, seed=99)
     client.push_adapter(path, "dave/traced")
-    res = client.generate("trace me", adapter="dave/traced",
-                          sampling=sampling_params(max_tokens=3))
+    res = client.generate("trace me", adapter="dave/traced", sampling=sampling_params(max_tokens=3))
     assert res.token_ids
     want = {"mint-router", "mint-executor", "mint-cache", "mint-store"}
 
@@ -223,8 +232,9 @@ def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_d
         traces = {}
         for s in spans:
             traces.setdefault(s["trace_id"], set()).add(s["service"])
-        full = [t for t, svcs in traces.items() if want <= svcs and
-                any(g["trace_id"] == t for g in gen)]
+        full = [
+            t for t, svcs in traces.items() if want <= svcs and any(g["trace_id"] == t for g in gen)
+        ]
         if (full and len(roots_of(spans, full[0])) == 1) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -237,11 +247,22 @@ def test_cli_generate_json_and_adapter_commands(cluster, pushed):
     env_router = ["--router", cluster.router_address]
     env = {**os.environ, "MINT_API_KEY": cluster.admin_key}
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "mintmesh.cli", *a], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "mintmesh.cli", *a],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=env,
     )
-    r = run("generate", "--adapter", "bob/code", "--max-tokens", "5", "--json", *env_router,
-            "Hello, world")
+    r = run(
+        "generate",
+        "--adapter",
+        "bob/code",
+        "--max-tokens",
+        "5",
+        "--json",
+        *env_router,
+        "Hello, world",
+    )
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("text", "token_ids", "finish_reason", "adapter", "digest"):
@@ -264,8 +285,9 @@ def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     from mintmesh.cache.reader import NodeCacheReader
     from mintmesh.v1 import cache_pb2, cache_pb2_grpc, executor_pb2, executor_pb2_grpc
 
-    rev = client.push_adapter(make_peft_adapter(tiny_model_dir, tmp_path / "gone", rank=2,
-                                                seed=77), "erin/gone")
+    rev = client.push_adapter(
+        make_peft_adapter(tiny_model_dir, tmp_path / "gone", rank=2, seed=77), "erin/gone"
+    )
     d = rev.digest
     res = client.generate("bye", adapter="erin/gone", sampling=sampling_params(max_tokens=2))
     i = int(res.executor.rsplit("-", 1)[1])
@@ -293,9 +315,11 @@ def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     reader = NodeCacheReader(cluster.config.data_dir / f"node-{i}")
     assert reader.read(d) is None, "the bytes are still in the node's LMDB file"
     assert not any(p.exists() for p in blobs), "the blob is still in the store"
-    for call in (lambda: client.fetch(digest=d), lambda: client.resolve("erin/gone"),
-                 lambda: client.generate("bye", adapter="erin/gone",
-                                         sampling=sampling_params(max_tokens=2))):
+    for call in (
+        lambda: client.fetch(digest=d),
+        lambda: client.resolve("erin/gone"),
+        lambda: client.generate("bye", adapter="erin/gone", sampling=sampling_params(max_tokens=2)),
+    ):
         with pytest.raises(grpc.RpcError) as ei:
             call()
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
@@ -303,18 +327,19 @@ def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     cache_ch.close()
 
 
-def test_router_prefetch_warms_the_executor_generate_goes_to(cluster, client, tiny_model_dir,
-                                                             tmp_path):
+def test_router_prefetch_warms_the_executor_generate_goes_to(
+    cluster, client, tiny_model_dir, tmp_path
+):
     """Prefetch through the router: the hint goes to the executor the rendezvous order picks,
     which loads the adapter store -> node cache -> host -> device before any request; the
     Generate that follows lands on that executor and finds it resident."""
     from mintmesh.v1 import executor_pb2, executor_pb2_grpc
 
-    rev = client.push_adapter(make_peft_adapter(tiny_model_dir, tmp_path / "warm", rank=4,
-                                                seed=91), "frank/warm")
+    rev = client.push_adapter(
+        make_peft_adapter(tiny_model_dir, tmp_path / "warm", rank=4, seed=91), "frank/warm"
+    )
     [p] = client.prefetch("frank/warm", "frank/warm")  # duplicates count once
-    assert (p.adapter, p.digest, p.resident, p.dropped) == ("frank/warm", rev.digest, False,
-                                                            False)
+    assert (p.adapter, p.digest, p.resident, p.dropped) == ("frank/warm", rev.digest, False, False)
     i = cluster.executor_addresses.index(p.executor)
     with grpc.insecure_channel(p.executor) as ch:
         ex = executor_pb2_grpc.ExecutorStub(ch)
@@ -328,10 +353,12 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(cluster, client, ti
     assert client.prefetch("frank/warm")[0].resident
     res = client.generate("hi", adapter="frank/warm", sampling=sampling_params(max_tokens=2))
     assert res.executor == f"executor-{i}" and res.digest == rev.digest
-    for refs, code in (([], grpc.StatusCode.INVALID_ARGUMENT),
-                       (["frank/never-pushed"], grpc.StatusCode.NOT_FOUND),
-                       (["not a ref"], grpc.StatusCode.INVALID_ARGUMENT),
-                       ([f"frank/a{i}" for i in range(65)], grpc.StatusCode.INVALID_ARGUMENT)):
+    for refs, code in (
+        ([], grpc.StatusCode.INVALID_ARGUMENT),
+        (["frank/never-pushed"], grpc.StatusCode.NOT_FOUND),
+        (["not a ref"], grpc.StatusCode.INVALID_ARGUMENT),
+        ([f"frank/a{i}" for i in range(65)], grpc.StatusCode.INVALID_ARGUMENT),
+    ):
         with pytest.raises(grpc.RpcError) as ei:
             client.prefetch(*refs)
         assert ei.value.code() == code, (refs, ei.value.details())
@@ -339,7 +366,8 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(cluster, client, ti
     with grpc.insecure_channel(p.executor) as ch:
         with pytest.raises(grpc.RpcError) as ei:
             executor_pb2_grpc.ExecutorStub(ch).PrefetchAdapters(
-                executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10)
+                executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10
+            )
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xyz" in ei.value.details()
 
 

@@ -93,9 +93,7 @@ def _golden_modules(dtype: torch.dtype) -> dict[str, packed.ModuleWeights]:
         a = ((torch.arange(r * fin, dtype=torch.float32) % 17) - 8).view(r, fin) / 8
         b = ((torch.arange(fout * r, dtype=torch.float32) % 13) - 6).view(fout, r) / 4
         alpha = 4.0 + i
-        out[name] = packed.ModuleWeights(
-            A=a.to(dtype), B=b.to(dtype), alpha=alpha, scale=alpha / r
-        )
+        out[name] = packed.ModuleWeights(A=a.to(dtype), B=b.to(dtype), alpha=alpha, scale=alpha / r)
     return out
 
 

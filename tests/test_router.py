@@ -20,8 +20,9 @@ def router(tiny_model_dir, tmp_path_factory):
         StoreConfig(data_dir=tmp_path_factory.mktemp("store"), model_dir=tiny_model_dir)
     )
     server, core = create_router(
-        RouterConfig(store_address=store.address, executors=("127.0.0.1:1",), port=0,
-                     health_interval_s=0.2)
+        RouterConfig(
+            store_address=store.address, executors=("127.0.0.1:1",), port=0, health_interval_s=0.2
+        )
     )
     yield server
     server.stop(0)
@@ -60,8 +61,11 @@ def test_store_api_through_the_router(client, base_info):
         (lambda c: c.resolve("ghost/none"), grpc.StatusCode.NOT_FOUND, "ghost/none"),
         (lambda c: c.resolve("bad ref"), grpc.StatusCode.INVALID_ARGUMENT, "bad ref"),
         (lambda c: c.fetch(digest="0" * 64), grpc.StatusCode.NOT_FOUND, "0000"),
-        (lambda c: c.push_adapter_bytes("acme/bad", "{not json", b"x"),
-         grpc.StatusCode.INVALID_ARGUMENT, "adapter_config.json"),
+        (
+            lambda c: c.push_adapter_bytes("acme/bad", "{not json", b"x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "adapter_config.json",
+        ),
     ],
 )
 def test_store_errors_keep_their_code_through_the_router(client, call, code, needle):
@@ -91,8 +95,13 @@ def test_health_and_reflection_are_served(router):
         resp = h.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING, svc
     r = reflection_pb2_grpc.ServerReflectionStub(ch)
-    resp = next(iter(r.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
+    resp = next(
+        iter(
+            r.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+        )
+    )
     names = {s.name for s in resp.list_services_response.service}
     assert {"mintmesh.v1.Router", "mintmesh.v1.AdapterStore", "grpc.health.v1.Health"} <= names
     ch.close()

@@ -19,11 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--health-interval-s", type=float)
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
-    p.add_argument("--auth", action="store_true", default=None,
-                   help="require API keys (checked through the store)")
-    p.add_argument("--internal-token",
-                   help="the mesh's internal token, shared with the store "
-                        "(env MINT_ROUTER_INTERNAL_TOKEN)")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        default=None,
+        help="require API keys (checked through the store)",
+    )
+    p.add_argument(
+        "--internal-token",
+        help="the mesh's internal token, shared with the store (env MINT_ROUTER_INTERNAL_TOKEN)",
+    )
     return p
 
 

@@ -194,8 +194,9 @@ class RouterCore:
                     executor_pb2.PurgeAdaptersRequest(digests=digests), timeout=35.0
                 )
             except grpc.RpcError as err:
-                logger.warning("purging %d digests on %s failed: %s", len(digests), address,
-                               err.code().name)
+                logger.warning(
+                    "purging %d digests on %s failed: %s", len(digests), address, err.code().name
+                )
 
     def status(self) -> router_pb2.RouterStatusResponse:
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -51,7 +51,6 @@ STORE_SERVICE = "/mintmesh.v1.AdapterStore/"
 OPEN_METHODS = frozenset({"Authenticate"})
 
 
-
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "mint_store_principal", default=None
 )

@@ -279,7 +279,7 @@ def _dump(obj) -> bytes:
 
 
 def parse_label_filter(label: str) -> tuple[str, str | None]:
-    """"key=value" -> (key, value); "key" -> (key, None)."""
+    """ "key=value" -> (key, value); "key" -> (key, None)."""
     if not label:
         raise InvalidArgument("label filter is empty")
     key, sep, value = label.partition("=")
@@ -689,7 +689,8 @@ class Catalog:
             revision_count=int(entry["count"]),
             aliases=dict(entry["aliases"]),
             gates=tuple(
-                self._gate(entry, a) for a in sorted(entry.get("gates", {}))  # type: ignore[misc]
+                self._gate(entry, a)
+                for a in sorted(entry.get("gates", {}))  # type: ignore[misc]
             ),
         )
 

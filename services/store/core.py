@@ -920,4 +920,3 @@ def _lock_data_dir(data_dir: Path) -> int:
         os.close(fd)
         raise RuntimeError(f"data dir {data_dir} is in use by another store") from None
     return fd
-

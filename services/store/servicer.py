@@ -263,18 +263,14 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
             is_cancelled=lambda: not context.is_active(),
         )
         for results in batches:
-            yield store_pb2.PushAdaptersResponse(
-                results=[push_result_to_proto(r) for r in results]
-            )
+            yield store_pb2.PushAdaptersResponse(results=[push_result_to_proto(r) for r in results])
 
     def ResolveAdapter(self, request, context):
         rec = self.core.resolve(request.ref, principal=current_principal())
         return store_pb2.ResolveAdapterResponse(revision=revision_to_proto(rec))
 
     def FetchAdapter(self, request, context):
-        res = self.core.fetch(
-            digest=request.digest, ref=request.ref, principal=current_principal()
-        )
+        res = self.core.fetch(digest=request.digest, ref=request.ref, principal=current_principal())
         yield store_pb2.FetchAdapterResponse(
             header=store_pb2.FetchHeader(digest=res.digest, size_bytes=res.size_bytes)
         )
@@ -337,9 +333,7 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
             rollback=request.rollback,
             principal=current_principal(),
         )
-        return store_pb2.SetAliasResponse(
-            revision=revision_to_proto(rec), previous_revision=prev
-        )
+        return store_pb2.SetAliasResponse(revision=revision_to_proto(rec), previous_revision=prev)
 
     def DeleteAlias(self, request, context):
         rev = self.core.delete_alias(request.name, request.alias, principal=current_principal())
