@@ -180,10 +180,16 @@ inline __attribute__((always_inline)) void run_item(const Job& J, int64_t item) 
         *(v8*)sr = lo;
         *(v8*)(sr + 8) = hi;
         const float sum = hsum(lo + hi);
+        // A new running max rescales the sum and the accumulator by the same factor, always
+        // both: where the rise is large (about 104 or more) the factor underflows to 0 and the
+        // old accumulator must be cleared with the sum (skipping the scale when the factor is 0
+        // kept a stale accumulator beside a zero sum: issue 11's wrong tokens).
         if (mn > m[i]) {
-          const float alpha = m[i] == -INFINITY ? 0.f : expf(m[i] - mn);
-          l[i] *= alpha;
-          if (l[i] != 0.f || alpha != 0.f) scale_row(acc + i * D, alpha, D);
+          if (m[i] != -INFINITY) {  // the first tile finds l = 0 and acc = 0: nothing to scale
+            const float alpha = expf(m[i] - mn);
+            l[i] *= alpha;
+            scale_row(acc + i * D, alpha, D);
+          }
           m[i] = mn;
         }
         l[i] += sum;

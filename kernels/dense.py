@@ -63,19 +63,32 @@ def _probe_cpu() -> str | None:
         return _probe["cpu"]
 
 
+# The probe's cases (rows, out, in, |x|, |w|): odd and real-model-like shapes, one row (decode)
+# to prefill-sized, activations and weights far from N(0, 1).
+_PROBE_CASES = ((5, 37, 53, 1.0, 1.0), (1, 96, 64, 1e3, 1e-3), (64, 17, 33, 30.0, 50.0),
+                (33, 128, 72, 1e-4, 1.0))  # fmt: skip
+
+
 def _run_probe() -> str | None:
+    """The start-up self-check of the packed Linear: each case against F.linear in float64,
+    relative to the size of the terms summed."""
     if not _ops_present():
         return "this torch build has no oneDNN (mkldnn) linear ops"
     try:
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(37, 53, generator=g)
-        b = torch.randn(37, generator=g)
-        x = torch.randn(5, 53, generator=g)
-        with torch.inference_mode():
-            got = _linear(x, _pack(w, 8), b)
-        want = F.linear(x, w, b)
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            return "the packed oneDNN linear does not match F.linear on this machine"
+        for rows, out_f, in_f, xm, wm in _PROBE_CASES:
+            w = torch.randn(out_f, in_f, generator=g) * wm
+            b = torch.randn(out_f, generator=g) * wm
+            x = torch.randn(rows, in_f, generator=g) * xm
+            with torch.inference_mode():
+                got = _linear(x, _pack(w, 8), b)
+            want = F.linear(x.double(), w.double(), b.double())
+            bound = 1e-5 * (x.abs().double() @ w.abs().double().T + b.abs().double()) + 1e-30
+            if got.shape != want.shape or not bool(((got.double() - want).abs() <= bound).all()):
+                return (
+                    "the packed oneDNN linear does not match F.linear on this machine "
+                    f"({rows} rows, {out_f}x{in_f}, |x| ~ {xm}, |w| ~ {wm})"
+                )
     except Exception as e:  # noqa: BLE001 - any failure means: keep nn.Linear
         return f"the packed oneDNN linear failed: {type(e).__name__}: {e}"
     return None

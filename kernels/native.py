@@ -228,6 +228,12 @@ class _Spec:
     abi: int
     variants: tuple[list[str], ...] | None  # compile flag variants (None: _compile's default)
     cls: type
+    selfcheck: str  # the function of kernels.selfcheck that vets a loaded library
+
+    def check(self, lib) -> str | None:
+        from mintmesh.kernels import selfcheck
+
+        return getattr(selfcheck, self.selfcheck)(lib)
 
     def path(self, cxx: str) -> Path:
         if self.variants is None:
@@ -271,6 +277,11 @@ def _open(spec: _Spec, cxx: str, path: Path, build: bool):
         logger.info("building native CPU %s: %s", spec.what, path)
         spec.compile(cxx, path)
     lib = spec.cls(path)
+    # The start-up self-check: a library that disagrees with the reference on the adversarial
+    # inputs never serves (the caller's fallback does, with one warning naming it).
+    why = spec.check(lib)
+    if why is not None:
+        raise RuntimeError(f"self-check against the reference failed ({lib.isa}): {why}")
     g = globals()
     with _lock:
         if g[spec.prefix + "lib"] is None:
@@ -418,9 +429,9 @@ _attn_failed = False
 _attn_builder: threading.Thread | None = None
 
 _LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION, None,
-              NativeLib)  # fmt: skip
+              NativeLib, "check_native_lora")  # fmt: skip
 _ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",
-              ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib)  # fmt: skip
+              ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib, "check_decode_attention")  # fmt: skip
 
 
 def load_attn(block: bool = True) -> AttnLib | None:

@@ -8,6 +8,26 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Differential (property-based) kernel tests: a fixed, derandomized number of examples per
+# kernel in CI ("ci", the default); `make fuzz` selects "fuzz" (many more, random seeds).
+# A test sets its own max_examples through fuzz_examples(n) so the CI count is per kernel.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("MINT_HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

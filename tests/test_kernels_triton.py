@@ -203,6 +203,15 @@ def test_custom_op_dispatches_to_triton(triton_ops):
         set_backend(DEVICE, None)
 
 
+@here
+def test_triton_passes_the_startup_self_check(triton_ops):
+    """The check select_backend runs before Triton may serve a CUDA device (adversarial
+    batches: large adapter norms, ranks 1 to 64, rows without an adapter, both grids)."""
+    from mintmesh.kernels.backends import _smoke_test, get_backend
+
+    _smoke_test(get_backend("triton"), torch.device(DEVICE))
+
+
 REAL_CASES = [
     ("bf16", "mixed", 133, "requests"),
     ("fp16", "r16", 7, "distinct"),
