@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 from otlp_receiver import OtlpReceiver
-from peft_util import make_peft_adapter, peft_model_with
+from peft_util import make_peft_adapter, make_strong_adapter, peft_greedy, peft_model_with
 
 from mintmesh.client import MintClient, sampling_params
 from mintmesh.cluster import ClusterConfig, LocalCluster
@@ -277,6 +277,97 @@ def test_cli_generate_json_and_adapter_commands(cluster, pushed):
     assert [a["name"] for a in json.loads(r.stdout)][:1] == ["alice/chat"]
     r = run("adapter", "show", "nobody/none", *env_router)
     assert r.returncode != 0 and "NOT_FOUND" in r.stderr
+
+
+# Issue 11: strongly trained adapters (peft's own init after torch.manual_seed, every lora_
+# parameter x4) on all seven modules; s101 is the adapter of the report.
+STRONG = {"dave/s101": (8, 101), "erin/s7": (16, 7), "frank/s3": (4, 3)}
+ISSUE_11_TOKENS = [158, 139, 15, 37, 89, 42, 218, 222, 160, 15]
+
+
+@pytest.fixture(scope="module")
+def strong_dirs(tiny_model_dir, tmp_path_factory):
+    from mintmesh.kernels import native
+
+    native.load_attn(block=True)  # built before the executors attend: the native path serves
+    root = tmp_path_factory.mktemp("strong")
+    return {
+        name: make_strong_adapter(tiny_model_dir, root / name.replace("/", "_"), rank=r, seed=s)
+        for name, (r, s) in STRONG.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def strong_oracle(tiny_model_dir, strong_dirs):
+    pm = peft_model_with(tiny_model_dir, {n.replace("/", "_"): p for n, p in strong_dirs.items()})
+
+    def greedy(name, ids, n):
+        return peft_greedy(pm, name.replace("/", "_") if name else None, ids, n)[0]
+
+    return greedy
+
+
+def test_issue_11_scenario_through_the_cli(cluster, tiny_model_dir, strong_dirs, strong_oracle):
+    """The report, as a user ran it: push with `mint adapter push`, then `mint generate
+    --temperature 0 --max-tokens 24 --json "The personal model of"`: peft's tokens, exactly."""
+    env = {**os.environ, "MINT_API_KEY": cluster.admin_key, "MINT_ROUTER": cluster.router_address}
+
+    def mint(*a):
+        r = subprocess.run(
+            [sys.executable, "-m", "mintmesh.cli", *a],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    mint("adapter", "push", str(strong_dirs["dave/s101"]), "--name", "dave/s101")
+    prompt = "The personal model of"
+    out = mint(
+        "generate", "--adapter", "dave/s101", "--temperature", "0", "--max-tokens", "24",
+        "--json", prompt,
+    )  # fmt: skip
+    obj = json.loads(out.strip().splitlines()[-1])
+    _, tok = load_model(tiny_model_dir)
+    want = strong_oracle("dave/s101", tok(prompt)["input_ids"], 24)
+    assert want[:10] == ISSUE_11_TOKENS
+    assert obj["token_ids"] == want
+    assert obj["adapter"] == "dave/s101@1"
+
+
+def test_concurrent_strong_adapters_through_the_router(
+    client, tiny_model_dir, strong_dirs, strong_oracle
+):
+    """Issue 11's second probe: 24 concurrent greedy generations over three strong adapters and
+    the base model, prompts spanning several KV blocks, 32 tokens each: every token peft's."""
+    for name, d in strong_dirs.items():
+        if name != "dave/s101":
+            client.push_adapter(d, name)
+        else:
+            try:
+                client.resolve(name)
+            except grpc.RpcError:
+                client.push_adapter(d, name)
+    prompts = ["Personal models for everyone, on one shared base. " * k for k in (1, 2)] + [
+        "x",
+        "The mesh serves many adapters at once; each row has its own.",
+    ]
+    names = [*STRONG, ""]
+    jobs = [(n, p) for p in prompts for n in names][:24]
+    jobs += jobs[: 24 - len(jobs)]
+    sp = sampling_params(max_tokens=32, temperature=0.0)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: client.generate(j[1], adapter=j[0], sampling=sp), jobs))
+    _, tok = load_model(tiny_model_dir)
+    wrong = []
+    for (name, prompt), res in zip(jobs, results, strict=True):
+        want = strong_oracle(name, tok(prompt)["input_ids"], 32)
+        if res.token_ids != want:
+            wrong.append((name, prompt[:20]))
+    assert not wrong, f"{len(wrong)} of {len(jobs)} differ from peft: {wrong}"
+    assert len(jobs) == 24
 
 
 def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):

@@ -62,6 +62,12 @@ def _attn_threads() -> int:
 
 ATTN_THREADS = _attn_threads()
 
+# Tokens attended by each implementation (counted once per forward, at layer 0): which code
+# served is observable, so a test can assert the path it means to cover really ran.
+# native_decode: kernels/attn_cpu.cpp; torch_decode: SDPA over gathered blocks (no library,
+# or a layout it does not take); prefill: SDPA over fresh tokens, runs and chunks.
+ATTENTION_TOKENS = {"native_decode": 0, "torch_decode": 0, "prefill": 0}
+
 ATTN_IMPLEMENTATION = "mintmesh_paged"
 _registered = False
 
@@ -532,9 +538,13 @@ class AttentionPlan:
                     query[:, :, s : s + n], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
                 )
                 out[s : s + n] = o[0].transpose(0, 1)
+        if layer == 0:
+            n_decode = sum(1 for s in self.spans if s.q_len == 1 and s.ctx_len > 1)
+            ATTENTION_TOKENS["prefill"] += self.num_tokens - n_decode
+            ATTENTION_TOKENS["torch_decode"] += n_decode - len(self.native_spans)
         if self.native_spans:
             assert kv is not None and self.native is not None
-            if not self.native.decode(
+            if self.native.decode(
                 out,
                 query[0],
                 kv.k[layer],
@@ -546,7 +556,12 @@ class AttentionPlan:
                 D**-0.5 if scaling is None else scaling,
                 ATTN_THREADS,
             ):
+                if layer == 0:
+                    ATTENTION_TOKENS["native_decode"] += len(self.native_spans)
+            else:
                 # A layout the kernel does not take (e.g. a query dtype other than the cache's).
+                if layer == 0:
+                    ATTENTION_TOKENS["torch_decode"] += len(self.native_spans)
                 for s in self.native_spans:
                     table = torch.tensor(s.blocks[: kv.blocks_for(s.ctx_len)], device=out.device)
                     k = _gather(kv.k[layer], table).view(-1, KVH, D)[: s.ctx_len]
