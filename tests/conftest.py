@@ -29,6 +29,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("MINT_HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels_built():
+    """The native CPU kernels, built (and self-checked) before any test runs: the engine loads
+    them with block=False, which on a cold build cache would serve the first tests with the
+    torch fallback while compiling in the background, so they would silently test another
+    path. Executors started by E2E tests find the build cached. None where no compiler works."""
+    from mintmesh.kernels import native
+
+    return native.load(block=True), native.load_attn(block=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from mintmesh.model import init_model

@@ -460,15 +460,3 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(
                 executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10
             )
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xyz" in ei.value.details()
-
-
-def test_router_fails_over_when_an_executor_dies(cluster, client, pushed, oracle):
-    """Last: kills one executor. Every request still succeeds, on the survivor."""
-    victim = cluster.children["executor-0"]
-    victim.signal(9)
-    victim.wait(10)
-    sp = sampling_params(max_tokens=MAX_TOKENS)
-    for name in ADAPTERS:
-        res = client.generate(PROMPTS[0], adapter=name, sampling=sp)
-        assert res.token_ids == oracle[(name, PROMPTS[0])]
-        assert res.executor == "executor-1"

@@ -174,6 +174,8 @@ def _overlap(results) -> bool:
 
 
 def test_greedy_mixed_batch_matches_peft_and_shares_steps(engine, adapters, oracle):
+    # Warm the adapters first (a cold load would start its request steps later, by design).
+    engine.forward([(adapters[n].digest, [1]) for n in ADAPTERS])
     handles = {
         name: engine.submit(
             GenerationRequest(
@@ -221,6 +223,8 @@ def test_stop_token_ids_end_the_row(engine, adapters):
 
 
 def test_seeded_sampling_is_reproducible(engine, adapters):
+    engine.forward([(adapters["c"].digest, [1])])  # resident: the batched run below overlaps
+
     def run(seed, name="c"):
         sp = SamplingOptions(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10, seed=seed)
         req = GenerationRequest(PROMPTS["a"], sp, adapters[name].digest)
@@ -330,6 +334,9 @@ def test_forward_errors(stub, adapters):
 
 def test_status_lists_resident_adapters(stub, engine, adapters, base_info):
     engine.forward([(adapters[n].digest, [1, 2]) for n in ADAPTERS])
+    # This test's own generation (steps and tokens are counted by generation, not forward).
+    done = engine.generate(GenerationRequest([1, 2, 3], SamplingOptions(max_tokens=3)))
+    assert done.completion_tokens >= 1
     st = stub.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
     assert st.executor_id == "exec-test"
     assert st.base_fingerprint == base_info.fingerprint

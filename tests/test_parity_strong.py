@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_util import make_strong_adapter, peft_greedy, peft_model_with
+from peft_util import (
+    ALL_MODULES,
+    make_peft_adapter,
+    make_strong_adapter,
+    peft_greedy,
+    peft_model_with,
+)
 
 from mintmesh.kernels import native
 from mintmesh.model import load_model
@@ -222,3 +228,75 @@ def test_prefix_cache_reuse_with_a_strong_adapter_matches_peft(
     eng.run_until_done([h3])
     _assert_matches(h3.result(), oracle("s3", p2, 32, False), "turn 2 under s3")
     assert eng.prefix_hit_tokens == hit
+
+
+# Tolerances keyed by dtype: bf16 keeps 8 bits of mantissa (2^-8 = 3.9e-3 relative per
+# rounding); two implementations that round in different places drift apart by a few of those
+# over a 2-layer forward.
+LOGIT_TOL = {"float32": 1e-4, "bfloat16": 6e-2}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_half_precision_executor_matches_peft_in_the_same_dtype(
+    tiny_model_dir, base_info, tmp_path, dtype
+):
+    """A bf16 executor end to end (forward logits and greedy generation) against peft in bf16
+    with the same adapter. The x4 strong adapters are chaotic in bf16 (peft in bf16 misses its
+    own fp32 logits by ~3.7 at some positions, and so does the engine): this test uses an
+    ordinary adapter on all seven modules. Bound: the engine's distance to the fp32 truth is at
+    most twice peft-bf16's worst, or the dtype's tolerance; greedy tokens are peft's
+    wherever peft's top-2 margin is wider than that tolerance."""
+    tdt = getattr(torch, dtype)
+    d = make_peft_adapter(tiny_model_dir, tmp_path / "a", rank=8, targets=ALL_MODULES, seed=5)
+    pa = validate_and_pack(*read_peft_dir(d), base_info, max_rank=64)
+    pm32 = peft_model_with(tiny_model_dir, {"a": d})
+    pm = peft_model_with(tiny_model_dir, {"a": d}).to(tdt)
+    eng = Engine.from_config(
+        ExecutorConfig(model_dir=tiny_model_dir, dtype=dtype),
+        source=PackedBytesSource({pa.digest: pa.data}),
+        autostart=False,
+    )
+    try:
+        assert eng.model.dtype == tdt
+        ids = _prompt(31, 60)
+        tol = LOGIT_TOL[dtype]
+        x = torch.tensor([ids])
+        got = eng.forward([(pa.digest, ids), (None, ids)])
+        truths = []
+        for row, lg in zip(("a", None), got, strict=True):
+            outs = []
+            with torch.no_grad():
+                for m in (pm32, pm):
+                    if row is None:
+                        with m.disable_adapter():
+                            outs.append(m(input_ids=x).logits[0].float())
+                    else:
+                        m.set_adapter(row)
+                        outs.append(m(input_ids=x).logits[0].float())
+            truth, peft_half = outs
+            scale = max(float(truth.abs().max()), 1.0)
+            e_eng = (lg.float() - truth).abs().amax(-1)
+            e_peft = (peft_half - truth).abs().amax(-1)
+            bound = max(2 * float(e_peft.max()), tol * scale)
+            bad = (e_eng > bound).nonzero().flatten().tolist()
+            assert not bad, f"{row}: positions {bad} off by {e_eng[bad].tolist()} > {bound:.3g}"
+            truths.append(truth)
+        # The adapter matters at this precision: it moves the logits far past the tolerance.
+        assert float((truths[0] - truths[1]).abs().max()) > 5 * tol * scale
+        # Greedy: the engine's tokens are peft-bf16's; where they part, the two tokens are a
+        # near-tie of the fp32 truth (within the precision's noise), never a clear choice.
+        h = eng.submit(
+            GenerationRequest(ids, SamplingOptions(max_tokens=32, ignore_eos=True), pa.digest)
+        )
+        eng.run_until_done([h])
+        toks = h.result().token_ids
+        want = peft_greedy(pm, "a", ids, 32, stop_at_eos=False)[0]
+        j = next((i for i, (u, v) in enumerate(zip(toks, want, strict=True)) if u != v), None)
+        if j is not None:
+            pm32.set_adapter("a")
+            with torch.no_grad():
+                lg = pm32(input_ids=torch.tensor([ids + want[:j]])).logits[0, -1]
+            gap = abs(float(lg[toks[j]] - lg[want[j]]))
+            assert gap <= 2 * bound, f"token {j}: {toks[j]} vs peft's {want[j]}, a gap of {gap:.3g}"
+    finally:
+        eng.close(timeout=0)
