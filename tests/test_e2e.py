@@ -159,6 +159,32 @@ def test_repeated_prompt_reuses_its_cached_prefix_and_stays_exact(cluster, clien
     assert after.prefix_query_tokens > before.prefix_query_tokens
 
 
+def test_stop_strings_and_stop_ids_through_the_router(client, pushed, oracle, tiny_model_dir):
+    """Stop strings end the text where peft's greedy continuation first contains them (the
+    stop string itself is not emitted); a stop token id ends the tokens right after it."""
+    _, tok = load_model(tiny_model_dir)
+    name, prompt = "bob/code", "Hello, world"
+    want = oracle[(name, prompt)]
+    full = tok.decode(want)
+    # A stop string of 2 characters from the middle of the continuation.
+    k = next(i for i in range(2, len(full) - 2) if full[i : i + 2].isprintable())
+    stop = full[k : k + 2]
+    res = client.generate(
+        prompt, adapter=name, sampling=sampling_params(max_tokens=MAX_TOKENS, stop=[stop])
+    )
+    assert res.finish_reason == "stop"
+    assert res.text == full[: full.index(stop)]
+    assert res.token_ids == want[: len(res.token_ids)] and len(res.token_ids) < len(want)
+    # A stop token id: the first token not seen before in the continuation.
+    j = next(i for i in range(1, len(want)) if want[i] not in want[:i])
+    res = client.generate(
+        prompt,
+        adapter=name,
+        sampling=sampling_params(max_tokens=MAX_TOKENS, stop_token_ids=[want[j]]),
+    )
+    assert res.token_ids == want[: j + 1] and res.finish_reason == "stop"
+
+
 def test_bad_requests_get_the_right_status(client, pushed):
     cases = [
         (dict(adapter="nobody/nothing"), grpc.StatusCode.NOT_FOUND, "nobody/nothing"),
@@ -215,7 +241,9 @@ def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_d
     path = make_peft_adapter(tiny_model_dir, tmp_path / "trace", rank=2, seed=99)
     client.push_adapter(path, "dave/traced")
     res = client.generate("trace me", adapter="dave/traced", sampling=sampling_params(max_tokens=3))
-    assert res.token_ids
+    _, tok = load_model(tiny_model_dir)
+    pm = peft_model_with(tiny_model_dir, {"t": path})
+    assert res.token_ids == peft_greedy(pm, "t", tok("trace me")["input_ids"], 3)[0]
     want = {"mint-router", "mint-executor", "mint-cache", "mint-store"}
 
     def roots_of(spans, tid):
@@ -243,7 +271,7 @@ def test_one_generate_is_one_trace_across_all_four_services(client, tiny_model_d
     assert len(roots) == 1, f"trace is not connected: {len(roots)} roots: {roots}"
 
 
-def test_cli_generate_json_and_adapter_commands(cluster, pushed):
+def test_cli_generate_json_and_adapter_commands(cluster, pushed, oracle):
     env_router = ["--router", cluster.router_address]
     env = {**os.environ, "MINT_API_KEY": cluster.admin_key}
     run = lambda *a: subprocess.run(  # noqa: E731
@@ -268,7 +296,9 @@ def test_cli_generate_json_and_adapter_commands(cluster, pushed):
     for key in ("text", "token_ids", "finish_reason", "adapter", "digest"):
         assert key in obj
     assert obj["adapter"] == "bob/code@1" and obj["digest"] == pushed["bob/code"].digest
-    assert len(obj["token_ids"]) <= 5
+    # Greedy: the first 5 of peft's 12-token continuation (the oracle's own prefix).
+    assert obj["token_ids"] == oracle[("bob/code", "Hello, world")][:5]
+    assert obj["finish_reason"] == ("length" if len(obj["token_ids"]) == 5 else "stop")
     r = run("adapter", "show", "carol/mlp", *env_router)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == pushed["carol/mlp"].digest
