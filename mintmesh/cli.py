@@ -1,21 +1,23 @@
 """`mint`: the MinT mesh command line.
 
     mint model init [--preset tiny|small] [DIR]
-    mint up [--executors N] [--model DIR] [--data DIR] [--port P]
+    mint up [--executors N] [--model DIR] [--data DIR] [--port P] [--admin-key K] [--no-auth]
     mint serve store|cache|executor|router [FLAGS...]
+    mint adapter example DIR --model MODEL_DIR [--rank R] [--targets M,M] [--seed S]
     mint adapter push DIR --name TENANT/NAME [--storage fp32|bf16|fp16|int8] | list [TENANT]
-                 | show REF | rm REF | revisions NAME | alias NAME [ALIAS [REV]]
-                 | promote REF --to ALIAS | rollback NAME [--alias A] [--to REV]
-                 | merge REF[:W]... --name TENANT/NAME | eval REF --metric M --value V
+                 | show REF | rm REF | prefetch REF... | revisions NAME
+                 | alias NAME [ALIAS [REV]] | promote REF [--alias A] | rollback NAME [--alias A]
+                 | merge REF[:W]... --name TENANT/NAME | eval REF METRIC=VALUE...
                  | deprecate REF
     mint tenant create NAME | list | key NAME | revoke KEY_ID | whoami
     mint generate [--adapter REF] [--max-tokens N] [--temperature T] [--top-p P] [--json] PROMPT
-    mint status
+    mint status [--wait SECONDS] [--json]
     mint demo
     mint bench NAME [--json] [ARGS...]
 
 Every command that talks to a cluster takes --router ADDR (default: env MINT_ROUTER, else
-127.0.0.1:50051) and sends the API key in env MINT_API_KEY, when set.
+127.0.0.1:50051) and sends the API key in env MINT_API_KEY, when set; `mint up` listens on
+MINT_ROUTER's port unless given --port.
 """
 
 from __future__ import annotations
@@ -62,14 +64,29 @@ def _router(addr: str | None) -> str:
     return addr or os.environ.get("MINT_ROUTER") or DEFAULT_ROUTER
 
 
-def _client(addr: str | None, timeout: float = 60.0):
-    from mintmesh.client import MintClient
+def _client(addr: str | None, timeout: float = 60.0, channel_options=None):
+    """A client of the router with env MINT_API_KEY; a key gRPC could not send is a usage error
+    (exit 2) before anything is sent."""
+    from mintmesh.client import InvalidApiKey, MintClient, check_api_key
 
-    return MintClient(_router(addr), timeout=timeout, api_key=os.environ.get("MINT_API_KEY"))
+    key = os.environ.get("MINT_API_KEY")
+    try:
+        if key:
+            check_api_key(key, "MINT_API_KEY")
+        return MintClient(
+            _router(addr), timeout=timeout, api_key=key, channel_options=channel_options
+        )
+    except InvalidApiKey as e:
+        _fail(str(e), USAGE)
+
+
+USAGE = 2  # exit code of a usage error (a bad argument, flag or environment variable)
 
 
 def _fail(msg: str, code: int = 1):
-    console.print(f"[red]error:[/red] {msg}")
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -164,10 +181,15 @@ def model_init(
 
 @app.command()
 def up(
+    ctx: typer.Context,
     executors: int = typer.Option(2, "--executors", min=1, help="executor+sidecar pairs"),
     model: Path = typer.Option(None, "--model", help="Backbone dir (default: DATA/model, tiny)."),
     data: Path = typer.Option(Path("data"), "--data", help="State directory."),
-    port: int = typer.Option(50051, "--port", help="Router port (0 = any free port)."),
+    port: int = typer.Option(
+        None,
+        "--port",
+        help="Router port (default: the port of $MINT_ROUTER, else 50051; 0 = any free port).",
+    ),
     otlp_endpoint: str = typer.Option(
         "", "--otlp-endpoint", envvar="MINT_OTLP_ENDPOINT", help="Export traces via OTLP/gRPC."
     ),
@@ -180,8 +202,19 @@ def up(
     import signal
     import threading
 
+    from mintmesh.client import InvalidApiKey, check_api_key
     from mintmesh.cluster import ClusterConfig, ClusterError, LocalCluster
 
+    if admin_key:
+        # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+        source = ctx.get_parameter_source("admin_key")
+        from_env = getattr(source, "name", "") == "ENVIRONMENT"
+        try:
+            check_api_key(admin_key, "MINT_ADMIN_KEY" if from_env else "--admin-key")
+        except InvalidApiKey as e:
+            _fail(str(e), USAGE)
+    if port is None:
+        port = _port_of_router_env()
     logging.basicConfig(level=logging.INFO)
     model_dir = _ensure_model(model, data)
     cluster = LocalCluster(
@@ -219,6 +252,18 @@ def up(
         out.print("cluster stopped")
 
 
+def _port_of_router_env() -> int:
+    """The port of $MINT_ROUTER (HOST:PORT), so the other commands in this shell find the
+    cluster; 50051 without it."""
+    env = os.environ.get("MINT_ROUTER", "")
+    if not env:
+        return int(DEFAULT_ROUTER.rsplit(":", 1)[1])
+    _, sep, port = env.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        _fail(f"MINT_ROUTER={env!r} must be HOST:PORT (mint up listens on its port)", USAGE)
+    return int(port)
+
+
 def _ensure_model(model: Path | None, data: Path) -> Path:
     from mintmesh.model import build_preset, model_ready
 
@@ -246,10 +291,28 @@ def serve(
 
 @app.command()
 @_rpc_guard
-def status(router: str = RouterOpt, as_json: bool = typer.Option(False, "--json")):
+def status(
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+    wait: float = typer.Option(
+        0.0,
+        "--wait",
+        metavar="SECONDS",
+        min=0,
+        help="Wait up to SECONDS for the router, the store and every executor to serve "
+        "(fails after that).",
+    ),
+):
     """The router's view: store health, executors, their residency."""
-    with _client(router) as cl:
-        st = cl.status()
+    if wait:
+        # Reconnect quickly while the router is not up yet (gRPC's default backoff grows to
+        # minutes).
+        fast = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+        with _client(router, timeout=5.0, channel_options=fast) as cl:
+            st = _wait_healthy(cl, wait)
+    else:
+        with _client(router) as cl:
+            st = cl.status()
     if as_json:
         from google.protobuf.json_format import MessageToDict
 
@@ -268,7 +331,90 @@ def status(router: str = RouterOpt, as_json: bool = typer.Option(False, "--json"
     out.print(t)
 
 
+def _wait_healthy(cl, seconds: float):
+    """The router's status once the store and every executor are healthy. UNAVAILABLE and
+    DEADLINE_EXCEEDED mean "not up yet"; other RPC errors (a wrong key, say) are raised at once;
+    after `seconds`, exit 1 with the last reason."""
+    import time
+
+    import grpc
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            st = cl.status()
+            down = [e.executor_id or e.address for e in st.executors if not e.healthy]
+            if st.store_healthy and st.executors and not down:
+                return st
+            why = (
+                "the store is down"
+                if not st.store_healthy
+                else f"executors not healthy: {', '.join(down)}"
+                if down
+                else "no executors"
+            )
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            why = f"{err.code().name}: {err.details()}"
+        if time.monotonic() >= deadline:
+            _fail(f"the cluster at {cl.address} is not ready after {seconds:g}s ({why})")
+        time.sleep(0.25)
+
+
 # -- adapters --------------------------------------------------------------------------------
+
+
+@adapter_app.command("example")
+def adapter_example(
+    directory: Path = typer.Argument(..., help="Where to write it (created if missing)."),
+    model: Path = typer.Option(..., "--model", help="The backbone's directory."),
+    rank: int = typer.Option(8, "--rank", min=1, help="LoRA rank."),
+    targets: str = typer.Option("q_proj,v_proj", "--targets", help="Modules, comma-separated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights."),
+):
+    """Write an example PEFT LoRA for the backbone in MODEL, ready for `mint adapter push`:
+    peft's get_peft_model + save_pretrained, with seeded non-zero weights (so it changes the
+    model's outputs, unlike a freshly initialised LoRA)."""
+    if not (model / "config.json").is_file():
+        _fail(f"--model {model} has no config.json; build one with `mint model init`", USAGE)
+    modules = [t.strip() for t in targets.split(",") if t.strip()]
+    if not modules:
+        _fail(f"--targets {targets!r} names no module", USAGE)
+    with console.status(f"writing a rank-{rank} LoRA on {','.join(modules)}"):
+        try:
+            path = _write_example_adapter(model, directory, rank, modules, seed)
+        except ValueError as e:  # peft: a target module the base does not have
+            _fail(f"--targets {targets!r}: {e}", USAGE)
+    out.print(str(path.resolve()))
+
+
+def _write_example_adapter(
+    model_dir: Path, out_dir: Path, rank: int, targets: list[str], seed: int
+) -> Path:
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging as hf_logging
+
+    from mintmesh.model import load_model
+
+    hf_logging.disable_progress_bar()
+    base, _ = load_model(model_dir)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    with warnings.catch_warnings():  # transformers' deprecations inside peft, not the user's
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(out_dir)
+    return out_dir
 
 
 @adapter_app.command("push")
@@ -555,7 +701,8 @@ def _print_alias(name: str, alias: str, resp, as_json: bool) -> None:
 @_rpc_guard
 def adapter_promote(
     ref: str = typer.Argument(..., help="tenant/name@rev to promote"),
-    to: str = typer.Option("prod", "--to", help="Alias to point at it."),
+    alias: str = typer.Option("prod", "--alias", help="Alias to point at it."),
+    to: str = typer.Option("", "--to", hidden=True, help="The same as --alias (older form)."),
     router: str = RouterOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -567,10 +714,13 @@ def adapter_promote(
         parsed = parse_ref(ref)
     except MintError as e:
         _fail(e.message)
+    if to and alias not in ("prod", to):
+        _fail(f"--alias {alias!r} and --to {to!r} name different aliases; give one", USAGE)
+    alias = to or alias
     with _client(router) as cl:
         rev = parsed.revision or cl.resolve(ref).revision
-        resp = cl.set_alias(parsed.full_name, to, rev)
-    _print_alias(parsed.full_name, to, resp, as_json)
+        resp = cl.set_alias(parsed.full_name, alias, rev)
+    _print_alias(parsed.full_name, alias, resp, as_json)
 
 
 @adapter_app.command("rollback")
@@ -616,19 +766,46 @@ def adapter_merge(
 @_rpc_guard
 def adapter_eval(
     ref: str = typer.Argument(..., help="tenant/name@rev"),
-    metric: str = typer.Option(..., "--metric"),
-    value: float = typer.Option(..., "--value"),
+    evaluations: list[str] = typer.Argument(
+        None, metavar="METRIC=VALUE", help="One or more, e.g. accuracy=0.91", show_default=False
+    ),
+    metric: str = typer.Option("", "--metric", hidden=True, help="Older form: with --value."),
+    value: float = typer.Option(None, "--value", hidden=True),
     evaluator: str = typer.Option("", "--evaluator", help="Who or what measured it."),
     router: str = RouterOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Record an evaluation (METRIC = VALUE) of one revision."""
+    """Record evaluations (METRIC=VALUE, e.g. accuracy=0.91) of one revision."""
+    pairs = [_metric_value(e) for e in evaluations or []]
+    if metric or value is not None:
+        if not metric or value is None:
+            _fail("--metric and --value go together (or give METRIC=VALUE)", USAGE)
+        pairs.append((metric, value))
+    if not pairs:
+        _fail(f"give at least one METRIC=VALUE to record for {ref}, e.g. accuracy=0.91", USAGE)
     with _client(router) as cl:
-        rev = cl.add_evaluation(ref, metric, value, evaluator)
+        for m, v in pairs:
+            rev = cl.add_evaluation(ref, m, v, evaluator)
+            if not as_json:
+                out.print(f"{rev.ref}: {m} = {v:g} ({len(rev.evaluations)} evaluation(s))")
     if as_json:
         out.print_json(json.dumps(_revision_dict(rev)))
-    else:
-        out.print(f"{rev.ref}: {metric} = {value:g} ({len(rev.evaluations)} evaluation(s))")
+
+
+def _metric_value(text: str) -> tuple[str, float]:
+    """'accuracy=0.91' -> ("accuracy", 0.91)."""
+    import math
+
+    metric, sep, val = text.partition("=")
+    try:
+        value = float(val)
+    except ValueError:
+        value = math.nan
+    if not sep or not metric.strip() or not math.isfinite(value):
+        _fail(
+            f"evaluation {text!r} must be METRIC=VALUE with a finite number: accuracy=0.91", USAGE
+        )
+    return metric.strip(), value
 
 
 @adapter_app.command("deprecate")
@@ -731,7 +908,7 @@ def tenant_whoami(router: str = RouterOpt):
 @_rpc_guard
 def generate(
     prompt: str = typer.Argument(...),
-    adapter: str = typer.Option("", "--adapter", help="tenant/name[@rev]; none = base model"),
+    adapter: str = typer.Option("", "--adapter", help="tenant/name\\[@rev]; none = base model"),
     max_tokens: int = typer.Option(64, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -771,6 +948,15 @@ def generate(
         print(json.dumps(res.to_json()))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        who = f"{res.adapter} (digest {res.digest[:16]})" if res.adapter else "the base model"
+        console.print(
+            f"{who} on {res.executor or '?'}: {res.completion_tokens} tokens, "
+            f"{res.finish_reason or '?'}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # -- demo and benchmarks ---------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 One address (the router's) serves both mintmesh.v1.Router and mintmesh.v1.AdapterStore. Every
 call carries a deadline; idempotent unary calls are retried with backoff on UNAVAILABLE.
-Failures raise grpc.RpcError unchanged (code(), details()), so callers see the real status.
+Failures raise grpc.RpcError unchanged (code(), details()), so callers see the real status. An
+API key or metadata value that gRPC could not send raises InvalidApiKey / InvalidMetadata
+(ValueErrors) when the client is made, before anything is sent.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from pathlib import Path
 
 import grpc
 
-from mintmesh.packed import storage_format as _storage_name
-from mintmesh.peft_io import read_peft_dir
 from mintmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
 from mintmesh.wire import STORAGE_TO_PROTO
 
@@ -36,9 +36,44 @@ GATE_DIRECTIONS = {
 }
 
 
+class InvalidMetadata(ValueError):
+    """A metadata (header) value gRPC cannot send: only printable ASCII (space to '~') may go
+    in a text header. `reason` is the message without the name of the value."""
+
+    def __init__(self, what: str, reason: str):
+        self.what, self.reason = what, reason
+        super().__init__(f"{what} {reason}")
+
+
+class InvalidApiKey(InvalidMetadata):
+    """An API key that cannot travel in the authorization header."""
+
+
+def header_value_problem(value: str) -> str:
+    """Why value cannot be a gRPC text header value ("" when it can)."""
+    for i, ch in enumerate(value):
+        if not " " <= ch <= "~":
+            return (
+                f"has {ch!r} at position {i}: only printable ASCII (space to '~') can be sent "
+                "as a gRPC header value"
+            )
+    return ""
+
+
+def check_api_key(api_key: str, what: str = "api_key") -> None:
+    """Raise InvalidApiKey (naming `what`, e.g. "MINT_API_KEY") unless api_key can be sent."""
+    problem = header_value_problem(api_key)
+    if problem:
+        raise InvalidApiKey(what, f"is not a usable API key: it {problem}")
+
+
 def storage_enum(name: str | None) -> int:
     """ "bf16", "int8", ... -> common_pb2.StorageFormat ("" or None = UNSPECIFIED)."""
-    return STORAGE_TO_PROTO[_storage_name(name)] if name else 0
+    if not name:
+        return 0
+    from mintmesh.packed import storage_format  # torch: imported when needed (CLI start-up)
+
+    return STORAGE_TO_PROTO[storage_format(name)]
 
 
 @dataclass
@@ -117,14 +152,23 @@ class MintClient:
         channel: grpc.Channel | None = None,
         metadata: list[tuple[str, str]] | None = None,
         api_key: str | None = None,
+        channel_options: list[tuple[str, int | str]] | None = None,
     ):
         """api_key: sent as "authorization: Bearer <key>" on every call (the CLI passes env
-        MINT_API_KEY)."""
+        MINT_API_KEY). A key or metadata value gRPC cannot send raises InvalidApiKey /
+        InvalidMetadata here, before a channel exists. channel_options: extra gRPC channel
+        arguments (e.g. reconnect backoff) for the channel made here."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.metadata = list(metadata or [])
+        for key, value in self.metadata:
+            text = isinstance(value, str) and not key.endswith("-bin")
+            problem = header_value_problem(value) if text else ""
+            if problem:
+                raise InvalidMetadata(f"metadata {key!r}", f"value {problem}")
         if api_key:
+            check_api_key(api_key)
             self.metadata.append(("authorization", f"Bearer {api_key}"))
         self._own_channel = channel is None
         self.channel = channel or grpc.insecure_channel(
@@ -132,6 +176,7 @@ class MintClient:
             options=[
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                *(channel_options or []),
             ],
         )
         self.store = store_pb2_grpc.AdapterStoreStub(self.channel)
@@ -227,6 +272,8 @@ class MintClient:
         labels: dict[str, str] | None = None,
         storage_format: str = "",
     ) -> common_pb2.AdapterRevision:
+        from mintmesh.peft_io import read_peft_dir  # torch, as above
+
         cfg, weights = read_peft_dir(path)
         return self.push_adapter_bytes(
             name, cfg, weights, labels=labels, storage_format=storage_format
