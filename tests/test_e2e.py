@@ -400,6 +400,65 @@ def test_concurrent_strong_adapters_through_the_router(
     assert len(jobs) == 24
 
 
+def test_cli_tenant_prefetch_and_status_against_the_cluster(cluster, tiny_model_dir, tmp_path):
+    """The README's tenant, prefetch and status commands as a user runs them: the admin creates
+    a tenant, the tenant's key sees only itself, pushes and prefetches its adapter (placed on the
+    executor that then serves it), a second key works until it is revoked; status lists the
+    executors."""
+    base_env = {**os.environ, "MINT_ROUTER": cluster.router_address}
+
+    def mint(*a, key, ok=True):
+        r = subprocess.run(
+            [sys.executable, "-m", "mintmesh.cli", *a],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**base_env, "MINT_API_KEY": key},
+        )
+        assert (r.returncode == 0) == ok, (a, r.returncode, r.stdout, r.stderr)
+        return r
+
+    admin = cluster.admin_key
+    created = json.loads(mint("tenant", "create", "hana", "--json", key=admin).stdout)
+    assert created["tenant"] == "hana" and created["api_key"].startswith("mint_")
+    key = created["api_key"]
+    assert mint("tenant", "whoami", key=key).stdout.strip() == "tenant hana"
+    assert mint("tenant", "whoami", key=admin).stdout.strip() == "admin"
+    mine = json.loads(mint("tenant", "list", "--json", key=key).stdout)
+    assert [t["tenant"] for t in mine] == ["hana"] and mine[0]["key_count"] == 1
+    mint("tenant", "create", "iris", key=admin)
+    everyone = {t["tenant"] for t in json.loads(mint("tenant", "list", "--json", key=admin).stdout)}
+    assert {"hana", "iris"} <= everyone
+    assert [t["tenant"] for t in json.loads(mint("tenant", "list", "--json", key=key).stdout)] == [
+        "hana"
+    ]
+    # A second key for the tenant; revoked, it no longer authenticates.
+    second = mint("tenant", "key", "hana", key=admin).stdout.strip().splitlines()[-1]
+    assert mint("tenant", "whoami", key=second).stdout.strip() == "tenant hana"
+    key_id = second[len("mint_") :][:12]
+    assert mint("tenant", "revoke", key_id, key=admin).stdout.strip() == f"revoked {key_id}"
+    r = mint("tenant", "whoami", key=second, ok=False)
+    assert "UNAUTHENTICATED" in r.stderr and "Traceback" not in r.stderr
+    # Push, then prefetch: the placement names the executor, and generate lands there.
+    d = make_peft_adapter(tiny_model_dir, tmp_path / "hana", rank=4, seed=77)
+    mint("adapter", "push", str(d), "--name", "hana/notes", key=key)
+    [p] = json.loads(mint("adapter", "prefetch", "hana/notes", "--json", key=key).stdout)
+    assert p["adapter"] == "hana/notes" and p["executor"] in cluster.executor_addresses
+    r = mint("adapter", "prefetch", "bob/code", key=key, ok=False)
+    assert "PERMISSION_DENIED" in r.stderr
+    out = mint(
+        "generate", "--adapter", "hana/notes", "--max-tokens", "2", "--json", "hi", key=key
+    ).stdout
+    gen = json.loads(out.strip().splitlines()[-1])
+    i = cluster.executor_addresses.index(p["executor"])
+    assert gen["executor"] == f"executor-{i}" and gen["digest"] == p["digest"]
+    st = json.loads(mint("status", "--json", key=admin).stdout)
+    assert st["storeHealthy"] is True
+    assert sorted(e["address"] for e in st["executors"]) == sorted(cluster.executor_addresses)
+    assert all(e["healthy"] for e in st["executors"])
+    assert mint("status", "--wait", "30", key=admin).returncode == 0
+
+
 def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     """Read each tier back: executor device pool and host tier, node cache (sidecar Stats and the
     LMDB file itself), store catalog and blob directory."""
