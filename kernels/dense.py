@@ -151,6 +151,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"PackedLinear takes CPU float32 input, got {x.dtype} on {x.device}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            # oneDNN's own error is cryptic, and an empty x of any width passed silently.
+            raise ValueError(
+                f"x {list(x.shape)} does not fit PackedLinear with in_features {self.in_features}"
+            )
         return _linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:

@@ -142,6 +142,16 @@ def _meta(meta: BatchMeta | MetaTensors, device: torch.device):
     return meta, None, meta.token_slots.shape[0]
 
 
+def _check_slots(host: HostMeta | None, page_table: torch.Tensor) -> None:
+    """Every slot of the batch is a row of the pool's tables (the kernels index them unchecked).
+    With host metadata only (O(1): segments are in slot order); tensors alone would cost a sync."""
+    if host is not None and host.segments and host.segments[-1][2] >= page_table.shape[0]:
+        raise ValueError(
+            f"token_slots has slot {host.segments[-1][2]} but page_table has "
+            f"{page_table.shape[0]} slots"
+        )
+
+
 def _resolve(backend: str | Backend | None) -> Backend | None:
     if backend is None or not isinstance(backend, str):
         return backend
@@ -171,6 +181,7 @@ def lora_shrink(
     (dtype of x); page_table: [N, MP] int32; ranks: [N] int32."""
     md, host, T = _meta(meta, x.device)
     _check_common("x", x, a_pages, page_table, ranks, T)
+    _check_slots(host, page_table)
     _dims("v", v, 2)
     if v.dtype != torch.float32 or v.shape[0] != T or v.device != x.device:
         raise ValueError(f"v must be float32 [{T}, R] on {x.device}, got {v.dtype} {list(v.shape)}")
@@ -205,12 +216,19 @@ def lora_expand(
 ) -> None:
     """Semantics: y[t] += scales[a] * v[t, :r] @ Bt[a], r = ranks[a], a = token_slots[t];
     rows with a = -1 unchanged.
-    y: [T, H_out]; v: [T, R] float32; b_pages: [P, PR, H_out] (dtype of y); scales: [N] float32."""
+    y: [T, H_out]; v: [T, R] float32, R >= page_table.shape[1] * PR; b_pages: [P, PR, H_out]
+    (dtype of y); scales: [N] float32."""
     md, host, T = _meta(meta, y.device)
     _check_common("y", y, b_pages, page_table, ranks, T)
+    _check_slots(host, page_table)
     _dims("v", v, 2)
     if v.dtype != torch.float32 or v.shape[0] != T:
         raise ValueError(f"v must be float32 [{T}, R], got {v.dtype} {list(v.shape)}")
+    if v.shape[1] < page_table.shape[1] * b_pages.shape[1]:
+        raise ValueError(
+            f"v has {v.shape[1]} columns, fewer than the pool's max rank "
+            f"{page_table.shape[1] * b_pages.shape[1]}"
+        )
     if b_pages.shape[2] != y.shape[1] or b_pages.dtype != y.dtype:
         raise ValueError(
             f"b_pages {b_pages.dtype} {list(b_pages.shape)} does not fit y {y.dtype} "
@@ -240,6 +258,7 @@ def lora_fused(
     b_pages [P, PR, H_out], page_table [N, MP] int32, ranks [N] int32, scales [N] float32)."""
     md, host, T = _meta(meta, x.device)
     _check_common("x", x, lw.a_pages, lw.page_table, lw.ranks, T)
+    _check_slots(host, lw.page_table)
     _dims("y", y, 2)
     if y.shape[0] != T or y.device != x.device:
         raise ValueError(f"y {list(y.shape)} on {y.device} does not match x {list(x.shape)}")

@@ -149,7 +149,9 @@ def _sgmv_expand(
             mask=r_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
-        acc += _dot(vb.to(bb.dtype), bb, IEEE)
+        # v stays float32 (B is upcast, TF32 on tensor cores): v cast to float16 overflowed
+        # at |v| > 65504 where y fits, and lost v's small values.
+        acc += _dot(vb, bb.to(tl.float32), IEEE)
     out = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
     o_mask = m_mask[:, None] & n_mask[None, :]
     yv = tl.load(out, mask=o_mask, other=0.0)

@@ -114,7 +114,9 @@ def peft_greedy(pm, adapter: str | None, ids: list[int], n: int, *, stop_at_eos:
     gc.output_logits = True
     gc.return_dict_in_generate = True
     if not stop_at_eos:
-        gc.eos_token_id = None
+        # Not None: generate() fills None fields from the model's generation_config (EOS 257
+        # again); an empty list is an explicit "no EOS".
+        gc.eos_token_id = []
     kw = dict(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc)
     with torch.no_grad():
         if adapter is None:

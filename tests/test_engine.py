@@ -12,7 +12,7 @@ import pytest
 import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from peft_util import make_peft_adapter, peft_model_with
+from peft_util import make_peft_adapter, peft_greedy, peft_model_with
 
 from mintmesh.errors import (
     AdapterNotFound,
@@ -72,22 +72,15 @@ def adapters(tiny_model_dir, base_info, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(tiny_model_dir, adapters):
+    """peft's greedy tokens of ids with adapter name (None: the base), n tokens; ignore_eos:
+    EOS is an ordinary token (the engine's ignore_eos), else generation stops at it."""
     pm = peft_model_with(tiny_model_dir, {n: adapters[n].dir for n in ADAPTERS})
     cache: dict = {}
 
-    def greedy(name, ids, n):
-        key = (name, tuple(ids), n)
+    def greedy(name, ids, n, *, ignore_eos=False):
+        key = (name, tuple(ids), n, ignore_eos)
         if key not in cache:
-            x = torch.tensor([list(ids)])
-            kw = dict(attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n)
-            with torch.no_grad():
-                if name is None:
-                    with pm.disable_adapter():
-                        out = pm.generate(input_ids=x, **kw)
-                else:
-                    pm.set_adapter(name)
-                    out = pm.generate(input_ids=x, **kw)
-            cache[key] = out[0, len(ids) :].tolist()
+            cache[key] = peft_greedy(pm, name, list(ids), n, stop_at_eos=not ignore_eos)[0]
         return cache[key]
 
     return greedy
@@ -232,7 +225,7 @@ def test_kv_exhaustion_preempts_and_every_request_finishes_right(make_engine, ad
     for (name, ids, k), h in zip(jobs, hs, strict=True):
         res = h.result()
         assert res.finish_reason == "length" and len(res.token_ids) == k
-        assert res.token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+        assert res.token_ids == oracle(name, ids, k, ignore_eos=True), name
     assert sum(h.result().preemptions for h in hs) == eng.preemptions
     assert eng.kv_blocks_used() == 0
 
@@ -257,17 +250,6 @@ def _tiny_cfg():
     from mintmesh.model import PRESETS
 
     return LlamaConfig(**PRESETS["tiny"])
-
-
-def _ignore_eos_greedy(eng, name, ids, k, adapters):
-    """Greedy continuation of k tokens by full forwards (no KV cache, no EOS stop), the
-    sequential oracle for ignore_eos runs."""
-    seq = list(ids)
-    digest = adapters[name].digest if name else None
-    for _ in range(k):
-        logits = eng.forward([(digest, seq)])[0]
-        seq.append(int(torch.argmax(logits[-1])))
-    return seq[len(ids) :]
 
 
 def test_preempted_greedy_equals_peft(make_engine, adapters, oracle):
@@ -297,46 +279,8 @@ def test_adapter_budget_bounds_distinct_adapters_per_step(make_engine, adapters,
         assert h.result().token_ids == oracle(name, ids, k), name
 
 
-# ---- sampling ---------------------------------------------------------------------------------
-
-
-def test_seeded_sampling_is_reproducible_across_runs_and_batch_compositions(make_engine, adapters):
-    opts = dict(temperature=1.0, top_p=0.9, top_k=50, seed=1234, logprobs=True)
-
-    def alone(seed=1234):
-        eng = make_engine()
-        h = eng.submit(_req(adapters, "c", [72, 105], 12, **{**opts, "seed": seed}))
-        eng.run_until_done([h])
-        return h.result()
-
-    first = alone()
-    assert alone().token_ids == first.token_ids  # another run, another engine
-    assert alone(seed=99).token_ids != first.token_ids
-    # In a crowd: other adapters, greedy and sampled neighbours, joining at other steps.
-    eng = make_engine(max_step_tokens=32)
-    others = [eng.submit(_req(adapters, "a", list(range(20, 50)), 6, temperature=0.7))]
-    eng.wait_loads()
-    eng.step()
-    eng.step()
-    h = eng.submit(_req(adapters, "c", [72, 105], 12, **opts))
-    others.append(eng.submit(_req(adapters, None, [1, 2, 3], 20)))
-    eng.step()
-    others.append(eng.submit(_req(adapters, "b", [9], 5, temperature=1.3, seed=5)))
-    eng.run_until_done([h, *others])
-    res = h.result()
-    assert res.token_ids == first.token_ids
-    torch.testing.assert_close(torch.tensor(res.logprobs), torch.tensor(first.logprobs))
-
-
-def test_stop_strings_and_stop_token_ids(make_engine, adapters):
-    eng = make_engine()
-    full = eng.submit(_req(adapters, "b", list(range(30, 41)), 12, ignore_eos=True))
-    eng.run_until_done([full])
-    toks = full.result().token_ids
-    k = next(i for i in range(1, len(toks)) if toks[i] not in toks[:i])
-    h = eng.submit(_req(adapters, "b", list(range(30, 41)), 12, stop_token_ids=(toks[k],)))
-    eng.run_until_done([h])
-    assert h.result().token_ids == toks[: k + 1] and h.result().finish_reason == "stop"
+# Sampling (top-k, top-p, temperature, seeds) and stop tokens / strings are checked against
+# peft's logits and greedy tokens in test_engine_oracles.py.
 
 
 # ---- cancellation, deadlines, queue bound -------------------------------------------------------
@@ -988,7 +932,7 @@ def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, orac
     eng.run_until_done([first, *more])
     want = [("b", p, 12), ("b", p + [5, 6], 4), ("b", p + [9], 9), ("d", p, 6)]
     for (name, ids, k), h in zip(want, [first, *more], strict=True):
-        assert h.result().token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+        assert h.result().token_ids == oracle(name, ids, k, ignore_eos=True), name
     _no_refs_left(eng)
 
 
@@ -1001,7 +945,7 @@ def test_cached_blocks_are_evicted_to_admit_new_work(make_engine, adapters, orac
     for i, ids in enumerate(prompts):
         h = eng.submit(_req(adapters, "c", ids, 6, ignore_eos=True))
         eng.run_until_done([h])
-        assert h.result().token_ids == _ignore_eos_greedy(eng, "c", ids, 6, adapters), i
+        assert h.result().token_ids == oracle("c", ids, 6, ignore_eos=True), i
     al = eng.kv.allocator
     assert al.evictions > 0 and eng.prefix_hit_tokens == 0
     # The last prompt's prefix is still cached (its 4 full blocks), the first one's is not
@@ -1012,7 +956,7 @@ def test_cached_blocks_are_evicted_to_admit_new_work(make_engine, adapters, orac
     h = eng.submit(_req(adapters, "c", prompts[0] + [1], 3, ignore_eos=True))
     eng.run_until_done([h])
     assert eng.prefix_hit_tokens - 16 in (0, 4)
-    assert h.result().token_ids == _ignore_eos_greedy(eng, "c", prompts[0] + [1], 3, adapters)
+    assert h.result().token_ids == oracle("c", prompts[0] + [1], 3, ignore_eos=True)
     # Now everything at once, with preemption, over a cache that is full of cached prefixes.
     jobs = [("c", prompts[1], 10), ("c", prompts[1] + [2, 3], 10), ("a", prompts[2], 10),
             (None, prompts[3], 10)]  # fmt: skip
@@ -1020,7 +964,7 @@ def test_cached_blocks_are_evicted_to_admit_new_work(make_engine, adapters, orac
     eng.run_until_done(hs)
     assert eng.preemptions > 0
     for (name, ids, k), h in zip(jobs, hs, strict=True):
-        assert h.result().token_ids == _ignore_eos_greedy(eng, name, ids, k, adapters), name
+        assert h.result().token_ids == oracle(name, ids, k, ignore_eos=True), name
     _no_refs_left(eng)
 
 

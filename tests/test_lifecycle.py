@@ -690,6 +690,10 @@ def test_quantize_bench_runs_on_the_tiny_backbone(tiny_model_dir, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = result["metrics"]
     assert rc == 0 and result["bench"] == "quantize"
-    for fmt in ("bf16", "int8"):  # the targets are for the small backbone; tiny only runs
-        assert 0 < m[f"{fmt}_bytes_ratio"] < 1 and m[f"{fmt}_max_rel_error"] < 5e-2
+    # The README's figures (small backbone): bf16 2.5e-3, int8 9.2e-3. The tiny backbone
+    # measures bf16 2.6e-3, fp16 2.6e-4, int8 6.1e-3 (fixed seeds): int8 is held to the
+    # README's figure, bf16 to twice its (tiny sits just above it), fp16 to a tenth of bf16's.
+    bounds = {"bf16": 5e-3, "fp16": 5e-4, "int8": 9.2e-3}
+    for fmt, bound in bounds.items():
+        assert 0 < m[f"{fmt}_bytes_ratio"] < 1 and m[f"{fmt}_max_rel_error"] <= bound, fmt
     assert m["int8_bytes_ratio"] < m["bf16_bytes_ratio"] and m["adapter_effect"] > 1e-2
