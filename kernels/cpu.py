@@ -439,7 +439,7 @@ class CpuBackend:
                 if w is not None:
                     _, Bt, sc = w
                     vs = v[start : start + n, : Bt.shape[0]].float()
-                    if Bt.dtype == torch.float32 == y.dtype:
+                    if _f32(Bt, y):
                         y[start : start + n].addmm_(vs, Bt, alpha=sc)
                     else:  # half: float32 products, y rounded once (see _f32)
                         y[start : start + n].add_(torch.mm(vs, Bt.float()), alpha=sc)

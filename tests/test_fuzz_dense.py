@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuzzing import fuzz_examples
+from fuzzing import fuzz_examples, one_thread, values  # noqa: F401
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 from mintmesh.kernels.dense import PackedLinear, pack_linears, select_dense
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fuzzing.one_thread: torch on one thread
 
 needs_onednn = pytest.mark.skipif(
     select_dense("cpu", torch.float32) != "onednn", reason="no oneDNN linear in this torch build"
@@ -41,30 +43,6 @@ MAGS = st.sampled_from([1.0, 0.0, 1e-6, 1e-3, 30.0, 1e3])
 DISTS = st.sampled_from(["normal", "uniform", "positive", "outliers", "ints"])
 LAYOUTS = ("contiguous", "column_major", "row_strided", "broadcast", "permuted_3d", "vector")
 WORK = 3e7  # rows * in * out multiply-adds per example (CPU time)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """torch on one thread: small GEMMs, and a parallel region stalls on shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def values(g: torch.Generator, shape, dist: str, mag: float) -> torch.Tensor:
-    if dist == "normal":
-        t = torch.randn(shape, generator=g)
-    elif dist == "uniform":
-        t = torch.rand(shape, generator=g) * 2 - 1
-    elif dist == "positive":
-        t = torch.rand(shape, generator=g)
-    elif dist == "outliers":  # activation-like: a few entries 100x the rest
-        t = torch.randn(shape, generator=g)
-        t = torch.where(torch.rand(shape, generator=g) < 0.02, t * 100, t)
-    else:
-        t = torch.randint(-4, 5, shape, generator=g).float()
-    return t * mag
 
 
 def layout(x2: torch.Tensor, how: str) -> torch.Tensor:

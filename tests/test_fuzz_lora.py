@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzzing import FUZZ_FACTOR, fuzz_examples
+from fuzzing import FUZZ_FACTOR, fuzz_examples, one_thread, values  # noqa: F401
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -56,6 +56,8 @@ from mintmesh.kernels import (
 from mintmesh.kernels.cpu import CpuBackend
 from mintmesh.kernels.pool import LayerWeights
 from mintmesh.packed import ModuleWeights
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fuzzing.one_thread: torch on one thread
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -196,21 +198,6 @@ def cases(draw, dtypes=("fp32", "fp16", "bf16"), dims=DIMS, ts=TS, max_adapters=
         stale_meta=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
-
-
-def values(g: torch.Generator, shape: tuple[int, ...], dist: str, mag: float) -> torch.Tensor:
-    if dist == "normal":
-        t = torch.randn(shape, generator=g)
-    elif dist == "uniform":
-        t = torch.rand(shape, generator=g) * 2 - 1
-    elif dist == "positive":
-        t = torch.rand(shape, generator=g)
-    elif dist == "outliers":  # activation-like: a few entries 100x the rest
-        t = torch.randn(shape, generator=g)
-        t = torch.where(torch.rand(shape, generator=g) < 0.02, t * 100, t)
-    else:
-        t = torch.randint(-4, 5, shape, generator=g).float()
-    return t * mag
 
 
 def strided(t: torch.Tensor, pad: int, fill: float) -> torch.Tensor:
@@ -396,16 +383,6 @@ class Built:
         reference.lora_expand(want, v, lw.b_pages, lw.page_table, lw.ranks, lw.scales,
                               self.token_slots)  # fmt: skip
         return want, self._abs(v)[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """torch on one thread for these tests: the examples are small, and a parallel region stalls
-    for a scheduler quantum whenever the cores are shared (see kernels/cpu.py)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def built(case: Case, device: str = "cpu") -> Built:
@@ -597,6 +574,17 @@ REGRESSIONS = {
 }  # fmt: skip
 
 
+def _check_shrink_then_expand(b: Built, be, what: str) -> None:
+    """lora_shrink, then lora_expand of its v, with backend be, each against the reference."""
+    lw = b.lw
+    v = b.v_out()
+    lora_shrink(v, b.x_in(), lw.a_pages, lw.page_table, lw.ranks, b.meta, backend=be)
+    b.check_v(v, f"{what} shrink")
+    y = b.y_in()
+    lora_expand(y, v, lw.b_pages, lw.page_table, lw.ranks, lw.scales, b.meta, backend=be)
+    b.check_y(y, f"{what} expand", *b.expand_reference(v))
+
+
 @pytest.mark.parametrize("strategy", [None, "runs", "sorted", "gather"])
 @pytest.mark.parametrize("name", list(REGRESSIONS))
 def test_cpu_half_precision_regressions(name, strategy):
@@ -606,13 +594,7 @@ def test_cpu_half_precision_regressions(name, strategy):
     y = b.y_in()
     lora_fused(y, b.x_in(), b.lw, b.meta, backend=be)
     b.check_y(y, f"{name}: cpu fused {strategy}")
-    lw = b.lw
-    v = b.v_out()
-    lora_shrink(v, b.x_in(), lw.a_pages, lw.page_table, lw.ranks, b.meta, backend=be)
-    b.check_v(v, f"{name}: cpu shrink")
-    y = b.y_in()
-    lora_expand(y, v, lw.b_pages, lw.page_table, lw.ranks, lw.scales, b.meta, backend=be)
-    b.check_y(y, f"{name}: cpu expand", *b.expand_reference(v))
+    _check_shrink_then_expand(b, be, f"{name}: cpu")
 
 
 # ---- the ops' boundary: what they refuse (ValueError naming the tensor), empty batches ----------
@@ -779,10 +761,4 @@ def test_triton_half_precision_regressions(name, mode):
     y = b.y_in()
     apply_lora(y, b.x_in(), "main", b.pool, b.meta, backend=be)
     b.check_y(y, f"{name}: triton {mode} fused")
-    lw = b.lw
-    v = b.v_out()
-    lora_shrink(v, b.x_in(), lw.a_pages, lw.page_table, lw.ranks, b.meta, backend=be)
-    b.check_v(v, f"{name}: triton {mode} shrink")
-    y = b.y_in()
-    lora_expand(y, v, lw.b_pages, lw.page_table, lw.ranks, lw.scales, b.meta, backend=be)
-    b.check_y(y, f"{name}: triton {mode} expand", *b.expand_reference(v))
+    _check_shrink_then_expand(b, be, f"{name}: triton {mode}")
