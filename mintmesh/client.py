@@ -518,10 +518,12 @@ class MintClient:
             sampling=sampling or sampling_params(),
             request_id=request_id,
         )
-        for resp in self.router.Generate(
-            req, timeout=timeout or self.timeout, metadata=self.metadata
-        ):
-            yield resp.chunk
+        call = self.router.Generate(req, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            for resp in call:
+                yield resp.chunk
+        finally:
+            call.cancel()  # a caller that stops reading ends the generation, not just the loop
 
     def generate(self, prompt: str = "", **kw) -> GenerateResult:
         texts, ids, lps = [], [], []

@@ -14,7 +14,7 @@ import grpc
 
 from mintmesh import errors as E
 from mintmesh.services.common.auth import ADMIN, Principal
-from mintmesh.services.common.errors import reraise_downstream
+from mintmesh.services.common.errors import error_info, reraise_downstream
 from mintmesh.services.common.server import insecure_channel
 from mintmesh.services.router.auth import RouterAuth
 from mintmesh.services.router.config import RouterConfig
@@ -34,6 +34,24 @@ BASE_KEY = "__base__"
 _FAILOVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # Refs per Prefetch call (an executor keeps at most 64 hints pending by default).
 MAX_PREFETCH_REFS = 64
+
+
+def _interrupted(err: grpc.RpcError, address: str, chunks: int) -> E.MintError:
+    """The domain error for a generation whose executor failed after streaming `chunks` chunks:
+    the downstream code kept, reason GENERATION_INTERRUPTED, where it broke in the metadata."""
+    exc = reraise_downstream(err, f"generating on {address}")
+    code = err.code()
+    exc.message = (
+        f"generation interrupted after {chunks} chunk(s) from executor {address} "
+        f"({code.name if code else 'error'}: {err.details()}); not retried, since the chunks "
+        "already streamed would be generated again"
+    )
+    exc.args = (exc.message,)
+    exc.reason = "GENERATION_INTERRUPTED"
+    exc.metadata.update(
+        executor=address, chunks_streamed=str(chunks), downstream_code=code.name if code else ""
+    )
+    return exc
 
 
 class RouterCore:
@@ -94,6 +112,7 @@ class RouterCore:
             request_id=req.request_id,
         )
         last_err: grpc.RpcError | None = None
+        soonest_retry: float | None = None  # over the executors that said RESOURCE_EXHAUSTED
         unavailable_tries = 0
         for address in order:
             state = self.executors.executors[address]
@@ -102,15 +121,19 @@ class RouterCore:
                 raise E.Unavailable("deadline exceeded before an executor accepted the request")
             self.placement.acquire(address)
             call = state.stub.Generate(ereq, timeout=left)
-            started = False
+            chunks = 0
             try:
                 for resp in call:
-                    started = True
+                    chunks += 1
                     yield router_pb2.GenerateResponse(chunk=resp.chunk)
                 return
             except grpc.RpcError as err:
                 code = err.code()
-                if started or code not in _FAILOVER:
+                if chunks:
+                    # The caller holds part of this generation: another executor would start it
+                    # over, so the error goes back as it is, saying how far the stream got.
+                    raise _interrupted(err, address, chunks) from None
+                if code not in _FAILOVER:
                     raise reraise_downstream(err, f"generating on {address}") from None
                 last_err = err
                 if code == grpc.StatusCode.UNAVAILABLE:
@@ -118,12 +141,22 @@ class RouterCore:
                     unavailable_tries += 1
                     if unavailable_tries > 1:
                         break
+                else:
+                    retry = error_info(err)[2]
+                    if retry is not None:
+                        soonest_retry = (
+                            retry if soonest_retry is None else min(soonest_retry, retry)
+                        )
                 logger.info("executor %s refused (%s); trying the next", address, code.name)
             finally:
                 call.cancel()
                 self.placement.release(address)
         assert last_err is not None
-        raise reraise_downstream(last_err, "generating") from None
+        exc = reraise_downstream(last_err, "generating")
+        if isinstance(exc, E.ResourceExhausted) and soonest_retry is not None:
+            # Every executor refused: the client may come back when the first expects room.
+            exc.retry_after_s = soonest_retry
+        raise exc from None
 
     def prefetch(
         self, refs: list[str], time_left: float | None, caller: Principal = ADMIN
