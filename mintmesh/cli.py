@@ -967,13 +967,16 @@ def demo(
     adapters: int = typer.Option(1000, "--adapters", help="How many adapters to push."),
     executors: int = typer.Option(2, "--executors", min=1),
     data: Path = typer.Option(None, "--data", help="State dir (default: a temporary one)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="End with one JSON line: what was pushed, generated and by whom."
+    ),
 ):
     """A local cluster on the tiny backbone, 1,000 pushed adapters, a mixed batch of
     generations through the router, a summary, clean shutdown."""
     from mintmesh.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING)
-    raise typer.Exit(run_demo(adapters=adapters, executors=executors, data=data))
+    raise typer.Exit(run_demo(adapters=adapters, executors=executors, data=data, as_json=as_json))
 
 
 @app.command(context_settings=PASS_THROUGH)

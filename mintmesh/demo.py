@@ -7,6 +7,7 @@ base) through the router; a summary; a clean shutdown.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -29,7 +30,15 @@ def demo_adapter_name(i: int) -> str:
     return f"user{i % 100:03d}/persona-{i:05d}"
 
 
-def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None) -> int:
+PROMPT = "Hello from MinT mesh!"
+
+
+def run_demo(
+    adapters: int = 1000, executors: int = 2, data: Path | None = None, as_json: bool = False
+) -> int:
+    """Run the demo; as_json: its last line is one JSON object with what it did (the pushed and
+    listed counts, each generation's adapter, digest, executor and token ids, each executor's
+    health), for a test to check against an oracle."""
     from mintmesh.client import MintClient, sampling_params
     from mintmesh.cluster import ClusterConfig, LocalCluster
     from mintmesh.model import base_model_info, init_model
@@ -95,6 +104,37 @@ def run_demo(adapters: int = 1000, executors: int = 2, data: Path | None = None)
         summary.add_row("total", f"{time.perf_counter() - t_all:.1f}s, clean shutdown")
         console.print(summary)
         ok = listed == adapters and all(r.finish_reason for r in rows)
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "adapters_pushed": adapters,
+                        "adapters_listed": listed,
+                        "prompt": PROMPT,
+                        "generations": [
+                            {
+                                "adapter": r.adapter,
+                                "digest": r.digest,
+                                "executor": r.executor,
+                                "token_ids": list(r.token_ids),
+                                "finish_reason": r.finish_reason,
+                            }
+                            for r in rows
+                        ],
+                        "executors": [
+                            {
+                                "id": e.executor_id,
+                                "address": e.address,
+                                "healthy": e.healthy,
+                                "resident_adapters": len(e.resident_adapters),
+                            }
+                            for e in st.executors
+                        ],
+                        "clean_shutdown": True,
+                        "ok": ok,
+                    }
+                )
+            )
         return 0 if ok else 1
     finally:
         if own_tmp:
@@ -129,8 +169,6 @@ def _generate_mixed(cl, n_adapters: int, sampling_params):
     sp = sampling_params(max_tokens=24, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(refs)) as pool:
-        futs = [
-            pool.submit(cl.generate, "Hello from MinT mesh!", adapter=r, sampling=sp) for r in refs
-        ]
+        futs = [pool.submit(cl.generate, PROMPT, adapter=r, sampling=sp) for r in refs]
         rows = [f.result() for f in futs]
     return rows, time.perf_counter() - t0

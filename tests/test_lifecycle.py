@@ -653,6 +653,7 @@ def test_cli_lifecycle_commands(store, cl, base_info, tmp_path, monkeypatch):
 
 def test_catalog_bench_small_run(tiny_model_dir, capsys):
     from mintmesh.bench import catalog
+    from mintmesh.model import base_model_info
 
     rc = catalog.main(
         ["--adapters", "500", "--samples", "2000", "--rpc-samples", "100", "--json",
@@ -668,6 +669,22 @@ def test_catalog_bench_small_run(tiny_model_dir, capsys):
     ):  # fmt: skip
         assert key in m and m[key] > 0, key
     assert m["adapters"] == 500 and result["params"]["adapters"] == 500
+    # Every push landed, each as its own blob (the weights are distinct).
+    assert m["push_errors"] == 0 and m["blobs"] == 500
+    assert m["ingest_per_s"] == pytest.approx(500 / m["ingest_s"], rel=0.01)
+    # A blob holds at least the rank-1 A and B of every targeted Linear in fp32, plus a header
+    # of at most a few KiB: the bench stores what it pushed, no more, no less.
+    shapes = base_model_info(tiny_model_dir).linear_shapes
+    weights = sum(
+        4 * (o + i) for mod, (o, i) in shapes.items() if mod.rsplit(".", 1)[-1] in catalog.TARGETS
+    )
+    assert weights <= m["blob_bytes_per_adapter"] <= weights + 4096, weights
+    # A catalog entry is metadata (names, digest, labels), not weights.
+    assert m["catalog_bytes_per_adapter"] < 4096
+    assert m["resolve_p99_us"] >= m["resolve_p50_us"]
+    assert m["resolve_rpc_p99_us"] >= m["resolve_rpc_p50_us"]
+    # A resolve over gRPC does the in-process lookup and more.
+    assert m["resolve_rpc_p50_us"] > m["resolve_p50_us"]
 
 
 def test_store_flags_reach_the_config():
