@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--internal-token",
         help="the mesh's internal token for store calls (MINT_CACHE_INTERNAL_TOKEN)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port "
+        "(MINT_CACHE_METRICS_PORT; default: none)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefetch_concurrency": args.prefetch_concurrency,
         "otlp_endpoint": args.otlp_endpoint,
         "internal_token": args.internal_token,
+        "metrics_port": args.metrics_port,
     }
     try:
         config = load_config(CacheConfig, "CACHE", overrides)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mintmesh.cache.layout import DEFAULT_MAP_SIZE
 from mintmesh.cache.policy import DEFAULT_POLICY, POLICIES
+from mintmesh.services.common.config import check_metrics_port
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class CacheConfig:
     prefetch_concurrency: int = 4
     # The mesh's internal token, sent on store fetches when the store requires auth.
     internal_token: str = field(default="", repr=False)
+    # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -45,3 +48,4 @@ class CacheConfig:
             )
         if self.prefetch_concurrency <= 0:
             raise ValueError(f"prefetch_concurrency {self.prefetch_concurrency} must be > 0")
+        check_metrics_port(self.metrics_port)

@@ -538,10 +538,11 @@ class NodeCache:
         with self._state_lock:
             self._fetch_ms.append(float(ms))
 
-    def stats(self) -> CacheStats:
+    def stats(self, *, digests: bool = True) -> CacheStats:
+        """The counters, and (digests=True) the first STATS_MAX_DIGESTS digests held."""
         with self._state_lock:
             window = sorted(self._fetch_ms)
-            digests = sorted(self._index)[:STATS_MAX_DIGESTS]
+            listed = sorted(self._index)[:STATS_MAX_DIGESTS] if digests else []
             return CacheStats(
                 bytes=self._bytes,
                 entries=len(self._index),
@@ -555,7 +556,7 @@ class NodeCache:
                 pinned_entries=self._pinned_entries,
                 pinned_bytes=self._pinned_bytes,
                 policy=self.policy_name,
-                digests=tuple(digests),
+                digests=tuple(listed),
             )
 
     # -- helpers ------------------------------------------------------------------------------

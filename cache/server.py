@@ -5,6 +5,7 @@ from __future__ import annotations
 from mintmesh.cache import servicer
 from mintmesh.cache.config import CacheConfig
 from mintmesh.cache.core import CacheCore
+from mintmesh.cache.metrics import CacheMetrics
 from mintmesh.cache.node import NodeCache
 from mintmesh.services.common.server import Server, announce_ready, build_server, serve_until_signal
 from mintmesh.services.common.tracing import setup_tracing
@@ -32,7 +33,8 @@ def create_core(config: CacheConfig) -> CacheCore:
 
 def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Server:
     """Open (or take) the node cache and serve it on config.host:config.port (0 = a free
-    port). The returned server closes the cache and its store channel when it stops."""
+    port), its metrics on config.metrics_port when set. The returned server closes the cache
+    and its store channel when it stops."""
     core = core or create_core(config)
 
     def close() -> None:
@@ -44,10 +46,12 @@ def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Serv
             add_servicers=lambda s: servicer.add_to_server(core, s),
             host=config.host,
             port=config.port,
+            metrics_port=config.metrics_port,
         )
     except BaseException:
         close()
         raise
+    CacheMetrics(core, srv.registry)
     srv.on_stop.append(close)
     return srv
 
@@ -55,5 +59,5 @@ def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Serv
 def serve(config: CacheConfig) -> None:
     setup_tracing("mint-cache", config.otlp_endpoint)
     srv = create_server(config)
-    announce_ready("cache", f"{config.host}:{srv.port}")
+    announce_ready("cache", f"{config.host}:{srv.port}", metrics_port=srv.metrics_port)
     serve_until_signal(srv)

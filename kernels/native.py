@@ -209,6 +209,8 @@ _lock = threading.Lock()
 # whether it failed (logged once), and its background build.
 _lib: NativeLib | None = None
 _failed = False
+# Why a library is unavailable (its spec name -> the error), once it failed.
+_errors: dict[str, str] = {}
 _builder: threading.Thread | None = None
 
 
@@ -252,6 +254,7 @@ def _fail(spec: _Spec, e: BaseException) -> None:
     g = globals()
     if not g[spec.prefix + "failed"]:
         g[spec.prefix + "failed"] = True
+        _errors[spec.name] = f"{type(e).__name__}: {e}"
         logger.warning(
             "native CPU %s unavailable (%s: %s); using %s",
             spec.what,
@@ -432,6 +435,18 @@ _LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI
               NativeLib, "check_native_lora")  # fmt: skip
 _ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",
               ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib, "check_decode_attention")  # fmt: skip
+
+
+def unavailable_reason(which: str = "lora") -> str | None:
+    """Why the native library `which` ("lora" or "attn") does not serve: None while it does (or
+    was never asked for); "no compiler" / "disabled" where it cannot be built at all; else the
+    build, load or self-check error."""
+    spec = _LORA if which == "lora" else _ATTN
+    if _disabled():
+        return "disabled (MINTMESH_NATIVE=0)"
+    if _compiler() is None:
+        return "no compiler"
+    return _errors.get(spec.name)
 
 
 def load_attn(block: bool = True) -> AttnLib | None:

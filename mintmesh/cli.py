@@ -57,6 +57,7 @@ SERVICES = {
     "cache": "mintmesh.cache.__main__",
     "executor": "mintmesh.services.executor.__main__",
     "router": "mintmesh.services.router.__main__",
+    "gateway": "mintmesh.services.gateway.__main__",
 }
 
 
@@ -197,8 +198,16 @@ def up(
         "", "--admin-key", envvar="MINT_ADMIN_KEY", help="Admin key to use (default: a new one)."
     ),
     auth: bool = typer.Option(True, "--auth/--no-auth", help="Require API keys."),
+    http_port: int = typer.Option(
+        8000,
+        "--http-port",
+        min=-1,
+        envvar="MINT_HTTP_PORT",
+        help="The OpenAI API gateway's port (0 = any free port, -1 = no gateway).",
+    ),
 ):
-    """Start a local cluster (store, router, N executor+sidecar pairs) until Ctrl-C/SIGTERM."""
+    """Start a local cluster (store, router, N executor+sidecar pairs, the HTTP gateway) until
+    Ctrl-C/SIGTERM."""
     import signal
     import threading
 
@@ -226,6 +235,7 @@ def up(
             otlp_endpoint=otlp_endpoint,
             auth=auth,
             admin_key=admin_key,
+            http_port=None if http_port < 0 else http_port,
         )
     )
     stop = threading.Event()
@@ -237,6 +247,10 @@ def up(
     except ClusterError as e:
         _fail(str(e))
     out.print(f"router listening on {addr}")
+    for name, url in cluster.metrics_urls.items():
+        out.print(f"metrics of {name}: {url}")
+    if cluster.openai_base_url:
+        out.print(f"OpenAI API on {cluster.openai_base_url}")
     if cluster.admin_key:
         out.print(f"admin key: {cluster.admin_key}")
         out.print(f"  export MINT_ROUTER={addr} MINT_API_KEY={cluster.admin_key}", soft_wrap=True)
@@ -280,7 +294,8 @@ def _ensure_model(model: Path | None, data: Path) -> Path:
 
 @app.command(context_settings=PASS_THROUGH)
 def serve(
-    ctx: typer.Context, service: str = typer.Argument(..., help="store|cache|executor|router")
+    ctx: typer.Context,
+    service: str = typer.Argument(..., help="store|cache|executor|router|gateway"),
 ):
     """Run one service in the foreground (the flags are the service's: try --help)."""
     if service not in SERVICES:

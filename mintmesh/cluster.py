@@ -1,5 +1,5 @@
 """A whole local cluster as real processes on 127.0.0.1: the store, N (cache sidecar, executor)
-pairs and the router. Used by `mint up`, `mint demo` and the end-to-end tests.
+pairs, the router and the HTTP gateway. Used by `mint up`, `mint demo` and the end-to-end tests.
 
 Every child is started with `python -m <service module>` on port 0 (the router on the port asked
 for) and prints "READY <service> <address>" when it serves; its other output goes to a log file
@@ -35,6 +35,7 @@ class Child:
     env: dict[str, str]
     proc: subprocess.Popen | None = None
     address: str = ""
+    metrics_address: str = ""  # host:port of its /metrics, from "METRICS <service> <host:port>"
     _ready: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
 
@@ -58,6 +59,10 @@ class Child:
         assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace")
+            if line.startswith("METRICS ") and not self._ready.is_set():
+                parts = line.split()
+                if len(parts) >= 3:
+                    self.metrics_address = parts[2]
             if line.startswith("READY ") and not self._ready.is_set():
                 parts = line.split()
                 if len(parts) >= 3:
@@ -121,6 +126,8 @@ class ClusterConfig:
     # Tenants and API keys: on by default; the admin key is generated unless given.
     auth: bool = True
     admin_key: str = ""
+    # The HTTP gateway (OpenAI API): its port (0 = any free one), or None for no gateway.
+    http_port: int | None = 0
 
 
 class LocalCluster:
@@ -131,10 +138,16 @@ class LocalCluster:
         self.store_address = ""
         self.cache_addresses: list[str] = []
         self.executor_addresses: list[str] = []
+        self.gateway_address = ""
         self.admin_key = config.admin_key or (
             f"mint_admin_{secrets.token_urlsafe(24)}" if config.auth else ""
         )
         self._internal_token = secrets.token_urlsafe(32) if config.auth else ""
+
+    @property
+    def openai_base_url(self) -> str:
+        """The gateway's OpenAI API root ("" without a gateway)."""
+        return f"http://{self.gateway_address}/v1" if self.gateway_address else ""
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -186,6 +199,8 @@ class LocalCluster:
                     c.host,
                     "--port",
                     "0",
+                    "--metrics-port",
+                    "0",
                 ],
             )
             store.start()
@@ -200,6 +215,8 @@ class LocalCluster:
                     "--host",
                     c.host,
                     "--port",
+                    "0",
+                    "--metrics-port",
                     "0",
                 ]
                 if c.cache_capacity_bytes:
@@ -228,17 +245,37 @@ class LocalCluster:
                         f"executor-{i}",
                         "--max-batch-size",
                         str(c.max_batch_size),
+                        "--metrics-port",
+                        "0",
                     ],
                 )
                 ex.start()
                 execs.append(ex)
             self.executor_addresses = [ex.wait_ready(timeout) for ex in execs]
             args = ["--store", self.store_address, "--host", c.host, "--port", str(c.port)]
+            args += ["--metrics-port", "0"]
             for addr in self.executor_addresses:
                 args += ["--executor", addr]
             router = self._child("router", "mintmesh.services.router", args)
             router.start()
             self.router_address = router.wait_ready(timeout)
+            if c.http_port is not None:
+                gw = self._child(
+                    "gateway",
+                    "mintmesh.services.gateway",
+                    [
+                        "--router",
+                        self.router_address,
+                        "--host",
+                        c.host,
+                        "--port",
+                        str(c.http_port),
+                        "--metrics-port",
+                        "0",
+                    ],  # fmt: skip
+                )
+                gw.start()
+                self.gateway_address = gw.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
@@ -257,6 +294,15 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"executors not healthy after {timeout:.0f}s: {st}")
                 time.sleep(0.2)
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Each child's Prometheus endpoint, by child name (store, cache-0, executor-0, ...)."""
+        return {
+            name: f"http://{ch.metrics_address}/metrics"
+            for name, ch in self.children.items()
+            if ch.metrics_address
+        }
 
     def stop(self, grace: float = 15.0) -> None:
         for child in reversed(list(self.children.values())):

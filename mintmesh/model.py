@@ -64,13 +64,23 @@ def _byte_tokenizer(model_max_length: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         model_max_length=model_max_length,
     )
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+# The embedded backbone's chat format (Zephyr-like): each turn "<|role|>\n" + content + EOS, the
+# assistant's turn opened at the end. Saved with the tokenizer, so apply_chat_template uses it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
+    "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

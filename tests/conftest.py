@@ -73,3 +73,13 @@ def other_model_dir(tmp_path_factory):
     torch.manual_seed(7)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def otlp():
+    """An in-test OTLP collector for one module's cluster (its services export traces to it)."""
+    from otlp_receiver import OtlpReceiver
+
+    rec = OtlpReceiver().start()
+    yield rec
+    rec.stop()

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from otlp_receiver import OtlpReceiver
 from peft_util import make_peft_adapter, make_strong_adapter, peft_greedy, peft_model_with
 
 from mintmesh.client import MintClient, sampling_params
@@ -31,13 +30,6 @@ ADAPTERS = {
 }
 PROMPTS = ["Hello, world", "The mesh serves", "a", "LoRA for everyone!"]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def otlp():
-    rec = OtlpReceiver().start()
-    yield rec
-    rec.stop()
 
 
 @pytest.fixture(scope="module")
@@ -550,3 +542,56 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(
                 executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10
             )
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "xyz" in ei.value.details()
+
+
+def test_every_process_serves_metrics_that_count_exactly(cluster, client, pushed):
+    """Each process `mint up` starts serves Prometheus metrics on a port of its own (announced on
+    its METRICS line, collected in cluster.metrics_urls): N generations through the router move
+    the router's placements and Generate count, the executors' Generate count and generated
+    tokens, and the store's resolves by exactly N (N x the tokens)."""
+    from promscrape import rpcs, scrape, val
+
+    urls = cluster.metrics_urls
+    kinds = {"store", "router", "cache-0", "cache-1", "executor-0", "executor-1"}
+    assert kinds <= set(urls), urls
+    assert len({urls[k] for k in kinds}) == len(kinds)
+    execs = [k for k in kinds if k.startswith("executor-")]
+
+    def idle() -> bool:  # nothing left running from an earlier test
+        return all(
+            val(s, "mint_executor_running_sequences") == val(s, "mint_executor_queue_depth") == 0
+            for s in (scrape(urls[k]) for k in execs)
+        )
+
+    deadline = time.monotonic() + 30
+    while not idle():
+        assert time.monotonic() < deadline, "executors still busy"
+        time.sleep(0.1)
+    before = {k: scrape(urls[k]) for k in kinds}
+    n, k_tokens = 3, 5
+    name = next(iter(pushed))
+    for i in range(n):
+        out = client.generate(
+            PROMPTS[i],
+            adapter=name,
+            sampling=sampling_params(max_tokens=k_tokens, ignore_eos=True),
+        )
+        assert out.completion_tokens == k_tokens == len(out.token_ids)
+    after = {k: scrape(urls[k]) for k in kinds}
+
+    def delta(kind: str, fn, *args, **labels) -> float:
+        return fn(after[kind], *args, **labels) - fn(before[kind], *args, **labels)
+
+    placed = sum(
+        v - val(before["router"], name_, **dict(labels))
+        for (name_, labels), v in after["router"].items()
+        if name_ == "mint_router_placements_total"
+    )
+    assert placed == n
+    assert delta("router", rpcs, "mintmesh.v1.Router", "Generate", "OK") == n
+    assert sum(delta(e, rpcs, "mintmesh.v1.Executor", "Generate", "OK") for e in execs) == n
+    assert sum(delta(e, val, "mint_executor_tokens_generated_total") for e in execs) == n * k_tokens
+    assert sum(delta(e, val, "mint_executor_time_to_first_token_seconds_count") for e in execs) == n
+    assert delta("store", rpcs, "mintmesh.v1.AdapterStore", "ResolveAdapter", "OK") == n
+    for e in cluster.executor_addresses:
+        assert val(after["router"], "mint_router_executor_healthy", executor=e) == 1.0

@@ -13,7 +13,6 @@ from test_e2e import (  # noqa: F401 - fixtures, instantiated for this module
     client,
     cluster,
     oracle,
-    otlp,
     pushed,
 )
 

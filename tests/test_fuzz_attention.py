@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 
+import native_util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,10 +45,7 @@ REGIMES = ("normal", "wide", "one_hot", "equal", "rising", "falling", "large_v",
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = native.load_attn(block=True)
-    if lib is None:
-        pytest.skip("the native CPU attention kernel could not be built here")
-    return lib
+    return native_util.require("attn")
 
 
 # ---- value regimes ----------------------------------------------------------------------------

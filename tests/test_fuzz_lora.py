@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import native_util
 import pytest
 import torch
 from fuzzing import FUZZ_FACTOR, fuzz_examples, one_thread, values  # noqa: F401
@@ -50,7 +51,6 @@ from mintmesh.kernels import (
     lora_expand,
     lora_fused,
     lora_shrink,
-    native,
     reference,
 )
 from mintmesh.kernels.cpu import CpuBackend
@@ -393,10 +393,7 @@ def built(case: Case, device: str = "cpu") -> Built:
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = native.load(block=True)
-    if lib is None:
-        pytest.skip("the native CPU kernels could not be built here (see the logged warning)")
-    return lib
+    return native_util.require("lora")
 
 
 # ---- real model sizes: explicit examples every run adds (draws rarely reach 4096 x 4096) ------

@@ -419,18 +419,21 @@ def test_kernel_bench_runs_end_to_end_on_the_tiny_backbone(tiny_model_dir, capsy
     res = json.loads(last)
     assert res["bench"] == "kernels" and res["device"] == "cpu"
     m = res["metrics"]
-    # One repeat: each paired-median ratio is the ratio of the two medians it pairs (as
-    # reported: rounded to 4 decimals).
-    rel = lambda a, b: pytest.approx(m[a] / m[b], rel=3e-2)  # noqa: E731
-    assert m["decode_mixed_vs_base"] == rel("base_decode_ms", "ours_decode_ms")
-    assert m["decode_vs_peft_mixed"] == rel("peft_decode_ms", "ours_decode_ms")
-    assert m["decode_vs_peft_serial"] == rel("peft_serial_decode_ms", "ours_decode_ms")
-    assert m["prefill_mixed_vs_base"] == rel("base_prefill_s", "ours_prefill_s")
-    assert m["prefill_vs_peft_mixed"] == rel("peft_prefill_s", "ours_prefill_s")
-    assert m["rank_padding_saving_decode"] == rel(
-        "lora_ops_decode_padded_ms", "lora_ops_decode_real_ms"
-    )
-    assert m["dense_decode_speedup"] == rel("stock_base_decode_ms", "base_decode_ms")
+    # One repeat: each paired-median ratio is the ratio of the two medians it pairs, up to the
+    # rounding of all three to 4 decimals (a tiny prefill takes ~2 ms: 0.0016 s is +-3%).
+    h = 5e-5
+
+    def ratio_of(name, a, b):
+        lo, hi = (m[a] - h) / (m[b] + h), (m[a] + h) / max(m[b] - h, 1e-12)
+        assert lo - h <= m[name] <= hi + h, (name, m[name], m[a], m[b])
+
+    ratio_of("decode_mixed_vs_base", "base_decode_ms", "ours_decode_ms")
+    ratio_of("decode_vs_peft_mixed", "peft_decode_ms", "ours_decode_ms")
+    ratio_of("decode_vs_peft_serial", "peft_serial_decode_ms", "ours_decode_ms")
+    ratio_of("prefill_mixed_vs_base", "base_prefill_s", "ours_prefill_s")
+    ratio_of("prefill_vs_peft_mixed", "peft_prefill_s", "ours_prefill_s")
+    ratio_of("rank_padding_saving_decode", "lora_ops_decode_padded_ms", "lora_ops_decode_real_ms")
+    ratio_of("dense_decode_speedup", "stock_base_decode_ms", "base_decode_ms")
     # Every target's verdict is its value against its threshold.
     for name, (op, thr) in bench.TARGETS.items():
         assert op == ">=" and res["targets"][name]["met"] == (m[name] >= thr), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import native_util
 import pytest
 import torch
 from kernels_cases import (
@@ -46,10 +47,7 @@ POPS = ("distinct", "zipf", "identical", "some_none", "requests")
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = native.load(block=True)
-    if lib is None:
-        pytest.skip("the native CPU kernels could not be built here (see the logged warning)")
-    return lib
+    return native_util.require("lora")
 
 
 def _setup(rk: str, T: int, pop: str, shape: str, seed: int = 0, extra_pages: int = 0):

@@ -75,6 +75,7 @@ def test_compose_is_valid_and_runs_real_commands():
     assert kinds <= set(services)
     assert sum(1 for s in services if s.startswith("executor-")) == 2
     checked = 0
+    metrics_ports: dict[str, int] = {}  # compose service -> its --metrics-port
     for name, svc in services.items():
         if svc.get("image") != "mintmesh:latest":
             continue
@@ -91,13 +92,40 @@ def test_compose_is_valid_and_runs_real_commands():
             svc_name, flags = args[0], args[1:]
             assert svc_name in SERVICES, f"{name}: unknown service {svc_name!r}"
             mod = importlib.import_module(SERVICES[svc_name])
-            mod.build_parser().parse_args(flags)  # exits (SystemExit) on an unknown flag
+            parsed = mod.build_parser().parse_args(flags)  # exits (SystemExit) on a bad flag
+            assert parsed.metrics_port is not None, f"{name}: serves no metrics (--metrics-port)"
+            metrics_ports[name] = parsed.metrics_port
         checked += 1
     assert checked >= 6
     for name in ("executor-0", "executor-1"):
         ex = services[name]
         cache = ex["pid"].removeprefix("service:")
         assert services[cache]["volumes"][0].split(":")[0] == ex["volumes"][0].split(":")[0]
+    _check_prometheus_scrapes(doc, metrics_ports)
+
+
+def _check_prometheus_scrapes(doc: dict, metrics_ports: dict[str, int]) -> None:
+    """Prometheus (its config from the file compose mounts) scrapes every mint service at its
+    --metrics-port, and nothing that is not a service of compose.yaml."""
+    import yaml
+
+    assert len(metrics_ports) >= 6, metrics_ports
+    prom = doc["services"]["prometheus"]
+    (mount,) = [c for c in prom["configs"] if c["target"] == "/etc/prometheus/prometheus.yml"]
+    assert f"--config.file={mount['target']}" in prom["command"]
+    path = ROOT / doc["configs"][mount["source"]]["file"]
+    cfg = yaml.safe_load(path.read_text())
+    targets = [
+        t
+        for job in cfg["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    ]
+    want = {f"{name}:{port}" for name, port in metrics_ports.items()}
+    assert want <= set(targets), f"{path.name} does not scrape {sorted(want - set(targets))}"
+    strays = {t for t in targets if t.rsplit(":", 1)[0] not in doc["services"]}
+    assert not strays, f"{path.name} scrapes {sorted(strays)}: not services of compose.yaml"
+    assert len(targets) == len(set(targets)), f"{path.name} scrapes a target twice"
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import native_util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,7 @@ BS = 16
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = native.load_attn(block=True)
-    if lib is None:
-        pytest.skip("the native CPU attention kernel could not be built here")
-    return lib
+    return native_util.require("attn")
 
 
 def _cache(num_blocks, kvh, d, seed=0):

@@ -14,6 +14,7 @@ error smaller than a top-1 margin shows up in the logprobs.
 
 from __future__ import annotations
 
+import native_util
 import pytest
 import torch
 from peft_util import (
@@ -42,10 +43,7 @@ LOGPROB_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def native_attention():
-    lib = native.load_attn(block=True)
-    if lib is None:
-        pytest.skip("the native CPU attention kernel could not be built here")
-    return lib
+    return native_util.require("attn")
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,7 @@ def test_readme_session_runs_verbatim(tmp_path):
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         MINT_ROUTER=f"127.0.0.1:{port}",
+        MINT_HTTP_PORT=str(free_port()),  # the gateway `mint up` starts (default 8000)
         COLUMNS="200",  # rich: one table row per line
     )
     work = tmp_path / "work"

@@ -45,6 +45,11 @@ class ExecutorStub:
                 request_serializer=mintmesh_dot_v1_dot_executor__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_executor__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/mintmesh.v1.Executor/Score',
+                request_serializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/mintmesh.v1.Executor/Status',
                 request_serializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorStatusRequest.SerializeToString,
@@ -74,6 +79,13 @@ class ExecutorServicer:
 
     def Forward(self, request, context):
         """Logits or per-token log-probabilities for a batch of rows, each with its own adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """One prompt's tokens with their log-probabilities (and top alternatives) under an adapter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +126,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=mintmesh_dot_v1_dot_executor__pb2.ForwardRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_executor__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -186,6 +203,33 @@ class Executor:
             '/mintmesh.v1.Executor/Forward',
             mintmesh_dot_v1_dot_executor__pb2.ForwardRequest.SerializeToString,
             mintmesh_dot_v1_dot_executor__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Executor/Score',
+            mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreRequest.SerializeToString,
+            mintmesh_dot_v1_dot_executor__pb2.ExecutorScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

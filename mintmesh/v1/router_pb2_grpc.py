@@ -52,6 +52,11 @@ class RouterStub:
                 request_serializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/mintmesh.v1.Router/Score',
+                request_serializer=mintmesh_dot_v1_dot_router__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_router__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -81,6 +86,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """A prompt's per-token log-probabilities under an adapter (placed like Generate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +110,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=mintmesh_dot_v1_dot_router__pb2.ScoreRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_router__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +201,33 @@ class Router:
             '/mintmesh.v1.Router/Prefetch',
             mintmesh_dot_v1_dot_router__pb2.RouterPrefetchRequest.SerializeToString,
             mintmesh_dot_v1_dot_router__pb2.RouterPrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/Score',
+            mintmesh_dot_v1_dot_router__pb2.ScoreRequest.SerializeToString,
+            mintmesh_dot_v1_dot_router__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -167,16 +167,18 @@ class GetBaseModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetBaseModelResponse(_message.Message):
-    __slots__ = ("fingerprint", "model_type", "target_modules", "max_rank")
+    __slots__ = ("fingerprint", "model_type", "target_modules", "max_rank", "name")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     model_type: str
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     max_rank: int
-    def __init__(self, fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_rank: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_rank: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class PushAdaptersRequest(_message.Message):
     __slots__ = ("header", "chunk", "inline")

@@ -8,12 +8,17 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_args, get_type_hints
 
 T = TypeVar("T")
 
 
 def _convert(raw: str, typ: Any, name: str):
+    args = get_args(typ)
+    if len(args) == 2 and type(None) in args:  # X | None: "" is None
+        if raw == "":
+            return None
+        typ = args[0] if args[1] is type(None) else args[1]
     if typ is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -29,6 +34,12 @@ def _convert(raw: str, typ: Any, name: str):
     if typ in (tuple[str, ...], list[str]):
         return tuple(p.strip() for p in raw.split(",") if p.strip())
     return raw
+
+
+def check_metrics_port(port: int | None) -> None:
+    """--metrics-port: None = no metrics endpoint, 0 = a free port, else the port."""
+    if port is not None and not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_port {port} must be 0..65535 (0 = a free port)")
 
 
 def load_config(

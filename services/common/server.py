@@ -1,5 +1,6 @@
 """One place that assembles a gRPC server: servicers, health, reflection, interceptors
-(tracing, errors), the port, and graceful shutdown (drain, then stop)."""
+(tracing, metrics, errors), the port, the Prometheus endpoint, and graceful shutdown (drain,
+then stop)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
-from mintmesh.services.common import tracing
+from mintmesh.services.common import metrics, tracing
 from mintmesh.services.common.errors import ErrorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -26,18 +28,30 @@ CHUNK_BYTES = 64 * 1024
 
 @dataclass
 class Server:
-    """A started gRPC server with its health servicer and shutdown hooks."""
+    """A started gRPC server with its health servicer, its metrics registry (and their HTTP
+    endpoint when asked for: metrics_port, None without one) and shutdown hooks."""
 
     grpc_server: grpc.Server
     port: int
     health: health.HealthServicer
     service_names: list[str]
+    registry: CollectorRegistry = field(default_factory=metrics.new_registry)
+    metrics_server: metrics.MetricsServer | None = None
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        port = self.metrics_port
+        return None if port is None else f"http://127.0.0.1:{port}/metrics"
 
     def set_serving(self, serving: bool) -> None:
         st = (
@@ -61,6 +75,8 @@ class Server:
                 fn()
             except Exception:
                 logger.exception("shutdown hook failed")
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
@@ -73,10 +89,19 @@ def build_server(
     port: int = 0,
     max_workers: int = 32,
     extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
+    metrics_port: int | None = None,
 ) -> Server:
     """Create, bind and start a server. `add_servicers(server)` registers the servicers and
-    returns their full service names (for health and reflection). port=0 picks a free port."""
-    interceptors = [*tracing.server_interceptors(), *extra_interceptors, ErrorInterceptor()]
+    returns their full service names (for health and reflection). port=0 picks a free port.
+    Every RPC is counted in the server's own registry (Server.registry, where the service adds
+    its collectors); metrics_port serves it over HTTP on host (0 = a free port, None = none)."""
+    registry = metrics.new_registry()
+    interceptors = [
+        *tracing.server_interceptors(),
+        metrics.RpcMetricsInterceptor(registry),  # outside auth: refusals are counted too
+        *extra_interceptors,
+        ErrorInterceptor(),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -95,8 +120,22 @@ def build_server(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
+    exposition = None
+    if metrics_port is not None:
+        try:
+            exposition = metrics.start_metrics_server(registry, metrics_port, host)
+        except BaseException:
+            server.stop(None)
+            raise
     server.start()
-    srv = Server(grpc_server=server, port=bound, health=health_servicer, service_names=names)
+    srv = Server(
+        grpc_server=server,
+        port=bound,
+        health=health_servicer,
+        service_names=names,
+        registry=registry,
+        metrics_server=exposition,
+    )
     srv.set_serving(True)
     logger.info("serving %s on %s:%d", ", ".join(names), host, bound)
     return srv
@@ -140,9 +179,13 @@ def remaining_timeout(context: grpc.ServicerContext | None, default: float) -> f
     return max(0.001, min(left, default))
 
 
-def announce_ready(service: str, address: str) -> None:
-    """The one line a parent process (mint up, tests) waits for on stdout."""
+def announce_ready(service: str, address: str, *, metrics_port: int | None = None) -> None:
+    """The line a parent process (mint up, tests) waits for on stdout: "READY <service>
+    <host:port>"; with a metrics endpoint, "METRICS <service> <host:metrics_port>" before it
+    (so that a parent has both once it reads READY)."""
     import sys
 
-    sys.stdout.write(f"READY {service} {address}\n")
+    host = address.rpartition(":")[0]
+    lines = f"METRICS {service} {host}:{metrics_port}\n" if metrics_port is not None else ""
+    sys.stdout.write(f"{lines}READY {service} {address}\n")
     sys.stdout.flush()

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-rank", type=int, help="largest LoRA rank served (default 256)")
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port "
+        "(MINT_EXECUTOR_METRICS_PORT; default: none)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mintmesh.kernels.dense import DENSE_MODES
 from mintmesh.packed import DTYPES
+from mintmesh.services.common.config import check_metrics_port
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class ExecutorConfig:
     # Deadline of one EnsureAdapter call to the sidecar (capped by the caller's deadline).
     fetch_timeout_s: float = 30.0
     otlp_endpoint: str = ""
+    # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         # load_config passes strings for Path | None fields; normalise here.
@@ -98,3 +101,4 @@ class ExecutorConfig:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s={self.fetch_timeout_s} must be > 0")
+        check_metrics_port(self.metrics_port)

@@ -35,7 +35,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +56,12 @@ from mintmesh.services.executor.kv import (
 )
 from mintmesh.services.executor.lora import LoraContext, inject_lora
 from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
-from mintmesh.services.executor.sampling import IncrementalText, SamplingOptions, sample_token
+from mintmesh.services.executor.sampling import (
+    IncrementalText,
+    SamplingOptions,
+    TokenPieces,
+    sample_token,
+)
 from mintmesh.services.executor.scheduler import BASE_TENANT, FairQueue
 from mintmesh.services.executor.scheduler import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
@@ -82,6 +87,8 @@ __all__ = [
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
+# Roles a chat template is given.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 # Window of the tokens/s figure in Status.
 _RATE_WINDOW_S = 10.0
 
@@ -110,6 +117,9 @@ class GenerationOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With logprobs: each token's own text, and (top_logprobs) the likeliest (id, logprob)s.
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -191,6 +201,8 @@ class GenerationHandle:
         self._cancelled = threading.Event()
         self.done = False
         self.submit_step = 0
+        self.submitted_at = time.monotonic()
+        self.token_at: float | None = None  # when its latest token was sampled (on_token)
         self.first_step: int | None = None
         self.last_step: int | None = None
         self.preemptions = 0
@@ -276,6 +288,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.token_piece = TokenPieces(tokenizer)
         self.config = config
         self.base_fingerprint = base_fingerprint
         self.executor_id = config.executor_id
@@ -380,6 +393,9 @@ class Engine:
         self.preemptions = 0
         self.rows_cancelled = 0
         self.tokens_generated = 0
+        # Per token sampled, on the step thread (the executor's metrics): (seconds since the
+        # request's submit for its first token, else since its previous token; first).
+        self.on_token: Callable[[float, bool], None] | None = None
         self._rate: deque[tuple[float, int]] = deque()
         self._num_running = 0
         self._num_loading = 0
@@ -445,6 +461,31 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """A chat's prompt: (role, content) turns rendered by the tokenizer's chat template,
+        with the assistant's turn opened."""
+        if not messages:
+            raise InvalidArgument("messages is empty: give at least one message")
+        for i, (role, _) in enumerate(messages):
+            if role not in CHAT_ROLES:
+                raise InvalidArgument(
+                    f"messages[{i}].role is {role!r}; one of {sorted(CHAT_ROLES)} is needed"
+                )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(
+                "this backbone's tokenizer has no chat template (tokenizer_config.json "
+                "chat_template): send a prompt instead of messages"
+            )
+        turns = [{"role": r, "content": c} for r, c in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # the template's own raise_exception, or a jinja error
+            raise InvalidArgument(f"the chat template refused these messages: {e}") from None
+        # The template writes the special tokens it wants (BOS among them): none added here.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     @property
     def queue_depth(self) -> int:
@@ -1164,7 +1205,16 @@ class Engine:
             if seq.first_step is None:
                 seq.first_step = h.first_step = step
             seq.last_step = h.last_step = step
-            lp = [float(logprobs[i, tok])] if opts.logprobs and logprobs is not None else []
+            if self.on_token is not None:
+                now, first = time.monotonic(), h.token_at is None
+                self.on_token(now - (h.submitted_at if first else h.token_at), first)
+                h.token_at = now
+            lp, pieces, top = [], [], []
+            if opts.logprobs and logprobs is not None:
+                lp, pieces = [float(logprobs[i, tok])], [self.token_piece(tok)]
+                if opts.top_logprobs:
+                    vals, idx = torch.topk(logprobs[i], opts.top_logprobs)
+                    top = [list(zip(idx.tolist(), vals.tolist(), strict=True))]
             finish = None
             if tok in self.eos_ids and not opts.ignore_eos or tok in opts.stop_token_ids:
                 finish = FINISH_STOP
@@ -1184,6 +1234,8 @@ class Engine:
                     finish_reason=finish,
                     prompt_tokens=seq.prompt_len if finish else 0,
                     completion_tokens=seq.generated if finish else 0,
+                    tokens=pieces,
+                    top_logprobs=top,
                 )
             )
             if finish:

@@ -273,6 +273,10 @@ class AdapterResidency:
         self.loads = 0
         self.evictions = 0
         self.fetches = 0
+        # Called with (tier, seconds) after each fetch into the host tier ("host": node cache
+        # read or sidecar fetch, checked and unpacked) and each copy into the device pool
+        # ("device"), in the thread that did it (the executor's metrics).
+        self.on_load: Callable[[str, float], None] | None = None
         self._closed = False
 
     def close(self) -> None:
@@ -347,6 +351,7 @@ class AdapterResidency:
                     del self._fetch_locks[digest]
 
     def _fetch(self, digest: str, timeout: float | None) -> PreparedAdapter:
+        t0 = time.monotonic()
         reserved: list[tuple[int, int]] = []
 
         def into(n: int) -> memoryview:
@@ -371,6 +376,7 @@ class AdapterResidency:
             for off, n in reserved:
                 self.host.unreserve(off, n)
             raise
+        self._loaded("host", t0)
         if reserved and not prepared.header.quantized:
             return self.host.commit(prepared, reserved[0][0], hold=True)
         # Not kept on the host: no room in the arena (a private buffer), or an int8 pack (its
@@ -506,6 +512,7 @@ class AdapterResidency:
         return False
 
     def _pool_load(self, prepared: PreparedAdapter) -> int:
+        t0 = time.monotonic()
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
@@ -516,6 +523,7 @@ class AdapterResidency:
         except ValueError as e:
             raise InvalidAdapter(f"adapter {prepared.digest[:12]}…: {e}") from e
         self.loads += 1
+        self._loaded("device", t0)
         logger.info(
             "loaded adapter %s (rank %d, %d modules) into slot %d",
             prepared.digest[:12],
@@ -524,6 +532,10 @@ class AdapterResidency:
             slot,
         )
         return slot
+
+    def _loaded(self, tier: str, t0: float) -> None:
+        if self.on_load is not None:
+            self.on_load(tier, time.monotonic() - t0)
 
     def node_cache_digests(self) -> list[str]:
         fn = getattr(self.source, "node_cache_digests", None)

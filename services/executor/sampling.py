@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mintmesh.errors import InvalidArgument
+from mintmesh.model import _bytes_to_unicode
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    # With logprobs: the most likely tokens at each position too.
+    top_logprobs: int = 0
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +40,48 @@ class SamplingOptions:
             raise InvalidArgument(f"top_k={self.top_k} must be >= 0")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"seed={self.seed} must be in [0, 2**64)")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"top_logprobs={self.top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}]"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgument("top_logprobs needs logprobs")
+
+
+# OpenAI's bound on alternatives per position.
+MAX_TOP_LOGPROBS = 20
+
+
+# The byte-level BPE alphabet (GPT-2's), char -> byte.
+_BYTE_LEVEL = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class TokenPieces:
+    """Each token's own text, as OpenAI's logprobs write it: the decoded string, or, for a token
+    that is a piece of a UTF-8 sequence, "bytes:\\xNN..." of its bytes. Cached per id."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._piece(token_id)
+        return hit
+
+    def _piece(self, token_id: int) -> str:
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text
+        raw = self._tok.convert_ids_to_tokens(token_id)
+        if not isinstance(raw, str) or any(c not in _BYTE_LEVEL for c in raw):
+            return text  # not a byte-level token: its decoded text is the best there is
+        data = bytes(_BYTE_LEVEL[c] for c in raw)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 class IncrementalText:

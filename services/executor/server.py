@@ -13,6 +13,7 @@ from mintmesh.services.common.server import (
 from mintmesh.services.common.tracing import setup_tracing
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.metrics import ExecutorMetrics
 from mintmesh.services.executor.servicer import add_to_server
 from mintmesh.services.executor.sources import AdapterSource
 
@@ -28,7 +29,8 @@ def create_server(
 ) -> tuple[Server, Engine]:
     """Start an executor server on config.host:config.port (0 = a free port). Uses engine when
     given (else loads config.model_dir, with source or a SidecarSource on config.cache_address).
-    Stopping the server drains it, then closes the engine unless close_engine is False."""
+    Stopping the server drains it, then closes the engine unless close_engine is False. The
+    engine's metrics go to the server's registry (on config.metrics_port when it is set)."""
     if engine is None:
         engine = Engine.from_config(config, source=source)
     # Every waiting and running stream holds a server thread: size the pool so that the
@@ -39,7 +41,9 @@ def create_server(
         host=config.host,
         port=config.port,
         max_workers=workers,
+        metrics_port=config.metrics_port,
     )
+    ExecutorMetrics(engine, server.registry)
     if close_engine:
         server.on_stop.append(engine.close)
     return server, engine
@@ -49,5 +53,5 @@ def serve(config: ExecutorConfig) -> None:
     """Run an executor until SIGTERM/SIGINT: stop accepting, finish running requests, stop."""
     setup_tracing("mint-executor", config.otlp_endpoint)
     server, engine = create_server(config)
-    announce_ready("executor", f"{config.host}:{server.port}")
+    announce_ready("executor", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
     serve_until_signal(server, grace=30.0)

@@ -44,6 +44,31 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingOptions:
         stop_token_ids=tuple(int(t) for t in p.stop_token_ids),
         logprobs=bool(p.logprobs),
         ignore_eos=bool(p.ignore_eos),
+        top_logprobs=int(p.top_logprobs),
+    )
+
+
+def prompt_ids(engine: Engine, request) -> list[int]:
+    """The prompt of a Generate or Score request: token ids, a chat or a text."""
+    messages = getattr(request, "messages", ())
+    fields = {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids}
+    fields["messages"] = messages
+    given = [name for name, value in fields.items() if value]
+    if len(given) > 1:
+        raise InvalidArgument(f"give one of prompt, prompt_token_ids and messages, not {given}")
+    if request.prompt_token_ids:
+        return list(request.prompt_token_ids)
+    if messages:
+        return engine.encode_chat([(m.role, m.content) for m in messages])
+    if request.prompt:
+        return engine.encode(request.prompt)
+    raise InvalidArgument("prompt is empty: give prompt, prompt_token_ids or messages")
+
+
+def _top(engine: Engine, pairs) -> common_pb2.TopLogprobs:
+    ids = [int(t) for t, _ in pairs]
+    return common_pb2.TopLogprobs(
+        token_ids=ids, tokens=[engine.token_piece(t) for t in ids], logprobs=[lp for _, lp in pairs]
     )
 
 
@@ -77,12 +102,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         has_adapter = request.HasField("adapter") and bool(request.adapter.digest)
         if has_adapter:
             self._check_revision(request.adapter)
-        if request.prompt_token_ids:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt:
-            ids = e.encode(request.prompt)
-        else:
-            raise InvalidArgument("prompt is empty: give prompt or prompt_token_ids")
+        ids = prompt_ids(e, request)
         left = context.time_remaining()
         deadline = time.monotonic() + left if left is not None else None
         handle = e.submit(
@@ -105,6 +125,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     text=out.text,
                     logprobs=out.logprobs,
                     request_id=request.request_id,
+                    tokens=out.tokens,
+                    top_logprobs=[_top(e, pairs) for pairs in out.top_logprobs],
                 )
                 if first:
                     if has_adapter:
@@ -155,6 +177,36 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 nxt = torch.tensor(ids[1:], dtype=torch.long)
                 row.logprobs.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
         return resp
+
+    def Score(self, request: executor_pb2.ExecutorScoreRequest, context):
+        import torch
+
+        from mintmesh.services.executor.sampling import MAX_TOP_LOGPROBS
+
+        e = self.engine
+        has_adapter = request.HasField("adapter") and bool(request.adapter.digest)
+        if has_adapter:
+            self._check_revision(request.adapter)
+        k = int(request.top_logprobs)
+        if k > MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs={k} must be in [0, {MAX_TOP_LOGPROBS}]")
+        ids = prompt_ids(e, request)
+        digest = request.adapter.digest if has_adapter else None
+        (lg,) = e.forward([(digest, ids)], timeout=context.time_remaining())
+        res = common_pb2.ScoreResult(
+            token_ids=ids, tokens=[e.token_piece(t) for t in ids], executor=e.executor_id
+        )
+        if has_adapter:
+            res.adapter.CopyFrom(request.adapter)
+        if len(ids) > 1:
+            lp = torch.log_softmax(lg[:-1].float(), dim=-1)
+            nxt = torch.tensor(ids[1:], dtype=torch.long)
+            res.logprobs.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
+            if k:
+                vals, idx = torch.topk(lp, k, dim=-1)
+                for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
+                    res.top_logprobs.append(_top(e, list(zip(i, v, strict=True))))
+        return executor_pb2.ExecutorScoreResponse(result=res)
 
     def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
         st = self.engine.status(node_cache=request.include_node_cache)

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--internal-token",
         help="the mesh's internal token, shared with the store (env MINT_ROUTER_INTERNAL_TOKEN)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port "
+        "(MINT_ROUTER_METRICS_PORT; default: none)",
+    )
     return p
 
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mintmesh.services.common.config import check_metrics_port
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -22,3 +24,8 @@ class RouterConfig:
     auth: bool = False
     # Shared with the store: lets the router call it on behalf of a verified tenant.
     internal_token: str = ""
+    # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        check_metrics_port(self.metrics_port)

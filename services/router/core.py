@@ -19,6 +19,7 @@ from mintmesh.services.common.server import insecure_channel
 from mintmesh.services.router.auth import RouterAuth
 from mintmesh.services.router.config import RouterConfig
 from mintmesh.services.router.health import ExecutorSet
+from mintmesh.services.router.metrics import RouterMetrics
 from mintmesh.services.router.placement import Placement
 from mintmesh.v1 import (
     common_pb2,
@@ -61,6 +62,7 @@ class RouterCore:
         self.store = store_pb2_grpc.AdapterStoreStub(self.store_channel)
         self.executors = ExecutorSet(config.executors, config.health_interval_s)
         self.placement = Placement(config.load_epsilon)
+        self.metrics = RouterMetrics(config.executors)
         self.auth = RouterAuth(
             self.store, enabled=config.auth, internal_token=config.internal_token
         )
@@ -87,29 +89,71 @@ class RouterCore:
         except grpc.RpcError as err:
             raise reraise_downstream(err, f"resolving {ref!r}") from None
 
-    def generate(
-        self, req: router_pb2.GenerateRequest, time_left: float | None, caller: Principal = ADMIN
-    ) -> Iterator[router_pb2.GenerateResponse]:
-        deadline = self._deadline(time_left, self.config.request_timeout_s)
+    def _place(
+        self, adapter: str, deadline: float, caller: Principal
+    ) -> tuple[common_pb2.AdapterRevision, list[str]]:
+        """The revision adapter names (empty: the base model) and the executors to try."""
         revision = common_pb2.AdapterRevision()
-        if req.adapter:
+        if adapter:
             # Checked before resolving, so another tenant's adapter names do not leak.
-            caller.check_ref(req.adapter)
+            caller.check_ref(adapter)
             left = deadline - time.monotonic()
-            revision = self.resolve(req.adapter, min(left, self.config.store_timeout_s), caller)
+            revision = self.resolve(adapter, min(left, self.config.store_timeout_s), caller)
         key = revision.digest or BASE_KEY
         healthy = self.executors.healthy()
         if not healthy:
             raise E.Unavailable(
                 f"no healthy executor (of {len(self.executors.executors)} configured)"
             )
-        order = self.placement.order(healthy, key)
+        return revision, self.placement.order(healthy, key)
+
+    def score(
+        self, req: router_pb2.ScoreRequest, time_left: float | None, caller: Principal = ADMIN
+    ) -> router_pb2.ScoreResponse:
+        """A prompt's log-probabilities, on the executor its Generate would go to (so its KV
+        prefix and adapter are shared); a refusal is retried on the next, as for Generate."""
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
+        revision, order = self._place(req.adapter, deadline, caller)
+        ereq = executor_pb2.ExecutorScoreRequest(
+            adapter=revision,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            top_logprobs=req.top_logprobs,
+        )
+        last_err: grpc.RpcError | None = None
+        for address in order[:2]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.placement.acquire(address)
+            self.metrics.placed(address, retry=last_err is not None)
+            try:
+                resp = self.executors.executors[address].stub.Score(ereq, timeout=left)
+                return router_pb2.ScoreResponse(result=resp.result)
+            except grpc.RpcError as err:
+                if err.code() not in _FAILOVER:
+                    raise reraise_downstream(err, f"scoring on {address}") from None
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.executors.mark_unhealthy(address, err.details() or "unavailable")
+                last_err = err
+            finally:
+                self.placement.release(address)
+        if last_err is None:
+            raise E.Unavailable("deadline exceeded before an executor accepted the request")
+        raise reraise_downstream(last_err, "scoring") from None
+
+    def generate(
+        self, req: router_pb2.GenerateRequest, time_left: float | None, caller: Principal = ADMIN
+    ) -> Iterator[router_pb2.GenerateResponse]:
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
+        revision, order = self._place(req.adapter, deadline, caller)
         ereq = executor_pb2.ExecutorGenerateRequest(
             adapter=revision,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling,
             request_id=req.request_id,
+            messages=req.messages,
         )
         last_err: grpc.RpcError | None = None
         soonest_retry: float | None = None  # over the executors that said RESOURCE_EXHAUSTED
@@ -120,6 +164,7 @@ class RouterCore:
             if left <= 0:
                 raise E.Unavailable("deadline exceeded before an executor accepted the request")
             self.placement.acquire(address)
+            self.metrics.placed(address, retry=last_err is not None)
             call = state.stub.Generate(ereq, timeout=left)
             chunks = 0
             try:

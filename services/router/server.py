@@ -29,7 +29,17 @@ def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
             store_pb2.DESCRIPTOR.services_by_name["AdapterStore"].full_name,
         ]
 
-    server = build_server(add_servicers=add, host=config.host, port=config.port)
+    try:
+        server = build_server(
+            add_servicers=add,
+            host=config.host,
+            port=config.port,
+            metrics_port=config.metrics_port,
+        )
+    except BaseException:
+        core.stop()
+        raise
+    core.metrics.register(server.registry, core.executors)
     server.on_stop.append(core.stop)
     return server, core
 
@@ -37,5 +47,5 @@ def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
 def serve(config: RouterConfig) -> None:
     tracing.setup_tracing("mint-router", config.otlp_endpoint)
     server, _core = create_server(config)
-    announce_ready("router", f"{config.host}:{server.port}")
+    announce_ready("router", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
     serve_until_signal(server)

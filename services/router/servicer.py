@@ -24,6 +24,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         finally:
             gen.close()
 
+    def Score(self, request, context):
+        caller = self.core.auth.caller(context)
+        return self.core.score(request, context.time_remaining(), caller)
+
     def Status(self, request, context):
         return self.core.status()
 

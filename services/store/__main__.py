@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared secret of the mesh's services (MINT_STORE_INTERNAL_TOKEN)",
     )
     p.add_argument("--push-group-size", type=int, help="pushes per group commit (default 256)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port "
+        "(MINT_STORE_METRICS_PORT; default: none)",
+    )
+    p.add_argument(
+        "--base-model-name",
+        help="the base model's served name, e.g. its OpenAI model id (default: the model "
+        "directory's name; MINT_STORE_BASE_MODEL_NAME)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -68,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "admin_key": args.admin_key,
         "internal_token": args.internal_token,
         "push_group_size": args.push_group_size,
+        "metrics_port": args.metrics_port,
+        "base_model_name": args.base_model_name,
     }
     try:
         config = load_config(StoreConfig, "STORE", overrides)

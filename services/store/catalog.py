@@ -400,6 +400,11 @@ class Catalog:
         info, stat = self._env.info(), self._env.stat()
         return (int(info["last_pgno"]) + 1) * int(stat["psize"])
 
+    def counts(self) -> tuple[int, int]:
+        """(adapters, revisions) in the catalog, from LMDB's own entry counts (no scan)."""
+        with self._env.begin() as txn:
+            return int(txn.stat(self._names)["entries"]), int(txn.stat(self._revs)["entries"])
+
     # -- revisions: writes --------------------------------------------------------------------
 
     def add_revisions(self, specs: Sequence[RevisionSpec]) -> list[RevisionRecord]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mintmesh.services.common.config import check_metrics_port
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -31,6 +33,11 @@ class StoreConfig:
     push_group_size: int = 256
     # At start, delete blobs no revision references (lists every blob: slow on object stores).
     sweep_orphans: bool = True
+    # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
+    metrics_port: int | None = None
+    # The base model's served name (GetBaseModel.name; the OpenAI API's model id for it).
+    # "" = the model directory's name.
+    base_model_name: str = ""
 
     def __post_init__(self) -> None:
         # Accept str paths from callers and env/CLI parsing alike.
@@ -42,6 +49,7 @@ class StoreConfig:
             raise ValueError(f"max_upload_bytes {self.max_upload_bytes} must be >= 1")
         if self.push_group_size < 1:
             raise ValueError(f"push_group_size {self.push_group_size} must be >= 1")
+        check_metrics_port(self.metrics_port)
         if self.auth and not self.admin_key and not self.internal_token:
             raise ValueError(
                 "auth is on but neither admin_key nor internal_token is set: nobody could "

@@ -10,14 +10,16 @@ from mintmesh.services.store import servicer
 from mintmesh.services.store.auth import AuthInterceptor
 from mintmesh.services.store.config import StoreConfig
 from mintmesh.services.store.core import StoreCore
+from mintmesh.services.store.metrics import StoreMetrics
 
 logger = logging.getLogger(__name__)
 
 
 def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Server:
     """Open (or take) the store core, start serving on config.host:config.port (0 = a free
-    port). The returned server closes the core when it stops. Every AdapterStore call is
-    authenticated by one interceptor (a no-op admin principal when config.auth is off)."""
+    port), its metrics on config.metrics_port when set. The returned server closes the core
+    when it stops. Every AdapterStore call is authenticated by one interceptor (a no-op admin
+    principal when config.auth is off)."""
     core = core or StoreCore(config)
     try:
         srv = build_server(
@@ -25,10 +27,12 @@ def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Serv
             host=config.host,
             port=config.port,
             extra_interceptors=[AuthInterceptor(core.auth)],
+            metrics_port=config.metrics_port,
         )
     except BaseException:
         core.close()
         raise
+    StoreMetrics(core, srv.registry)
     srv.on_stop.append(core.close)
     return srv
 
@@ -36,5 +40,5 @@ def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Serv
 def serve(config: StoreConfig) -> None:
     setup_tracing("mint-store", config.otlp_endpoint)
     srv = create_server(config)
-    announce_ready("store", f"{config.host}:{srv.port}")
+    announce_ready("store", f"{config.host}:{srv.port}", metrics_port=srv.metrics_port)
     serve_until_signal(srv)

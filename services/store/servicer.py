@@ -321,6 +321,7 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
             model_type=b.model_type,
             target_modules=list(b.target_modules),
             max_rank=b.max_rank,
+            name=self.core.config.base_model_name or self.core.config.model_dir.name,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""The executor's Prometheus metrics: the engine's own counters read at scrape time, and the
+latency histograms its hooks observe (Engine.on_token on the step thread, lock-free;
+AdapterResidency.on_load in the loader threads)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import Metric
+
+from mintmesh.services.common.metrics import (
+    OneWriterHistogram,
+    ReadAtScrape,
+    counter,
+    gauge,
+)
+from mintmesh.services.executor.engine import Engine
+
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+
+
+class ExecutorMetrics:
+    def __init__(self, engine: Engine, registry: CollectorRegistry) -> None:
+        self.engine = engine
+        self.ttft = OneWriterHistogram(
+            "mint_executor_time_to_first_token_seconds",
+            "Seconds from a generation's submit to its first token.",
+            TTFT_BUCKETS,
+        )
+        self.itl = OneWriterHistogram(
+            "mint_executor_inter_token_latency_seconds",
+            "Seconds between a generation's consecutive tokens.",
+            ITL_BUCKETS,
+        )
+        self.load_seconds = Histogram(
+            "mint_executor_adapter_load_seconds",
+            "Seconds to move an adapter into a tier: host (read from the node cache or "
+            "fetched through the sidecar, checked, unpacked) or device (copied into the pool).",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        engine.on_token = self._on_token
+        engine.residency.on_load = lambda tier, s: self.load_seconds.labels(tier).observe(s)
+        registry.register(ReadAtScrape(self.collect))
+
+    def _on_token(self, seconds: float, first: bool) -> None:
+        (self.ttft if first else self.itl).observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        res = e.residency
+        yield counter("mint_executor_tokens_generated_total", "Tokens sampled.", e.tokens_generated)
+        yield gauge(
+            "mint_executor_tokens_per_second",
+            "Tokens sampled per second over the last 10 s.",
+            e.tokens_per_s(),
+        )
+        yield self.ttft.family()
+        yield self.itl.family()
+        yield gauge(
+            "mint_executor_queue_depth",
+            "Requests waiting for a sequence slot or for their adapter.",
+            e.queue_depth,
+        )
+        yield gauge("mint_executor_running_sequences", "Sequences in the batch.", e.running)
+        yield gauge(
+            "mint_executor_max_batch_size", "Sequences the batch holds at most.", e.max_batch_size
+        )
+        alloc = e.kv.allocator
+        yield gauge("mint_executor_kv_blocks_used", "KV blocks in use.", alloc.num_used)
+        yield gauge(
+            "mint_executor_kv_blocks_cached",
+            "KV blocks kept only for their prefix (counted free).",
+            alloc.num_cached,
+        )
+        yield gauge("mint_executor_kv_blocks_total", "KV blocks of the cache.", e.kv.num_blocks)
+        yield counter(
+            "mint_executor_prefix_query_tokens_total",
+            "Prompt tokens looked up in the prefix cache.",
+            e.prefix_query_tokens,
+        )
+        yield counter(
+            "mint_executor_prefix_hit_tokens_total",
+            "Prompt tokens whose KV was reused from cached blocks.",
+            e.prefix_hit_tokens,
+        )
+        yield counter("mint_executor_preemptions_total", "Sequences preempted.", e.preemptions)
+        yield counter("mint_executor_steps_total", "Steps of the batch loop.", e.step_no)
+        yield gauge(
+            "mint_executor_adapters",
+            "Adapters in each tier: device (the pool), host (staging arena), node_cache (the "
+            "sidecar's file).",
+            {
+                "device": len(res.resident()),
+                "host": len(res.host),
+                "node_cache": len(res.node_cache_digests()),
+            },
+            "tier",
+        )
+        yield counter(
+            "mint_executor_adapter_loads_total",
+            "Adapters moved into a tier: host (fetched from the node cache or through the "
+            "sidecar) or device (copied into the pool).",
+            {"host": res.fetches, "device": res.loads},
+            "tier",
+        )
+        yield counter(
+            "mint_executor_adapter_evictions_total",
+            "Adapters dropped from a tier to make room.",
+            {"host": res.host.evictions, "device": res.evictions},
+            "tier",
+        )
+        src = res.source
+        if hasattr(src, "reads_hit"):  # a SidecarSource
+            yield counter(
+                "mint_executor_node_cache_reads_total",
+                "Adapter reads from the node cache: hit (read from the file, no RPC) or miss "
+                "(EnsureAdapter asked the sidecar to fetch it first).",
+                {"hit": src.reads_hit, "miss": src.reads_ensured},
+                "result",
+            )
+        yield gauge(
+            "mint_executor_adapter_pool_bytes_used",
+            "Bytes of the device adapter pool in use.",
+            e.pool.nbytes(),
+        )
+        yield gauge(
+            "mint_executor_host_tier_bytes_used",
+            "Bytes of the host staging arena in use.",
+            res.host.nbytes,
+        )
