@@ -126,8 +126,25 @@ def select_dense(device: torch.device | str, dtype: torch.dtype, mode: str = "au
     return "torch"
 
 
+class _PackedLinearFn(torch.autograd.Function):
+    """The packed forward with a backward for the input only (the backbone never trains): dX =
+    dY W, with W unpacked for the call (one layer's weight at a time, dropped after it, so
+    training on the resident backbone holds no second copy of it)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return _linear(x, module.packed, module.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.module.packed.to_dense()
+        return grad @ w, None
+
+
 class PackedLinear(nn.Module):
-    """An inference-only nn.Linear with its weight packed for oneDNN once (CPU, float32)."""
+    """An nn.Linear with its weight packed for oneDNN once (CPU, float32); frozen: it passes
+    gradients to its input (for the LoRA layers below it) but has none of its own."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 32) -> None:
         super().__init__()
@@ -156,6 +173,8 @@ class PackedLinear(nn.Module):
             raise ValueError(
                 f"x {list(x.shape)} does not fit PackedLinear with in_features {self.in_features}"
             )
+        if x.requires_grad and torch.is_grad_enabled():
+            return _PackedLinearFn.apply(x, self)
         return _linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mintmesh.kernels import AdapterPool, BatchMeta, apply_lora
+from mintmesh.kernels.train_ops import segment_lora
 from mintmesh.model import TARGET_MODULES
 
 
@@ -30,6 +31,9 @@ class LoraContext:
         self.meta: BatchMeta | None = None
         # Layers some adapter of the current batch targets; None = assume every layer.
         self.targeted: set[str] | None = None
+        # A training forward (services/executor/training.py TrainBatch): the runs' trainable
+        # LoRAs over their segments of the rows, differentiable; None when serving.
+        self.train = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -58,6 +62,12 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         ctx = self.ctx
+        if ctx.train is not None:
+            seg = ctx.train.layer(self.name)
+            if seg is None:
+                return y
+            delta = segment_lora(x.reshape(-1, self.in_features), *seg)
+            return y + delta.view(y.shape)
         meta, pool = ctx.meta, ctx.pool
         if (
             meta is None

@@ -1,0 +1,130 @@
+"""The LoRA op for training, with its backward: many runs' adapters over one batch of rows.
+
+Rows are grouped in segments, one per training run (the way serving groups rows by adapter);
+segment i covers rows [start_i, end_i) and has its own trainable A_i [r_i, H_in], B_i
+[H_out, r_i] (fp32) and scale s_i:
+
+    delta[t] = s_i * (x[t] A_i^T) B_i^T                   for t in segment i, 0 elsewhere
+
+and, with v = x_seg A_i^T and g = dL/d delta:
+
+    dB_i = s_i g_seg^T v        dv = s_i g_seg B_i        dA_i = dv^T x_seg        dx_seg = dv A_i
+
+(SGMV forward and backward: one matmul pair per segment and direction, no padding of ranks).
+`segment_lora` is the autograd Function; `segment_lora_reference` the same through plain torch
+ops (autograd differentiates it), the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _check(
+    x: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> int:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [rows, H_in], got shape {list(x.shape)}")
+    if not (len(bounds) == len(scales) == len(weights)):
+        raise ValueError(
+            f"{len(bounds)} segments, {len(scales)} scales and {len(weights)} weight pairs"
+        )
+    out_f = None
+    prev = 0
+    for i, ((s, e), (a, b)) in enumerate(zip(bounds, weights, strict=True)):
+        if not prev <= s <= e <= x.shape[0]:
+            raise ValueError(
+                f"segment {i} = [{s}, {e}) is not ordered inside the {x.shape[0]} rows"
+            )
+        prev = e
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"segment {i}: A {list(a.shape)} and B {list(b.shape)} do not make a LoRA "
+                f"over x with {x.shape[1]} features"
+            )
+        if out_f is not None and b.shape[0] != out_f:
+            raise ValueError(f"segment {i}: B has {b.shape[0]} outputs, segment 0 {out_f}")
+        out_f = int(b.shape[0])
+    if out_f is None:
+        raise ValueError("no segments")
+    return out_f
+
+
+class _SegmentLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bounds, scales, *flat):
+        weights = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(bounds))]
+        out_f = int(weights[0][1].shape[0])
+        cd = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 (gradcheck)
+        xf = x.to(cd)
+        out = torch.zeros(x.shape[0], out_f, dtype=cd, device=x.device)
+        vs = []
+        for (s, e), (a, b), sc in zip(bounds, weights, scales, strict=True):
+            v = xf[s:e] @ a.to(cd).t()
+            vs.append(v)
+            if e > s:
+                out[s:e] = (v @ b.to(cd).t()).mul_(sc)
+        ctx.bounds, ctx.scales = bounds, scales
+        ctx.save_for_backward(xf, *flat, *vs)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bounds, scales = ctx.bounds, ctx.scales
+        n = len(bounds)
+        saved = ctx.saved_tensors
+        xf, flat, vs = saved[0], saved[1 : 1 + 2 * n], saved[1 + 2 * n :]
+        g = grad.to(xf.dtype)
+        need_x = ctx.needs_input_grad[0]
+        dx = torch.zeros_like(xf) if need_x else None
+        grads: list[torch.Tensor | None] = []
+        for i, ((s, e), sc) in enumerate(zip(bounds, scales, strict=True)):
+            a, b, v = flat[2 * i].to(g.dtype), flat[2 * i + 1].to(g.dtype), vs[i]
+            gs = g[s:e]
+            dv = (gs @ b) * sc  # [T_i, r]
+            da = dv.t() @ xf[s:e] if ctx.needs_input_grad[3 + 2 * i] else None
+            db = (gs.t() @ v) * sc if ctx.needs_input_grad[4 + 2 * i] else None
+            da = None if da is None else da.to(flat[2 * i].dtype)
+            db = None if db is None else db.to(flat[2 * i + 1].dtype)
+            if need_x and e > s:
+                dx[s:e] = dv @ a
+            grads += [da, db]
+        return (None if dx is None else dx.to(grad.dtype), None, None, *grads)
+
+
+def segment_lora(
+    x: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """delta [rows, H_out] (dtype of x; computed in fp32) of the runs' LoRAs over their segments
+    of x; rows outside every segment get exact zeros. Differentiable in x and every A, B."""
+    _check(x, bounds, scales, weights)
+    bounds = [(int(s), int(e)) for s, e in bounds]
+    scales = [float(s) for s in scales]
+    flat = [t for pair in weights for t in pair]
+    return _SegmentLoRA.apply(x, bounds, scales, *flat)
+
+
+def segment_lora_reference(
+    x: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The semantics, through plain torch ops (slow; autograd gives its backward)."""
+    out_f = _check(x, bounds, scales, weights)
+    parts, prev = [], 0
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    for (s, e), sc, (a, b) in zip(bounds, scales, weights, strict=True):
+        parts.append(xf.new_zeros(s - prev, out_f))
+        parts.append(sc * ((xf[s:e] @ a.to(xf.dtype).t()) @ b.to(xf.dtype).t()))
+        prev = e
+    parts.append(xf.new_zeros(x.shape[0] - prev, out_f))
+    return torch.cat(parts).to(x.dtype)

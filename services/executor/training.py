@@ -1,0 +1,421 @@
+"""Training personal adapters on the resident backbone (no second copy of the base).
+
+A TrainingRun holds one LoRA (rank, alpha, target modules) as fp32 master weights, their
+gradients and AdamW state. `Trainer.forward_backward` takes the calls of several runs that are
+ready together and runs them through ONE forward/backward over the shared base: rows are grouped
+by run and every MultiLoraLinear adds each run's delta over its own segment of the rows
+(kernels/train_ops.py: the LoRA op with a backward), the way a serving batch mixes adapters; the
+backbone is frozen (its packed Linears pass gradients to their inputs only). Each run's
+gradients are exactly those it gets alone (the segments do not touch each other).
+
+Loss functions, with Tinker's semantics (per datum, over its positions t; the model input's
+logits at t predict target_tokens[t]; lp_t = log p(target_tokens[t])):
+
+    cross_entropy        loss = -sum_t weights_t * lp_t
+    importance_sampling  loss = -sum_t exp(lp_t - logprobs_t) * advantages_t
+    ppo                  loss = -sum_t min(r_t * A_t, clip(r_t, low, high) * A_t),
+                         r_t = exp(lp_t - logprobs_t), low/high = clip_low/high_threshold
+                         (default 0.8 / 1.2)
+
+The call's loss is the sum over its data; outputs: per datum `logprobs` (lp_t), metrics
+`loss:sum`. `optim_step` applies AdamW (torch.optim.AdamW semantics, Tinker's AdamParams:
+learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm) to the gradients accumulated since
+the last step.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+LOSSES = ("cross_entropy", "importance_sampling", "ppo")
+# Tensors each loss needs besides target_tokens.
+_NEEDS = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    # Module leaf names (q_proj, ...): every Linear of the backbone with that name is trained.
+    targets: tuple[str, ...]
+
+    def validate(self, max_rank: int, trainable: Sequence[str]) -> None:
+        if not 1 <= self.rank <= max_rank:
+            raise InvalidArgument(f"rank={self.rank} must be in [1, {max_rank}]")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InvalidArgument(f"alpha={self.alpha} must be a number > 0")
+        if not self.targets:
+            raise InvalidArgument("targets is empty: name at least one module (e.g. q_proj)")
+        bad = sorted(set(self.targets) - set(trainable))
+        if bad:
+            raise InvalidArgument(f"targets {bad} are not trainable here; choose from {trainable}")
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def validate(self) -> None:
+        def finite(name, v):
+            if not math.isfinite(v):
+                raise InvalidArgument(f"adam_params.{name}={v} is not a finite number")
+
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            finite(name, getattr(self, name))
+        if self.learning_rate <= 0:
+            raise InvalidArgument(f"adam_params.learning_rate={self.learning_rate} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InvalidArgument(f"adam_params.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
+            raise InvalidArgument(
+                "adam_params: eps must be > 0, weight_decay and grad_clip_norm >= 0 (got "
+                f"eps={self.eps}, weight_decay={self.weight_decay}, "
+                f"grad_clip_norm={self.grad_clip_norm})"
+            )
+
+
+@dataclass
+class Datum:
+    """One sequence: the model's input tokens and, per position, what the loss needs."""
+
+    input_ids: list[int]
+    target_tokens: list[int]
+    weights: list[float] | None = None
+    logprobs: list[float] | None = None
+    advantages: list[float] | None = None
+
+
+@dataclass
+class CallResult:
+    loss: float
+    logprobs: list[list[float]]  # per datum, per position
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingRun:
+    """One run's LoRA: fp32 A [r, in] and B [out, r] per targeted layer, AdamW state."""
+
+    def __init__(
+        self,
+        run_id: str,
+        tenant: str,
+        spec: LoraSpec,
+        layer_shapes: Mapping[str, tuple[int, int]],
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.run_id, self.tenant, self.spec = run_id, tenant, spec
+        self.scale = float(spec.alpha) / spec.rank
+        gen = torch.Generator().manual_seed(seed)
+        self.layers: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        for name, (out_f, in_f) in sorted(layer_shapes.items()):
+            if name.rsplit(".", 1)[-1] not in spec.targets:
+                continue
+            # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (the run starts as the
+            # base model).
+            a = torch.empty(spec.rank, in_f)
+            bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_ with a=sqrt(5) on fan_in = in_f
+            a.uniform_(-bound, bound, generator=gen)
+            self.layers[name] = (
+                nn.Parameter(a.to(device)),
+                nn.Parameter(torch.zeros(out_f, spec.rank, device=device)),
+            )
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=1e-4, foreach=False)
+        self.steps = 0
+        self.has_grads = False
+        self.last_loss: float | None = None
+        self.tokens_seen = 0
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for pair in self.layers.values() for p in pair]
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def bytes(self) -> int:
+        """fp32 weights, gradients and AdamW's two moments."""
+        return 16 * self.numel()
+
+    def load_weights(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set A and B of every layer (e.g. from a revision); the optimizer state is kept."""
+        missing = sorted(set(self.layers) - set(weights))
+        if missing:
+            raise InvalidArgument(f"weights for {len(missing)} layers missing, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, (a, b) in self.layers.items():
+                wa, wb = weights[name]
+                if tuple(wa.shape) != tuple(a.shape) or tuple(wb.shape) != tuple(b.shape):
+                    raise InvalidArgument(
+                        f"{name}: A {list(wa.shape)} / B {list(wb.shape)} do not fit the run's "
+                        f"{list(a.shape)} / {list(b.shape)}"
+                    )
+                a.copy_(wa)
+                b.copy_(wb)
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in self.layers.items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "spec": self.spec,
+            "weights": self.weights(),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.load_weights(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
+    def optim_step(self, adam: AdamParams) -> dict[str, float]:
+        adam.validate()
+        if not self.has_grads:
+            raise FailedPrecondition(
+                f"optim_step on run {self.run_id} with no gradients: call forward_backward first"
+            )
+        metrics: dict[str, float] = {}
+        if adam.grad_clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), adam.grad_clip_norm)
+            metrics["grad_norm:mean"] = float(norm)
+        for g in self.optimizer.param_groups:
+            g.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.has_grads = False
+        self.steps += 1
+        return metrics
+
+
+class TrainBatch:
+    """What the LoRA layers read during one training forward: per layer, the segments of the
+    runs that train it (bounds over the flattened rows, scales, (A, B))."""
+
+    def __init__(self, segments: Sequence[tuple[TrainingRun, int, int]]) -> None:
+        self._layers: dict[str, tuple[list, list, list]] = {}
+        for run, start, end in segments:
+            for name, pair in run.layers.items():
+                bounds, scales, weights = self._layers.setdefault(name, ([], [], []))
+                bounds.append((start, end))
+                scales.append(run.scale)
+                weights.append(pair)
+
+    def layer(self, name: str):
+        return self._layers.get(name)
+
+
+def _finite(name: str, xs: Sequence[float], i: int) -> None:
+    if not all(math.isfinite(x) for x in xs):
+        raise InvalidArgument(f"data[{i}].{name} holds a value that is not finite")
+
+
+class Trainer:
+    """The runs of one executor and the batched forward/backward over its resident model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx,
+        layer_shapes: Mapping[str, tuple[int, int]],
+        *,
+        vocab_size: int,
+        max_positions: int,
+        max_rank: int = 128,
+        max_bytes: int = 256 << 20,
+        lock: threading.Lock | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model, self.ctx = model, ctx
+        self.layer_shapes = dict(layer_shapes)
+        self.trainable = sorted({n.rsplit(".", 1)[-1] for n in layer_shapes})
+        self.vocab_size, self.max_positions = vocab_size, max_positions
+        self.max_rank, self.max_bytes = max_rank, max_bytes
+        self.lock = lock or threading.Lock()
+        self.device = torch.device(device)
+        self.runs: dict[str, TrainingRun] = {}
+        self._runs_lock = threading.Lock()
+        self.tokens_trained = 0
+        # The backbone is frozen: autograd tracks only the runs' LoRA weights.
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def bytes_used(self) -> int:
+        with self._runs_lock:
+            return sum(r.bytes() for r in self.runs.values())
+
+    def create_run(self, run_id: str, tenant: str, spec: LoraSpec, *, seed: int = 0):
+        spec.validate(self.max_rank, self.trainable)
+        run = TrainingRun(run_id, tenant, spec, self.layer_shapes, seed=seed, device=self.device)
+        with self._runs_lock:
+            if run_id in self.runs:
+                raise InvalidArgument(f"training run {run_id!r} exists already")
+            used = sum(r.bytes() for r in self.runs.values())
+            if used + run.bytes() > self.max_bytes:
+                raise ResourceExhausted(
+                    f"training memory of this executor is full: run {run_id!r} needs "
+                    f"{run.bytes()} bytes (weights, gradients, AdamW state), {used} of "
+                    f"{self.max_bytes} are held by {len(self.runs)} runs",
+                    retry_after_s=5.0,
+                )
+            self.runs[run_id] = run
+        return run
+
+    def drop_run(self, run_id: str) -> None:
+        with self._runs_lock:
+            self.runs.pop(run_id, None)
+
+    def run(self, run_id: str) -> TrainingRun:
+        with self._runs_lock:
+            run = self.runs.get(run_id)
+        if run is None:
+            raise InvalidArgument(f"no training run {run_id!r} on this executor")
+        return run
+
+    # -- forward / backward ----------------------------------------------------------------------
+
+    def _check(self, d: Datum, loss_fn: str, i: int) -> None:
+        n = len(d.input_ids)
+        if n == 0:
+            raise InvalidArgument(f"data[{i}].model_input is empty")
+        if n > self.max_positions:
+            raise InvalidArgument(
+                f"data[{i}] has {n} tokens; the model holds {self.max_positions} positions"
+            )
+        for what, ids in (("model_input", d.input_ids), ("target_tokens", d.target_tokens)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidArgument(
+                    f"data[{i}].{what} has token id {bad[0]}, outside the vocabulary "
+                    f"(size {self.vocab_size})"
+                )
+        if len(d.target_tokens) != n:
+            raise InvalidArgument(
+                f"data[{i}].target_tokens has {len(d.target_tokens)} entries for {n} input tokens"
+            )
+        for name in _NEEDS[loss_fn]:
+            xs = getattr(d, name)
+            if xs is None:
+                raise InvalidArgument(f"data[{i}].{name} is needed by loss {loss_fn!r}")
+            if len(xs) != n:
+                raise InvalidArgument(
+                    f"data[{i}].{name} has {len(xs)} entries for {n} input tokens"
+                )
+            _finite(name, xs, i)
+
+    def forward_backward(
+        self,
+        calls: Sequence[tuple[str, Sequence[Datum], str, Mapping[str, float] | None]],
+        *,
+        forward_only: bool = False,
+    ) -> list[CallResult]:
+        """(run_id, data, loss_fn, loss_fn_config) calls, in one forward (and backward): each
+        run's gradients accumulate on its weights. Results in the calls' order."""
+        if not calls:
+            raise InvalidArgument("no calls")
+        runs = []
+        for ci, (run_id, data, loss_fn, _) in enumerate(calls):
+            if loss_fn not in LOSSES:
+                raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
+            if not data:
+                raise InvalidArgument(f"call {ci} has no data")
+            for i, d in enumerate(data):
+                self._check(d, loss_fn, i)
+            runs.append(self.run(run_id))
+        # Rows grouped by run: each run one contiguous segment of the batch.
+        order = sorted(range(len(calls)), key=lambda c: (runs[c].run_id, c))
+        rows: list[tuple[int, int]] = []  # (call, datum) per batch row
+        for c in order:
+            rows += [(c, i) for i in range(len(calls[c][1]))]
+        T = max(len(calls[c][1][i].input_ids) for c, i in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for r, (c, i) in enumerate(rows):
+            x = calls[c][1][i].input_ids
+            ids[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = 1
+        segments: list[tuple[TrainingRun, int, int]] = []
+        r = 0
+        while r < len(rows):
+            run = runs[rows[r][0]]
+            e = r
+            while e < len(rows) and runs[rows[e][0]] is run:
+                e += 1
+            segments.append((run, r * T, e * T))
+            r = e
+        with self.lock:
+            self.ctx.train = TrainBatch(segments)
+            try:
+                with torch.set_grad_enabled(not forward_only):
+                    logits = self.model(
+                        input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                    ).logits.float()
+                    lps = torch.log_softmax(logits, dim=-1)
+                    results, total = [], None
+                    row_of = {rc: k for k, rc in enumerate(rows)}
+                    for c, (_, data, loss_fn, cfg) in enumerate(calls):
+                        loss, per = self._loss(lps, row_of, c, data, loss_fn, cfg or {})
+                        total = loss if total is None else total + loss
+                        value = float(loss.detach())
+                        results.append(
+                            CallResult(loss=value, logprobs=per, metrics={"loss:sum": value})
+                        )
+                    if not forward_only:
+                        total.backward()
+            finally:
+                self.ctx.train = None
+        if not forward_only:
+            for c, run in enumerate(runs):
+                run.has_grads = True
+                run.last_loss = results[c].loss
+                n = sum(len(d.input_ids) for d in calls[c][1])
+                run.tokens_seen += n
+                self.tokens_trained += n
+        return results
+
+    def _loss(self, lps, row_of, c, data, loss_fn, cfg) -> tuple[torch.Tensor, list[list[float]]]:
+        total = lps.new_zeros(())
+        per = []
+        low = float(cfg.get("clip_low_threshold", 0.8))
+        high = float(cfg.get("clip_high_threshold", 1.2))
+        for i, d in enumerate(data):
+            n = len(d.input_ids)
+            tgt = torch.tensor(d.target_tokens, device=lps.device)
+            lp = lps[row_of[(c, i)], :n].gather(1, tgt[:, None]).squeeze(1)
+            per.append(lp.detach().tolist())
+            if loss_fn == "cross_entropy":
+                w = torch.tensor(d.weights, dtype=lp.dtype, device=lp.device)
+                total = total - (w * lp).sum()
+                continue
+            old = torch.tensor(d.logprobs, dtype=lp.dtype, device=lp.device)
+            adv = torch.tensor(d.advantages, dtype=lp.dtype, device=lp.device)
+            ratio = torch.exp(lp - old)
+            if loss_fn == "importance_sampling":
+                total = total - (ratio * adv).sum()
+            else:  # ppo
+                clipped = ratio.clamp(low, high)
+                total = total - torch.minimum(ratio * adv, clipped * adv).sum()
+        return total, per

@@ -1,0 +1,235 @@
+"""Training on the executor's resident backbone (services/executor/training.py): K steps of one
+run equal a plain peft + torch.optim.AdamW loop (losses and final weights to 1e-5), the RL losses
+equal Tinker's formulas written out in torch, four runs in one pass get the gradients each gets
+alone, the base model is untouched, and bad input is refused naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mintmesh.model import load_model
+from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.training import AdamParams, Datum, LoraSpec, Trainer
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine.from_config(ExecutorConfig(model_dir=tiny_model_dir))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def trainer(engine):
+    t = Trainer(
+        engine.model,
+        engine.ctx,
+        engine.pool.layer_shapes,
+        vocab_size=engine.vocab_size,
+        max_positions=engine.max_positions,
+        lock=engine._model_lock,
+    )
+    yield t
+    for rid in list(t.runs):
+        t.drop_run(rid)
+
+
+def _data(seed: int, lens=(12, 7, 20)) -> list[Datum]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lens:
+        toks = torch.randint(0, 256, (n + 1,), generator=g).tolist()
+        w = [0.0] * (n // 3) + [1.0] * (n - n // 3)  # a prompt, then the completion
+        out.append(Datum(input_ids=toks[:-1], target_tokens=toks[1:], weights=w))
+    return out
+
+
+def _peft(model_dir, rank, alpha, targets, seed):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model(model_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                     init_lora_weights=False)  # fmt: skip
+    pm = get_peft_model(base, cfg)
+    with torch.no_grad():  # adapters strong enough to move the logits
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    return pm
+
+
+def _peft_weights(pm) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            path = name.removeprefix("base_model.model.")
+            out[path] = (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+    return out
+
+
+def _peft_lps(pm, d: Datum) -> torch.Tensor:
+    logits = pm(input_ids=torch.tensor([d.input_ids])).logits[0].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(d.target_tokens)[:, None])[:, 0]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def test_k_steps_equal_peft_with_adamw(trainer, tiny_model_dir):
+    rank, alpha, targets = 4, 8.0, ("q_proj", "v_proj", "down_proj")
+    pm = _peft(tiny_model_dir, rank, alpha, targets, seed=7)
+    ref = _peft_weights(pm)
+    run = trainer.create_run("r1", "alice", LoraSpec(rank, alpha, targets))
+    assert set(run.layers) == set(ref)
+    run.load_weights({k: (a.detach(), b.detach()) for k, (a, b) in ref.items()})
+    adam = AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01,
+                      grad_clip_norm=0.0)  # fmt: skip
+    params = [p for pair in ref.values() for p in pair]
+    opt = torch.optim.AdamW(
+        params, lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+        weight_decay=adam.weight_decay, foreach=False,
+    )  # fmt: skip
+    data = _data(1)
+    for step in range(5):
+        (res,) = trainer.forward_backward([("r1", data, "cross_entropy", None)])
+        run.optim_step(adam)
+        loss = sum(-(torch.tensor(d.weights) * _peft_lps(pm, d)).sum() for d in data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert _rel(res.loss, float(loss)) <= 1e-5, (step, res.loss, float(loss))
+        assert res.metrics == {"loss:sum": res.loss}
+        assert [len(x) for x in res.logprobs] == [len(d.input_ids) for d in data]
+    first = _rel(res.loss, float(loss))
+    assert run.steps == 5 and first <= 1e-5
+    got = run.weights()
+    for k, (a, b) in ref.items():
+        for x, y in ((got[k][0], a), (got[k][1], b)):
+            assert (x - y.detach()).abs().max() <= 1e-5 * max(1.0, float(y.abs().max())), k
+    # And training moved them: this is not a comparison of untouched weights.
+    moved = max(float((got[k][1] - _peft_weights(_peft(tiny_model_dir, rank, alpha, targets, 7))
+                       [k][1]).abs().max()) for k in ref)  # fmt: skip
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
+def test_rl_losses_equal_tinkers_formulas(trainer, tiny_model_dir, loss_fn):
+    rank, alpha, targets = 2, 4.0, ("q_proj", "k_proj")
+    pm = _peft(tiny_model_dir, rank, alpha, targets, seed=11)
+    ref = _peft_weights(pm)
+    run = trainer.create_run("rl", "bob", LoraSpec(rank, alpha, targets))
+    run.load_weights({k: (a.detach(), b.detach()) for k, (a, b) in ref.items()})
+    g = torch.Generator().manual_seed(3)
+    data = _data(2, lens=(9, 14))
+    with torch.no_grad():
+        for d in data:  # "sampling" logprobs near the current policy's, advantages of both signs
+            lp = _peft_lps(pm, d)
+            d.logprobs = (lp + 0.3 * torch.randn(len(lp), generator=g)).tolist()
+            d.advantages = torch.randn(len(lp), generator=g).mul(2).tolist()
+    cfg = {"clip_low_threshold": 0.7, "clip_high_threshold": 1.25}
+    (res,) = trainer.forward_backward([("rl", data, loss_fn, cfg)])
+    loss = 0.0
+    for d in data:
+        lp = _peft_lps(pm, d)
+        ratio = torch.exp(lp - torch.tensor(d.logprobs))
+        adv = torch.tensor(d.advantages)
+        if loss_fn == "importance_sampling":
+            loss = loss - (ratio * adv).sum()
+        else:
+            loss = loss - torch.minimum(ratio * adv, ratio.clamp(0.7, 1.25) * adv).sum()
+    loss.backward()
+    assert _rel(res.loss, float(loss)) <= 1e-5
+    for k, (a, b) in ref.items():
+        ga, gb = run.layers[k][0].grad, run.layers[k][1].grad
+        assert (ga - a.grad).abs().max() <= 1e-4 * max(1.0, float(a.grad.abs().max())), k
+        assert (gb - b.grad).abs().max() <= 1e-4 * max(1.0, float(b.grad.abs().max())), k
+
+
+def test_four_runs_in_one_pass_get_their_own_gradients(trainer):
+    specs = {
+        "a": LoraSpec(2, 4.0, ("q_proj", "v_proj")),
+        "b": LoraSpec(8, 8.0, ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "c": LoraSpec(4, 16.0, ("gate_proj", "up_proj", "down_proj")),
+        "d": LoraSpec(1, 1.0, ("v_proj",)),
+    }
+    data = {n: _data(20 + i, lens=(5 + 3 * i, 9)) for i, n in enumerate(specs)}
+    for i, (n, spec) in enumerate(specs.items()):
+        run = trainer.create_run(n, "t", spec, seed=i)
+        with torch.no_grad():  # B nonzero, so every layer passes gradient to the ones below
+            for _, b in run.layers.values():
+                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+    alone = {}
+    for n in specs:
+        (res,) = trainer.forward_backward([(n, data[n], "cross_entropy", None)])
+        alone[n] = (res.loss, [p.grad.clone() for p in trainer.run(n).parameters()])
+        trainer.run(n).optimizer.zero_grad(set_to_none=True)
+    # In one pass, the calls in another order than the runs were made.
+    order = ["c", "a", "d", "b"]
+    together = trainer.forward_backward([(n, data[n], "cross_entropy", None) for n in order])
+    for n, res in zip(order, together, strict=True):
+        loss, grads = alone[n]
+        assert _rel(res.loss, loss) <= 1e-5, n
+        for p, g in zip(trainer.run(n).parameters(), grads, strict=True):
+            assert (p.grad - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max())), n
+
+
+def test_training_leaves_the_served_base_untouched(engine, trainer):
+    ids = list(range(40, 70))
+    (before,) = engine.forward([(None, ids)])
+    run = trainer.create_run("u", "t", LoraSpec(4, 8.0, ("q_proj", "o_proj", "up_proj")))
+    for _ in range(2):
+        trainer.forward_backward([("u", _data(5), "cross_entropy", None)])
+        run.optim_step(AdamParams(learning_rate=0.05))
+    (after,) = engine.forward([(None, ids)])
+    assert torch.equal(before, after)
+    assert all(not p.requires_grad for p in engine.model.parameters())
+
+
+def test_forward_only_computes_no_gradients(trainer):
+    run = trainer.create_run("f", "t", LoraSpec(2, 2.0, ("q_proj",)))
+    (res,) = trainer.forward_backward([("f", _data(9), "cross_entropy", None)], forward_only=True)
+    assert math.isfinite(res.loss) and all(p.grad is None for p in run.parameters())
+    with pytest.raises(FailedPrecondition, match="no gradients"):
+        run.optim_step(AdamParams())
+
+
+@pytest.mark.parametrize(
+    "datum, loss_fn, needle",
+    [
+        (Datum([1, 2, 999], [2, 3, 4], [1, 1, 1]), "cross_entropy", "token id 999"),
+        (Datum([1, 2, 3], [2, 3, 4, 5], [1, 1, 1]), "cross_entropy", "target_tokens has 4"),
+        (Datum([1, 2, 3], [2, 3, 4], [1, 1]), "cross_entropy", "weights has 2"),
+        (Datum([1, 2, 3], [2, 3, 4], [1, float("nan"), 1]), "cross_entropy", "not finite"),
+        (Datum([1, 2], [2, 3], None, [0.0, 0.0], [1.0, float("inf")]), "ppo", "advantages"),
+        (Datum([1, 2], [2, 3], None, None, [1.0, 1.0]), "importance_sampling", "logprobs is"),
+        (Datum([], [], []), "cross_entropy", "model_input is empty"),
+        (Datum([1], [2], [1.0]), "mse", "loss_fn 'mse'"),
+    ],
+)
+def test_bad_training_input_is_refused_naming_it(trainer, datum, loss_fn, needle):
+    trainer.create_run("bad", "t", LoraSpec(2, 2.0, ("q_proj",)))
+    with pytest.raises(InvalidArgument, match=needle.replace("(", r"\(")):
+        trainer.forward_backward([("bad", [datum], loss_fn, None)])
+
+
+def test_bad_specs_hyperparameters_and_memory(trainer):
+    with pytest.raises(InvalidArgument, match="rank=500"):
+        trainer.create_run("x", "t", LoraSpec(500, 1.0, ("q_proj",)))
+    with pytest.raises(InvalidArgument, match="lm_head"):
+        trainer.create_run("x", "t", LoraSpec(2, 1.0, ("lm_head",)))
+    run = trainer.create_run("x", "t", LoraSpec(2, 1.0, ("q_proj",)))
+    trainer.forward_backward([("x", _data(3), "cross_entropy", None)])
+    with pytest.raises(InvalidArgument, match="learning_rate=0"):
+        run.optim_step(AdamParams(learning_rate=0.0))
+    with pytest.raises(InvalidArgument, match="no training run 'nope'"):
+        trainer.forward_backward([("nope", _data(3), "cross_entropy", None)])
+    trainer.max_bytes = trainer.bytes_used() + 1000
+    with pytest.raises(ResourceExhausted, match="training memory of this executor is full"):
+        trainer.create_run("big", "t", LoraSpec(64, 64.0, ("q_proj", "v_proj")))
