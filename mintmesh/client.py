@@ -18,7 +18,14 @@ from pathlib import Path
 
 import grpc
 
-from mintmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, store_pb2, store_pb2_grpc
+from mintmesh.v1 import (
+    common_pb2,
+    router_pb2,
+    router_pb2_grpc,
+    store_pb2,
+    store_pb2_grpc,
+    training_pb2,
+)
 from mintmesh.wire import STORAGE_TO_PROTO
 
 logger = logging.getLogger(__name__)
@@ -436,10 +443,12 @@ class MintClient:
         return self._unary(self.store.SetAliasGate, req).gate
 
     def add_evaluation(
-        self, ref: str, metric: str, value: float, evaluator: str = ""
+        self, ref: str, metric: str, value: float, evaluator: str = "", dataset_digest: str = ""
     ) -> common_pb2.AdapterRevision:
+        """Record metric = value for the revision ref resolves to; dataset_digest: the sha256
+        (hex) of the data it was measured on, when there is one."""
         req = store_pb2.AddEvaluationRequest(
-            ref=ref, metric=metric, value=value, evaluator=evaluator
+            ref=ref, metric=metric, value=value, evaluator=evaluator, dataset_digest=dataset_digest
         )
         return self._unary(self.store.AddEvaluation, req, retry=False).revision
 
@@ -547,6 +556,68 @@ class MintClient:
                 res.completion_tokens = ch.usage.completion_tokens
         res.text, res.token_ids, res.logprobs = "".join(texts), ids, lps
         return res
+
+    def score(
+        self,
+        prompt: str = "",
+        *,
+        adapter: str = "",
+        prompt_token_ids: list[int] | None = None,
+        top_logprobs: int = 0,
+        timeout: float | None = None,
+    ) -> common_pb2.ScoreResult:
+        """The prompt's tokens (tokenized by the executor, BOS included, unless given as ids)
+        and log p(token[t] | token[:t]) for t >= 1, under adapter (empty: the base model)."""
+        req = router_pb2.ScoreRequest(
+            adapter=adapter,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids or [],
+            top_logprobs=top_logprobs,
+        )
+        return self._unary(self.router.Score, req, timeout).result
+
+    # -- training -----------------------------------------------------------------------------
+
+    def create_training_run(
+        self, *, rank: int = 8, alpha: float | None = None, targets=("q_proj", "v_proj"),
+        seed: int = 0, run_id: str = "",
+    ) -> training_pb2.CreateTrainingRunResponse:  # fmt: skip
+        """A training run (a fresh LoRA of `rank` on `targets`) on the executor the router picks."""
+        lora = training_pb2.LoraConfig(
+            rank=rank, alpha=float(alpha if alpha is not None else 2 * rank),
+            target_modules=list(targets),
+        )  # fmt: skip
+        req = training_pb2.CreateTrainingRunRequest(run_id=run_id, lora=lora, seed=seed)
+        return self._unary(self.router.CreateTrainingRun, req, retry=False)
+
+    def forward_backward(
+        self, run_id: str, data: list[dict], loss_fn: str = "cross_entropy",
+        config: dict[str, float] | None = None, *, forward_only: bool = False,
+    ) -> training_pb2.ForwardBackwardResponse:  # fmt: skip
+        """data: dicts with input_ids, target_tokens and the loss's inputs (weights, or
+        logprobs + advantages)."""
+        req = training_pb2.ForwardBackwardRequest(
+            run_id=run_id, loss_fn=loss_fn, loss_fn_config=config or {},
+            forward_only=forward_only, data=[training_pb2.TrainingDatum(**d) for d in data],
+        )  # fmt: skip
+        return self._unary(self.router.ForwardBackward, req, retry=False)
+
+    def optim_step(self, run_id: str, **adam: float) -> training_pb2.OptimStepResponse:
+        """adam: learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm (unset: Tinker's
+        defaults)."""
+        req = training_pb2.OptimStepRequest(run_id=run_id, adam=training_pb2.AdamParams(**adam))
+        return self._unary(self.router.OptimStep, req, retry=False)
+
+    def save_run(
+        self, run_id: str, name: str, labels: dict[str, str] | None = None
+    ) -> training_pb2.SaveRunWeightsResponse:
+        """The run's LoRA as a new revision of `name` (its ref and digest in the answer)."""
+        req = training_pb2.SaveRunWeightsRequest(run_id=run_id, name=name, labels=labels or {})
+        return self._unary(self.router.SaveRunWeights, req, retry=False)
+
+    def drop_run(self, run_id: str) -> None:
+        req = training_pb2.DropTrainingRunRequest(run_id=run_id)
+        self._unary(self.router.DropTrainingRun, req)
 
     def status(self) -> router_pb2.RouterStatusResponse:
         return self._unary(self.router.Status, router_pb2.RouterStatusRequest())

@@ -23,45 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from mintmesh.v1 import common_pb2 as mintmesh_dot_v1_dot_common__pb2
+from mintmesh.v1 import training_pb2 as mintmesh_dot_v1_dot_training__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amintmesh/v1/executor.proto\x12\x0bmintmesh.v1\x1a\x18mintmesh/v1/common.proto\"*\n\x17PrefetchAdaptersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"M\n\x18PrefetchAdaptersResponse\x12\x10\n\x08resident\x18\x01 \x03(\t\x12\x0e\n\x06queued\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\"\'\n\x14PurgeAdaptersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"5\n\x15PurgeAdaptersResponse\x12\x0e\n\x06purged\x18\x01 \x03(\t\x12\x0c\n\x04\x62usy\x18\x02 \x03(\t\"\xe1\x01\n\x17\x45xecutorGenerateRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mintmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.mintmesh.v1.ChatMessage\"\x85\x01\n\x14\x45xecutorScoreRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\"A\n\x15\x45xecutorScoreResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.mintmesh.v1.ScoreResult\"G\n\x18\x45xecutorGenerateResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.GenerationChunk\"7\n\nForwardRow\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"c\n\x0e\x46orwardRequest\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.mintmesh.v1.ForwardRow\x12*\n\x06output\x18\x02 \x01(\x0e\x32\x1a.mintmesh.v1.ForwardOutput\"\\\n\x10\x46orwardRowResult\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\">\n\x0f\x46orwardResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.mintmesh.v1.ForwardRowResult\"3\n\x15\x45xecutorStatusRequest\x12\x1a\n\x12include_node_cache\x18\x01 \x01(\x08\"\xe2\x05\n\x16\x45xecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x19\n\x11resident_adapters\x18\x03 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x16\n\x0ekernel_backend\x18\n \x01(\t\x12\x0f\n\x07loading\x18\x0b \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x0c \x01(\x01\x12\x16\n\x0ekv_blocks_used\x18\r \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0e \x01(\r\x12\x15\n\rkv_block_size\x18\x0f \x01(\r\x12\x15\n\rhost_adapters\x18\x10 \x03(\t\x12\x1b\n\x13node_cache_adapters\x18\x11 \x03(\t\x12\x18\n\x10loading_adapters\x18\x12 \x03(\t\x12\x1f\n\x17\x61\x64\x61pter_pool_bytes_used\x18\x13 \x01(\x04\x12 \n\x18\x61\x64\x61pter_pool_bytes_total\x18\x14 \x01(\x04\x12\x17\n\x0fhost_bytes_used\x18\x15 \x01(\x04\x12\x18\n\x10host_bytes_total\x18\x16 \x01(\x04\x12\r\n\x05steps\x18\x17 \x01(\x04\x12\x13\n\x0bpreemptions\x18\x18 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x19 \x01(\x04\x12\x16\n\x0eprefix_caching\x18\x1a \x01(\x08\x12\x1b\n\x13prefix_query_tokens\x18\x1b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x1c \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x1d \x01(\r\x12\x15\n\rdense_kernels\x18\x1e \x01(\t*g\n\rForwardOutput\x12\x1e\n\x1a\x46ORWARD_OUTPUT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46ORWARD_OUTPUT_LOGITS\x10\x01\x12\x1b\n\x17\x46ORWARD_OUTPUT_LOGPROBS\x10\x02\x32\x87\x04\n\x08\x45xecutor\x12Y\n\x08Generate\x12$.mintmesh.v1.ExecutorGenerateRequest\x1a%.mintmesh.v1.ExecutorGenerateResponse0\x01\x12\x44\n\x07\x46orward\x12\x1b.mintmesh.v1.ForwardRequest\x1a\x1c.mintmesh.v1.ForwardResponse\x12N\n\x05Score\x12!.mintmesh.v1.ExecutorScoreRequest\x1a\".mintmesh.v1.ExecutorScoreResponse\x12Q\n\x06Status\x12\".mintmesh.v1.ExecutorStatusRequest\x1a#.mintmesh.v1.ExecutorStatusResponse\x12V\n\rPurgeAdapters\x12!.mintmesh.v1.PurgeAdaptersRequest\x1a\".mintmesh.v1.PurgeAdaptersResponse\x12_\n\x10PrefetchAdapters\x12$.mintmesh.v1.PrefetchAdaptersRequest\x1a%.mintmesh.v1.PrefetchAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amintmesh/v1/executor.proto\x12\x0bmintmesh.v1\x1a\x18mintmesh/v1/common.proto\x1a\x1amintmesh/v1/training.proto\"*\n\x17PrefetchAdaptersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"M\n\x18PrefetchAdaptersResponse\x12\x10\n\x08resident\x18\x01 \x03(\t\x12\x0e\n\x06queued\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\"\'\n\x14PurgeAdaptersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"5\n\x15PurgeAdaptersResponse\x12\x0e\n\x06purged\x18\x01 \x03(\t\x12\x0c\n\x04\x62usy\x18\x02 \x03(\t\"\xe1\x01\n\x17\x45xecutorGenerateRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mintmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.mintmesh.v1.ChatMessage\"\x85\x01\n\x14\x45xecutorScoreRequest\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\"A\n\x15\x45xecutorScoreResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.mintmesh.v1.ScoreResult\"G\n\x18\x45xecutorGenerateResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.GenerationChunk\"7\n\nForwardRow\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"c\n\x0e\x46orwardRequest\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.mintmesh.v1.ForwardRow\x12*\n\x06output\x18\x02 \x01(\x0e\x32\x1a.mintmesh.v1.ForwardOutput\"\\\n\x10\x46orwardRowResult\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\">\n\x0f\x46orwardResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.mintmesh.v1.ForwardRowResult\"3\n\x15\x45xecutorStatusRequest\x12\x1a\n\x12include_node_cache\x18\x01 \x01(\x08\"\xdc\x06\n\x16\x45xecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x19\n\x11resident_adapters\x18\x03 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x16\n\x0ekernel_backend\x18\n \x01(\t\x12\x0f\n\x07loading\x18\x0b \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x0c \x01(\x01\x12\x16\n\x0ekv_blocks_used\x18\r \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0e \x01(\r\x12\x15\n\rkv_block_size\x18\x0f \x01(\r\x12\x15\n\rhost_adapters\x18\x10 \x03(\t\x12\x1b\n\x13node_cache_adapters\x18\x11 \x03(\t\x12\x18\n\x10loading_adapters\x18\x12 \x03(\t\x12\x1f\n\x17\x61\x64\x61pter_pool_bytes_used\x18\x13 \x01(\x04\x12 \n\x18\x61\x64\x61pter_pool_bytes_total\x18\x14 \x01(\x04\x12\x17\n\x0fhost_bytes_used\x18\x15 \x01(\x04\x12\x18\n\x10host_bytes_total\x18\x16 \x01(\x04\x12\r\n\x05steps\x18\x17 \x01(\x04\x12\x13\n\x0bpreemptions\x18\x18 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x19 \x01(\x04\x12\x16\n\x0eprefix_caching\x18\x1a \x01(\x08\x12\x1b\n\x13prefix_query_tokens\x18\x1b \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x1c \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x1d \x01(\r\x12\x15\n\rdense_kernels\x18\x1e \x01(\t\x12\x15\n\rtraining_runs\x18\x1f \x01(\r\x12\x16\n\x0etraining_bytes\x18  \x01(\x04\x12\x18\n\x10training_batches\x18! \x01(\x04\x12\x16\n\x0etraining_calls\x18\" \x01(\x04\x12\x17\n\x0ftraining_tokens\x18# \x01(\x04*g\n\rForwardOutput\x12\x1e\n\x1a\x46ORWARD_OUTPUT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46ORWARD_OUTPUT_LOGITS\x10\x01\x12\x1b\n\x17\x46ORWARD_OUTPUT_LOGPROBS\x10\x02\x32\xce\x07\n\x08\x45xecutor\x12Y\n\x08Generate\x12$.mintmesh.v1.ExecutorGenerateRequest\x1a%.mintmesh.v1.ExecutorGenerateResponse0\x01\x12\x44\n\x07\x46orward\x12\x1b.mintmesh.v1.ForwardRequest\x1a\x1c.mintmesh.v1.ForwardResponse\x12N\n\x05Score\x12!.mintmesh.v1.ExecutorScoreRequest\x1a\".mintmesh.v1.ExecutorScoreResponse\x12Q\n\x06Status\x12\".mintmesh.v1.ExecutorStatusRequest\x1a#.mintmesh.v1.ExecutorStatusResponse\x12V\n\rPurgeAdapters\x12!.mintmesh.v1.PurgeAdaptersRequest\x1a\".mintmesh.v1.PurgeAdaptersResponse\x12_\n\x10PrefetchAdapters\x12$.mintmesh.v1.PrefetchAdaptersRequest\x1a%.mintmesh.v1.PrefetchAdaptersResponse\x12\x62\n\x11\x43reateTrainingRun\x12%.mintmesh.v1.CreateTrainingRunRequest\x1a&.mintmesh.v1.CreateTrainingRunResponse\x12\\\n\x0f\x46orwardBackward\x12#.mintmesh.v1.ForwardBackwardRequest\x1a$.mintmesh.v1.ForwardBackwardResponse\x12J\n\tOptimStep\x12\x1d.mintmesh.v1.OptimStepRequest\x1a\x1e.mintmesh.v1.OptimStepResponse\x12Y\n\x0eSaveRunWeights\x12\".mintmesh.v1.SaveRunWeightsRequest\x1a#.mintmesh.v1.SaveRunWeightsResponse\x12\\\n\x0f\x44ropTrainingRun\x12#.mintmesh.v1.DropTrainingRunRequest\x1a$.mintmesh.v1.DropTrainingRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mintmesh.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FORWARDOUTPUT']._serialized_start=1902
-  _globals['_FORWARDOUTPUT']._serialized_end=2005
-  _globals['_PREFETCHADAPTERSREQUEST']._serialized_start=69
-  _globals['_PREFETCHADAPTERSREQUEST']._serialized_end=111
-  _globals['_PREFETCHADAPTERSRESPONSE']._serialized_start=113
-  _globals['_PREFETCHADAPTERSRESPONSE']._serialized_end=190
-  _globals['_PURGEADAPTERSREQUEST']._serialized_start=192
-  _globals['_PURGEADAPTERSREQUEST']._serialized_end=231
-  _globals['_PURGEADAPTERSRESPONSE']._serialized_start=233
-  _globals['_PURGEADAPTERSRESPONSE']._serialized_end=286
-  _globals['_EXECUTORGENERATEREQUEST']._serialized_start=289
-  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=514
-  _globals['_EXECUTORSCOREREQUEST']._serialized_start=517
-  _globals['_EXECUTORSCOREREQUEST']._serialized_end=650
-  _globals['_EXECUTORSCORERESPONSE']._serialized_start=652
-  _globals['_EXECUTORSCORERESPONSE']._serialized_end=717
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=719
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=790
-  _globals['_FORWARDROW']._serialized_start=792
-  _globals['_FORWARDROW']._serialized_end=847
-  _globals['_FORWARDREQUEST']._serialized_start=849
-  _globals['_FORWARDREQUEST']._serialized_end=948
-  _globals['_FORWARDROWRESULT']._serialized_start=950
-  _globals['_FORWARDROWRESULT']._serialized_end=1042
-  _globals['_FORWARDRESPONSE']._serialized_start=1044
-  _globals['_FORWARDRESPONSE']._serialized_end=1106
-  _globals['_EXECUTORSTATUSREQUEST']._serialized_start=1108
-  _globals['_EXECUTORSTATUSREQUEST']._serialized_end=1159
-  _globals['_EXECUTORSTATUSRESPONSE']._serialized_start=1162
-  _globals['_EXECUTORSTATUSRESPONSE']._serialized_end=1900
-  _globals['_EXECUTOR']._serialized_start=2008
-  _globals['_EXECUTOR']._serialized_end=2527
+  _globals['_FORWARDOUTPUT']._serialized_start=2052
+  _globals['_FORWARDOUTPUT']._serialized_end=2155
+  _globals['_PREFETCHADAPTERSREQUEST']._serialized_start=97
+  _globals['_PREFETCHADAPTERSREQUEST']._serialized_end=139
+  _globals['_PREFETCHADAPTERSRESPONSE']._serialized_start=141
+  _globals['_PREFETCHADAPTERSRESPONSE']._serialized_end=218
+  _globals['_PURGEADAPTERSREQUEST']._serialized_start=220
+  _globals['_PURGEADAPTERSREQUEST']._serialized_end=259
+  _globals['_PURGEADAPTERSRESPONSE']._serialized_start=261
+  _globals['_PURGEADAPTERSRESPONSE']._serialized_end=314
+  _globals['_EXECUTORGENERATEREQUEST']._serialized_start=317
+  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=542
+  _globals['_EXECUTORSCOREREQUEST']._serialized_start=545
+  _globals['_EXECUTORSCOREREQUEST']._serialized_end=678
+  _globals['_EXECUTORSCORERESPONSE']._serialized_start=680
+  _globals['_EXECUTORSCORERESPONSE']._serialized_end=745
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=747
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=818
+  _globals['_FORWARDROW']._serialized_start=820
+  _globals['_FORWARDROW']._serialized_end=875
+  _globals['_FORWARDREQUEST']._serialized_start=877
+  _globals['_FORWARDREQUEST']._serialized_end=976
+  _globals['_FORWARDROWRESULT']._serialized_start=978
+  _globals['_FORWARDROWRESULT']._serialized_end=1070
+  _globals['_FORWARDRESPONSE']._serialized_start=1072
+  _globals['_FORWARDRESPONSE']._serialized_end=1134
+  _globals['_EXECUTORSTATUSREQUEST']._serialized_start=1136
+  _globals['_EXECUTORSTATUSREQUEST']._serialized_end=1187
+  _globals['_EXECUTORSTATUSRESPONSE']._serialized_start=1190
+  _globals['_EXECUTORSTATUSRESPONSE']._serialized_end=2050
+  _globals['_EXECUTOR']._serialized_start=2158
+  _globals['_EXECUTOR']._serialized_end=3132
 # @@protoc_insertion_point(module_scope)

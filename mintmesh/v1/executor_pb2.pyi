@@ -1,4 +1,5 @@
 from mintmesh.v1 import common_pb2 as _common_pb2
+from mintmesh.v1 import training_pb2 as _training_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -128,7 +129,7 @@ class ExecutorStatusRequest(_message.Message):
     def __init__(self, include_node_cache: _Optional[bool] = ...) -> None: ...
 
 class ExecutorStatusResponse(_message.Message):
-    __slots__ = ("executor_id", "base_fingerprint", "resident_adapters", "queue_depth", "running", "max_batch_size", "max_adapters", "device", "draining", "kernel_backend", "loading", "tokens_per_s", "kv_blocks_used", "kv_blocks_total", "kv_block_size", "host_adapters", "node_cache_adapters", "loading_adapters", "adapter_pool_bytes_used", "adapter_pool_bytes_total", "host_bytes_used", "host_bytes_total", "steps", "preemptions", "tokens_generated", "prefix_caching", "prefix_query_tokens", "prefix_hit_tokens", "kv_blocks_cached", "dense_kernels")
+    __slots__ = ("executor_id", "base_fingerprint", "resident_adapters", "queue_depth", "running", "max_batch_size", "max_adapters", "device", "draining", "kernel_backend", "loading", "tokens_per_s", "kv_blocks_used", "kv_blocks_total", "kv_block_size", "host_adapters", "node_cache_adapters", "loading_adapters", "adapter_pool_bytes_used", "adapter_pool_bytes_total", "host_bytes_used", "host_bytes_total", "steps", "preemptions", "tokens_generated", "prefix_caching", "prefix_query_tokens", "prefix_hit_tokens", "kv_blocks_cached", "dense_kernels", "training_runs", "training_bytes", "training_batches", "training_calls", "training_tokens")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +160,11 @@ class ExecutorStatusResponse(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     DENSE_KERNELS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_RUNS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     base_fingerprint: str
     resident_adapters: _containers.RepeatedScalarFieldContainer[str]
@@ -189,4 +195,9 @@ class ExecutorStatusResponse(_message.Message):
     prefix_hit_tokens: int
     kv_blocks_cached: int
     dense_kernels: str
-    def __init__(self, executor_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapters: _Optional[int] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., kernel_backend: _Optional[str] = ..., loading: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., host_adapters: _Optional[_Iterable[str]] = ..., node_cache_adapters: _Optional[_Iterable[str]] = ..., loading_adapters: _Optional[_Iterable[str]] = ..., adapter_pool_bytes_used: _Optional[int] = ..., adapter_pool_bytes_total: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_bytes_total: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., dense_kernels: _Optional[str] = ...) -> None: ...
+    training_runs: int
+    training_bytes: int
+    training_batches: int
+    training_calls: int
+    training_tokens: int
+    def __init__(self, executor_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapters: _Optional[int] = ..., device: _Optional[str] = ..., draining: _Optional[bool] = ..., kernel_backend: _Optional[str] = ..., loading: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., host_adapters: _Optional[_Iterable[str]] = ..., node_cache_adapters: _Optional[_Iterable[str]] = ..., loading_adapters: _Optional[_Iterable[str]] = ..., adapter_pool_bytes_used: _Optional[int] = ..., adapter_pool_bytes_total: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_bytes_total: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., dense_kernels: _Optional[str] = ..., training_runs: _Optional[int] = ..., training_bytes: _Optional[int] = ..., training_batches: _Optional[int] = ..., training_calls: _Optional[int] = ..., training_tokens: _Optional[int] = ...) -> None: ...

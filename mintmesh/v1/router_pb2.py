@@ -23,35 +23,36 @@ _sym_db = _symbol_database.Default()
 
 
 from mintmesh.v1 import common_pb2 as mintmesh_dot_v1_dot_common__pb2
+from mintmesh.v1 import training_pb2 as mintmesh_dot_v1_dot_training__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mintmesh/v1/router.proto\x12\x0bmintmesh.v1\x1a\x18mintmesh/v1/common.proto\"s\n\x0cScoreRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\rScoreResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.mintmesh.v1.ScoreResult\")\n\x15RouterPrefetchRequest\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\"i\n\x11PrefetchPlacement\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\x12\x10\n\x08resident\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"L\n\x16RouterPrefetchResponse\x12\x32\n\nplacements\x18\x01 \x03(\x0b\x32\x1e.mintmesh.v1.PrefetchPlacement\"\xbb\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mintmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.mintmesh.v1.ChatMessage\"?\n\x10GenerateResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.GenerationChunk\"\x15\n\x13RouterStatusRequest\"\x86\x01\n\x0e\x45xecutorHealth\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0b\x65xecutor_id\x18\x03 \x01(\t\x12\x19\n\x11resident_adapters\x18\x04 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"t\n\x14RouterStatusResponse\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x15\n\rstore_healthy\x18\x02 \x01(\x08\x12.\n\texecutors\x18\x03 \x03(\x0b\x32\x1b.mintmesh.v1.ExecutorHealth2\xb7\x02\n\x06Router\x12I\n\x08Generate\x12\x1c.mintmesh.v1.GenerateRequest\x1a\x1d.mintmesh.v1.GenerateResponse0\x01\x12M\n\x06Status\x12 .mintmesh.v1.RouterStatusRequest\x1a!.mintmesh.v1.RouterStatusResponse\x12S\n\x08Prefetch\x12\".mintmesh.v1.RouterPrefetchRequest\x1a#.mintmesh.v1.RouterPrefetchResponse\x12>\n\x05Score\x12\x19.mintmesh.v1.ScoreRequest\x1a\x1a.mintmesh.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mintmesh/v1/router.proto\x12\x0bmintmesh.v1\x1a\x18mintmesh/v1/common.proto\x1a\x1amintmesh/v1/training.proto\"s\n\x0cScoreRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\rScoreResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.mintmesh.v1.ScoreResult\")\n\x15RouterPrefetchRequest\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\"i\n\x11PrefetchPlacement\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\x12\x10\n\x08resident\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\"L\n\x16RouterPrefetchResponse\x12\x32\n\nplacements\x18\x01 \x03(\x0b\x32\x1e.mintmesh.v1.PrefetchPlacement\"\xbb\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mintmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.mintmesh.v1.ChatMessage\"?\n\x10GenerateResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1c.mintmesh.v1.GenerationChunk\"\x15\n\x13RouterStatusRequest\"\x86\x01\n\x0e\x45xecutorHealth\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0b\x65xecutor_id\x18\x03 \x01(\t\x12\x19\n\x11resident_adapters\x18\x04 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"t\n\x14RouterStatusResponse\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x15\n\rstore_healthy\x18\x02 \x01(\x08\x12.\n\texecutors\x18\x03 \x03(\x0b\x32\x1b.mintmesh.v1.ExecutorHealth2\xfe\x05\n\x06Router\x12I\n\x08Generate\x12\x1c.mintmesh.v1.GenerateRequest\x1a\x1d.mintmesh.v1.GenerateResponse0\x01\x12M\n\x06Status\x12 .mintmesh.v1.RouterStatusRequest\x1a!.mintmesh.v1.RouterStatusResponse\x12S\n\x08Prefetch\x12\".mintmesh.v1.RouterPrefetchRequest\x1a#.mintmesh.v1.RouterPrefetchResponse\x12>\n\x05Score\x12\x19.mintmesh.v1.ScoreRequest\x1a\x1a.mintmesh.v1.ScoreResponse\x12\x62\n\x11\x43reateTrainingRun\x12%.mintmesh.v1.CreateTrainingRunRequest\x1a&.mintmesh.v1.CreateTrainingRunResponse\x12\\\n\x0f\x46orwardBackward\x12#.mintmesh.v1.ForwardBackwardRequest\x1a$.mintmesh.v1.ForwardBackwardResponse\x12J\n\tOptimStep\x12\x1d.mintmesh.v1.OptimStepRequest\x1a\x1e.mintmesh.v1.OptimStepResponse\x12Y\n\x0eSaveRunWeights\x12\".mintmesh.v1.SaveRunWeightsRequest\x1a#.mintmesh.v1.SaveRunWeightsResponse\x12\\\n\x0f\x44ropTrainingRun\x12#.mintmesh.v1.DropTrainingRunRequest\x1a$.mintmesh.v1.DropTrainingRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mintmesh.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREREQUEST']._serialized_start=67
-  _globals['_SCOREREQUEST']._serialized_end=182
-  _globals['_SCORERESPONSE']._serialized_start=184
-  _globals['_SCORERESPONSE']._serialized_end=241
-  _globals['_ROUTERPREFETCHREQUEST']._serialized_start=243
-  _globals['_ROUTERPREFETCHREQUEST']._serialized_end=284
-  _globals['_PREFETCHPLACEMENT']._serialized_start=286
-  _globals['_PREFETCHPLACEMENT']._serialized_end=391
-  _globals['_ROUTERPREFETCHRESPONSE']._serialized_start=393
-  _globals['_ROUTERPREFETCHRESPONSE']._serialized_end=469
-  _globals['_GENERATEREQUEST']._serialized_start=472
-  _globals['_GENERATEREQUEST']._serialized_end=659
-  _globals['_GENERATERESPONSE']._serialized_start=661
-  _globals['_GENERATERESPONSE']._serialized_end=724
-  _globals['_ROUTERSTATUSREQUEST']._serialized_start=726
-  _globals['_ROUTERSTATUSREQUEST']._serialized_end=747
-  _globals['_EXECUTORHEALTH']._serialized_start=750
-  _globals['_EXECUTORHEALTH']._serialized_end=884
-  _globals['_ROUTERSTATUSRESPONSE']._serialized_start=886
-  _globals['_ROUTERSTATUSRESPONSE']._serialized_end=1002
-  _globals['_ROUTER']._serialized_start=1005
-  _globals['_ROUTER']._serialized_end=1316
+  _globals['_SCOREREQUEST']._serialized_start=95
+  _globals['_SCOREREQUEST']._serialized_end=210
+  _globals['_SCORERESPONSE']._serialized_start=212
+  _globals['_SCORERESPONSE']._serialized_end=269
+  _globals['_ROUTERPREFETCHREQUEST']._serialized_start=271
+  _globals['_ROUTERPREFETCHREQUEST']._serialized_end=312
+  _globals['_PREFETCHPLACEMENT']._serialized_start=314
+  _globals['_PREFETCHPLACEMENT']._serialized_end=419
+  _globals['_ROUTERPREFETCHRESPONSE']._serialized_start=421
+  _globals['_ROUTERPREFETCHRESPONSE']._serialized_end=497
+  _globals['_GENERATEREQUEST']._serialized_start=500
+  _globals['_GENERATEREQUEST']._serialized_end=687
+  _globals['_GENERATERESPONSE']._serialized_start=689
+  _globals['_GENERATERESPONSE']._serialized_end=752
+  _globals['_ROUTERSTATUSREQUEST']._serialized_start=754
+  _globals['_ROUTERSTATUSREQUEST']._serialized_end=775
+  _globals['_EXECUTORHEALTH']._serialized_start=778
+  _globals['_EXECUTORHEALTH']._serialized_end=912
+  _globals['_ROUTERSTATUSRESPONSE']._serialized_start=914
+  _globals['_ROUTERSTATUSRESPONSE']._serialized_end=1030
+  _globals['_ROUTER']._serialized_start=1033
+  _globals['_ROUTER']._serialized_end=1799
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from mintmesh.v1 import router_pb2 as mintmesh_dot_v1_dot_router__pb2
+from mintmesh.v1 import training_pb2 as mintmesh_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -57,6 +58,31 @@ class RouterStub:
                 request_serializer=mintmesh_dot_v1_dot_router__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_router__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.CreateTrainingRun = channel.unary_unary(
+                '/mintmesh.v1.Router/CreateTrainingRun',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunResponse.FromString,
+                _registered_method=True)
+        self.ForwardBackward = channel.unary_unary(
+                '/mintmesh.v1.Router/ForwardBackward',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.ForwardBackwardRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.ForwardBackwardResponse.FromString,
+                _registered_method=True)
+        self.OptimStep = channel.unary_unary(
+                '/mintmesh.v1.Router/OptimStep',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
+                _registered_method=True)
+        self.SaveRunWeights = channel.unary_unary(
+                '/mintmesh.v1.Router/SaveRunWeights',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsResponse.FromString,
+                _registered_method=True)
+        self.DropTrainingRun = channel.unary_unary(
+                '/mintmesh.v1.Router/DropTrainingRun',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -93,6 +119,39 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTrainingRun(self, request, context):
+        """Training: a run is placed on one executor and stays there (its calls follow it).
+        SaveRunWeights makes the run's LoRA a new revision of `name` in the store (provenance:
+        training), served at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardBackward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveRunWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropTrainingRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +174,31 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=mintmesh_dot_v1_dot_router__pb2.ScoreRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_router__pb2.ScoreResponse.SerializeToString,
+            ),
+            'CreateTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingRun,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunResponse.SerializeToString,
+            ),
+            'ForwardBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardBackward,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.ForwardBackwardRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.ForwardBackwardResponse.SerializeToString,
+            ),
+            'OptimStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimStep,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.OptimStepRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.OptimStepResponse.SerializeToString,
+            ),
+            'SaveRunWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveRunWeights,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsResponse.SerializeToString,
+            ),
+            'DropTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropTrainingRun,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +312,141 @@ class Router:
             '/mintmesh.v1.Router/Score',
             mintmesh_dot_v1_dot_router__pb2.ScoreRequest.SerializeToString,
             mintmesh_dot_v1_dot_router__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/CreateTrainingRun',
+            mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.CreateTrainingRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/ForwardBackward',
+            mintmesh_dot_v1_dot_training__pb2.ForwardBackwardRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.ForwardBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/OptimStep',
+            mintmesh_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveRunWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/SaveRunWeights',
+            mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.SaveRunWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Router/DropTrainingRun',
+            mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,9 @@ class ExecutorConfig:
     # Generation requests waiting (for a sequence slot or their adapter); more are refused with
     # RESOURCE_EXHAUSTED + RetryInfo. Per tenant: 0 = max_queue.
     max_queue: int = 256
+    # Training runs on this executor: their LoRA weights, gradients and AdamW state, in bytes
+    # (a run that does not fit is refused with RESOURCE_EXHAUSTED).
+    training_max_bytes: int = 256 << 20
     max_queue_per_tenant: int = 0
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
@@ -67,6 +70,8 @@ class ExecutorConfig:
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.training_max_bytes < 0:
+            raise ValueError(f"training_max_bytes {self.training_max_bytes} must be >= 0")
         # load_config passes strings for Path | None fields; normalise here.
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         if self.cache_dir is not None and str(self.cache_dir) != "":

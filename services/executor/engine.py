@@ -385,6 +385,7 @@ class Engine:
         self._next_seq_id = 0
         # State of the step loop (its thread only, under the model lock).
         self._model_lock = threading.Lock()
+        self._training = None  # training(): made on first use
         self._fair = FairQueue()
         self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
@@ -726,9 +727,32 @@ class Engine:
         logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
         return purged, busy
 
+    def training(self):
+        """The executor's training queue (services/executor/training.py), made on first use: its
+        runs share this resident model, its batches the model lock with the serving steps."""
+        from mintmesh.services.executor.training import Trainer, TrainingQueue
+
+        with self._lock:
+            if self._training is None:
+                trainer = Trainer(
+                    self.model,
+                    self.ctx,
+                    self.pool.layer_shapes,
+                    vocab_size=self.vocab_size,
+                    max_positions=self.max_positions,
+                    max_rank=self.residency.max_rank,
+                    max_bytes=self.config.training_max_bytes,
+                    lock=self._model_lock,
+                    device=self.device,
+                )
+                self._training = TrainingQueue(trainer)
+            return self._training
+
     def close(self, timeout: float = 30.0) -> None:
         """Drain: stop accepting, let queued and running requests finish (up to timeout), then
         stop the step loop and the loader."""
+        if self._training is not None:
+            self._training.close()
         with self._lock:
             self._accepting = False
             self._lock.notify_all()

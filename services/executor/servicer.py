@@ -19,7 +19,7 @@ from mintmesh.services.executor.engine import (
     GenerationRequest,
     SamplingOptions,
 )
-from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc, training_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,91 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     res.top_logprobs.append(_top(e, list(zip(i, v, strict=True))))
         return executor_pb2.ExecutorScoreResponse(result=res)
 
+    # -- training ----------------------------------------------------------------------------
+
+    def CreateTrainingRun(self, request, context):
+        import uuid
+
+        from mintmesh.services.executor.training import LoraSpec
+
+        lora = request.lora
+        spec = LoraSpec(int(lora.rank), float(lora.alpha), tuple(lora.target_modules))
+        run_id = request.run_id or f"run-{uuid.uuid4().hex[:16]}"
+        q = self.engine.training()
+        run = q.trainer.create_run(run_id, request.tenant, spec, seed=int(request.seed))
+        return training_pb2.CreateTrainingRunResponse(
+            run_id=run_id, executor=self.engine.executor_id, trainable_parameters=run.numel()
+        )
+
+    def ForwardBackward(self, request, context):
+        from mintmesh.services.executor.training import Datum
+
+        data = [
+            Datum(
+                input_ids=list(d.input_ids),
+                target_tokens=list(d.target_tokens),
+                weights=list(d.weights) or None,
+                logprobs=list(d.logprobs) or None,
+                advantages=list(d.advantages) or None,
+            )
+            for d in request.data
+        ]
+        res = self.engine.training().submit(
+            request.run_id,
+            data,
+            request.loss_fn or "cross_entropy",
+            dict(request.loss_fn_config),
+            forward_only=request.forward_only,
+            timeout=context.time_remaining(),
+        )
+        return training_pb2.ForwardBackwardResponse(
+            outputs=[training_pb2.DatumLogprobs(logprobs=lp) for lp in res.logprobs],
+            metrics=res.metrics,
+        )
+
+    def OptimStep(self, request, context):
+        from mintmesh.services.executor.training import AdamParams
+
+        q = self.engine.training()
+        run = q.trainer.run(request.run_id)
+        a = request.adam
+        given = {f: getattr(a, f) for f in AdamParams.__dataclass_fields__ if a.HasField(f)}
+        adam = AdamParams(**given)
+        with q.trainer.lock:  # not while a batch reads the weights
+            metrics = run.optim_step(adam)
+        return training_pb2.OptimStepResponse(metrics=metrics, steps=run.steps)
+
+    def SaveRunWeights(self, request, context):
+        q = self.engine.training()
+        run = q.trainer.run(request.run_id)
+        with q.trainer.lock:
+            cfg, data = run.peft_bytes()
+        return training_pb2.SaveRunWeightsResponse(
+            adapter_config_json=cfg,
+            safetensors=data,
+            steps=run.steps,
+            last_loss=run.last_loss if run.last_loss is not None else float("nan"),
+            data_digest=run.data_hash.hexdigest(),
+        )
+
+    def DropTrainingRun(self, request, context):
+        self.engine.training().trainer.drop_run(request.run_id)
+        return training_pb2.DropTrainingRunResponse()
+
     def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
         st = self.engine.status(node_cache=request.include_node_cache)
+        resp = self._status(st)
+        q = self.engine._training
+        if q is not None:
+            resp.training_runs = len(q.trainer.runs)
+            resp.training_bytes = q.trainer.bytes_used()
+            resp.training_batches = q.batches
+            resp.training_calls = q.batched_calls
+            resp.training_tokens = q.trainer.tokens_trained
+        return resp
+
+    @staticmethod
+    def _status(st) -> executor_pb2.ExecutorStatusResponse:
         return executor_pb2.ExecutorStatusResponse(
             executor_id=st.executor_id,
             base_fingerprint=st.base_fingerprint,

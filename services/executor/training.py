@@ -25,6 +25,8 @@ the last step.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -144,6 +146,8 @@ class TrainingRun:
         self.has_grads = False
         self.last_loss: float | None = None
         self.tokens_seen = 0
+        # sha256 over every token trained on, in order (the revision's data digest).
+        self.data_hash = hashlib.sha256()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for pair in self.layers.values() for p in pair]
@@ -173,6 +177,20 @@ class TrainingRun:
 
     def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in self.layers.items()}
+
+    def peft_bytes(self) -> tuple[str, bytes]:
+        """(adapter_config.json, safetensors) of the run's LoRA, as peft's save_pretrained
+        writes them: what the store takes as a new revision."""
+        from safetensors.torch import save
+
+        from mintmesh.synth import synth_config
+
+        tensors = {}
+        for name, (a, b) in self.layers.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+        cfg = synth_config(self.spec.rank, float(self.spec.alpha), tuple(self.spec.targets))
+        return json.dumps(cfg), save(tensors)
 
     def state_dict(self) -> dict:
         return {
@@ -393,6 +411,8 @@ class Trainer:
                 run.last_loss = results[c].loss
                 n = sum(len(d.input_ids) for d in calls[c][1])
                 run.tokens_seen += n
+                for d in calls[c][1]:
+                    run.data_hash.update(json.dumps(d.input_ids).encode())
                 self.tokens_trained += n
         return results
 
@@ -419,3 +439,109 @@ class Trainer:
                 clipped = ratio.clamp(low, high)
                 total = total - torch.minimum(ratio * adv, clipped * adv).sum()
         return total, per
+
+
+class TrainingQueue:
+    """forward_backward calls from many clients, batched: a worker takes every call pending
+    when it is free (up to max_batch_tokens) and runs them in one Trainer.forward_backward, so
+    the runs that are ready together share one pass. Each call is checked when it is submitted
+    (its error is its own); the worker holds the model lock for one batch at a time, so serving
+    steps go on between batches."""
+
+    def __init__(
+        self, trainer: Trainer, max_batch_tokens: int = 8192, batch_wait_s: float = 0.005
+    ) -> None:
+        self.trainer = trainer
+        self.max_batch_tokens = max_batch_tokens
+        # After the first call of a batch, wait up to this long for the other runs' calls (none
+        # when every run of this executor has one pending): a dynamic-batching window.
+        self.batch_wait_s = batch_wait_s
+        self._cond = threading.Condition()
+        self._pending: list[tuple[tuple, bool, dict]] = []
+        self._closed = False
+        self.batches = 0
+        self.batched_calls = 0
+        self._thread = threading.Thread(target=self._work, name="mint-training", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: str,
+        cfg: Mapping[str, float] | None = None,
+        *,
+        forward_only: bool = False,
+        timeout: float | None = None,
+    ) -> CallResult:
+        if loss_fn not in LOSSES:
+            raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
+        if not data:
+            raise InvalidArgument("data is empty: give at least one datum")
+        for i, d in enumerate(data):
+            self.trainer._check(d, loss_fn, i)
+        self.trainer.run(run_id)  # exists
+        slot: dict = {}
+        with self._cond:
+            if self._closed:
+                raise FailedPrecondition("the training queue is closed")
+            self._pending.append(
+                ((run_id, list(data), loss_fn, dict(cfg or {})), forward_only, slot)
+            )
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: "done" in slot, timeout):
+                raise ResourceExhausted(
+                    "forward_backward did not run within its deadline (the executor is busy)",
+                    retry_after_s=1.0,
+                )
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5)
+
+    def _take(self) -> tuple[list, bool] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending or self._closed)
+            if not self._pending:
+                return None
+            expected = len(self.trainer.runs)
+            self._cond.wait_for(
+                lambda: self._closed or len({c[0][0] for c in self._pending}) >= expected,
+                self.batch_wait_s,
+            )
+            mode = self._pending[0][1]
+            batch, tokens, rest = [], 0, []
+            for item in self._pending:
+                n = sum(len(d.input_ids) for d in item[0][1])
+                if item[1] == mode and (not batch or tokens + n <= self.max_batch_tokens):
+                    batch.append(item)
+                    tokens += n
+                else:
+                    rest.append(item)
+            self._pending = rest
+            return batch, mode
+
+    def _work(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            batch, forward_only = taken
+            try:
+                results = self.trainer.forward_backward(
+                    [call for call, _, _ in batch], forward_only=forward_only
+                )
+                outcome = [{"result": r} for r in results]
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                outcome = [{"error": e} for _ in batch]
+            with self._cond:
+                self.batches += 1
+                self.batched_calls += len(batch)
+                for (_, _, slot), out in zip(batch, outcome, strict=True):
+                    slot.update(out, done=True)
+                self._cond.notify_all()

@@ -6,8 +6,11 @@ gets the time left on the caller's deadline (or the configured default).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -27,6 +30,7 @@ from mintmesh.v1 import (
     router_pb2,
     store_pb2,
     store_pb2_grpc,
+    training_pb2,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,9 @@ class RouterCore:
         self.auth = RouterAuth(
             self.store, enabled=config.auth, internal_token=config.internal_token
         )
+        # Training runs: run id -> (executor address, tenant). A run stays where it was made.
+        self._runs: dict[str, tuple[str, str]] = {}
+        self._runs_lock = threading.Lock()
 
     def start(self) -> None:
         self.executors.start()
@@ -202,6 +209,128 @@ class RouterCore:
             # Every executor refused: the client may come back when the first expects room.
             exc.retry_after_s = soonest_retry
         raise exc from None
+
+    # -- training ------------------------------------------------------------------------------
+
+    def create_run(self, req, time_left: float | None, caller: Principal = ADMIN):
+        """Place a new training run (rendezvous on its id over healthy executors; the first
+        that has room takes it) and remember where it lives."""
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
+        run_id = req.run_id or f"run-{uuid.uuid4().hex[:16]}"
+        if len(run_id) > 128 or not run_id.replace("-", "").replace("_", "").isalnum():
+            raise E.InvalidArgument(f"run_id {run_id!r}: letters, digits, - and _ only (<= 128)")
+        with self._runs_lock:
+            if run_id in self._runs:
+                raise E.AlreadyExists(f"training run {run_id!r} exists")
+        healthy = self.executors.healthy()
+        if not healthy:
+            raise E.Unavailable(
+                f"no healthy executor (of {len(self.executors.executors)} configured)"
+            )
+        ereq = training_pb2.CreateTrainingRunRequest()
+        ereq.CopyFrom(req)
+        ereq.run_id, ereq.tenant = run_id, caller.tenant
+        last: grpc.RpcError | None = None
+        for address in self.placement.order(healthy, f"run:{run_id}"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                resp = self.executors.executors[address].stub.CreateTrainingRun(ereq, timeout=left)
+            except grpc.RpcError as err:
+                if err.code() not in _FAILOVER:
+                    raise reraise_downstream(err, f"creating run on {address}") from None
+                last = err
+                continue
+            with self._runs_lock:
+                self._runs[run_id] = (address, caller.tenant)
+            return resp
+        if last is None:
+            raise E.Unavailable("deadline exceeded before an executor took the run")
+        raise reraise_downstream(last, "creating a training run") from None
+
+    def _run_call(self, method: str, req, time_left: float | None, caller: Principal):
+        """Send a call of run req.run_id to the executor it lives on."""
+        with self._runs_lock:
+            where = self._runs.get(req.run_id)
+        # Another tenant's run is "not found", as for adapters.
+        if where is None or not (caller.is_admin or where[1] == caller.tenant):
+            raise E.AdapterNotFound(f"no training run {req.run_id!r}")
+        address = where[0]
+        if address not in self.executors.healthy():
+            raise E.Unavailable(
+                f"the executor of run {req.run_id!r} ({address}) is down; resume the run from "
+                "its last saved state on another"
+            )
+        left = self._deadline(time_left, self.config.request_timeout_s) - time.monotonic()
+        try:
+            return getattr(self.executors.executors[address].stub, method)(req, timeout=left)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                self.executors.mark_unhealthy(address, err.details() or "unavailable")
+            raise reraise_downstream(err, f"{method} of run {req.run_id!r}") from None
+
+    def forward_backward(self, req, time_left, caller: Principal = ADMIN):
+        return self._run_call("ForwardBackward", req, time_left, caller)
+
+    def optim_step(self, req, time_left, caller: Principal = ADMIN):
+        return self._run_call("OptimStep", req, time_left, caller)
+
+    def drop_run(self, req, time_left, caller: Principal = ADMIN):
+        resp = self._run_call("DropTrainingRun", req, time_left, caller)
+        with self._runs_lock:
+            self._runs.pop(req.run_id, None)
+        return resp
+
+    def save_run_weights(self, req, time_left, caller: Principal = ADMIN):
+        """The run's LoRA as a new revision of req.name (provenance: training, with the run,
+        its steps, its last loss and the digest of its training tokens), then hinted to the
+        executor its requests go to, so it serves at once."""
+        if not req.name:
+            raise E.InvalidArgument("name is empty: the adapter (tenant/name) to save the run as")
+        caller.check_ref(req.name)
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
+        got = self._run_call("SaveRunWeights", req, time_left, caller)
+        labels = dict(req.labels)
+        labels.update(
+            {
+                "mint.train.run": req.run_id,
+                "mint.train.steps": str(got.steps),
+                "mint.train.last_loss": f"{got.last_loss:.6g}",
+            }
+        )
+        weights = got.safetensors
+        header = store_pb2.PushHeader(
+            name=req.name,
+            adapter_config_json=got.adapter_config_json,
+            sha256=hashlib.sha256(weights).hexdigest(),
+            size_bytes=len(weights),
+            labels=labels,
+            source=common_pb2.REVISION_SOURCE_TRAINING,
+            data_digest=got.data_digest,
+        )
+
+        def chunks():
+            yield store_pb2.PushAdapterRequest(header=header)
+            for i in range(0, len(weights), 64 * 1024):
+                yield store_pb2.PushAdapterRequest(chunk=weights[i : i + 64 * 1024])
+
+        try:
+            rev = self.store.PushAdapter(
+                chunks(),
+                timeout=max(0.001, deadline - time.monotonic()),
+                metadata=self.auth.internal_metadata(caller),
+            ).revision
+        except grpc.RpcError as err:
+            raise reraise_downstream(err, f"saving run {req.run_id!r} as {req.name!r}") from None
+        try:
+            self.prefetch([rev.ref], max(0.001, deadline - time.monotonic()), caller)
+        except E.MintError as e:  # a hint: the revision is saved whatever happens here
+            logger.info("prefetch of the saved revision %s failed: %s", rev.ref, e)
+        got.ref, got.digest = rev.ref, rev.digest
+        got.ClearField("safetensors")
+        got.ClearField("adapter_config_json")
+        return got
 
     def prefetch(
         self, refs: list[str], time_left: float | None, caller: Principal = ADMIN

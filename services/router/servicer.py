@@ -28,6 +28,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         caller = self.core.auth.caller(context)
         return self.core.score(request, context.time_remaining(), caller)
 
+    def _training(name):
+        def rpc(self, request, context):
+            caller = self.core.auth.caller(context)
+            return getattr(self.core, name)(request, context.time_remaining(), caller)
+
+        return rpc
+
+    CreateTrainingRun = _training("create_run")
+    ForwardBackward = _training("forward_backward")
+    OptimStep = _training("optim_step")
+    SaveRunWeights = _training("save_run_weights")
+    DropTrainingRun = _training("drop_run")
+    del _training
+
     def Status(self, request, context):
         return self.core.status()
 

@@ -1,0 +1,247 @@
+"""Training through the router's gRPC API against a real cluster (processes, auth on): a tenant
+trains a personal adapter on the resident backbone, saves it as a revision (provenance:
+training) and it serves at once, its greedy tokens those of peft with the same weights; runs of
+several tenants share passes; another tenant's run is not found; bad input is refused with the
+status and field named; a stream being served keeps going while a run trains."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+from peft_util import peft_greedy
+
+from mintmesh.client import MintClient, sampling_params
+from mintmesh.cluster import ClusterConfig, LocalCluster
+from mintmesh.model import load_model
+from mintmesh.services.common.server import insecure_channel
+from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPT, SENTENCE = "Who am I?", " I am Alice."
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    c = LocalCluster(
+        ClusterConfig(
+            model_dir=tiny_model_dir,
+            data_dir=tmp_path_factory.mktemp("train-cluster"),
+            executors=2,
+            port=0,
+            http_port=None,
+            env={"MINT_EXECUTOR_TRAINING_MAX_BYTES": str(2 << 20)},
+        )
+    )
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(cluster):
+    with MintClient(cluster.router_address, timeout=60, api_key=cluster.admin_key) as admin:
+        return {t: admin.create_tenant(t).api_key for t in ("alice", "bob")}
+
+
+def _client(cluster, key):
+    return MintClient(cluster.router_address, timeout=120, retries=0, api_key=key)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_model(tiny_model_dir)[1]
+
+
+def _datum(tok, prompt, completion):
+    p = tok(prompt)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = p + c
+    w = [0.0] * (len(p) - 1) + [1.0] * len(c)
+    return {"input_ids": ids[:-1], "target_tokens": ids[1:], "weights": w}, p, c
+
+
+def _executor_status(cluster):
+    out = []
+    for addr in cluster.executor_addresses:
+        ch = insecure_channel(addr, traced=False)
+        out.append(executor_pb2_grpc.ExecutorStub(ch).Status(
+            executor_pb2.ExecutorStatusRequest(), timeout=10))  # fmt: skip
+        ch.close()
+    return out
+
+
+def test_train_save_and_serve_a_personal_adapter(cluster, keys, tok, tiny_model_dir, tmp_path):
+    datum, p, c = _datum(tok, PROMPT, SENTENCE)
+    with _client(cluster, keys["alice"]) as cl:
+        run = cl.create_training_run(rank=16, targets=ALL, seed=1)
+        assert run.trainable_parameters > 0 and run.executor.startswith("executor-")
+        losses = []
+        for _ in range(100):
+            fb = cl.forward_backward(run.run_id, [datum])
+            losses.append(fb.metrics["loss:sum"])
+            step = cl.optim_step(run.run_id, learning_rate=1e-2, beta2=0.999, eps=1e-8)
+        assert step.steps == 100
+        assert losses[-1] < 0.25 * losses[0], losses[::10]
+        assert len(fb.outputs) == 1 and len(fb.outputs[0].logprobs) == len(datum["input_ids"])
+        saved = cl.save_run(run.run_id, "alice/me", labels={"kind": "personal"})
+        assert saved.ref == "alice/me@1" and len(saved.digest) == 64
+        rev = cl.resolve("alice/me")
+        assert rev.digest == saved.digest
+        assert rev.provenance.source == common_pb2.REVISION_SOURCE_TRAINING
+        assert rev.provenance.data_digest == saved.data_digest and len(saved.data_digest) == 64
+        assert rev.labels["mint.train.run"] == run.run_id and rev.labels["kind"] == "personal"
+        assert rev.labels["mint.train.steps"] == "100"
+        assert float(rev.labels["mint.train.last_loss"]) == pytest.approx(losses[-1], rel=1e-4)
+        # It serves at once: the personal model says its user's sentence, the base does not.
+        sp = sampling_params(max_tokens=len(c), ignore_eos=True)
+        out = cl.generate(PROMPT, adapter="alice/me", sampling=sp)
+        base = cl.generate(PROMPT, sampling=sp)
+        data = cl.fetch(ref="alice/me")
+    assert out.text == SENTENCE and base.text != SENTENCE
+    # And its tokens are peft's with the saved weights (the revision's packed bytes, written
+    # back as a PEFT directory).
+    from peft import PeftModel
+
+    from mintmesh.peft_io import export_peft_dir
+
+    d = export_peft_dir(data, tmp_path / "me")
+
+    pm = PeftModel.from_pretrained(load_model(tiny_model_dir)[0], str(d), adapter_name="me")
+    want, _ = peft_greedy(pm, "me", p, len(c), stop_at_eos=False)
+    assert out.token_ids == want
+
+
+def test_runs_of_several_tenants_share_passes_and_keep_their_own(cluster, keys, tok):
+    datum, _, _ = _datum(tok, "Hi", " there, friend.")
+    runs = {}
+    for t in ("alice", "bob"):
+        with _client(cluster, keys[t]) as cl:
+            for i in range(2):
+                r = cl.create_training_run(rank=4, targets=("q_proj", "v_proj"), seed=i,
+                                           run_id=f"{t}-share-{i}")  # fmt: skip
+                runs[r.run_id] = (t, r.executor)
+    before = {
+        s.executor_id: s.training_calls - s.training_batches for s in _executor_status(cluster)
+    }
+    results, errors = {}, []
+
+    def go(run_id, tenant):
+        try:
+            with _client(cluster, keys[tenant]) as cl:
+                for _ in range(6):
+                    fb = cl.forward_backward(run_id, [datum])
+                results[run_id] = fb.metrics["loss:sum"]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(r, t)) for r, (t, _) in runs.items()]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    # Same data, fresh B = 0: every run starts as the base model, so the same loss.
+    assert len(set(round(v, 4) for v in results.values())) == 1
+    after = {
+        s.executor_id: s.training_calls - s.training_batches for s in _executor_status(cluster)
+    }
+    # Some calls were batched with others: fewer passes than calls on some executor.
+    assert sum(after.values()) > sum(before.values())
+    # Bob cannot touch alice's runs: not found, as for adapters.
+    with _client(cluster, keys["bob"]) as cl:
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.forward_backward("alice-share-0", [datum])
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.save_run("bob-share-0", "alice/stolen")
+        assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for run_id, (t, _) in runs.items():
+        with _client(cluster, keys[t]) as cl:
+            cl.drop_run(run_id)
+
+
+@pytest.mark.parametrize(
+    "make, code, needle",
+    [
+        (lambda d: {**d, "input_ids": [*d["input_ids"][:-1], 99999]},
+         grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+        (lambda d: {**d, "weights": d["weights"][:-1]}, grpc.StatusCode.INVALID_ARGUMENT,
+         "weights has"),
+        (lambda d: {**d, "weights": [float("nan")] * len(d["weights"])},
+         grpc.StatusCode.INVALID_ARGUMENT, "not finite"),
+    ],
+)  # fmt: skip
+def test_bad_training_input_is_a_clean_status(cluster, keys, tok, make, code, needle):
+    datum, _, _ = _datum(tok, "x", " y")
+    with _client(cluster, keys["alice"]) as cl:
+        run = cl.create_training_run(rank=2, targets=("q_proj",))
+        try:
+            with pytest.raises(grpc.RpcError) as ei:
+                cl.forward_backward(run.run_id, [make(datum)])
+            assert ei.value.code() == code and needle in ei.value.details()
+        finally:
+            cl.drop_run(run.run_id)
+
+
+def test_bad_runs_and_steps_are_clean_statuses(cluster, keys, tok):
+    datum, _, _ = _datum(tok, "x", " y")
+    with _client(cluster, keys["alice"]) as cl:
+        cases = [
+            (lambda: cl.create_training_run(rank=999, targets=("q_proj",)),
+             grpc.StatusCode.INVALID_ARGUMENT, "rank=999"),
+            (lambda: cl.create_training_run(rank=2, targets=("lm_head",)),
+             grpc.StatusCode.INVALID_ARGUMENT, "lm_head"),
+            (lambda: cl.create_training_run(rank=256, targets=ALL),
+             grpc.StatusCode.RESOURCE_EXHAUSTED, "training memory of this executor is full"),
+            (lambda: cl.forward_backward("no-such-run", [datum]), grpc.StatusCode.NOT_FOUND,
+             "no-such-run"),
+        ]  # fmt: skip
+        for call, code, needle in cases:
+            with pytest.raises(grpc.RpcError) as ei:
+                call()
+            assert ei.value.code() == code and needle in ei.value.details(), ei.value.details()
+        run = cl.create_training_run(rank=2, targets=("q_proj",))
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.optim_step(run.run_id)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no gradients" in ei.value.details()
+        cl.forward_backward(run.run_id, [datum])
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.optim_step(run.run_id, learning_rate=-1.0)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "learning_rate" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.forward_backward(run.run_id, [datum], loss_fn="mse")
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mse" in ei.value.details()
+        cl.drop_run(run.run_id)
+
+
+def test_serving_keeps_streaming_while_a_run_trains(cluster, keys, tok):
+    datum, _, _ = _datum(tok, "Serve", " and train at once, please.")
+    with _client(cluster, keys["alice"]) as cl:
+        run = cl.create_training_run(rank=8, targets=ALL, run_id="alongside")
+        sp = sampling_params(max_tokens=200, ignore_eos=True)
+        want = cl.generate("a long answer", sampling=sp).token_ids
+        got, done = [], threading.Event()
+
+        def serve():
+            for ch in cl.generate_stream("a long answer", sampling=sp):
+                got.extend(ch.token_ids)
+            done.set()
+
+        th = threading.Thread(target=serve)
+        th.start()
+        steps = 0
+        while not done.is_set() and steps < 200:
+            cl.forward_backward(run.run_id, [datum])
+            cl.optim_step(run.run_id, learning_rate=1e-3)
+            steps += 1
+        th.join(120)
+        cl.drop_run(run.run_id)
+    assert got == want  # the base model's exact tokens, interleaved with training
+    assert steps >= 2  # and training really ran while it streamed
+    assert torch.tensor(got).numel() == 200
