@@ -67,8 +67,8 @@ class _SegmentLoRA(torch.autograd.Function):
         for (s, e), (a, b), sc in zip(bounds, weights, scales, strict=True):
             v = xf[s:e] @ a.to(cd).t()
             vs.append(v)
-            if e > s:
-                out[s:e] = (v @ b.to(cd).t()).mul_(sc)
+            if e > s:  # scale the [T, r] factor, not the [T, H_out] product
+                torch.mm(v * sc, b.to(cd).t(), out=out[s:e])
         ctx.bounds, ctx.scales = bounds, scales
         ctx.save_for_backward(xf, *flat, *vs)
         return out.to(x.dtype)

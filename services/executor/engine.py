@@ -744,9 +744,25 @@ class Engine:
                     max_bytes=self.config.training_max_bytes,
                     lock=self._model_lock,
                     device=self.device,
+                    micro_tokens=self.config.training_micro_tokens,
+                    yield_fn=self._yield_to_serving,
+                    busy_fn=lambda: bool(self._num_running or self._num_waiting),
                 )
                 self._training = TrainingQueue(trainer)
             return self._training
+
+    def _yield_to_serving(self, timeout: float = 0.5) -> None:
+        """Between two training micro-batches: while there are sequences to serve, wait for the
+        step loop to run one step (time-slicing: a served stream never waits for a whole
+        training batch)."""
+        s0 = self.step_no
+        end = time.monotonic() + timeout
+        while (
+            (self._num_running or self._num_waiting)
+            and self.step_no == s0
+            and time.monotonic() < end
+        ):
+            time.sleep(0.0005)
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain: stop accepting, let queued and running requests finish (up to timeout), then

@@ -266,8 +266,16 @@ class Trainer:
         max_bytes: int = 256 << 20,
         lock: threading.Lock | None = None,
         device: torch.device | str = "cpu",
+        micro_tokens: int = 64,
+        yield_fn=None,
+        busy_fn=None,
     ) -> None:
         self.model, self.ctx = model, ctx
+        # While busy_fn() (sequences being served): padded tokens per forward/backward under the
+        # lock, and what to call before each (the engine: let a serving step run).
+        self.micro_tokens = micro_tokens
+        self.yield_fn = yield_fn
+        self.busy_fn = busy_fn
         self.layer_shapes = dict(layer_shapes)
         self.trainable = sorted({n.rsplit(".", 1)[-1] for n in layer_shapes})
         self.vocab_size, self.max_positions = vocab_size, max_positions
@@ -368,6 +376,47 @@ class Trainer:
         rows: list[tuple[int, int]] = []  # (call, datum) per batch row
         for c in order:
             rows += [(c, i) for i in range(len(calls[c][1]))]
+        # While there are sequences to serve (busy_fn), micro-batches of at most micro_tokens
+        # (padded) tokens, each a forward and backward of its own under the model lock, and a
+        # serving step before each (yield_fn): the loss is a sum over data, so the gradients
+        # add up to the whole batch's. Otherwise the whole batch in one pass.
+        losses = [0.0] * len(calls)
+        per: dict[tuple[int, int], list[float]] = {}
+        k = 0
+        while k < len(rows):
+            busy = self.busy_fn is not None and self.busy_fn()
+            if busy and self.yield_fn is not None:
+                self.yield_fn()
+            budget = self.micro_tokens if busy else float("inf")
+            chunk, longest = [], 0
+            while k < len(rows):
+                n = len(calls[rows[k][0]][1][rows[k][1]].input_ids)
+                if chunk and max(longest, n) * (len(chunk) + 1) > budget:
+                    break
+                chunk.append(rows[k])
+                longest = max(longest, n)
+                k += 1
+            self._run_chunk(calls, runs, chunk, losses, per, forward_only)
+        results = [
+            CallResult(
+                loss=losses[c],
+                logprobs=[per[(c, i)] for i in range(len(calls[c][1]))],
+                metrics={"loss:sum": losses[c]},
+            )
+            for c in range(len(calls))
+        ]
+        if not forward_only:
+            for c, run in enumerate(runs):
+                run.has_grads = True
+                run.last_loss = results[c].loss
+                n = sum(len(d.input_ids) for d in calls[c][1])
+                run.tokens_seen += n
+                for d in calls[c][1]:
+                    run.data_hash.update(json.dumps(d.input_ids).encode())
+                self.tokens_trained += n
+        return results
+
+    def _run_chunk(self, calls, runs, rows, losses, per, forward_only) -> None:
         T = max(len(calls[c][1][i].input_ids) for c, i in rows)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -392,53 +441,35 @@ class Trainer:
                         input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
                     ).logits.float()
                     lps = torch.log_softmax(logits, dim=-1)
-                    results, total = [], None
-                    row_of = {rc: k for k, rc in enumerate(rows)}
-                    for c, (_, data, loss_fn, cfg) in enumerate(calls):
-                        loss, per = self._loss(lps, row_of, c, data, loss_fn, cfg or {})
+                    total = None
+                    for r, (c, i) in enumerate(rows):
+                        _, data, loss_fn, cfg = calls[c]
+                        loss, lp = self._loss(lps[r], data[i], loss_fn, cfg or {})
+                        per[(c, i)] = lp
+                        losses[c] += float(loss.detach())
                         total = loss if total is None else total + loss
-                        value = float(loss.detach())
-                        results.append(
-                            CallResult(loss=value, logprobs=per, metrics={"loss:sum": value})
-                        )
                     if not forward_only:
                         total.backward()
             finally:
                 self.ctx.train = None
-        if not forward_only:
-            for c, run in enumerate(runs):
-                run.has_grads = True
-                run.last_loss = results[c].loss
-                n = sum(len(d.input_ids) for d in calls[c][1])
-                run.tokens_seen += n
-                for d in calls[c][1]:
-                    run.data_hash.update(json.dumps(d.input_ids).encode())
-                self.tokens_trained += n
-        return results
 
-    def _loss(self, lps, row_of, c, data, loss_fn, cfg) -> tuple[torch.Tensor, list[list[float]]]:
-        total = lps.new_zeros(())
-        per = []
+    def _loss(self, lps, d: Datum, loss_fn: str, cfg) -> tuple[torch.Tensor, list[float]]:
+        """One datum's loss (a 0-d tensor in the graph) and its per-position logprobs."""
+        n = len(d.input_ids)
+        tgt = torch.tensor(d.target_tokens, device=lps.device)
+        lp = lps[:n].gather(1, tgt[:, None]).squeeze(1)
+        if loss_fn == "cross_entropy":
+            w = torch.tensor(d.weights, dtype=lp.dtype, device=lp.device)
+            return -(w * lp).sum(), lp.detach().tolist()
+        old = torch.tensor(d.logprobs, dtype=lp.dtype, device=lp.device)
+        adv = torch.tensor(d.advantages, dtype=lp.dtype, device=lp.device)
+        ratio = torch.exp(lp - old)
+        if loss_fn == "importance_sampling":
+            return -(ratio * adv).sum(), lp.detach().tolist()
         low = float(cfg.get("clip_low_threshold", 0.8))
         high = float(cfg.get("clip_high_threshold", 1.2))
-        for i, d in enumerate(data):
-            n = len(d.input_ids)
-            tgt = torch.tensor(d.target_tokens, device=lps.device)
-            lp = lps[row_of[(c, i)], :n].gather(1, tgt[:, None]).squeeze(1)
-            per.append(lp.detach().tolist())
-            if loss_fn == "cross_entropy":
-                w = torch.tensor(d.weights, dtype=lp.dtype, device=lp.device)
-                total = total - (w * lp).sum()
-                continue
-            old = torch.tensor(d.logprobs, dtype=lp.dtype, device=lp.device)
-            adv = torch.tensor(d.advantages, dtype=lp.dtype, device=lp.device)
-            ratio = torch.exp(lp - old)
-            if loss_fn == "importance_sampling":
-                total = total - (ratio * adv).sum()
-            else:  # ppo
-                clipped = ratio.clamp(low, high)
-                total = total - torch.minimum(ratio * adv, clipped * adv).sum()
-        return total, per
+        clipped = ratio.clamp(low, high)
+        return -torch.minimum(ratio * adv, clipped * adv).sum(), lp.detach().tolist()
 
 
 class TrainingQueue:
