@@ -8,7 +8,7 @@
                  | show REF | rm REF | prefetch REF... | revisions NAME
                  | alias NAME [ALIAS [REV]] | promote REF [--alias A] | rollback NAME [--alias A]
                  | merge REF[:W]... --name TENANT/NAME | eval REF METRIC=VALUE...
-                 | deprecate REF
+                 | eval REF --data FILE.jsonl | export REF DIR | deprecate REF
     mint tenant create NAME | list | key NAME | revoke KEY_ID | whoami
     mint generate [--adapter REF] [--max-tokens N] [--temperature T] [--top-p P] [--json] PROMPT
     mint status [--wait SECONDS] [--json]
@@ -138,6 +138,7 @@ def _revision_dict(rev) -> dict:
                 "value": e.value,
                 "evaluator": e.evaluator,
                 "evaluated_at_unix_ms": e.evaluated_at_unix_ms,
+                "dataset_digest": e.dataset_digest,
             }
             for e in rev.evaluations
         ],
@@ -506,6 +507,85 @@ def adapter_show(ref: str, router: str = RouterOpt):
     out.print_json(json.dumps(_revision_dict(rev)))
 
 
+@adapter_app.command("export")
+@_rpc_guard
+def adapter_export(
+    ref: str = typer.Argument(..., help="tenant/name[@rev|@alias]"),
+    directory: Path = typer.Argument(..., help="Where to write it (created if missing)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite adapter files already there."),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Write a stored revision as a PEFT LoRA directory (adapter_config.json +
+    adapter_model.safetensors) that peft's PeftModel.from_pretrained loads: float formats as
+    stored, int8 as the float32 weights it dequantizes to (what the executors compute with)."""
+    import grpc
+
+    from mintmesh.errors import MintError
+    from mintmesh.identity import parse_ref
+    from mintmesh.peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+    try:
+        parse_ref(ref)
+    except MintError as e:
+        _fail(e.message, USAGE)
+    there = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (directory / n).exists()]
+    if there and not force:
+        _fail(f"{directory} already holds {', '.join(there)}; pass --force to overwrite")
+    if directory.exists() and not directory.is_dir():
+        _fail(f"{directory} exists and is not a directory")
+    with _client(router, timeout=600) as cl, console.status(f"fetching {ref}"):
+        try:
+            rev = cl.resolve(ref)
+            data = cl.fetch(ref=rev.ref)  # tenant/name@N: the revision just resolved
+        except grpc.RpcError as err:
+            _fail(f"cannot export {ref}: {err.code().name}: {err.details()}")
+        except ValueError as e:  # bytes that do not hash to the digest the store sent
+            _fail(f"cannot export {ref}: {e}")
+    _export_files(rev, data, directory, as_json)
+
+
+def _export_files(rev, data: bytes, directory: Path, as_json: bool) -> None:
+    import hashlib
+
+    from mintmesh.errors import InvalidAdapter
+    from mintmesh.packed import read_header
+    from mintmesh.peft_io import CONFIG_NAME, WEIGHTS_NAME, packed_to_peft
+
+    if hashlib.sha256(data).hexdigest() != rev.digest:
+        _fail(f"the bytes fetched for {rev.ref} do not hash to its digest {rev.digest}")
+    try:
+        header = read_header(data)
+        config_json, weights = packed_to_peft(data)
+    except InvalidAdapter as e:
+        _fail(f"{rev.ref}: {e.message}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(config_json)
+    (directory / WEIGHTS_NAME).write_bytes(weights)
+    stored = header.storage_format
+    dtype = "float32" if header.quantized else stored
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ref": rev.ref,
+                    "digest": rev.digest,
+                    "base_fingerprint": header.base_fingerprint,
+                    "storage_format": stored,
+                    "dtype": dtype,
+                    "dir": str(directory),
+                    "files": [CONFIG_NAME, WEIGHTS_NAME],
+                }
+            )
+        )
+        return
+    how = f"{stored} -> {dtype}" if dtype != stored else stored
+    out.print(
+        f"{rev.ref}  digest {rev.digest[:16]}…  rank {rev.rank}  {how}  -> {directory}",
+        highlight=False,
+    )
+
+
 @adapter_app.command("prefetch")
 @_rpc_guard
 def adapter_prefetch(
@@ -784,20 +864,41 @@ def adapter_eval(
     evaluations: list[str] = typer.Argument(
         None, metavar="METRIC=VALUE", help="One or more, e.g. accuracy=0.91", show_default=False
     ),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        metavar="FILE.jsonl",
+        help='Measure on the cluster instead: one {"prompt": ..., "completion": ...} per line; '
+        "records nll_per_token, perplexity and exact_match with the file's sha256.",
+    ),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Examples in flight."),
     metric: str = typer.Option("", "--metric", hidden=True, help="Older form: with --value."),
     value: float = typer.Option(None, "--value", hidden=True),
-    evaluator: str = typer.Option("", "--evaluator", help="Who or what measured it."),
+    evaluator: str = typer.Option(
+        "", "--evaluator", help="Who or what measured it (--data: 'mint adapter eval')."
+    ),
     router: str = RouterOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Record evaluations (METRIC=VALUE, e.g. accuracy=0.91) of one revision."""
+    """Record evaluations (METRIC=VALUE, e.g. accuracy=0.91) of one revision, or measure them
+    with --data: per-token NLL and perplexity of each completion (Router.Score) and greedy exact
+    match (Router.Generate), computed by the executors."""
     pairs = [_metric_value(e) for e in evaluations or []]
     if metric or value is not None:
         if not metric or value is None:
             _fail("--metric and --value go together (or give METRIC=VALUE)", USAGE)
         pairs.append((metric, value))
+    if data is not None:
+        if pairs:
+            _fail(f"give METRIC=VALUE or --data {data}, not both", USAGE)
+        _eval_measured(ref, data, concurrency, evaluator, router, as_json)
+        return
     if not pairs:
-        _fail(f"give at least one METRIC=VALUE to record for {ref}, e.g. accuracy=0.91", USAGE)
+        _fail(
+            f"give at least one METRIC=VALUE to record for {ref}, e.g. accuracy=0.91 "
+            "(or --data FILE.jsonl to measure)",
+            USAGE,
+        )
     with _client(router) as cl:
         for m, v in pairs:
             rev = cl.add_evaluation(ref, m, v, evaluator)
@@ -805,6 +906,73 @@ def adapter_eval(
                 out.print(f"{rev.ref}: {m} = {v:g} ({len(rev.evaluations)} evaluation(s))")
     if as_json:
         out.print_json(json.dumps(_revision_dict(rev)))
+
+
+def _eval_measured(
+    ref: str, data: Path, concurrency: int, evaluator: str, router: str | None, as_json: bool
+) -> None:
+    """`mint adapter eval REF --data FILE`: measure (mintmesh.evaluate), record, report."""
+    import grpc
+    from rich.progress import Progress
+
+    from mintmesh import evaluate as ev
+    from mintmesh.errors import MintError
+    from mintmesh.identity import parse_ref
+
+    try:
+        parse_ref(ref)
+    except MintError as e:
+        _fail(e.message, USAGE)
+    try:
+        dataset = ev.read_dataset(data)
+    except ev.DatasetError as e:
+        _fail(str(e))
+    evaluator = evaluator or ev.DEFAULT_EVALUATOR
+    n = len(dataset.examples)
+    with _client(router, timeout=600) as cl:
+        try:
+            with Progress(
+                console=console, transient=True, disable=not console.is_terminal
+            ) as progress:
+                task = progress.add_task(f"evaluating {ref} on {n} examples", total=n)
+                res = ev.evaluate(
+                    cl,
+                    ref,
+                    dataset,
+                    concurrency=concurrency,
+                    on_example=lambda _: progress.advance(task),
+                )
+            rev = ev.record(cl, res, evaluator)
+        except ev.EvalError as e:
+            _fail(f"cannot evaluate {ref}: {e}")
+        except grpc.RpcError as err:
+            _fail(f"cannot evaluate {ref}: {err.code().name}: {err.details()}")
+    metrics = res.metrics()
+    if as_json:
+        row = {
+            "ref": rev.ref,
+            "digest": rev.digest,
+            "data": str(data),
+            "dataset_digest": dataset.sha256,
+            "examples": n,
+            "completion_tokens": res.completion_tokens,
+            "evaluator": evaluator,
+            "metrics": metrics,
+        }
+        print(json.dumps(row))
+        return
+    out.print(
+        f"{rev.ref} on {data} ({n} examples, {res.completion_tokens} completion tokens, "
+        f"sha256 {dataset.sha256[:12]}…)",
+        highlight=False,
+    )
+    t = Table("metric", "value")
+    t.add_row("nll_per_token", f"{metrics['nll_per_token']:.6g}")
+    t.add_row("perplexity", f"{metrics['perplexity']:.6g}")
+    matched = sum(e.exact_match for e in res.examples)
+    t.add_row("exact_match", f"{metrics['exact_match']:.6g} ({matched}/{n})")
+    out.print(t)
+    out.print(f"recorded as evaluations of {rev.ref} by {evaluator!r}", highlight=False)
 
 
 def _metric_value(text: str) -> tuple[str, float]:

@@ -8,6 +8,7 @@ peft loads as it is.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,39 +230,82 @@ def read_peft_dir(path: Path | str) -> tuple[str, bytes]:
     return cfg.read_text(), weights.read_bytes()
 
 
-def export_peft_dir(packed: bytes, out_dir: Path | str) -> Path:
-    """Write a packed adapter as a PEFT directory (adapter_config.json + safetensors)."""
-    from safetensors.torch import save_file
+def packed_to_peft(packed: bytes | bytearray | memoryview) -> tuple[str, bytes]:
+    """A packed adapter as PEFT files: (adapter_config.json text, adapter_model.safetensors
+    bytes), which peft's PeftModel.from_pretrained loads and which compute what the executor
+    serves for the pack.
+
+    Float packs (float32, bfloat16, float16) keep their stored dtype: the tensors are the stored
+    ones, bit for bit, and pushing the export again (without --storage) packs the same bytes, so
+    the same digest. int8 packs are written as the float32 weights they dequantize to, the
+    weights the executor computes with. The config keeps what the pack recorded of the upload's
+    config (r, lora_alpha, use_rslora, target_modules, base_model_name_or_path); a module whose
+    rank or alpha differs from r / lora_alpha (a merge of different ranks, a rank_pattern
+    upload) gets a rank_pattern / alpha_pattern entry under its full module name, with the
+    alpha that gives peft's scale (alpha / r, or alpha / sqrt(r) with rslora) the pack's.
+    """
+    from safetensors.torch import save
 
     header, modules = unpack(packed, copy=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, mw in modules.items():
-        # contiguous_format: a format-2 pack's B is a transposed view (safetensors wants rows).
-        tensors[f"base_model.model.{name}.lora_A.weight"] = mw.A.clone(
-            memory_format=torch.contiguous_format
-        )
-        tensors[f"base_model.model.{name}.lora_B.weight"] = mw.B.clone(
-            memory_format=torch.contiguous_format
-        )
+    kept = dict(header.peft_config)
+    rslora = bool(kept.get("use_rslora", False))
     ranks = {n: mw.rank for n, mw in modules.items()}
-    alphas = {n: mw.alpha for n, mw in modules.items()}
-    r = max(ranks.values())
-    alpha = float(header.peft_config.get("lora_alpha", next(iter(alphas.values()))))
+    alphas = {n: _peft_alpha(mw, rslora) for n, mw in modules.items()}
+    names = sorted(modules)
+    r = int(kept.get("r") or max(ranks.values()))
+    alpha = float(kept.get("lora_alpha") or alphas[names[0]])
+    targets = kept.get("target_modules")
+    if not all(_peft_targets(targets, n) for n in names):
+        targets = header.target_modules  # what peft must wrap: every packed module's leaf
     cfg = {
+        **kept,
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": r,
         "lora_alpha": alpha,
-        "use_rslora": bool(header.peft_config.get("use_rslora", False)),
-        "target_modules": header.target_modules,
+        "target_modules": targets,
         "lora_dropout": 0.0,
         "bias": "none",
-        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
-        "base_model_name_or_path": header.peft_config.get("base_model_name_or_path"),
+        "rank_pattern": {n: ranks[n] for n in names if ranks[n] != r},
+        "alpha_pattern": {n: alphas[n] for n in names if alphas[n] != alpha},
     }
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file(tensors, str(out / WEIGHTS_NAME))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        mw = modules[name]
+        # contiguous_format: a format-2 pack's B is a transposed view (safetensors wants rows).
+        for ab, t in (("A", mw.A), ("B", mw.B)):
+            tensors[f"base_model.model.{name}.lora_{ab}.weight"] = t.clone(
+                memory_format=torch.contiguous_format
+            )
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n", save(tensors)
+
+
+def _peft_alpha(mw: ModuleWeights, rslora: bool) -> float:
+    """The alpha peft needs for mw's scale: its own alpha when alpha / r (alpha / sqrt(r)) is
+    the scale, as in every upload and merge; else the one the scale implies."""
+    if lora_scale(mw.alpha, mw.rank, rslora) == mw.scale:
+        return float(mw.alpha)
+    return float(mw.scale * (math.sqrt(mw.rank) if rslora else mw.rank))
+
+
+def _peft_targets(targets, module: str) -> bool:
+    """Whether peft's target_modules (a regex string or a list of names) wraps module."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False  # not a pattern peft could use either: list the modules instead
+    if isinstance(targets, list):
+        return any(module == t or module.endswith("." + t) for t in targets)
+    return False
+
+
+def export_peft_dir(packed: bytes, out_dir: Path | str) -> Path:
+    """Write a packed adapter as a PEFT directory (adapter_config.json + safetensors): the
+    files of packed_to_peft."""
+    config_json, weights = packed_to_peft(packed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(config_json)
+    (out / WEIGHTS_NAME).write_bytes(weights)
     return out

@@ -142,6 +142,15 @@ def test_readme_session_runs_verbatim(tmp_path):
     rev, aliases, state, *_, evals, short = rows[0]
     assert (rev, state, evals, short) == ("1", "ready", "accuracy=0.91", digest[:12]), rows
     assert "prod" in aliases.split(","), rows
+    # export: the revision back as a PEFT directory; eval --data: measured and recorded.
+    assert f"alice/chat@1  digest {digest}…  rank 8  float32  -> chat-export" in out, detail
+    assert {p.name for p in (work / "chat-export").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    for metric in ("nll_per_token", "perplexity", "exact_match"):
+        assert re.search(rf"^│ {metric} +│ [0-9]", out, re.M), f"no {metric} row{detail}"
+    assert "recorded as evaluations of alice/chat@1 by 'mint adapter eval'" in out, detail
     assert out.rstrip().endswith("cluster stopped"), f"no clean stop{detail}"
     assert not strays, f"processes outlived the session: {strays}"
     with socket.socket() as s:  # and the router is gone

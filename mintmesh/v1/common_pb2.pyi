@@ -119,16 +119,18 @@ class Provenance(_message.Message):
     def __init__(self, source: _Optional[_Union[RevisionSource, str]] = ..., parents: _Optional[_Iterable[_Union[ParentRevision, _Mapping]]] = ..., data_digest: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("metric", "value", "evaluator", "evaluated_at_unix_ms")
+    __slots__ = ("metric", "value", "evaluator", "evaluated_at_unix_ms", "dataset_digest")
     METRIC_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EVALUATOR_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     metric: str
     value: float
     evaluator: str
     evaluated_at_unix_ms: int
-    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., evaluator: _Optional[str] = ..., evaluated_at_unix_ms: _Optional[int] = ...) -> None: ...
+    dataset_digest: str
+    def __init__(self, metric: _Optional[str] = ..., value: _Optional[float] = ..., evaluator: _Optional[str] = ..., evaluated_at_unix_ms: _Optional[int] = ..., dataset_digest: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "logprobs", "ignore_eos", "top_logprobs")

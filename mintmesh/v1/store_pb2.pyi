@@ -310,16 +310,18 @@ class DeleteAliasResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class AddEvaluationRequest(_message.Message):
-    __slots__ = ("ref", "metric", "value", "evaluator")
+    __slots__ = ("ref", "metric", "value", "evaluator", "dataset_digest")
     REF_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EVALUATOR_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ref: str
     metric: str
     value: float
     evaluator: str
-    def __init__(self, ref: _Optional[str] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., evaluator: _Optional[str] = ...) -> None: ...
+    dataset_digest: str
+    def __init__(self, ref: _Optional[str] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., evaluator: _Optional[str] = ..., dataset_digest: _Optional[str] = ...) -> None: ...
 
 class AddEvaluationResponse(_message.Message):
     __slots__ = ("revision",)

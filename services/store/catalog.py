@@ -93,6 +93,13 @@ class Evaluation:
     value: float
     evaluator: str = ""
     at_ms: int = 0
+    # sha256 (hex) of the data it was measured on ("" = not stated).
+    dataset_digest: str = ""
+
+    def to_list(self) -> list:
+        # The digest only when stated: records without one read as before.
+        row = [self.metric, self.value, self.evaluator, self.at_ms]
+        return [*row, self.dataset_digest] if self.dataset_digest else row
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ class RevisionRecord:
         if self.merge_method:
             d["merge_method"] = self.merge_method
         if self.evaluations:
-            d["evaluations"] = [[e.metric, e.value, e.evaluator, e.at_ms] for e in self.evaluations]
+            d["evaluations"] = [e.to_list() for e in self.evaluations]
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod

@@ -718,10 +718,16 @@ class StoreCore:
         value: float,
         evaluator: str = "",
         *,
+        dataset_digest: str = "",
         principal: Principal | None = None,
     ) -> RevisionRecord:
         parsed = self._who(principal).check_ref(ref)
         check_part("metric", metric)
+        if dataset_digest and not DIGEST_RE.match(dataset_digest):
+            raise InvalidArgument(
+                f"dataset_digest {dataset_digest!r} of {metric!r} must be a sha256: 64 "
+                "lowercase hex digits"
+            )
         if not math.isfinite(value):
             raise InvalidArgument(f"evaluation value {value!r} of {metric!r} must be finite")
         if len(evaluator) > MAX_EVALUATOR:
@@ -729,7 +735,13 @@ class StoreCore:
                 f"evaluator has {len(evaluator)} characters; the limit is {MAX_EVALUATOR}"
             )
         return self.catalog.add_evaluation(
-            parsed, Evaluation(metric=metric, value=float(value), evaluator=evaluator)
+            parsed,
+            Evaluation(
+                metric=metric,
+                value=float(value),
+                evaluator=evaluator,
+                dataset_digest=dataset_digest,
+            ),
         )
 
     def deprecate(

@@ -89,6 +89,7 @@ def revision_to_proto(rec: RevisionRecord) -> common_pb2.AdapterRevision:
                 value=e.value,
                 evaluator=e.evaluator,
                 evaluated_at_unix_ms=e.at_ms,
+                dataset_digest=e.dataset_digest,
             )
             for e in rec.evaluations
         ],
@@ -346,6 +347,7 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
             request.metric,
             request.value,
             request.evaluator,
+            dataset_digest=request.dataset_digest,
             principal=current_principal(),
         )
         return store_pb2.AddEvaluationResponse(revision=revision_to_proto(rec))
