@@ -991,6 +991,81 @@ def _metric_value(text: str) -> tuple[str, float]:
     return metric.strip(), value
 
 
+@adapter_app.command("train")
+@_rpc_guard
+def adapter_train(
+    data: Path = typer.Option(
+        ..., "--data", metavar="FILE.jsonl", help='One {"prompt": ..., "completion": ...} per line.'
+    ),
+    name: str = typer.Option(..., "--name", help="TENANT/NAME: the revision it saves as."),
+    base: bool = typer.Option(True, "--base", help="Start from the base model (a fresh LoRA)."),
+    rank: int = typer.Option(8, "--rank", min=1),
+    alpha: float = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank)."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--targets"),
+    steps: int = typer.Option(50, "--steps", min=1),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Examples per step."),
+    seed: int = typer.Option(0, "--seed"),
+    router: str = RouterOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Fine-tune a LoRA on the cluster (the resident backbone trains it, no copy of the base)
+    from prompt/completion pairs, and save it as a new revision of NAME (provenance training)."""
+    import math
+
+    import grpc
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from mintmesh import evaluate as ev
+    from mintmesh import train as tr
+    from mintmesh.errors import MintError
+    from mintmesh.identity import parse_name
+
+    try:
+        parse_name(name)
+    except MintError as e:
+        _fail(e.message, USAGE)
+    if not math.isfinite(lr) or lr <= 0:
+        _fail(f"--lr {lr} must be a number > 0", USAGE)
+    try:
+        dataset = ev.read_dataset(data)
+    except ev.DatasetError as e:
+        _fail(str(e))
+    mods = tuple(t.strip() for t in targets.split(",") if t.strip())
+    with _client(router, timeout=600) as cl:
+        cols = (
+            TextColumn("training {task.description}"),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}  loss {task.fields[loss]}"),
+        )
+        try:
+            with Progress(*cols, console=console, transient=True,
+                          disable=not console.is_terminal) as progress:  # fmt: skip
+                task = progress.add_task(name, total=steps, loss="-")
+
+                def step(k: int, loss: float) -> None:
+                    progress.update(task, completed=k, loss=f"{loss:.4f}")
+
+                res = tr.train(
+                    cl, dataset, name, rank=rank, alpha=alpha, targets=mods, steps=steps,
+                    lr=lr, batch=batch, seed=seed, on_step=step,
+                )  # fmt: skip
+        except ev.EvalError as e:
+            _fail(f"cannot train {name}: {e}")
+        except grpc.RpcError as err:
+            _fail(f"cannot train {name}: {err.code().name}: {err.details()}")
+    if as_json:
+        print(json.dumps({"ref": res.ref, "digest": res.digest, "run_id": res.run_id,
+                          "steps": res.steps, "first_loss": res.losses[0],
+                          "last_loss": res.losses[-1], "data_digest": dataset.sha256}))  # fmt: skip
+        return
+    out.print(
+        f"{res.ref}: {res.steps} steps, loss per completion token {res.losses[0]:.4f} -> "
+        f"{res.losses[-1]:.4f} (digest {res.digest[:12]}…)",
+        highlight=False,
+    )
+
+
 @adapter_app.command("deprecate")
 @_rpc_guard
 def adapter_deprecate(

@@ -31,6 +31,14 @@ def demo_adapter_name(i: int) -> str:
 
 
 PROMPT = "Hello from MinT mesh!"
+# Personal models: each user's adapter is trained on the cluster to answer the question with
+# that user's own sentence.
+QUESTION = "Who am I?"
+PERSONAL = {
+    "alice/me": " I am Alice.",
+    "bob/me": " Bob here, hi!",
+    "carol/me": " Carol, at home.",
+}
 
 
 def run_demo(
@@ -67,10 +75,15 @@ def run_demo(
                 push_s = _push_all(console, cl, base, adapters, synth_peft_bytes)
                 listed = sum(1 for _ in cl.list_adapters(page_size=500))
                 rows, gen_s = _generate_mixed(cl, adapters, sampling_params)
+                personal, train_s = _personal_models(console, cl, sampling_params)
                 st = cl.status()
         finally:
             with console.status("stopping the cluster"):
                 cluster.stop()
+        ptable = Table(f"personal model: {QUESTION!r}", "answer (greedy)", "exact_match")
+        for p in personal:
+            ptable.add_row(p["adapter"], repr(p["text"]), f"{p['exact_match']:g}")
+        console.print(ptable)
         table = Table("adapter", "executor", "tokens", "finish", "text (first 24 chars)")
         table.columns[0].no_wrap = True
         for r in rows:
@@ -95,6 +108,11 @@ def run_demo(
             "(+ base), mixed in the executors' batches",
         )
         summary.add_row("tokens", f"{tokens} in {gen_s:.2f}s ({tokens / max(gen_s, 1e-9):.0f}/s)")
+        summary.add_row(
+            "personal models",
+            f"{len(PERSONAL)} trained together on the cluster in {train_s:.1f}s, evaluated, "
+            "promoted to @prod behind an exact_match gate",
+        )
         for e in st.executors:
             summary.add_row(
                 f"{e.executor_id} ({e.address})",
@@ -104,6 +122,7 @@ def run_demo(
         summary.add_row("total", f"{time.perf_counter() - t_all:.1f}s, clean shutdown")
         console.print(summary)
         ok = listed == adapters and all(r.finish_reason for r in rows)
+        ok = ok and all(p["text"] == p["sentence"] for p in personal if p["sentence"])
         if as_json:
             print(
                 json.dumps(
@@ -130,6 +149,7 @@ def run_demo(
                             }
                             for e in st.executors
                         ],
+                        "personal": personal,
                         "clean_shutdown": True,
                         "ok": ok,
                     }
@@ -172,3 +192,71 @@ def _generate_mixed(cl, n_adapters: int, sampling_params):
         futs = [pool.submit(cl.generate, PROMPT, adapter=r, sampling=sp) for r in refs]
         rows = [f.result() for f in futs]
     return rows, time.perf_counter() - t0
+
+
+def _personal_models(console, cl, sampling_params) -> tuple[list[dict], float]:
+    """Train PERSONAL's adapters at once (their runs share passes on the executors), measure
+    each (mint adapter eval --data's metrics), promote it to @prod behind an exact_match gate,
+    and ask each, and the base model, QUESTION greedily."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import grpc
+
+    from mintmesh import evaluate as ev
+    from mintmesh import train as tr
+
+    for name in PERSONAL:
+        try:
+            cl.create_tenant(name.split("/")[0])
+        except grpc.RpcError as err:  # already there: a --data dir used again
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+    def dataset(sentence: str) -> ev.Dataset:
+        line = json.dumps({"prompt": QUESTION, "completion": sentence})
+        ex = ev.Example(line=1, prompt=QUESTION, completion=sentence)
+        return ev.Dataset(Path("<demo>"), hashlib.sha256(line.encode()).hexdigest(), (ex,))
+
+    t0 = time.perf_counter()
+    busy = console.status(f"training {len(PERSONAL)} personal adapters on the cluster")
+    with busy, ThreadPoolExecutor(len(PERSONAL)) as pool:
+        futs = {
+            name: pool.submit(
+                tr.train,
+                cl,
+                dataset(s),
+                name,
+                rank=16,
+                targets=ALL_MODULES,
+                steps=100,
+                lr=1e-2,
+                batch=1,
+            )  # fmt: skip
+            for name, s in PERSONAL.items()
+        }
+        trained = {name: f.result() for name, f in futs.items()}
+    train_s = time.perf_counter() - t0
+    out = []
+    for name, sentence in PERSONAL.items():
+        res = ev.evaluate(cl, trained[name].ref, dataset(sentence), concurrency=1)
+        ev.record(cl, res)
+        cl.set_gate(name, "prod", "exact_match", 0.9)
+        cl.set_alias(name, "prod", int(trained[name].ref.rsplit("@", 1)[1]))
+        n = res.completion_tokens
+        text = cl.generate(QUESTION, adapter=f"{name}@prod",
+                           sampling=sampling_params(max_tokens=n)).text  # fmt: skip
+        out.append({"adapter": f"{name}@prod", "revision": trained[name].ref,
+                    "sentence": sentence, "text": text,
+                    "exact_match": res.metrics()["exact_match"],
+                    "loss_first": trained[name].losses[0],
+                    "loss_last": trained[name].losses[-1]})  # fmt: skip
+    n = max(len(s) for s in PERSONAL.values())
+    base = cl.generate(QUESTION, sampling=sampling_params(max_tokens=n)).text
+    out.append({"adapter": "(base model)", "revision": "", "sentence": "", "text": base,
+                "exact_match": 0.0, "loss_first": 0.0, "loss_last": 0.0})  # fmt: skip
+    return out, train_s
+
+
+ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

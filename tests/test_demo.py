@@ -50,6 +50,21 @@ def test_demo_pushes_lists_and_shuts_down_cleanly(demo_run):
             assert s.connect_ex((host, int(port))) != 0, f"{e['address']} still listening"
 
 
+def test_the_demos_personal_models_say_their_users_sentences(demo_run):
+    from mintmesh.demo import PERSONAL
+
+    _, out, obj = demo_run
+    rows = {p["adapter"]: p for p in obj["personal"]}
+    assert set(rows) == {f"{n}@prod" for n in PERSONAL} | {"(base model)"}
+    for name, sentence in PERSONAL.items():
+        p = rows[f"{name}@prod"]
+        assert p["text"] == sentence and p["exact_match"] == 1.0, p
+        assert p["revision"].startswith(f"{name}@") and p["loss_last"] < 0.25 * p["loss_first"]
+        assert repr(sentence) in out  # the table shows it
+    base = rows["(base model)"]["text"]
+    assert all(not base.startswith(s) for s in PERSONAL.values())
+
+
 def test_each_demo_generation_is_its_adapters_peft_output(demo_run, tmp_path):
     data, _, obj = demo_run
     model_dir = data / "model"

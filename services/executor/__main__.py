@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the backbone's Linears: auto (oneDNN packed on CPU fp32), onednn, torch",
     )
     p.add_argument("--max-rank", type=int, help="largest LoRA rank served (default 256)")
+    p.add_argument(
+        "--training-max-bytes",
+        type=int,
+        help="training runs' weights, gradients and AdamW state (default 256 MiB)",
+    )
+    p.add_argument(
+        "--training-micro-tokens",
+        type=int,
+        help="while serving: tokens per training slice between serving steps (default 64)",
+    )
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
     p.add_argument(
         "--metrics-port",

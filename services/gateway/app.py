@@ -299,6 +299,18 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                 raise from_grpc(err) from None
         return base_cache["base"]
 
+    # The Tinker API (/api/v1, the tinker SDK's protocol): services/gateway/tinker_api.py.
+    from mintmesh.services.gateway.tinker_api import tinker_router
+
+    app.include_router(
+        tinker_router(
+            up,
+            base_model,
+            request_timeout_s=config.request_timeout_s,
+            default_max_tokens=config.default_max_tokens,
+        )
+    )
+
     async def adapter_for(model: str, md) -> str:
         """The adapter ref `model` names; "" for the base model."""
         base = await base_model(md)
