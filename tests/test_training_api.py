@@ -32,7 +32,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
             data_dir=tmp_path_factory.mktemp("train-cluster"),
             executors=2,
             port=0,
-            http_port=None,
+            http_port=0,
             env={"MINT_EXECUTOR_TRAINING_MAX_BYTES": str(2 << 20)},
         )
     )
@@ -309,3 +309,69 @@ def test_readme_training_block_runs_verbatim(cluster, keys, tmp_path):
         n = len(cl.score(PROMPT + SENTENCE).token_ids) - len(cl.score(PROMPT).token_ids)
         out = cl.generate(PROMPT, adapter="alice/me", sampling=sampling_params(max_tokens=n))
     assert out.text.startswith(SENTENCE)
+
+
+def _train(cl, tok, name, sentence, steps=100):
+    datum, _, _ = _datum(tok, PROMPT, sentence)
+    run = cl.create_training_run(rank=16, targets=ALL, seed=3)
+    try:
+        for _ in range(steps):
+            cl.forward_backward(run.run_id, [datum])
+            cl.optim_step(run.run_id, learning_rate=1e-2, beta2=0.999, eps=1e-8)
+        return cl.save_run(run.run_id, name)
+    finally:
+        cl.drop_run(run.run_id)
+
+
+def test_lifecycle_train_eval_gate_serve_retrain_refused_rollback(cluster, keys, tok, tmp_path):
+    """train -> save (@1, provenance training) -> measured eval -> promote to a gated alias ->
+    serve (gRPC and the OpenAI API) -> train again (@2) -> its eval misses the gate -> promotion
+    refused -> a rollback keeps serving @1's exact tokens."""
+    import json
+
+    import openai
+
+    from mintmesh import evaluate as ev
+
+    data = tmp_path / "alice.jsonl"
+    data.write_text(json.dumps({"prompt": PROMPT, "completion": SENTENCE}) + "\n")
+    dataset = ev.read_dataset(data)
+    with _client(cluster, keys["alice"]) as cl:
+        first = _train(cl, tok, "alice/life", SENTENCE)
+        n1 = int(first.ref.rsplit("@", 1)[1])
+        rev = cl.resolve(first.ref)
+        assert rev.provenance.source == common_pb2.REVISION_SOURCE_TRAINING
+        res = ev.evaluate(cl, first.ref, dataset, concurrency=1)
+        ev.record(cl, res)
+        assert res.metrics()["exact_match"] == 1.0
+        cl.set_gate("alice/life", "prod", "exact_match", 0.9)
+        cl.set_alias("alice/life", "prod", n1)
+        n = res.completion_tokens
+        sp = sampling_params(max_tokens=n)
+        served = cl.generate(PROMPT, adapter="alice/life@prod", sampling=sp)
+        assert served.text == SENTENCE and served.adapter == first.ref
+        with openai.OpenAI(base_url=cluster.openai_base_url, api_key=keys["alice"],
+                           max_retries=0) as oai:  # fmt: skip
+            http = oai.completions.create(model="alice/life@prod", prompt=PROMPT, max_tokens=n,
+                                          temperature=0)  # fmt: skip
+        assert http.choices[0].text == SENTENCE
+        # Train again on another sentence: @2 no longer says alice's.
+        second = _train(cl, tok, "alice/life", " Something else.")
+        n2 = int(second.ref.rsplit("@", 1)[1])
+        assert n2 == n1 + 1
+        res2 = ev.evaluate(cl, second.ref, dataset, concurrency=1)
+        ev.record(cl, res2)
+        assert res2.metrics()["exact_match"] == 0.0
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.set_alias("alice/life", "prod", n2)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "exact_match" in ei.value.details()
+        # prod still serves @1, exactly.
+        again = cl.generate(PROMPT, adapter="alice/life@prod", sampling=sp)
+        assert again.token_ids == served.token_ids and again.adapter == first.ref
+        # An ungated canary moved to @2 serves it; rolled back, it serves @1's exact tokens.
+        cl.set_alias("alice/life", "canary", n2)
+        assert cl.generate(PROMPT, adapter="alice/life@canary", sampling=sp).text != SENTENCE
+        cl.rollback("alice/life", "canary")
+        back = cl.generate(PROMPT, adapter="alice/life@canary", sampling=sp)
+        assert back.token_ids == served.token_ids and back.adapter == first.ref
