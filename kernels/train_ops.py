@@ -128,3 +128,30 @@ def segment_lora_reference(
         prev = e
     parts.append(xf.new_zeros(x.shape[0] - prev, out_f))
     return torch.cat(parts).to(x.dtype)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.logsumexp(logits, dim=-1)
+        lp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+        ctx.save_for_backward(logits, lse, targets)
+        return lp
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, lse, targets = ctx.saved_tensors
+        # d lp / d logits = onehot(target) - softmax: one buffer of the logits' size.
+        grad = torch.exp(logits - lse[..., None])
+        grad.mul_(-g[..., None])
+        grad.scatter_add_(-1, targets[..., None], g[..., None])
+        return grad, None
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., targets] ([..., vocab], [...] -> [...]) with a backward that
+    allocates one tensor of the logits' size (log_softmax + gather make three, and zero-fill
+    one): the loss head of a training step over [rows, T, vocab] logits."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"targets {list(targets.shape)} do not fit logits {list(logits.shape)}")
+    return _TargetLogprobs.apply(logits, targets.long())

@@ -107,3 +107,24 @@ def test_refuses_inconsistent_segments(bounds, weights, needle):
         segment_lora(x, bounds, [1.0] * len(bounds), ws)
     with pytest.raises(ValueError, match="do not make a LoRA"):
         segment_lora(x, [(0, 2)], [1.0], [(torch.zeros(2, 5), torch.zeros(3, 2))])
+
+
+def test_target_logprobs_equal_log_softmax_gather_and_its_gradient():
+    from mintmesh.kernels.train_ops import target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 30.0, 300.0):  # logits spread as far as trained models put them
+        logits = (torch.randn(3, 7, 50, generator=g) * scale).requires_grad_()
+        tgt = torch.randint(0, 50, (3, 7), generator=g)
+        w = torch.randn(3, 7, generator=g)
+        got = target_logprobs(logits, tgt)
+        (gg,) = torch.autograd.grad((got * w).sum(), logits)
+        ref = torch.log_softmax(logits.double(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+        (gr,) = torch.autograd.grad((ref * w.double()).sum(), logits)
+        assert (got.double() - ref).abs().max() <= 1e-5 * max(1.0, scale)
+        assert (gg - gr.float()).abs().max() <= 1e-5
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 6, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: target_logprobs(x, t), (x,))
+    with pytest.raises(ValueError, match="do not fit"):
+        target_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mintmesh.kernels.train_ops import target_logprobs
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 # Tensors each loss needs besides target_tokens.
@@ -440,11 +441,18 @@ class Trainer:
                     logits = self.model(
                         input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
                     ).logits.float()
-                    lps = torch.log_softmax(logits, dim=-1)
+                    # log p(target) for every position of every row at once (kernels/train_ops:
+                    # one logits-sized buffer in the backward; selecting rows of a log-softmax
+                    # one by one made autograd zero-fill a tensor of that size per row).
+                    tgt = torch.zeros(len(rows), T, dtype=torch.long)
+                    for r, (c, i) in enumerate(rows):
+                        t = calls[c][1][i].target_tokens
+                        tgt[r, : len(t)] = torch.tensor(t)
+                    lp_all = target_logprobs(logits, tgt.to(logits.device))
                     total = None
                     for r, (c, i) in enumerate(rows):
                         _, data, loss_fn, cfg = calls[c]
-                        loss, lp = self._loss(lps[r], data[i], loss_fn, cfg or {})
+                        loss, lp = self._loss(lp_all[r], data[i], loss_fn, cfg or {})
                         per[(c, i)] = lp
                         losses[c] += float(loss.detach())
                         total = loss if total is None else total + loss
@@ -453,11 +461,10 @@ class Trainer:
             finally:
                 self.ctx.train = None
 
-    def _loss(self, lps, d: Datum, loss_fn: str, cfg) -> tuple[torch.Tensor, list[float]]:
-        """One datum's loss (a 0-d tensor in the graph) and its per-position logprobs."""
-        n = len(d.input_ids)
-        tgt = torch.tensor(d.target_tokens, device=lps.device)
-        lp = lps[:n].gather(1, tgt[:, None]).squeeze(1)
+    def _loss(self, lp_row, d: Datum, loss_fn: str, cfg) -> tuple[torch.Tensor, list[float]]:
+        """One datum's loss (a 0-d tensor in the graph) and its per-position logprobs, from its
+        row of log p(target) (padded past its length)."""
+        lp = lp_row[: len(d.input_ids)]
         if loss_fn == "cross_entropy":
             w = torch.tensor(d.weights, dtype=lp.dtype, device=lp.device)
             return -(w * lp).sum(), lp.detach().tolist()
