@@ -580,17 +580,22 @@ def test_gateway_metrics_count_each_request_by_route_and_status(cluster, alice):
         model="alice/chat", messages=[{"role": "user", "content": "m"}], max_tokens=2
     )
     alice.models.list()
-    deadline = time.monotonic() + 10
-    while True:  # the streamed request is counted when its stream has ended
-        s = scrape(url)
-        moved = {k: n(*k) - v for k, v in before.items()}
-        if moved[("/v1/completions", "200")] >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert moved == {
+    want = {
         ("/v1/completions", "200"): 4,
         ("/v1/completions", "404"): 1,
         ("/v1/chat/completions", "200"): 1,
         ("/v1/models", "200", "GET"): 1,
     }
+    # A request is counted when the server has sent all of its response, a moment after the
+    # client has it: wait (bounded) for the counts, then check they do not move past them.
+    deadline = time.monotonic() + 10
+    while True:
+        s = scrape(url)
+        moved = {k: n(*k) - v for k, v in before.items()}
+        if moved == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    s = scrape(url)
+    assert {k: n(*k) - v for k, v in before.items()} == want
     assert val(s, "mint_http_latency_seconds_count", route="/v1/completions", method="POST") >= 5
