@@ -15,7 +15,8 @@ COPY services ./services
 COPY cache ./cache
 COPY kernels ./kernels
 COPY bench ./bench
-RUN pip install . \
+# [tinker]: the gateway's Tinker API reads the tinker SDK's protobuf schema.
+RUN pip install ".[tinker]" \
     && python -c "from mintmesh.kernels import native; \
 assert native.load(block=True) and native.load_attn(block=True)"
 STOPSIGNAL SIGTERM

@@ -151,7 +151,7 @@ def schema():
     raise _HTTPError(
         400,
         "this gateway cannot read the tinker SDK's protobuf messages: install the tinker "
-        "wheel (pip install tinker==0.38.0) in the gateway's environment",
+        "wheel in the gateway's environment (pip install 'mintmesh[tinker]')",
         "schema_missing",
     )
 
