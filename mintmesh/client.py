@@ -30,6 +30,39 @@ from mintmesh.wire import STORAGE_TO_PROTO
 
 logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
+
+
+def push_requests(header: store_pb2.PushHeader, weights: bytes):
+    """The PushAdapter stream of one adapter: its header, then its bytes in chunks."""
+    yield store_pb2.PushAdapterRequest(header=header)
+    for i in range(0, len(weights), CHUNK_BYTES):
+        yield store_pb2.PushAdapterRequest(chunk=weights[i : i + CHUNK_BYTES])
+
+
+def push_header(
+    name: str,
+    config_json: str,
+    weights: bytes,
+    labels: dict[str, str] | None = None,
+    storage_format: str = "",
+    source: str = "",
+    parents: list[str] | None = None,
+    data_digest: str = "",
+) -> store_pb2.PushHeader:
+    """The header of one push (the router uses it too, to save a training run)."""
+    return store_pb2.PushHeader(
+        name=name,
+        adapter_config_json=config_json,
+        sha256=hashlib.sha256(weights).hexdigest(),
+        size_bytes=len(weights),
+        labels=labels or {},
+        storage_format=storage_enum(storage_format),
+        source=SOURCES[source] if source else 0,
+        parents=parents or [],
+        data_digest=data_digest,
+    )
+
+
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 SOURCES = {
     "upload": common_pb2.REVISION_SOURCE_UPLOAD,
@@ -234,42 +267,13 @@ class MintClient:
     ) -> common_pb2.AdapterRevision:
         """Push one adapter; storage_format fp32|bf16|fp16|int8 ("" keeps the upload's dtype),
         source "upload" or "training", parents/data_digest: provenance."""
-        header = self._header(
+        header = push_header(
             name, config_json, weights, labels, storage_format, source, parents, data_digest
         )
-
-        def requests():
-            yield store_pb2.PushAdapterRequest(header=header)
-            for i in range(0, len(weights), CHUNK_BYTES):
-                yield store_pb2.PushAdapterRequest(chunk=weights[i : i + CHUNK_BYTES])
-
         resp = self.store.PushAdapter(
-            requests(), timeout=timeout or self.timeout, metadata=self.metadata
+            push_requests(header, weights), timeout=timeout or self.timeout, metadata=self.metadata
         )
         return resp.revision
-
-    @staticmethod
-    def _header(
-        name: str,
-        config_json: str,
-        weights: bytes,
-        labels: dict[str, str] | None = None,
-        storage_format: str = "",
-        source: str = "",
-        parents: list[str] | None = None,
-        data_digest: str = "",
-    ) -> store_pb2.PushHeader:
-        return store_pb2.PushHeader(
-            name=name,
-            adapter_config_json=config_json,
-            sha256=hashlib.sha256(weights).hexdigest(),
-            size_bytes=len(weights),
-            labels=labels or {},
-            storage_format=storage_enum(storage_format),
-            source=SOURCES[source] if source else 0,
-            parents=parents or [],
-            data_digest=data_digest,
-        )
 
     def push_adapter(
         self,
@@ -303,7 +307,7 @@ class MintClient:
             batch: list[store_pb2.InlineAdapter] = []
             size = 0
             for name, cfg, weights in items:
-                header = self._header(name, cfg, weights, labels, storage_format)
+                header = push_header(name, cfg, weights, labels, storage_format)
                 if len(weights) > CHUNK_BYTES // 4:
                     if batch:
                         yield store_pb2.PushAdaptersRequest(

@@ -51,8 +51,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingOptions:
 def prompt_ids(engine: Engine, request) -> list[int]:
     """The prompt of a Generate or Score request: token ids, a chat or a text."""
     messages = getattr(request, "messages", ())
-    fields = {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids}
-    fields["messages"] = messages
+    fields = {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids,
+              "messages": messages}  # fmt: skip
     given = [name for name, value in fields.items() if value]
     if len(given) > 1:
         raise InvalidArgument(f"give one of prompt, prompt_token_ids and messages, not {given}")
@@ -63,6 +63,15 @@ def prompt_ids(engine: Engine, request) -> list[int]:
     if request.prompt:
         return engine.encode(request.prompt)
     raise InvalidArgument("prompt is empty: give prompt, prompt_token_ids or messages")
+
+
+def _next_token_logprobs(logits, ids: list[int]):
+    """(log-softmax of every position but the last [n-1, vocab], log p(ids[t+1]) [n-1])."""
+    import torch
+
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    nxt = torch.tensor(ids[1:], dtype=torch.long)
+    return lp, lp.gather(1, nxt[:, None]).squeeze(1)
 
 
 def _top(engine: Engine, pairs) -> common_pb2.TopLogprobs:
@@ -171,11 +180,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             if want == executor_pb2.FORWARD_OUTPUT_LOGITS:
                 row.logits.extend(lg.reshape(-1).tolist())
             else:
-                import torch
-
-                lp = torch.log_softmax(lg[:-1], dim=-1)
-                nxt = torch.tensor(ids[1:], dtype=torch.long)
-                row.logprobs.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
+                row.logprobs.extend(_next_token_logprobs(lg, ids)[1].tolist())
         return resp
 
     def Score(self, request: executor_pb2.ExecutorScoreRequest, context):
@@ -199,9 +204,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         if has_adapter:
             res.adapter.CopyFrom(request.adapter)
         if len(ids) > 1:
-            lp = torch.log_softmax(lg[:-1].float(), dim=-1)
-            nxt = torch.tensor(ids[1:], dtype=torch.long)
-            res.logprobs.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
+            lp, chosen = _next_token_logprobs(lg, ids)
+            res.logprobs.extend(chosen.tolist())
             if k:
                 vals, idx = torch.topk(lp, k, dim=-1)
                 for v, i in zip(vals.tolist(), idx.tolist(), strict=True):

@@ -146,7 +146,6 @@ class TrainingRun:
         self.steps = 0
         self.has_grads = False
         self.last_loss: float | None = None
-        self.tokens_seen = 0
         # sha256 over every token trained on, in order (the revision's data digest).
         self.data_hash = hashlib.sha256()
 
@@ -192,19 +191,6 @@ class TrainingRun:
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
         cfg = synth_config(self.spec.rank, float(self.spec.alpha), tuple(self.spec.targets))
         return json.dumps(cfg), save(tensors)
-
-    def state_dict(self) -> dict:
-        return {
-            "spec": self.spec,
-            "weights": self.weights(),
-            "optimizer": self.optimizer.state_dict(),
-            "steps": self.steps,
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.load_weights(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps = int(state["steps"])
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
         adam.validate()
@@ -353,25 +339,32 @@ class Trainer:
                 )
             _finite(name, xs, i)
 
+    def check_call(self, run_id: str, data: Sequence[Datum], loss_fn: str) -> TrainingRun:
+        """A forward_backward call's input checked (InvalidArgument naming the field); its run."""
+        if loss_fn not in LOSSES:
+            raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
+        if not data:
+            raise InvalidArgument("data is empty: give at least one datum")
+        for i, d in enumerate(data):
+            self._check(d, loss_fn, i)
+        return self.run(run_id)
+
     def forward_backward(
         self,
         calls: Sequence[tuple[str, Sequence[Datum], str, Mapping[str, float] | None]],
         *,
         forward_only: bool = False,
+        checked: bool = False,
     ) -> list[CallResult]:
         """(run_id, data, loss_fn, loss_fn_config) calls, in one forward (and backward): each
-        run's gradients accumulate on its weights. Results in the calls' order."""
+        run's gradients accumulate on its weights. Results in the calls' order. checked: every
+        call has passed check_call already (the queue checks at submit)."""
         if not calls:
             raise InvalidArgument("no calls")
-        runs = []
-        for ci, (run_id, data, loss_fn, _) in enumerate(calls):
-            if loss_fn not in LOSSES:
-                raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
-            if not data:
-                raise InvalidArgument(f"call {ci} has no data")
-            for i, d in enumerate(data):
-                self._check(d, loss_fn, i)
-            runs.append(self.run(run_id))
+        if checked:
+            runs = [self.run(run_id) for run_id, _, _, _ in calls]
+        else:
+            runs = [self.check_call(run_id, data, fn) for run_id, data, fn, _ in calls]
         # Rows grouped by run: each run one contiguous segment of the batch.
         order = sorted(range(len(calls)), key=lambda c: (runs[c].run_id, c))
         rows: list[tuple[int, int]] = []  # (call, datum) per batch row
@@ -411,7 +404,6 @@ class Trainer:
                 run.has_grads = True
                 run.last_loss = results[c].loss
                 n = sum(len(d.input_ids) for d in calls[c][1])
-                run.tokens_seen += n
                 for d in calls[c][1]:
                     run.data_hash.update(json.dumps(d.input_ids).encode())
                 self.tokens_trained += n
@@ -512,13 +504,7 @@ class TrainingQueue:
         forward_only: bool = False,
         timeout: float | None = None,
     ) -> CallResult:
-        if loss_fn not in LOSSES:
-            raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
-        if not data:
-            raise InvalidArgument("data is empty: give at least one datum")
-        for i, d in enumerate(data):
-            self.trainer._check(d, loss_fn, i)
-        self.trainer.run(run_id)  # exists
+        self.trainer.check_call(run_id, data, loss_fn)
         slot: dict = {}
         with self._cond:
             if self._closed:
@@ -572,7 +558,7 @@ class TrainingQueue:
             batch, forward_only = taken
             try:
                 results = self.trainer.forward_backward(
-                    [call for call, _, _ in batch], forward_only=forward_only
+                    [call for call, _, _ in batch], forward_only=forward_only, checked=True
                 )
                 outcome = [{"result": r} for r in results]
             except Exception as e:  # noqa: BLE001 - handed to every caller of the batch

@@ -316,9 +316,6 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
         base = await base_model(md)
         return "" if model == base.name else model
 
-    def timeout(request: Request) -> float:
-        return config.request_timeout_s
-
     # -- models ----------------------------------------------------------------------------------
 
     def _model_obj(mid: str, owner: str, created_ms: int, base: str | None) -> dict:
@@ -489,7 +486,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
             top = body.logprobs or 0
             rid = f"cmpl-{uuid.uuid4().hex}"
             created = int(time.time())
-            t = timeout(request)
+            t = config.request_timeout_s
 
             def prompt_fields(p):
                 return {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
@@ -541,7 +538,8 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                         )
             choices, firsts = await start_choices(reqs, md, t) if reqs else ([], [])
 
-            def lp_obj(c: _Choice | None, pi: int, text_prefix: str):
+            def lp_obj(c: _Choice | None, pi: int):
+                """The choice's logprobs object: the echoed prompt's, then c's (None: none)."""
                 if not want_lp:
                     return None
                 toks, lps, tops = [], [], [] if top else None
@@ -551,8 +549,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                     toks = toks + c.tokens
                     lps = lps + list(c.logprobs)
                     if tops is not None:
-                        tops = tops + [_with_chosen(a, t, lp) for a, t, lp in
-                                       zip(c.tops, c.tokens, c.logprobs, strict=True)]  # fmt: skip
+                        tops = tops + _with_chosen_all(c.tops, c.tokens, c.logprobs)
                 return completion_logprobs(toks, lps, tops)
 
             def prompt_usage() -> int:
@@ -575,7 +572,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                             {
                                 "index": c.index,
                                 "text": pre + "".join(c.text),
-                                "logprobs": lp_obj(c, c.prompt_index, pre),
+                                "logprobs": lp_obj(c, c.prompt_index),
                                 "finish_reason": c.finish,
                             }
                         )
@@ -586,7 +583,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                                 {
                                     "index": pi * body.n + j,
                                     "text": echo_text(pi),
-                                    "logprobs": lp_obj(None, pi, ""),
+                                    "logprobs": lp_obj(None, pi),
                                     "finish_reason": "length",
                                 }
                             )
@@ -611,10 +608,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                     if body.echo:
                         for pi in range(len(prompts)):
                             for j in range(body.n):
-                                lp = None
-                                if want_lp:
-                                    toks, lps, tops = echo_logprobs(pi)
-                                    lp = completion_logprobs(toks, lps, tops)
+                                lp = lp_obj(None, pi)
                                 yield _sse(chunk_obj(pi * body.n + j, echo_text(pi), lp, None))
                     async for c, ch in merged(choices, firsts):
                         if ch is None:
@@ -624,13 +618,9 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                         if want_lp:
                             tops = None
                             if top:
-                                tops = [
-                                    _with_chosen(a, t, v)
-                                    for a, t, v in zip(
-                                        top_pairs(ch.top_logprobs), ch.tokens, ch.logprobs,
-                                        strict=True,
-                                    )
-                                ]  # fmt: skip
+                                tops = _with_chosen_all(
+                                    top_pairs(ch.top_logprobs), ch.tokens, ch.logprobs
+                                )
                             lp = completion_logprobs(list(ch.tokens), list(ch.logprobs), tops)
                         finish = FINISH.get(ch.finish_reason) if ch.finish_reason else None
                         yield _sse(chunk_obj(c.index, ch.text, lp, finish))
@@ -675,7 +665,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
                 )
                 for j in range(body.n)
             ]
-            choices, firsts = await start_choices(reqs, md, timeout(request))
+            choices, firsts = await start_choices(reqs, md, config.request_timeout_s)
 
             if not body.stream:
                 await collect(choices, firsts)
@@ -756,3 +746,7 @@ def _with_chosen(alts: list[tuple[str, float]], token: str, lp: float) -> list[t
     if any(s == token for s, _ in alts):
         return alts
     return [*alts, (token, lp)]
+
+
+def _with_chosen_all(tops, tokens, logprobs) -> list[list[tuple[str, float]]]:
+    return [_with_chosen(a, t, lp) for a, t, lp in zip(tops, tokens, logprobs, strict=True)]

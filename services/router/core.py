@@ -6,7 +6,6 @@ gets the time left on the caller's deadline (or the configured default).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 import grpc
 
 from mintmesh import errors as E
+from mintmesh.client import push_header, push_requests
 from mintmesh.services.common.auth import ADMIN, Principal
 from mintmesh.services.common.errors import error_info, reraise_downstream
 from mintmesh.services.common.server import insecure_channel
@@ -96,6 +96,14 @@ class RouterCore:
         except grpc.RpcError as err:
             raise reraise_downstream(err, f"resolving {ref!r}") from None
 
+    def _healthy(self) -> list[str]:
+        healthy = self.executors.healthy()
+        if not healthy:
+            raise E.Unavailable(
+                f"no healthy executor (of {len(self.executors.executors)} configured)"
+            )
+        return healthy
+
     def _place(
         self, adapter: str, deadline: float, caller: Principal
     ) -> tuple[common_pb2.AdapterRevision, list[str]]:
@@ -107,11 +115,7 @@ class RouterCore:
             left = deadline - time.monotonic()
             revision = self.resolve(adapter, min(left, self.config.store_timeout_s), caller)
         key = revision.digest or BASE_KEY
-        healthy = self.executors.healthy()
-        if not healthy:
-            raise E.Unavailable(
-                f"no healthy executor (of {len(self.executors.executors)} configured)"
-            )
+        healthy = self._healthy()
         return revision, self.placement.order(healthy, key)
 
     def score(
@@ -222,11 +226,7 @@ class RouterCore:
         with self._runs_lock:
             if run_id in self._runs:
                 raise E.AlreadyExists(f"training run {run_id!r} exists")
-        healthy = self.executors.healthy()
-        if not healthy:
-            raise E.Unavailable(
-                f"no healthy executor (of {len(self.executors.executors)} configured)"
-            )
+        healthy = self._healthy()
         ereq = training_pb2.CreateTrainingRunRequest()
         ereq.CopyFrom(req)
         ereq.run_id, ereq.tenant = run_id, caller.tenant
@@ -300,24 +300,13 @@ class RouterCore:
             }
         )
         weights = got.safetensors
-        header = store_pb2.PushHeader(
-            name=req.name,
-            adapter_config_json=got.adapter_config_json,
-            sha256=hashlib.sha256(weights).hexdigest(),
-            size_bytes=len(weights),
-            labels=labels,
-            source=common_pb2.REVISION_SOURCE_TRAINING,
+        header = push_header(
+            req.name, got.adapter_config_json, weights, labels, source="training",
             data_digest=got.data_digest,
-        )
-
-        def chunks():
-            yield store_pb2.PushAdapterRequest(header=header)
-            for i in range(0, len(weights), 64 * 1024):
-                yield store_pb2.PushAdapterRequest(chunk=weights[i : i + 64 * 1024])
-
+        )  # fmt: skip
         try:
             rev = self.store.PushAdapter(
-                chunks(),
+                push_requests(header, weights),
                 timeout=max(0.001, deadline - time.monotonic()),
                 metadata=self.auth.internal_metadata(caller),
             ).revision
@@ -351,11 +340,7 @@ class RouterCore:
             left = deadline - time.monotonic()
             rev = self.resolve(ref, min(left, self.config.store_timeout_s), caller)
             revisions.append((ref, rev))
-        healthy = self.executors.healthy()
-        if not healthy:
-            raise E.Unavailable(
-                f"no healthy executor (of {len(self.executors.executors)} configured)"
-            )
+        healthy = self._healthy()
         by_executor: dict[str, list[tuple[str, common_pb2.AdapterRevision]]] = {}
         for ref, rev in revisions:
             first = self.placement.order(healthy, rev.digest)[0]
