@@ -20,12 +20,14 @@ install: $(VENV)/.installed
 demo: install
 	$(MINT) demo
 
+# PYTHONSAFEPATH: `python -m` (pytest here, and the CLI the tests start) must not put the
+# checkout first on sys.path, where kernels/ would shadow the `kernels` package transformers uses.
 test: install lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The differential kernel tests with many more (random) examples than CI runs.
 fuzz: install
-	MINT_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 MINT_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -m fuzz $(PYTEST_ARGS)
 
 protos: install
 	$(PY) -m mintmesh.protogen

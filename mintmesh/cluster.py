@@ -49,6 +49,10 @@ class Child:
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,
+            # Not the caller's directory: `python -m` puts its cwd first on sys.path, and from a
+            # checkout the top-level kernels/ and cache/ folders would shadow the PyPI packages
+            # of those names that transformers imports (transformers >= 5.25 needs `kernels`).
+            cwd=str(self.log_path.parent),
         )
         self._reader = threading.Thread(
             target=self._read, args=(log,), name=f"out-{self.name}", daemon=True
