@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned to the CPU build on local disk; pyproject keeps a range for GPU users.
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# MinT's SDK (the `mint` module): it pins tinker 0.22, and works over 0.38 (the Tinker API's tests).
+	$(PY) -m pip install -q --no-deps mindlab-toolkit==0.2.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -999,6 +999,13 @@ def adapter_train(
     ),
     name: str = typer.Option(..., "--name", help="TENANT/NAME: the revision it saves as."),
     base: bool = typer.Option(True, "--base", help="Start from the base model (a fresh LoRA)."),
+    from_ref: str = typer.Option(
+        "",
+        "--from",
+        metavar="REF",
+        help="Start from this revision instead (its rank, alpha and targets; its optimizer "
+        "state too when it was saved with one).",
+    ),
     rank: int = typer.Option(8, "--rank", min=1),
     alpha: float = typer.Option(None, "--alpha", help="LoRA alpha (default 2 x rank)."),
     targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--targets"),
@@ -1048,7 +1055,7 @@ def adapter_train(
 
                 res = tr.train(
                     cl, dataset, name, rank=rank, alpha=alpha, targets=mods, steps=steps,
-                    lr=lr, batch=batch, seed=seed, on_step=step,
+                    lr=lr, batch=batch, seed=seed, on_step=step, from_ref=from_ref,
                 )  # fmt: skip
         except ev.EvalError as e:
             _fail(f"cannot train {name}: {e}")
@@ -1056,7 +1063,7 @@ def adapter_train(
             _fail(f"cannot train {name}: {err.code().name}: {err.details()}")
     if as_json:
         print(json.dumps({"ref": res.ref, "digest": res.digest, "run_id": res.run_id,
-                          "steps": res.steps, "first_loss": res.losses[0],
+                          "steps": res.steps, "parent": res.parent, "first_loss": res.losses[0],
                           "last_loss": res.losses[-1], "data_digest": dataset.sha256}))  # fmt: skip
         return
     out.print(

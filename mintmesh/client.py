@@ -32,11 +32,13 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
 
 
-def push_requests(header: store_pb2.PushHeader, weights: bytes):
-    """The PushAdapter stream of one adapter: its header, then its bytes in chunks."""
+def push_requests(header: store_pb2.PushHeader, weights: bytes, state: bytes = b""):
+    """The PushAdapter stream of one adapter: its header, then its bytes (and its training
+    state's, if any) in chunks."""
     yield store_pb2.PushAdapterRequest(header=header)
-    for i in range(0, len(weights), CHUNK_BYTES):
-        yield store_pb2.PushAdapterRequest(chunk=weights[i : i + CHUNK_BYTES])
+    for data in (weights, state):
+        for i in range(0, len(data), CHUNK_BYTES):
+            yield store_pb2.PushAdapterRequest(chunk=data[i : i + CHUNK_BYTES])
 
 
 def push_header(
@@ -48,9 +50,13 @@ def push_header(
     source: str = "",
     parents: list[str] | None = None,
     data_digest: str = "",
+    state: bytes = b"",
 ) -> store_pb2.PushHeader:
-    """The header of one push (the router uses it too, to save a training run)."""
+    """The header of one push (the router uses it too, to save a training run, with its
+    training state)."""
     return store_pb2.PushHeader(
+        state_sha256=hashlib.sha256(state).hexdigest() if state else "",
+        state_size_bytes=len(state),
         name=name,
         adapter_config_json=config_json,
         sha256=hashlib.sha256(weights).hexdigest(),
@@ -338,10 +344,11 @@ class MintClient:
             self.store.ResolveAdapter, store_pb2.ResolveAdapterRequest(ref=ref)
         ).revision
 
-    def fetch(self, *, digest: str = "", ref: str = "") -> bytes:
+    def fetch(self, *, digest: str = "", ref: str = "", state: bool = False) -> bytes:
+        """A revision's packed bytes (by digest or ref), or with state its training state."""
         parts, header = [], None
         stream = self.store.FetchAdapter(
-            store_pb2.FetchAdapterRequest(digest=digest, ref=ref),
+            store_pb2.FetchAdapterRequest(digest=digest, ref=ref, state=state),
             timeout=self.timeout,
             metadata=self.metadata,
         )
@@ -584,14 +591,21 @@ class MintClient:
 
     def create_training_run(
         self, *, rank: int = 8, alpha: float | None = None, targets=("q_proj", "v_proj"),
-        seed: int = 0, run_id: str = "",
+        seed: int = 0, run_id: str = "", from_ref: str = "", with_optimizer: bool = False,
+        replace: bool = False,
     ) -> training_pb2.CreateTrainingRunResponse:  # fmt: skip
-        """A training run (a fresh LoRA of `rank` on `targets`) on the executor the router picks."""
+        """A training run on the executor the router picks: a fresh LoRA of `rank` on
+        `targets`, or (from_ref) one that starts from a revision's LoRA (its rank, alpha and
+        targets; with_optimizer: its saved AdamW state too, an exact resume). replace: load
+        into the live run run_id (load_state)."""
         lora = training_pb2.LoraConfig(
             rank=rank, alpha=float(alpha if alpha is not None else 2 * rank),
             target_modules=list(targets),
         )  # fmt: skip
-        req = training_pb2.CreateTrainingRunRequest(run_id=run_id, lora=lora, seed=seed)
+        req = training_pb2.CreateTrainingRunRequest(
+            run_id=run_id, lora=lora, seed=seed, from_ref=from_ref,
+            with_optimizer=with_optimizer, replace=replace,
+        )  # fmt: skip
         return self._unary(self.router.CreateTrainingRun, req, retry=False)
 
     def forward_backward(
@@ -613,10 +627,14 @@ class MintClient:
         return self._unary(self.router.OptimStep, req, retry=False)
 
     def save_run(
-        self, run_id: str, name: str, labels: dict[str, str] | None = None
-    ) -> training_pb2.SaveRunWeightsResponse:
-        """The run's LoRA as a new revision of `name` (its ref and digest in the answer)."""
-        req = training_pb2.SaveRunWeightsRequest(run_id=run_id, name=name, labels=labels or {})
+        self, run_id: str, name: str, labels: dict[str, str] | None = None, *,
+        with_state: bool = False,
+    ) -> training_pb2.SaveRunWeightsResponse:  # fmt: skip
+        """The run's LoRA as a new revision of `name` (its ref and digest in the answer);
+        with_state: its optimizer state kept with it (save_state), to resume from exactly."""
+        req = training_pb2.SaveRunWeightsRequest(
+            run_id=run_id, name=name, labels=labels or {}, with_state=with_state
+        )
         return self._unary(self.router.SaveRunWeights, req, retry=False)
 
     def drop_run(self, run_id: str) -> None:

@@ -29,6 +29,9 @@ from mintmesh.packed import (
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The metadata "format" of a training run's saved state (a safetensors file of fp32 master
+# weights and AdamW moments) that the store keeps beside a revision.
+TRAINING_STATE_FORMAT = "mint.training_state.v1"
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 

@@ -6,8 +6,9 @@ Each example becomes one datum: the prompt's and the completion's tokens (tokeni
 executor: Router.Score of the prompt and of prompt + completion, the completion's tokens those
 past their common prefix), cross_entropy weighted 1 on the completion's tokens only. A step is
 one forward_backward over a batch of examples (cycling through the file) and one AdamW step;
-the run ends as a new revision of the name (provenance: training, with the data file's digest)
-and is dropped from the executor.
+the run ends as a new revision of the name (provenance: training, with the data file's digest,
+its training state kept beside it so that `--from` that revision continues exactly) and is
+dropped from the executor.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class TrainResult:
     digest: str
     steps: int
     losses: list[float]  # per step: the batch's loss per completion token
+    parent: str = ""  # the revision it started from ("" = the base)
 
 
 def datums(client: MintClient, dataset: Dataset) -> list[tuple[dict, int]]:
@@ -58,9 +60,18 @@ def train(
     batch: int = 8,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    from_ref: str = "",
 ) -> TrainResult:
+    """from_ref: continue a revision (its LoRA, and its AdamW state and step count when it
+    holds a training state) instead of a fresh LoRA; rank, alpha and targets are then its."""
     data = datums(client, dataset)
-    run = client.create_training_run(rank=rank, alpha=alpha, targets=targets, seed=seed)
+    with_optimizer = False
+    if from_ref:
+        with_optimizer = bool(client.resolve(from_ref).state_digest)
+    run = client.create_training_run(
+        rank=rank, alpha=alpha, targets=targets, seed=seed, from_ref=from_ref,
+        with_optimizer=with_optimizer,
+    )  # fmt: skip
     losses: list[float] = []
     try:
         for step in range(steps):
@@ -73,9 +84,11 @@ def train(
             losses.append(per_token)
             if on_step is not None:
                 on_step(step + 1, per_token)
-        saved = client.save_run(run.run_id, name, labels={"mint.train.data": dataset.sha256})
+        saved = client.save_run(
+            run.run_id, name, labels={"mint.train.data": dataset.sha256}, with_state=True
+        )
     finally:
         # The run's executor may be gone: then there is nothing to free.
         with contextlib.suppress(Exception):
             client.drop_run(run.run_id)
-    return TrainResult(run.run_id, saved.ref, saved.digest, steps, losses)
+    return TrainResult(run.run_id, saved.ref, saved.digest, steps, losses, saved.parent_ref)

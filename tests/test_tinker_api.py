@@ -19,32 +19,14 @@ tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
 from mintmesh.client import MintClient, sampling_params  # noqa: E402
-from mintmesh.cluster import ClusterConfig, LocalCluster  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 TEXTS = ("Hello there, friend.", "The cat sat on the mat.", "Tinker on a mesh.")
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
-    c = LocalCluster(
-        ClusterConfig(
-            model_dir=tiny_model_dir,
-            data_dir=tmp_path_factory.mktemp("tinker-cluster"),
-            executors=1,
-            port=0,
-            http_port=0,
-            env={
-                # get_info's tokenizer: the backbone's directory, loadable offline.
-                "MINT_GATEWAY_TINKER_TOKENIZER_ID": str(tiny_model_dir),
-                "MINT_EXECUTOR_TRAINING_MAX_BYTES": str(4 << 20),
-                "TINKER_TELEMETRY": "0",
-            },
-        )
-    )
-    c.start()
-    yield c
-    c.stop()
+def cluster(tinker_cluster):
+    return tinker_cluster
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +194,69 @@ def test_bad_input_is_the_sdks_user_error_at_once(base_url, keys, trained, make,
     # The run is still usable: its next call is served.
     ok = tc.forward(data, "cross_entropy").result()
     assert len(ok.loss_fn_outputs) == len(data)
+
+
+def _nan_weights(d):
+    n = d.model_input.length
+    return types.Datum(
+        model_input=d.model_input,
+        loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"],
+                        "weights": [1.0] * (n - 1) + [float("nan")]},
+    )  # fmt: skip
+
+
+def _inf_advantages(d):
+    n = d.model_input.length
+    return types.Datum(
+        model_input=d.model_input,
+        loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"],
+                        "logprobs": [-1.0] * n, "advantages": [float("inf")] + [0.5] * (n - 1)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make, loss, needle",
+    [
+        (_nan_weights, "cross_entropy", "weights holds a value that is not finite"),
+        (_inf_advantages, "importance_sampling", "advantages holds a value that is not finite"),
+    ],
+    ids=["nan-weights", "inf-advantages"],
+)
+def test_non_finite_inputs_are_the_sdks_user_error(base_url, keys, trained, make, loss, needle):
+    sc = trained["sc"]
+    tc = sc.create_lora_training_client(base_model=trained["base"], rank=2).result()
+    _, data = _data(trained["tok"])
+    with pytest.raises(tinker.RequestFailedError) as ei:
+        tc.forward_backward([make(data[0])], loss).result()
+    assert ei.value.category == types.RequestErrorCategory.User, ei.value
+    assert needle in str(ei.value)
+
+
+def test_a_learning_rate_of_zero_and_a_step_without_gradients_are_user_errors(trained):
+    sc = trained["sc"]
+    tc = sc.create_lora_training_client(base_model=trained["base"], rank=2).result()
+    t0 = time.monotonic()
+    with pytest.raises(tinker.RequestFailedError) as ei:
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    assert ei.value.category == types.RequestErrorCategory.User
+    assert "no gradients" in str(ei.value)
+    _, data = _data(trained["tok"])
+    tc.forward_backward(data[:1], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError) as ei:
+        tc.optim_step(types.AdamParams(learning_rate=0.0)).result()
+    assert ei.value.category == types.RequestErrorCategory.User
+    assert "learning_rate=0.0 must be > 0" in str(ei.value)
+    assert time.monotonic() - t0 < 20  # never the SDK's retry loop
+
+
+def test_a_rank_above_the_maximum_and_an_unserved_base_are_refused(trained):
+    sc = trained["sc"]
+    t0 = time.monotonic()
+    with pytest.raises(tinker.BadRequestError, match=r"rank=100000 must be in \[1, "):
+        sc.create_lora_training_client(base_model=trained["base"], rank=100000).result()
+    with pytest.raises(tinker.NotFoundError, match="no base model 'Qwen/nope'"):
+        sc.create_lora_training_client(base_model="Qwen/nope", rank=2).result()
+    assert time.monotonic() - t0 < 20
 
 
 def test_another_tenants_path_is_not_found(base_url, keys, trained):

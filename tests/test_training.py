@@ -266,3 +266,125 @@ def test_micro_batches_give_the_whole_batchs_gradients(trainer):
 
 
 ALL_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _train(trainer, run_id, steps, seed0, adam):
+    losses = []
+    for k in range(steps):
+        (res,) = trainer.forward_backward([(run_id, _data(seed0 + k), "cross_entropy", None)])
+        trainer.run(run_id).optim_step(adam)
+        losses.append(res.loss)
+    return losses
+
+
+def test_a_saved_state_resumes_exactly(trainer):
+    """save_state after 3 steps, load it into a new run (with the optimizer): its next 3 steps
+    are bit-equal to the uninterrupted run's, losses and weights; without the optimizer the
+    weights are the saved ones but AdamW starts afresh (so the steps differ)."""
+    from mintmesh.services.executor.training import TrainingState
+
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    adam = AdamParams(learning_rate=3e-2, weight_decay=0.1, grad_clip_norm=1.0)
+    trainer.create_run("whole", "t", spec, seed=5)
+    _train(trainer, "whole", 3, 10, adam)
+    state = trainer.run("whole").state_bytes()
+    digest_at_3 = trainer.run("whole").data_hash.hexdigest()
+    want = _train(trainer, "whole", 3, 13, adam)
+
+    parsed = TrainingState.parse(state)
+    assert parsed.spec == spec and parsed.steps == 3 and parsed.data_digest == digest_at_3
+    assert parsed.moments and all(step == 3.0 for _, _, step in parsed.moments.values())
+    trainer.create_run("resumed", "t", LoraSpec(1, 1.0, ("q_proj",)), init=parsed, optimizer=True)
+    r = trainer.run("resumed")
+    assert r.spec == spec and r.steps == 3  # the state's spec, not the request's
+    got = _train(trainer, "resumed", 3, 13, adam)
+    assert got == want  # bit-equal: same weights, moments and step counts
+    for name, (a, b) in trainer.run("whole").layers.items():
+        ra, rb = r.layers[name]
+        assert torch.equal(a, ra) and torch.equal(b, rb), name
+    # The data digest chains on from the saved one: sha256(saved digest, then the new tokens).
+    import hashlib
+    import json
+
+    h = hashlib.sha256(digest_at_3.encode())
+    for k in range(13, 16):
+        for d in _data(k):
+            h.update(json.dumps(d.input_ids).encode())
+    assert r.data_hash.hexdigest() == h.hexdigest() != digest_at_3
+
+    trainer.create_run("weights-only", "t", spec, init=TrainingState.parse(state))
+    w = trainer.run("weights-only")
+    assert w.steps == 0 and not w.optimizer.state
+    fresh = _train(trainer, "weights-only", 1, 13, adam)
+    assert fresh[0] == want[0]  # the same weights: the same first loss
+    q = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(w.layers[q][1], trainer.run("resumed").layers[q][1])
+
+
+def test_loading_replaces_a_live_run_and_refuses_what_does_not_fit(trainer, tiny_model_dir):
+    from mintmesh import peft_io
+    from mintmesh.model import base_model_info
+    from mintmesh.services.executor.training import TrainingState
+
+    spec = LoraSpec(rank=2, alpha=4.0, targets=("q_proj",))
+    trainer.create_run("a", "t", spec, seed=1)
+    _train(trainer, "a", 2, 1, AdamParams(learning_rate=1e-2))
+    state = TrainingState.parse(trainer.run("a").state_bytes())
+    with pytest.raises(InvalidArgument, match="exists already"):
+        trainer.create_run("a", "t", spec, init=state)
+    with pytest.raises(InvalidArgument, match="another tenant"):
+        trainer.create_run("a", "u", spec, init=state, replace=True)
+    trainer.create_run("b", "t", LoraSpec(rank=3, alpha=3.0, targets=("v_proj",)), seed=2)
+    trainer.create_run("b", "t", spec, init=state, replace=True, optimizer=True)
+    assert trainer.run("b").spec == spec and trainer.run("b").steps == 2
+    # A served revision (packed) as the start: its weights in fp32, no optimizer state.
+    cfg, st = trainer.run("a").peft_bytes()
+    packed = peft_io.validate_and_pack(cfg, st, base_model_info(tiny_model_dir), max_rank=64).data
+    init = TrainingState.from_packed(packed)
+    assert init.spec == spec and not init.moments
+    for name, (a, b) in trainer.run("a").layers.items():
+        assert torch.equal(init.weights[name][0], a.detach())
+        assert torch.equal(init.weights[name][1], b.detach())
+    with pytest.raises(FailedPrecondition, match="no optimizer state"):
+        trainer.create_run("c", "t", spec, init=init, optimizer=True)
+    with pytest.raises(InvalidArgument, match="does not parse|format"):
+        TrainingState.parse(st)  # a LoRA's safetensors is not a training state
+
+
+def test_reverse_kl_is_the_kl_to_the_reference_and_training_shrinks_it(trainer, engine):
+    """reverse_kl: sum_t w_t KL(softmax(student/T) || q_t) over the vocabulary, q a reference's
+    log-probabilities spanning a wide range; a fresh run is the base model, so the loss equals
+    the KL computed from the base's own logits; optim steps on it bring the student closer."""
+    spec = LoraSpec(rank=4, alpha=16.0, targets=("q_proj", "v_proj", "up_proj"))
+    trainer.create_run("kl", "t", spec, seed=2)
+    data = _data(21, lens=(9, 14))
+    g = torch.Generator().manual_seed(4)
+    tau = 0.7
+    for d in data:
+        n = len(d.input_ids)
+        d.reference_logprobs = torch.log_softmax(
+            torch.randn(n, engine.vocab_size, generator=g) * 6.0 / tau, dim=-1
+        )
+    with torch.no_grad():
+        want = []
+        for d in data:
+            logits = engine.model(input_ids=torch.tensor([d.input_ids])).logits[0].double()
+            lp = torch.log_softmax(logits / tau, dim=-1)
+            kl = (lp.exp() * (lp - d.reference_logprobs.double())).sum(-1)
+            want.append(torch.tensor(d.weights, dtype=torch.float64) * kl)
+    (res,) = trainer.forward_backward([("kl", data, "reverse_kl", {"temperature": tau})])
+    for got, w in zip(res.logprobs, want, strict=True):
+        assert got == pytest.approx(w.tolist(), rel=1e-4, abs=1e-5)
+    assert res.loss == pytest.approx(float(sum(w.sum() for w in want)), rel=1e-5)
+    assert res.loss > 1.0
+    losses = [res.loss]
+    run = trainer.run("kl")
+    for _ in range(5):
+        run.optim_step(AdamParams(learning_rate=2e-2))
+        (res,) = trainer.forward_backward([("kl", data, "reverse_kl", {"temperature": tau})])
+        losses.append(res.loss)
+    assert losses[-1] < 0.8 * losses[0], losses
+    # Without the reference's log-probabilities the loss is refused, naming the field.
+    bare = _data(21, lens=(9,))
+    with pytest.raises(InvalidArgument, match="reference_input is needed"):
+        trainer.forward_backward([("kl", bare, "reverse_kl", None)])

@@ -114,6 +114,13 @@ def test_train_save_and_serve_a_personal_adapter(cluster, keys, tok, tiny_model_
     pm = PeftModel.from_pretrained(load_model(tiny_model_dir)[0], str(d), adapter_name="me")
     want, _ = peft_greedy(pm, "me", p, len(c), stop_at_eos=False)
     assert out.token_ids == want
+    # The same through the OpenAI API (the real SDK, the gateway): peft's tokens, as text.
+    import openai
+
+    oa = openai.OpenAI(base_url=cluster.openai_base_url, api_key=keys["alice"], max_retries=0)
+    got = oa.completions.create(model=saved.ref, prompt=p, max_tokens=len(c), temperature=0,
+                                extra_body={"ignore_eos": True})  # fmt: skip
+    assert got.choices[0].text == tok.decode(want) == SENTENCE
 
 
 def test_runs_of_several_tenants_share_passes_and_keep_their_own(cluster, keys, tok):
@@ -280,6 +287,19 @@ def test_mint_adapter_train_cli_trains_saves_and_serves(cluster, keys, tmp_path)
     # The run is gone from the executors once saved.
     assert sum(s.training_runs for s in _executor_status(cluster)) == runs_before
     assert out.text.startswith(SENTENCE)
+    # --from: the revision continues (its LoRA and its AdamW state: the saved training state).
+    assert rev.state_digest
+    r = mint("adapter", "train", "--data", str(data), "--name", "alice/cli", "--from",
+             obj["ref"], "--steps", "2", "--lr", "1e-2", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    more = json.loads(r.stdout.strip().splitlines()[-1])
+    assert more["parent"] == obj["ref"] and more["ref"] != obj["ref"]
+    assert more["first_loss"] < 0.5 * obj["first_loss"]  # it starts where the first ended
+    with _client(cluster, keys["alice"]) as cl:
+        cont = cl.resolve(more["ref"])
+    assert cont.labels["mint.train.steps"] == "102"
+    assert [p.ref for p in cont.provenance.parents] == [obj["ref"]]
+    assert (cont.rank, sorted(cont.target_modules)) == (16, sorted(ALL))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     r = mint("adapter", "train", "--data", str(bad), "--name", "alice/bad")

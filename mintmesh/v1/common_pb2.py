@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mintmesh/v1/common.proto\x12\x0bmintmesh.v1\"\x80\x04\n\x0f\x41\x64\x61pterRevision\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x1a\n\x12\x63reated_at_unix_ms\x18\n \x01(\x03\x12\x0b\n\x03ref\x18\x0b \x01(\t\x12\x38\n\x06labels\x18\x0c \x03(\x0b\x32(.mintmesh.v1.AdapterRevision.LabelsEntry\x12\x32\n\x0estorage_format\x18\r \x01(\x0e\x32\x1a.mintmesh.v1.StorageFormat\x12)\n\x05state\x18\x0e \x01(\x0e\x32\x1a.mintmesh.v1.RevisionState\x12+\n\nprovenance\x18\x0f \x01(\x0b\x32\x17.mintmesh.v1.Provenance\x12,\n\x0b\x65valuations\x18\x10 \x03(\x0b\x32\x17.mintmesh.v1.Evaluation\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0eParentRevision\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x8c\x01\n\nProvenance\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.mintmesh.v1.RevisionSource\x12,\n\x07parents\x18\x02 \x03(\x0b\x32\x1b.mintmesh.v1.ParentRevision\x12\x13\n\x0b\x64\x61ta_digest\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\"t\n\nEvaluation\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tevaluator\x18\x03 \x01(\t\x12\x1c\n\x14\x65valuated_at_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x61taset_digest\x18\x05 \x01(\t\"\xd5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xae\x02\n\x0fGenerationChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.mintmesh.v1.FinishReason\x12-\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x10\n\x08\x65xecutor\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.mintmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06tokens\x18\t \x03(\t\x12.\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x18.mintmesh.v1.TopLogprobs\"B\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb3\x01\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.mintmesh.v1.TopLogprobs\x12-\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x10\n\x08\x65xecutor\x18\x06 \x01(\t*\x9d\x01\n\rStorageFormat\x12\x1e\n\x1aSTORAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16STORAGE_FORMAT_FLOAT32\x10\x01\x12\x1b\n\x17STORAGE_FORMAT_BFLOAT16\x10\x02\x12\x1a\n\x16STORAGE_FORMAT_FLOAT16\x10\x03\x12\x17\n\x13STORAGE_FORMAT_INT8\x10\x04*\x84\x01\n\rRevisionState\x12\x1e\n\x1aREVISION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVISION_STATE_READY\x10\x01\x12\x1d\n\x19REVISION_STATE_DEPRECATED\x10\x02\x12\x1a\n\x16REVISION_STATE_DELETED\x10\x03*\x86\x01\n\x0eRevisionSource\x12\x1f\n\x1bREVISION_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REVISION_SOURCE_UPLOAD\x10\x01\x12\x19\n\x15REVISION_SOURCE_MERGE\x10\x02\x12\x1c\n\x18REVISION_SOURCE_TRAINING\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mintmesh/v1/common.proto\x12\x0bmintmesh.v1\"\xb0\x04\n\x0f\x41\x64\x61pterRevision\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\r\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x1a\n\x12\x63reated_at_unix_ms\x18\n \x01(\x03\x12\x0b\n\x03ref\x18\x0b \x01(\t\x12\x38\n\x06labels\x18\x0c \x03(\x0b\x32(.mintmesh.v1.AdapterRevision.LabelsEntry\x12\x32\n\x0estorage_format\x18\r \x01(\x0e\x32\x1a.mintmesh.v1.StorageFormat\x12)\n\x05state\x18\x0e \x01(\x0e\x32\x1a.mintmesh.v1.RevisionState\x12+\n\nprovenance\x18\x0f \x01(\x0b\x32\x17.mintmesh.v1.Provenance\x12,\n\x0b\x65valuations\x18\x10 \x03(\x0b\x32\x17.mintmesh.v1.Evaluation\x12\x14\n\x0cstate_digest\x18\x11 \x01(\t\x12\x18\n\x10state_size_bytes\x18\x12 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0eParentRevision\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x8c\x01\n\nProvenance\x12+\n\x06source\x18\x01 \x01(\x0e\x32\x1b.mintmesh.v1.RevisionSource\x12,\n\x07parents\x18\x02 \x03(\x0b\x32\x1b.mintmesh.v1.ParentRevision\x12\x13\n\x0b\x64\x61ta_digest\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\"t\n\nEvaluation\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tevaluator\x18\x03 \x01(\t\x12\x1c\n\x14\x65valuated_at_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x61taset_digest\x18\x05 \x01(\t\"\xd5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xae\x02\n\x0fGenerationChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.mintmesh.v1.FinishReason\x12-\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x10\n\x08\x65xecutor\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.mintmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06tokens\x18\t \x03(\t\x12.\n\x0ctop_logprobs\x18\n \x03(\x0b\x32\x18.mintmesh.v1.TopLogprobs\"B\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb3\x01\n\x0bScoreResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.mintmesh.v1.TopLogprobs\x12-\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x12\x10\n\x08\x65xecutor\x18\x06 \x01(\t*\x9d\x01\n\rStorageFormat\x12\x1e\n\x1aSTORAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16STORAGE_FORMAT_FLOAT32\x10\x01\x12\x1b\n\x17STORAGE_FORMAT_BFLOAT16\x10\x02\x12\x1a\n\x16STORAGE_FORMAT_FLOAT16\x10\x03\x12\x17\n\x13STORAGE_FORMAT_INT8\x10\x04*\x84\x01\n\rRevisionState\x12\x1e\n\x1aREVISION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVISION_STATE_READY\x10\x01\x12\x1d\n\x19REVISION_STATE_DEPRECATED\x10\x02\x12\x1a\n\x16REVISION_STATE_DELETED\x10\x03*\x86\x01\n\x0eRevisionSource\x12\x1f\n\x1bREVISION_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REVISION_SOURCE_UPLOAD\x10\x01\x12\x19\n\x15REVISION_SOURCE_MERGE\x10\x02\x12\x1c\n\x18REVISION_SOURCE_TRAINING\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERREVISION_LABELSENTRY']._loaded_options = None
   _globals['_ADAPTERREVISION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_STORAGEFORMAT']._serialized_start=1757
-  _globals['_STORAGEFORMAT']._serialized_end=1914
-  _globals['_REVISIONSTATE']._serialized_start=1917
-  _globals['_REVISIONSTATE']._serialized_end=2049
-  _globals['_REVISIONSOURCE']._serialized_start=2052
-  _globals['_REVISIONSOURCE']._serialized_end=2186
-  _globals['_FINISHREASON']._serialized_start=2188
-  _globals['_FINISHREASON']._serialized_end=2312
+  _globals['_STORAGEFORMAT']._serialized_start=1805
+  _globals['_STORAGEFORMAT']._serialized_end=1962
+  _globals['_REVISIONSTATE']._serialized_start=1965
+  _globals['_REVISIONSTATE']._serialized_end=2097
+  _globals['_REVISIONSOURCE']._serialized_start=2100
+  _globals['_REVISIONSOURCE']._serialized_end=2234
+  _globals['_FINISHREASON']._serialized_start=2236
+  _globals['_FINISHREASON']._serialized_end=2360
   _globals['_ADAPTERREVISION']._serialized_start=42
-  _globals['_ADAPTERREVISION']._serialized_end=554
-  _globals['_ADAPTERREVISION_LABELSENTRY']._serialized_start=509
-  _globals['_ADAPTERREVISION_LABELSENTRY']._serialized_end=554
-  _globals['_PARENTREVISION']._serialized_start=556
-  _globals['_PARENTREVISION']._serialized_end=617
-  _globals['_PROVENANCE']._serialized_start=620
-  _globals['_PROVENANCE']._serialized_end=760
-  _globals['_EVALUATION']._serialized_start=762
-  _globals['_EVALUATION']._serialized_end=878
-  _globals['_SAMPLINGPARAMS']._serialized_start=881
-  _globals['_SAMPLINGPARAMS']._serialized_end=1094
-  _globals['_USAGE']._serialized_start=1096
-  _globals['_USAGE']._serialized_end=1153
-  _globals['_GENERATIONCHUNK']._serialized_start=1156
-  _globals['_GENERATIONCHUNK']._serialized_end=1458
-  _globals['_TOPLOGPROBS']._serialized_start=1460
-  _globals['_TOPLOGPROBS']._serialized_end=1526
-  _globals['_CHATMESSAGE']._serialized_start=1528
-  _globals['_CHATMESSAGE']._serialized_end=1572
-  _globals['_SCORERESULT']._serialized_start=1575
-  _globals['_SCORERESULT']._serialized_end=1754
+  _globals['_ADAPTERREVISION']._serialized_end=602
+  _globals['_ADAPTERREVISION_LABELSENTRY']._serialized_start=557
+  _globals['_ADAPTERREVISION_LABELSENTRY']._serialized_end=602
+  _globals['_PARENTREVISION']._serialized_start=604
+  _globals['_PARENTREVISION']._serialized_end=665
+  _globals['_PROVENANCE']._serialized_start=668
+  _globals['_PROVENANCE']._serialized_end=808
+  _globals['_EVALUATION']._serialized_start=810
+  _globals['_EVALUATION']._serialized_end=926
+  _globals['_SAMPLINGPARAMS']._serialized_start=929
+  _globals['_SAMPLINGPARAMS']._serialized_end=1142
+  _globals['_USAGE']._serialized_start=1144
+  _globals['_USAGE']._serialized_end=1201
+  _globals['_GENERATIONCHUNK']._serialized_start=1204
+  _globals['_GENERATIONCHUNK']._serialized_end=1506
+  _globals['_TOPLOGPROBS']._serialized_start=1508
+  _globals['_TOPLOGPROBS']._serialized_end=1574
+  _globals['_CHATMESSAGE']._serialized_start=1576
+  _globals['_CHATMESSAGE']._serialized_end=1620
+  _globals['_SCORERESULT']._serialized_start=1623
+  _globals['_SCORERESULT']._serialized_end=1802
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class AdapterRevision(_message.Message):
-    __slots__ = ("tenant", "name", "revision", "digest", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at_unix_ms", "ref", "labels", "storage_format", "state", "provenance", "evaluations")
+    __slots__ = ("tenant", "name", "revision", "digest", "base_fingerprint", "rank", "alpha", "target_modules", "size_bytes", "created_at_unix_ms", "ref", "labels", "storage_format", "state", "provenance", "evaluations", "state_digest", "state_size_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class AdapterRevision(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     revision: int
@@ -94,7 +96,9 @@ class AdapterRevision(_message.Message):
     state: RevisionState
     provenance: Provenance
     evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at_unix_ms: _Optional[int] = ..., ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., storage_format: _Optional[_Union[StorageFormat, str]] = ..., state: _Optional[_Union[RevisionState, str]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
+    state_digest: str
+    state_size_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., created_at_unix_ms: _Optional[int] = ..., ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., storage_format: _Optional[_Union[StorageFormat, str]] = ..., state: _Optional[_Union[RevisionState, str]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ..., state_digest: _Optional[str] = ..., state_size_bytes: _Optional[int] = ...) -> None: ...
 
 class ParentRevision(_message.Message):
     __slots__ = ("ref", "digest", "weight")

@@ -25,7 +25,7 @@ MERGE_METHOD_UNSPECIFIED: MergeMethod
 MERGE_METHOD_LINEAR: MergeMethod
 
 class PushHeader(_message.Message):
-    __slots__ = ("name", "adapter_config_json", "sha256", "size_bytes", "labels", "base_fingerprint", "storage_format", "source", "parents", "data_digest")
+    __slots__ = ("name", "adapter_config_json", "sha256", "size_bytes", "labels", "base_fingerprint", "storage_format", "source", "parents", "data_digest", "state_sha256", "state_size_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class PushHeader(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    STATE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     adapter_config_json: str
     sha256: str
@@ -53,7 +55,9 @@ class PushHeader(_message.Message):
     source: _common_pb2.RevisionSource
     parents: _containers.RepeatedScalarFieldContainer[str]
     data_digest: str
-    def __init__(self, name: _Optional[str] = ..., adapter_config_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., base_fingerprint: _Optional[str] = ..., storage_format: _Optional[_Union[_common_pb2.StorageFormat, str]] = ..., source: _Optional[_Union[_common_pb2.RevisionSource, str]] = ..., parents: _Optional[_Iterable[str]] = ..., data_digest: _Optional[str] = ...) -> None: ...
+    state_sha256: str
+    state_size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., adapter_config_json: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., base_fingerprint: _Optional[str] = ..., storage_format: _Optional[_Union[_common_pb2.StorageFormat, str]] = ..., source: _Optional[_Union[_common_pb2.RevisionSource, str]] = ..., parents: _Optional[_Iterable[str]] = ..., data_digest: _Optional[str] = ..., state_sha256: _Optional[str] = ..., state_size_bytes: _Optional[int] = ...) -> None: ...
 
 class PushAdapterRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -82,12 +86,14 @@ class ResolveAdapterResponse(_message.Message):
     def __init__(self, revision: _Optional[_Union[_common_pb2.AdapterRevision, _Mapping]] = ...) -> None: ...
 
 class FetchAdapterRequest(_message.Message):
-    __slots__ = ("digest", "ref")
+    __slots__ = ("digest", "ref", "state")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     digest: str
     ref: str
-    def __init__(self, digest: _Optional[str] = ..., ref: _Optional[str] = ...) -> None: ...
+    state: bool
+    def __init__(self, digest: _Optional[str] = ..., ref: _Optional[str] = ..., state: _Optional[bool] = ...) -> None: ...
 
 class FetchHeader(_message.Message):
     __slots__ = ("digest", "size_bytes")

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mintmesh.v1 import common_pb2 as mintmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amintmesh/v1/training.proto\x12\x0bmintmesh.v1\"A\n\nLoraConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\"o\n\x18\x43reateTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04lora\x18\x02 \x01(\x0b\x32\x17.mintmesh.v1.LoraConfig\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"[\n\x19\x43reateTrainingRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x02 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x03 \x01(\x04\"p\n\rTrainingDatum\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x15\n\rtarget_tokens\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x12\n\nadvantages\x18\x05 \x03(\x02\"\xfd\x01\n\x16\x46orwardBackwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.mintmesh.v1.TrainingDatum\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12M\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32\x35.mintmesh.v1.ForwardBackwardRequest.LossFnConfigEntry\x12\x14\n\x0c\x66orward_only\x18\x05 \x01(\x08\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\rDatumLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\xba\x01\n\x17\x46orwardBackwardResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.mintmesh.v1.DatumLogprobs\x12\x42\n\x07metrics\x18\x02 \x03(\x0b\x32\x31.mintmesh.v1.ForwardBackwardResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\nAdamParams\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0egrad_clip_norm\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x10\n\x0e_learning_rateB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\x0f\n\r_weight_decayB\x11\n\x0f_grad_clip_norm\"I\n\x10OptimStepRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x17.mintmesh.v1.AdamParams\"\x90\x01\n\x11OptimStepResponse\x12<\n\x07metrics\x18\x01 \x03(\x0b\x32+.mintmesh.v1.OptimStepResponse.MetricsEntry\x12\r\n\x05steps\x18\x02 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa4\x01\n\x15SaveRunWeightsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..mintmesh.v1.SaveRunWeightsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x01\n\x16SaveRunWeightsResponse\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x01 \x01(\t\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x61ta_digest\x18\x05 \x01(\t\x12\x0b\n\x03ref\x18\x06 \x01(\t\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\"(\n\x16\x44ropTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x19\n\x17\x44ropTrainingRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amintmesh/v1/training.proto\x12\x0bmintmesh.v1\x1a\x18mintmesh/v1/common.proto\"A\n\nLoraConfig\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\"\x84\x02\n\x18\x43reateTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04lora\x18\x02 \x01(\x0b\x32\x17.mintmesh.v1.LoraConfig\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x10\n\x08\x66rom_ref\x18\x05 \x01(\t\x12\x16\n\x0ewith_optimizer\x18\x06 \x01(\x08\x12\x0f\n\x07replace\x18\x07 \x01(\x08\x12\x12\n\ninit_state\x18\x08 \x01(\x0c\x12\x14\n\x0cinit_adapter\x18\t \x01(\x0c\x12\x12\n\nparent_ref\x18\n \x01(\t\x12\x1a\n\x12parent_data_digest\x18\x0b \x01(\t\"\x91\x01\n\x19\x43reateTrainingRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x02 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x03 \x01(\x04\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.mintmesh.v1.LoraConfig\x12\r\n\x05steps\x18\x05 \x01(\x04\"\x8d\x01\n\rTrainingDatum\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x15\n\rtarget_tokens\x18\x02 \x03(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x12\n\nadvantages\x18\x05 \x03(\x02\x12\x1b\n\x13reference_input_ids\x18\x06 \x03(\r\"\xc5\x02\n\x16\x46orwardBackwardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.mintmesh.v1.TrainingDatum\x12\x0f\n\x07loss_fn\x18\x03 \x01(\t\x12M\n\x0eloss_fn_config\x18\x04 \x03(\x0b\x32\x35.mintmesh.v1.ForwardBackwardRequest.LossFnConfigEntry\x12\x14\n\x0c\x66orward_only\x18\x05 \x01(\x08\x12\x15\n\rreference_ref\x18\x06 \x01(\t\x12/\n\treference\x18\x07 \x01(\x0b\x32\x1c.mintmesh.v1.AdapterRevision\x1a\x33\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\rDatumLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\xba\x01\n\x17\x46orwardBackwardResponse\x12+\n\x07outputs\x18\x01 \x03(\x0b\x32\x1a.mintmesh.v1.DatumLogprobs\x12\x42\n\x07metrics\x18\x02 \x03(\x0b\x32\x31.mintmesh.v1.ForwardBackwardResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xec\x01\n\nAdamParams\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0egrad_clip_norm\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x10\n\x0e_learning_rateB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\x0f\n\r_weight_decayB\x11\n\x0f_grad_clip_norm\"I\n\x10OptimStepRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04\x61\x64\x61m\x18\x02 \x01(\x0b\x32\x17.mintmesh.v1.AdamParams\"\x90\x01\n\x11OptimStepResponse\x12<\n\x07metrics\x18\x01 \x03(\x0b\x32+.mintmesh.v1.OptimStepResponse.MetricsEntry\x12\r\n\x05steps\x18\x02 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\x15SaveRunWeightsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12>\n\x06labels\x18\x03 \x03(\x0b\x32..mintmesh.v1.SaveRunWeightsRequest.LabelsEntry\x12\x12\n\nwith_state\x18\x04 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x01\n\x16SaveRunWeightsResponse\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\x01 \x01(\t\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x61ta_digest\x18\x05 \x01(\t\x12\x0b\n\x03ref\x18\x06 \x01(\t\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\x0c\x12\x12\n\nparent_ref\x18\t \x01(\t\"(\n\x16\x44ropTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x19\n\x17\x44ropTrainingRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,40 +40,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LORACONFIG']._serialized_start=43
-  _globals['_LORACONFIG']._serialized_end=108
-  _globals['_CREATETRAININGRUNREQUEST']._serialized_start=110
-  _globals['_CREATETRAININGRUNREQUEST']._serialized_end=221
-  _globals['_CREATETRAININGRUNRESPONSE']._serialized_start=223
-  _globals['_CREATETRAININGRUNRESPONSE']._serialized_end=314
-  _globals['_TRAININGDATUM']._serialized_start=316
-  _globals['_TRAININGDATUM']._serialized_end=428
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=431
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=684
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=633
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=684
-  _globals['_DATUMLOGPROBS']._serialized_start=686
-  _globals['_DATUMLOGPROBS']._serialized_end=719
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=722
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=908
-  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_start=862
-  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_end=908
-  _globals['_ADAMPARAMS']._serialized_start=911
-  _globals['_ADAMPARAMS']._serialized_end=1147
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1149
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1222
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1225
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1369
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=862
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=908
-  _globals['_SAVERUNWEIGHTSREQUEST']._serialized_start=1372
-  _globals['_SAVERUNWEIGHTSREQUEST']._serialized_end=1536
-  _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._serialized_start=1491
-  _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._serialized_end=1536
-  _globals['_SAVERUNWEIGHTSRESPONSE']._serialized_start=1539
-  _globals['_SAVERUNWEIGHTSRESPONSE']._serialized_end=1697
-  _globals['_DROPTRAININGRUNREQUEST']._serialized_start=1699
-  _globals['_DROPTRAININGRUNREQUEST']._serialized_end=1739
-  _globals['_DROPTRAININGRUNRESPONSE']._serialized_start=1741
-  _globals['_DROPTRAININGRUNRESPONSE']._serialized_end=1766
+  _globals['_LORACONFIG']._serialized_start=69
+  _globals['_LORACONFIG']._serialized_end=134
+  _globals['_CREATETRAININGRUNREQUEST']._serialized_start=137
+  _globals['_CREATETRAININGRUNREQUEST']._serialized_end=397
+  _globals['_CREATETRAININGRUNRESPONSE']._serialized_start=400
+  _globals['_CREATETRAININGRUNRESPONSE']._serialized_end=545
+  _globals['_TRAININGDATUM']._serialized_start=548
+  _globals['_TRAININGDATUM']._serialized_end=689
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=692
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=1017
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=966
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=1017
+  _globals['_DATUMLOGPROBS']._serialized_start=1019
+  _globals['_DATUMLOGPROBS']._serialized_end=1052
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=1055
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=1241
+  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_start=1195
+  _globals['_FORWARDBACKWARDRESPONSE_METRICSENTRY']._serialized_end=1241
+  _globals['_ADAMPARAMS']._serialized_start=1244
+  _globals['_ADAMPARAMS']._serialized_end=1480
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1482
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1555
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1558
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1702
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=1195
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=1241
+  _globals['_SAVERUNWEIGHTSREQUEST']._serialized_start=1705
+  _globals['_SAVERUNWEIGHTSREQUEST']._serialized_end=1889
+  _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._serialized_start=1844
+  _globals['_SAVERUNWEIGHTSREQUEST_LABELSENTRY']._serialized_end=1889
+  _globals['_SAVERUNWEIGHTSRESPONSE']._serialized_start=1892
+  _globals['_SAVERUNWEIGHTSRESPONSE']._serialized_end=2085
+  _globals['_DROPTRAININGRUNREQUEST']._serialized_start=2087
+  _globals['_DROPTRAININGRUNREQUEST']._serialized_end=2127
+  _globals['_DROPTRAININGRUNRESPONSE']._serialized_start=2129
+  _globals['_DROPTRAININGRUNRESPONSE']._serialized_end=2154
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from mintmesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -17,43 +18,63 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
-    __slots__ = ("run_id", "lora", "seed", "tenant")
+    __slots__ = ("run_id", "lora", "seed", "tenant", "from_ref", "with_optimizer", "replace", "init_state", "init_adapter", "parent_ref", "parent_data_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    FROM_REF_FIELD_NUMBER: _ClassVar[int]
+    WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    INIT_STATE_FIELD_NUMBER: _ClassVar[int]
+    INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REF_FIELD_NUMBER: _ClassVar[int]
+    PARENT_DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     lora: LoraConfig
     seed: int
     tenant: str
-    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    from_ref: str
+    with_optimizer: bool
+    replace: bool
+    init_state: bytes
+    init_adapter: bytes
+    parent_ref: str
+    parent_data_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., from_ref: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., replace: _Optional[bool] = ..., init_state: _Optional[bytes] = ..., init_adapter: _Optional[bytes] = ..., parent_ref: _Optional[str] = ..., parent_data_digest: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingRunResponse(_message.Message):
-    __slots__ = ("run_id", "executor", "trainable_parameters")
+    __slots__ = ("run_id", "executor", "trainable_parameters", "lora", "steps")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     executor: str
     trainable_parameters: int
-    def __init__(self, run_id: _Optional[str] = ..., executor: _Optional[str] = ..., trainable_parameters: _Optional[int] = ...) -> None: ...
+    lora: LoraConfig
+    steps: int
+    def __init__(self, run_id: _Optional[str] = ..., executor: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class TrainingDatum(_message.Message):
-    __slots__ = ("input_ids", "target_tokens", "weights", "logprobs", "advantages")
+    __slots__ = ("input_ids", "target_tokens", "weights", "logprobs", "advantages", "reference_input_ids")
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     target_tokens: _containers.RepeatedScalarFieldContainer[int]
     weights: _containers.RepeatedScalarFieldContainer[float]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     advantages: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., advantages: _Optional[_Iterable[float]] = ...) -> None: ...
+    reference_input_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ..., advantages: _Optional[_Iterable[float]] = ..., reference_input_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("run_id", "data", "loss_fn", "loss_fn_config", "forward_only")
+    __slots__ = ("run_id", "data", "loss_fn", "loss_fn_config", "forward_only", "reference_ref", "reference")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,12 +87,16 @@ class ForwardBackwardRequest(_message.Message):
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_REF_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     data: _containers.RepeatedCompositeFieldContainer[TrainingDatum]
     loss_fn: str
     loss_fn_config: _containers.ScalarMap[str, float]
     forward_only: bool
-    def __init__(self, run_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[TrainingDatum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ...) -> None: ...
+    reference_ref: str
+    reference: _common_pb2.AdapterRevision
+    def __init__(self, run_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[TrainingDatum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, float]] = ..., forward_only: _Optional[bool] = ..., reference_ref: _Optional[str] = ..., reference: _Optional[_Union[_common_pb2.AdapterRevision, _Mapping]] = ...) -> None: ...
 
 class DatumLogprobs(_message.Message):
     __slots__ = ("logprobs",)
@@ -134,7 +159,7 @@ class OptimStepResponse(_message.Message):
     def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class SaveRunWeightsRequest(_message.Message):
-    __slots__ = ("run_id", "name", "labels")
+    __slots__ = ("run_id", "name", "labels", "with_state")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,13 +170,15 @@ class SaveRunWeightsRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    WITH_STATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    with_state: bool
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., with_state: _Optional[bool] = ...) -> None: ...
 
 class SaveRunWeightsResponse(_message.Message):
-    __slots__ = ("adapter_config_json", "safetensors", "steps", "last_loss", "data_digest", "ref", "digest")
+    __slots__ = ("adapter_config_json", "safetensors", "steps", "last_loss", "data_digest", "ref", "digest", "state", "parent_ref")
     ADAPTER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +186,8 @@ class SaveRunWeightsResponse(_message.Message):
     DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REF_FIELD_NUMBER: _ClassVar[int]
     adapter_config_json: str
     safetensors: bytes
     steps: int
@@ -166,7 +195,9 @@ class SaveRunWeightsResponse(_message.Message):
     data_digest: str
     ref: str
     digest: str
-    def __init__(self, adapter_config_json: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., data_digest: _Optional[str] = ..., ref: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+    state: bytes
+    parent_ref: str
+    def __init__(self, adapter_config_json: _Optional[str] = ..., safetensors: _Optional[bytes] = ..., steps: _Optional[int] = ..., last_loss: _Optional[float] = ..., data_digest: _Optional[str] = ..., ref: _Optional[str] = ..., digest: _Optional[str] = ..., state: _Optional[bytes] = ..., parent_ref: _Optional[str] = ...) -> None: ...
 
 class DropTrainingRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -217,15 +217,38 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def CreateTrainingRun(self, request, context):
         import uuid
 
-        from mintmesh.services.executor.training import LoraSpec
+        from mintmesh.services.executor.training import LoraSpec, TrainingState
 
         lora = request.lora
         spec = LoraSpec(int(lora.rank), float(lora.alpha), tuple(lora.target_modules))
         run_id = request.run_id or f"run-{uuid.uuid4().hex[:16]}"
+        init = None
+        if request.init_state:
+            init = TrainingState.parse(request.init_state)
+        elif request.init_adapter:
+            init = TrainingState.from_packed(request.init_adapter)
+            init.data_digest = request.parent_data_digest
+        elif request.with_optimizer:
+            raise InvalidArgument("with_optimizer needs the revision's training state")
         q = self.engine.training()
-        run = q.trainer.create_run(run_id, request.tenant, spec, seed=int(request.seed))
+        run = q.trainer.create_run(
+            run_id,
+            request.tenant,
+            spec,
+            seed=int(request.seed),
+            init=init,
+            optimizer=request.with_optimizer,
+            replace=request.replace,
+            parent_ref=request.parent_ref,
+        )
         return training_pb2.CreateTrainingRunResponse(
-            run_id=run_id, executor=self.engine.executor_id, trainable_parameters=run.numel()
+            run_id=run_id,
+            executor=self.engine.executor_id,
+            trainable_parameters=run.numel(),
+            lora=training_pb2.LoraConfig(
+                rank=run.spec.rank, alpha=run.spec.alpha, target_modules=list(run.spec.targets)
+            ),
+            steps=run.steps,
         )
 
     def ForwardBackward(self, request, context):
@@ -241,6 +264,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             )
             for d in request.data
         ]
+        if request.loss_fn == "reverse_kl":
+            self._reference_logprobs(request, data, context)
         res = self.engine.training().submit(
             request.run_id,
             data,
@@ -253,6 +278,42 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             outputs=[training_pb2.DatumLogprobs(logprobs=lp) for lp in res.logprobs],
             metrics=res.metrics,
         )
+
+    def _reference_logprobs(self, request, data, context) -> None:
+        """reverse_kl: each datum's reference log-probabilities at the loss's temperature, from
+        the reference revision (or the base) over its reference input, right-aligned with the
+        student's input."""
+        import math
+
+        import torch
+
+        tau = request.loss_fn_config.get("temperature", 1.0)
+        if not math.isfinite(tau) or tau <= 0:
+            raise InvalidArgument(f"temperature={tau} must be a finite number > 0")
+        has_ref = request.HasField("reference") and bool(request.reference.digest)
+        if has_ref:
+            self._check_revision(request.reference)
+        digest = request.reference.digest if has_ref else None
+        rows = []
+        for i, d in enumerate(request.data):
+            if not d.reference_input_ids:
+                raise InvalidArgument(f"data[{i}].reference_input is empty")
+            rows.append((digest, list(d.reference_input_ids)))
+        logits = self.engine.forward(rows, timeout=context.time_remaining())
+        for i, (d, lg) in enumerate(zip(data, logits, strict=True)):
+            n, m = len(d.input_ids), int(lg.shape[0])
+            shift = m - n
+            first = next((t for t, w in enumerate(d.weights or []) if w != 0), n)
+            if first + shift < 0:
+                raise InvalidArgument(
+                    f"data[{i}]: position {first} has weight but the reference input "
+                    f"({m} tokens) is shorter than the student's ({n}) before it: the inputs "
+                    "are right-aligned (the same completion at the end of each)"
+                )
+            lq = torch.zeros(n, int(lg.shape[1]))
+            lo = max(0, -shift)
+            lq[lo:] = torch.log_softmax(lg[lo + shift :].float() / tau, dim=-1)
+            d.reference_logprobs = lq
 
     def OptimStep(self, request, context):
         from mintmesh.services.executor.training import AdamParams
@@ -271,12 +332,15 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         run = q.trainer.run(request.run_id)
         with q.trainer.lock:
             cfg, data = run.peft_bytes()
+            state = run.state_bytes() if request.with_state else b""
         return training_pb2.SaveRunWeightsResponse(
             adapter_config_json=cfg,
             safetensors=data,
             steps=run.steps,
             last_loss=run.last_loss if run.last_loss is not None else float("nan"),
             data_digest=run.data_hash.hexdigest(),
+            state=state,
+            parent_ref=run.parent_ref,
         )
 
     def DropTrainingRun(self, request, context):

@@ -16,6 +16,11 @@ logits at t predict target_tokens[t]; lp_t = log p(target_tokens[t])):
     ppo                  loss = -sum_t min(r_t * A_t, clip(r_t, low, high) * A_t),
                          r_t = exp(lp_t - logprobs_t), low/high = clip_low/high_threshold
                          (default 0.8 / 1.2)
+    reverse_kl           loss = sum_t weights_t * KL(p_t || q_t), p_t / q_t = softmax of the
+                         student's / a reference's logits at t over `temperature` (default 1):
+                         distillation toward a reference revision (MinT's
+                         forward_backward_reverse_kl); its per-position output is the
+                         position's loss, not a logprob
 
 The call's loss is the sum over its data; outputs: per datum `logprobs` (lp_t), metrics
 `loss:sum`. `optim_step` applies AdamW (torch.optim.AdamW semantics, Tinker's AdamParams:
@@ -37,13 +42,15 @@ from torch import nn
 
 from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mintmesh.kernels.train_ops import target_logprobs
+from mintmesh.peft_io import TRAINING_STATE_FORMAT as STATE_FORMAT
 
-LOSSES = ("cross_entropy", "importance_sampling", "ppo")
+LOSSES = ("cross_entropy", "importance_sampling", "ppo", "reverse_kl")
 # Tensors each loss needs besides target_tokens.
 _NEEDS = {
     "cross_entropy": ("weights",),
     "importance_sampling": ("logprobs", "advantages"),
     "ppo": ("logprobs", "advantages"),
+    "reverse_kl": ("weights",),
 }
 
 
@@ -104,6 +111,101 @@ class Datum:
     weights: list[float] | None = None
     logprobs: list[float] | None = None
     advantages: list[float] | None = None
+    # reverse_kl: the reference's log-probabilities [len(input_ids), vocab] at the loss's
+    # temperature, aligned with input_ids (rows of zero-weight positions are not read).
+    reference_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class TrainingState:
+    """A run's saved state (TrainingRun.state_bytes parsed): its LoRA spec, fp32 weights per
+    layer, AdamW moments (exp_avg, exp_avg_sq, step) per parameter ("<layer>.A"/".B")."""
+
+    spec: LoraSpec
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    steps: int = 0
+    last_loss: float | None = None
+    data_digest: str = ""
+
+    @classmethod
+    def parse(cls, data: bytes) -> TrainingState:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+            meta = _safetensors_metadata(data)
+        except (SafetensorError, ValueError) as e:
+            raise InvalidArgument(f"the training state does not parse: {e}") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise InvalidArgument(
+                f"the training state's format is {meta.get('format')!r}, not {STATE_FORMAT!r}"
+            )
+        try:
+            spec = LoraSpec(
+                int(meta["rank"]), float(meta["alpha"]), tuple(json.loads(meta["targets"]))
+            )
+            steps = int(meta.get("steps", "0"))
+            adam_steps = json.loads(meta.get("adam_steps", "{}"))
+            last = meta.get("last_loss", "")
+            last_loss = float(last) if last else None
+        except (KeyError, ValueError, TypeError) as e:
+            raise InvalidArgument(f"the training state's metadata is bad: {e}") from None
+        weights: dict[str, list] = {}
+        moments = {}
+        for key, t in tensors.items():
+            kind, _, rest = key.partition("/")
+            layer, _, which = rest.rpartition(".")
+            if kind == "weight" and which in ("A", "B"):
+                weights.setdefault(layer, [None, None])["AB".index(which)] = t.float()
+            elif kind == "exp_avg" and rest in adam_steps:
+                moments[rest] = (t, tensors[f"exp_avg_sq/{rest}"], float(adam_steps[rest]))
+        if any(a is None or b is None for a, b in weights.values()):
+            raise InvalidArgument("the training state lacks an A or B weight")
+        return cls(
+            spec=spec,
+            weights={k: (a, b) for k, (a, b) in weights.items()},
+            moments=moments,
+            steps=steps,
+            last_loss=last_loss,
+            data_digest=meta.get("data_digest", ""),
+        )
+
+    @classmethod
+    def from_packed(cls, packed: bytes) -> TrainingState:
+        """A served revision (packed adapter) as a starting point: its weights in fp32, no
+        optimizer state. Its modules must share one rank and scale (one LoRA spec)."""
+        from mintmesh.packed import unpack
+
+        header, modules = unpack(packed, copy=True)
+        if not modules:
+            raise InvalidArgument("the revision has no LoRA modules")
+        ranks = {mw.rank for mw in modules.values()}
+        scales = {round(mw.scale, 9) for mw in modules.values()}
+        if len(ranks) != 1 or len(scales) != 1:
+            raise InvalidArgument(
+                "the revision's modules have different ranks or scales (a merge or a "
+                "rank_pattern upload): training from it needs one rank and alpha"
+            )
+        (rank,) = ranks
+        mw0 = next(iter(modules.values()))
+        spec = LoraSpec(rank, float(mw0.scale) * rank, tuple(header.target_modules))
+        weights = {n: (mw.A.float().clone(), mw.B.float().contiguous().clone())
+                   for n, mw in modules.items()}  # fmt: skip
+        return cls(spec=spec, weights=weights, moments={})
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header length exceeds the file")
+    meta = json.loads(bytes(data[8 : 8 + n])).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not a mapping")
+    return {str(k): str(v) for k, v in meta.items()}
 
 
 @dataclass
@@ -146,8 +248,18 @@ class TrainingRun:
         self.steps = 0
         self.has_grads = False
         self.last_loss: float | None = None
-        # sha256 over every token trained on, in order (the revision's data digest).
+        # sha256 over every token trained on, in order (the revision's data digest); a run
+        # resumed from a revision chains on from that revision's digest.
         self.data_hash = hashlib.sha256()
+        # The revision this run started from or last saved ("" = a fresh LoRA).
+        self.parent_ref = ""
+
+    def chain_data_digest(self, parent_digest: str) -> None:
+        """Start the data digest from a parent's: the digest then covers every token of the
+        lineage (sha256(parent digest, then this run's tokens))."""
+        self.data_hash = (
+            hashlib.sha256(parent_digest.encode("ascii")) if parent_digest else (hashlib.sha256())
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for pair in self.layers.values() for p in pair]
@@ -191,6 +303,60 @@ class TrainingRun:
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
         cfg = synth_config(self.spec.rank, float(self.spec.alpha), tuple(self.spec.targets))
         return json.dumps(cfg), save(tensors)
+
+    def state_bytes(self) -> bytes:
+        """The run's training state as a safetensors file: fp32 master weights and AdamW's
+        moments and step per parameter, with the run's spec, steps, last loss and data digest
+        in the metadata. Pending gradients (a forward_backward with no optim_step after it)
+        are not part of it. load_state of these bytes resumes the run exactly."""
+        from safetensors.torch import save
+
+        tensors: dict[str, torch.Tensor] = {}
+        adam_steps: dict[str, float] = {}
+        for name, pair in self.layers.items():
+            for which, p in zip("AB", pair, strict=True):
+                key = f"{name}.{which}"
+                tensors[f"weight/{key}"] = p.detach().cpu().contiguous()
+                st = self.optimizer.state.get(p)
+                if st:
+                    tensors[f"exp_avg/{key}"] = st["exp_avg"].detach().cpu().contiguous()
+                    tensors[f"exp_avg_sq/{key}"] = st["exp_avg_sq"].detach().cpu().contiguous()
+                    adam_steps[key] = float(st["step"])
+        meta = {
+            "format": STATE_FORMAT,
+            "rank": str(self.spec.rank),
+            "alpha": repr(float(self.spec.alpha)),
+            "targets": json.dumps(list(self.spec.targets)),
+            "steps": str(self.steps),
+            "last_loss": "" if self.last_loss is None else repr(self.last_loss),
+            "data_digest": self.data_hash.hexdigest(),
+            "adam_steps": json.dumps(adam_steps, sort_keys=True),
+        }
+        return save(tensors, metadata=meta)
+
+    def load_state(self, state: TrainingState, *, optimizer: bool) -> None:
+        """Set the run's weights (and, with optimizer, AdamW's moments, its step count and the
+        run's steps) from a saved state; the gradients are cleared."""
+        self.load_weights(state.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        self.has_grads = False
+        self.chain_data_digest(state.data_digest)
+        if not optimizer:
+            return
+        self.steps = state.steps
+        self.last_loss = state.last_loss
+        for name, pair in self.layers.items():
+            for which, p in zip("AB", pair, strict=True):
+                key = f"{name}.{which}"
+                if key not in state.moments:
+                    continue
+                m, v, step = state.moments[key]
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(step, dtype=torch.float32),
+                    "exp_avg": m.to(p.device, torch.float32).clone(),
+                    "exp_avg_sq": v.to(p.device, torch.float32).clone(),
+                }
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
         adam.validate()
@@ -280,13 +446,46 @@ class Trainer:
         with self._runs_lock:
             return sum(r.bytes() for r in self.runs.values())
 
-    def create_run(self, run_id: str, tenant: str, spec: LoraSpec, *, seed: int = 0):
+    def create_run(
+        self,
+        run_id: str,
+        tenant: str,
+        spec: LoraSpec,
+        *,
+        seed: int = 0,
+        init: TrainingState | None = None,
+        optimizer: bool = False,
+        replace: bool = False,
+        parent_ref: str = "",
+    ):
+        """A new run: a fresh LoRA of spec, or (init) one that starts from a saved state or
+        revision, whose spec it takes; with optimizer, its AdamW state and steps too (init must
+        hold them). replace: an existing run of this id is replaced (load_state)."""
+        if init is not None:
+            spec = init.spec
+            if optimizer and not init.moments:
+                raise FailedPrecondition(
+                    "the revision holds no optimizer state (save it with save_state, or load "
+                    "its weights only)"
+                )
         spec.validate(self.max_rank, self.trainable)
         run = TrainingRun(run_id, tenant, spec, self.layer_shapes, seed=seed, device=self.device)
+        if init is not None:
+            extra = sorted(set(init.weights) - set(run.layers))
+            if extra:
+                raise InvalidArgument(
+                    f"the revision has {len(extra)} modules this base does not train, e.g. "
+                    f"{extra[0]}"
+                )
+            run.load_state(init, optimizer=optimizer)
+        run.parent_ref = parent_ref
         with self._runs_lock:
-            if run_id in self.runs:
+            old = self.runs.get(run_id)
+            if old is not None and not replace:
                 raise InvalidArgument(f"training run {run_id!r} exists already")
-            used = sum(r.bytes() for r in self.runs.values())
+            if old is not None and old.tenant != tenant:
+                raise InvalidArgument(f"training run {run_id!r} belongs to another tenant")
+            used = sum(r.bytes() for r in self.runs.values() if r is not old)
             if used + run.bytes() > self.max_bytes:
                 raise ResourceExhausted(
                     f"training memory of this executor is full: run {run_id!r} needs "
@@ -338,6 +537,15 @@ class Trainer:
                     f"data[{i}].{name} has {len(xs)} entries for {n} input tokens"
                 )
             _finite(name, xs, i)
+        if loss_fn == "reverse_kl":
+            ref = d.reference_logprobs
+            if ref is None:
+                raise InvalidArgument(f"data[{i}].reference_input is needed by loss 'reverse_kl'")
+            if tuple(ref.shape) != (n, self.vocab_size):
+                raise InvalidArgument(
+                    f"data[{i}].reference logprobs have shape {list(ref.shape)}, not "
+                    f"[{n}, {self.vocab_size}]"
+                )
 
     def check_call(self, run_id: str, data: Sequence[Datum], loss_fn: str) -> TrainingRun:
         """A forward_backward call's input checked (InvalidArgument naming the field); its run."""
@@ -444,7 +652,10 @@ class Trainer:
                     total = None
                     for r, (c, i) in enumerate(rows):
                         _, data, loss_fn, cfg = calls[c]
-                        loss, lp = self._loss(lp_all[r], data[i], loss_fn, cfg or {})
+                        if loss_fn == "reverse_kl":
+                            loss, lp = self._reverse_kl(logits[r], data[i], cfg or {})
+                        else:
+                            loss, lp = self._loss(lp_all[r], data[i], loss_fn, cfg or {})
                         per[(c, i)] = lp
                         losses[c] += float(loss.detach())
                         total = loss if total is None else total + loss
@@ -452,6 +663,21 @@ class Trainer:
                         total.backward()
             finally:
                 self.ctx.train = None
+
+    def _reverse_kl(self, logits_row, d: Datum, cfg) -> tuple[torch.Tensor, list[float]]:
+        """sum_t w_t * KL(p_t || q_t) over the vocabulary, p the student at temperature, q the
+        reference's given log-probabilities; the per-position losses."""
+        n = len(d.input_ids)
+        tau = float(cfg.get("temperature", 1.0))
+        w = torch.tensor(d.weights, dtype=logits_row.dtype, device=logits_row.device)
+        used = (w != 0).nonzero()[:, 0]
+        per = torch.zeros(n, dtype=logits_row.dtype, device=logits_row.device)
+        if len(used):
+            lp = torch.log_softmax(logits_row[used] / tau, dim=-1)
+            lq = d.reference_logprobs[used.cpu()].to(lp.device, lp.dtype)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            per = per.index_put((used,), w[used] * kl)
+        return per.sum(), per.detach().tolist()
 
     def _loss(self, lp_row, d: Datum, loss_fn: str, cfg) -> tuple[torch.Tensor, list[float]]:
         """One datum's loss (a 0-d tensor in the graph) and its per-position logprobs, from its

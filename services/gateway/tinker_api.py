@@ -45,10 +45,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
+import hmac
 import importlib.util
+import json
 import logging
 import math
 import secrets
@@ -74,6 +77,8 @@ from mintmesh.v1 import common_pb2, router_pb2, store_pb2, training_pb2
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "tml-"
+# MinT's keys (mindlab-toolkit), taken where the SDK sends them (/auth/token, with pjwt on).
+SK_PREFIX = "sk-"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # The router's refusals of what the caller sent: a user error, never worth a retry.
@@ -116,9 +121,15 @@ class TinkerConfig:
     # 429 the SDK backs off on).
     admit_wait_s: float = 10.0
     max_samples: int = 16
+    # Tell the SDK pjwt_auth_enabled: it then trades its key for a JWT at /auth/token and
+    # sends the JWT on every call; that is what lets MinT's `sk-` keys (mindlab-toolkit)
+    # through the SDK. The JWT is this gateway's own (HMAC-signed, remembered in memory).
+    pjwt_auth: bool = True
+    jwt_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("poll_s", "gap_s", "session_ttl_s", "result_ttl_s", "admit_wait_s"):
+        for name in ("poll_s", "gap_s", "session_ttl_s", "result_ttl_s", "admit_wait_s",
+                     "jwt_ttl_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"tinker {name}={getattr(self, name)} must be > 0")
         if not 0 < self.poll_s < 45:
@@ -181,7 +192,9 @@ def _grpc_http(err: grpc.aio.AioRpcError, *, hide_other_tenants: bool = False) -
     e = from_grpc(err)
     status, detail = e.status, e.message
     if hide_other_tenants and err.code() == grpc.StatusCode.PERMISSION_DENIED:
-        status = 404
+        # Another tenant's adapter reads as one that does not exist (nothing about its owner).
+        status, detail, code = 404, "not found for this key", "model_not_found"
+        return _HTTPError(status, detail, code, e.headers)
     if status == 499:  # CANCELLED: not the caller's doing
         status = 503
     return _HTTPError(status, detail, e.code or "", e.headers)
@@ -550,15 +563,68 @@ def tinker_router(
             raise _HTTPError(400, "the request body is not a JSON object", "json_invalid")
         return body
 
+    jwt_secret = secrets.token_bytes(32)
+    jwt_keys: dict[str, tuple[str, float]] = {}  # jti -> (mesh key, expiry, unix s)
+
+    def _b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+    def issue_jwt(key: str) -> str:
+        now = int(time.time())
+        exp = now + int(cfg.jwt_ttl_s)
+        jti = secrets.token_hex(16)
+        head = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        body = _b64(json.dumps({"iat": now, "exp": exp, "jti": jti}).encode())
+        sig = _b64(hmac.new(jwt_secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
+        for old in [j for j, (_, e) in jwt_keys.items() if e < now]:
+            jwt_keys.pop(old, None)
+        jwt_keys[jti] = (key, exp)
+        return f"{head}.{body}.{sig}"
+
+    def key_of_jwt(token: str) -> str:
+        """The mesh key a JWT of this gateway stands for; 401 invalid_token (the SDK then
+        trades its key again) if it is not one, or has expired."""
+        bad = _HTTPError(
+            401,
+            "the JWT is not valid here (expired, or from another gateway): exchange the API "
+            "key again at /api/v1/auth/token",
+            "invalid_token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise bad
+        want = _b64(hmac.new(jwt_secret, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256)
+                    .digest())  # fmt: skip
+        if not hmac.compare_digest(want, parts[2]):
+            raise bad
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+            key, exp = jwt_keys[payload["jti"]]
+        except (ValueError, KeyError, TypeError):
+            raise bad from None
+        if exp < time.time():
+            raise bad
+        return key
+
+    def mesh_key(raw: str) -> str:
+        """The mesh key in an X-API-Key: tml-<key> (the SDK's prefix), sk-<key> (MinT's), or
+        a JWT this gateway issued for one."""
+        if raw.startswith("eyJ"):
+            return key_of_jwt(raw)
+        for prefix in (KEY_PREFIX, SK_PREFIX):
+            if raw.startswith(prefix):
+                return raw[len(prefix) :]
+        raise _HTTPError(
+            401, f"the API key must be {KEY_PREFIX}<MinT API key> or {SK_PREFIX}<MinT API key>"
+        )
+
     async def caller_of(request: Request) -> Caller:
         raw = request.headers.get("x-api-key", "")
         if not raw:
             raise _HTTPError(401, f"no X-API-Key: give the SDK api_key={KEY_PREFIX}<MinT key>")
-        if not raw.startswith(KEY_PREFIX):
-            raise _HTTPError(
-                401, f"the API key must be {KEY_PREFIX}<MinT API key> (JWTs are not taken here)"
-            )
-        key = raw[len(KEY_PREFIX) :]
+        key = mesh_key(raw)
+        raw = f"{KEY_PREFIX}{key}"  # one cache entry per mesh key, however it came
         problem = header_value_problem(key)
         if not key or problem:
             raise _HTTPError(401, f"the API key is not usable: it {problem or 'is empty'}")
@@ -777,7 +843,7 @@ def tinker_router(
     @route
     async def client_config(request: Request):
         return {
-            "pjwt_auth_enabled": False,
+            "pjwt_auth_enabled": cfg.pjwt_auth,
             "credential_default_source": "api_key",
             "parallel_fwdbwd_chunks": True,
             "proto_compress_fwdbwd": False,
@@ -794,7 +860,12 @@ def tinker_router(
     @api.post("/auth/token")
     @route
     async def auth_token(request: Request):
-        raise _HTTPError(400, f"JWT exchange is off here: send X-API-Key {KEY_PREFIX}<MinT key>")
+        if not cfg.pjwt_auth:
+            raise _HTTPError(
+                400, f"JWT exchange is off here: send X-API-Key {KEY_PREFIX}<MinT key>"
+            )
+        c = await caller_of(request)  # the key is checked with the store before a JWT is made
+        return {"jwt": issue_jwt(c.key)}
 
     @api.get("/healthz")
     @route
@@ -849,16 +920,9 @@ def tinker_router(
     async def create_model(request: Request):
         c = await caller_of(request)
         body = await body_json(request)
-        s = session_of(c, body.get("session_id"))
-        seq = body.get("model_seq_id")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise _HTTPError(400, f"model_seq_id {seq!r} is not an integer >= 0")
-        mid = f"{s.id}:train:{seq}"
-        if mid in models:  # a retry of a call that made it
-            fut = replay(c, request) or new_future(c, s.id)
-            if not fut.done.is_set():
-                fut.finish(_Result({"model_id": mid}))
-            return future_answer(fut, model_id=mid)
+        s, mid, hit = new_model_id(c, request, body)
+        if hit is not None:
+            return hit
         b = await base(c)
         if body.get("base_model") not in (None, b.name):
             raise _HTTPError(
@@ -892,18 +956,36 @@ def tinker_router(
             seed = secrets.randbits(63)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise _HTTPError(400, f"lora_config.seed={seed!r} is not an integer")
-        run_id = mid.replace(":", "-")
         req = training_pb2.CreateTrainingRunRequest(
-            run_id=run_id,
+            run_id=mid.replace(":", "-"),
             lora=training_pb2.LoraConfig(rank=rank, alpha=cfg.lora_alpha, target_modules=targets),
             seed=seed % 2**64,
         )
+        return await add_model(c, request, s, mid, req)
+
+    def new_model_id(c: Caller, request: Request, body: dict):
+        """(session, model id the SDK expects, the answer if a retry already made it)."""
+        s = session_of(c, body.get("session_id"))
+        seq = body.get("model_seq_id")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise _HTTPError(400, f"model_seq_id {seq!r} is not an integer >= 0")
+        mid = f"{s.id}:train:{seq}"
+        if mid not in models:
+            return s, mid, None
+        fut = replay(c, request) or new_future(c, s.id)  # a retry of a call that made it
+        if not fut.done.is_set():
+            fut.finish(_Result({"model_id": mid}))
+        return s, mid, future_answer(fut, model_id=mid)
+
+    async def add_model(c: Caller, request: Request, s: _Session, mid: str, req) -> dict:
+        rank = req.lora.rank
         try:
-            await up.router.CreateTrainingRun(req, metadata=c.md(), timeout=T)
+            resp = await up.router.CreateTrainingRun(req, metadata=c.md(), timeout=T)
+            rank = resp.lora.rank or rank
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise _grpc_http(err) from None
-        models[mid] = _Model(mid, run_id, s.id, c.owner, rank, c)
+                raise _grpc_http(err, hide_other_tenants=True) from None
+        models[mid] = _Model(mid, req.run_id, s.id, c.owner, rank, c)
         s.models.append(mid)
         fut = new_future(c, s.id)
         remember(c, request, fut)
@@ -1030,6 +1112,32 @@ def tinker_router(
         fut_box.append(futures[answer["request_id"]])
         return answer
 
+    def checked_name(name: Any) -> str:
+        try:
+            check_part("name", name if isinstance(name, str) else "")
+        except InvalidArgument:
+            raise _UserError(
+                f"name {name!r}: letters, digits, '_', '-' and '.' (1-64, not starting "
+                "with '.' or '-')"
+            ) from None
+        return name
+
+    async def save_run(fut: _Future, c: Caller, m: _Model, name: str, labels: Any,
+                       with_state: bool) -> training_pb2.SaveRunWeightsResponse:  # fmt: skip
+        if not c.tenant:
+            raise _UserError("an admin key has no tenant to save weights under: use a tenant's key")
+        if not isinstance(labels, dict):
+            raise _UserError("user_metadata is not a mapping")
+        req = training_pb2.SaveRunWeightsRequest(
+            run_id=m.run_id,
+            name=f"{c.tenant}/{checked_name(name)}",
+            labels={str(k): str(v) for k, v in labels.items()},
+            with_state=with_state,
+        )
+        return await with_capacity(
+            fut, lambda: up.router.SaveRunWeights(req, metadata=c.md(), timeout=T)
+        )
+
     @api.post("/save_weights_for_sampler")
     @route
     async def save_for_sampler(request: Request):
@@ -1037,35 +1145,15 @@ def tinker_router(
         body = await body_json(request)
         m = model_of(c, body.get("model_id"))
         path, sseq = body.get("path"), body.get("sampling_session_seq_id")
-        labels = body.get("user_metadata") or {}
         fut_box: list[_Future] = []
 
         async def work() -> _Result:
-            if not c.tenant:
-                raise _UserError(
-                    "an admin key has no tenant to save weights under: use a tenant's key"
-                )
             if path is None:
                 name = f"{m.run_id}-sampler-{sseq if isinstance(sseq, int) else 0}"
             else:
                 name = path
-            try:
-                check_part("name", name if isinstance(name, str) else "")
-            except InvalidArgument:
-                raise _UserError(
-                    f"name {name!r}: letters, digits, '_', '-' and '.' (1-64, not starting "
-                    "with '.' or '-')"
-                ) from None
-            if not isinstance(labels, dict):
-                raise _UserError("user_metadata is not a mapping")
-            req = training_pb2.SaveRunWeightsRequest(
-                run_id=m.run_id,
-                name=f"{c.tenant}/{name}",
-                labels={str(k): str(v) for k, v in labels.items()},
-            )
-            resp = await with_capacity(
-                fut_box[0], lambda: up.router.SaveRunWeights(req, metadata=c.md(), timeout=T)
-            )
+            labels = body.get("user_metadata") or {}
+            resp = await save_run(fut_box[0], c, m, name, labels, with_state=False)
             if path is not None:
                 return _Result({"path": f"tinker://{resp.ref}"})
             sid = f"{m.session_id}:sample:{sseq if isinstance(sseq, int) else uuid.uuid4().hex}"
@@ -1081,16 +1169,67 @@ def tinker_router(
         return answer
 
     @api.post("/save_weights")
+    @route
+    async def save_weights(request: Request):
+        """save_state(name): the run's LoRA as a revision of <tenant>/<name> with its training
+        state (fp32 weights, AdamW moments) kept beside it, so load_state resumes exactly."""
+        c = await caller_of(request)
+        body = await body_json(request)
+        m = model_of(c, body.get("model_id"))
+        fut_box: list[_Future] = []
+
+        async def work() -> _Result:
+            name = body.get("path")
+            if name is None:
+                raise _UserError("save_weights needs a name (path)")
+            labels = body.get("user_metadata") or {}
+            resp = await save_run(fut_box[0], c, m, name, labels, with_state=True)
+            return _Result({"path": f"tinker://{resp.ref}", "type": "save_weights"})
+
+        answer = submit_ordered(c, request, m, body.get("seq_id"), work)
+        fut_box.append(futures[answer["request_id"]])
+        return answer
+
     @api.post("/load_weights")
     @route
-    async def not_yet(request: Request):
-        await caller_of(request)
-        raise _HTTPError(
-            400,
-            f"{request.url.path.rsplit('/', 1)[-1]} (save_state / load_state: the optimizer "
-            "state) is not served here yet; save_weights_for_sampler saves the LoRA",
-            "not_supported",
+    async def load_weights(request: Request):
+        """load_state(path) into a live model (its seq_id order), or, with session_id and
+        model_seq_id, create_training_client_from_state(path): a new model that starts from the
+        revision (its training state when it has one: exact weights; `optimizer`: its AdamW
+        state and steps too)."""
+        c = await caller_of(request)
+        body = await body_json(request)
+        ref = adapter_from_path(body.get("path"))
+        optimizer = body.get("optimizer", False)
+        if not isinstance(optimizer, bool):
+            raise _HTTPError(400, f"optimizer {optimizer!r} is not a boolean")
+        if "model_id" in body and body.get("model_id") is not None:
+            m = model_of(c, body.get("model_id"))
+            fut_box: list[_Future] = []
+
+            async def work() -> _Result:
+                req = training_pb2.CreateTrainingRunRequest(
+                    run_id=m.run_id, from_ref=ref, with_optimizer=optimizer, replace=True
+                )
+                resp = await with_capacity(
+                    fut_box[0],
+                    lambda: up.router.CreateTrainingRun(req, metadata=c.md(), timeout=T),
+                )
+                m.rank = resp.lora.rank
+                return _Result({"path": body.get("path"), "type": "load_weights"})
+
+            answer = submit_ordered(c, request, m, body.get("seq_id"), work)
+            fut_box.append(futures[answer["request_id"]])
+            return answer
+        s, mid, hit = new_model_id(c, request, body)
+        if hit is not None:
+            return hit
+        if body.get("base_model") not in (None, (await base(c)).name):
+            raise _HTTPError(404, f"no base model {body.get('base_model')!r}", "model_not_found")
+        req = training_pb2.CreateTrainingRunRequest(
+            run_id=mid.replace(":", "-"), from_ref=ref, with_optimizer=optimizer
         )
+        return await add_model(c, request, s, mid, req)
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -1304,6 +1443,146 @@ def tinker_router(
         return future_answer(fut, sample_sequence_ids=[f"{fut.id}:{i}" for i in range(n)])
 
     # -- futures ---------------------------------------------------------------------------------
+
+    # -- MinT's extras (mindlab-toolkit's mint.mint) --------------------------------------------
+
+    @api.post("/mint/checkpoints/interpolate")
+    @route
+    async def interpolate_checkpoints(request: Request):
+        """interpolate_checkpoints(source_paths, coefficients, output_path): the store's merge,
+        a new revision whose delta is exactly sum_i c_i * delta_i (the sources' low-rank
+        factors concatenated; rank = the sum of theirs), provenance = the sources."""
+        c = await caller_of(request)
+        body = await body_json(request)
+        fut = replay(c, request)
+        if fut is not None:
+            return future_answer(fut)
+        paths, coefs = body.get("source_paths"), body.get("coefficients")
+        if not isinstance(paths, list) or not paths:
+            raise _HTTPError(400, "source_paths must be a non-empty list of tinker:// paths")
+        if not isinstance(coefs, list) or len(coefs) != len(paths):
+            raise _HTTPError(
+                400, f"coefficients must be a list of {len(paths)} numbers, one per source path"
+            )
+        for i, w in enumerate(coefs):
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise _HTTPError(400, f"coefficients[{i}]={w!r} is not a finite number")
+        if body.get("output_checkpoint_type", "sampler") != "sampler":
+            raise _HTTPError(400, "output_checkpoint_type: only 'sampler' is served")
+        refs = [adapter_from_path(p) for p in paths]
+        out = body.get("output_path")
+        if not c.tenant:
+            raise _HTTPError(400, "an admin key has no tenant to save under: use a tenant's key")
+        if out is None:
+            name = f"interpolated-{uuid.uuid4().hex[:12]}"
+        elif isinstance(out, str) and out.startswith("tinker://"):
+            target = out[len("tinker://") :]
+            tenant, _, name = target.partition("/")
+            if tenant != c.tenant or "@" in name or ":" in name:
+                raise _HTTPError(
+                    400, f"output_path {out!r} must be tinker://{c.tenant}/<name> (no revision)"
+                )
+        else:
+            name = out
+        try:
+            name = checked_name(name)
+        except _UserError as e:
+            raise _HTTPError(400, f"output_path: {e}") from None
+        fut = new_future(c)
+        remember(c, request, fut)
+
+        async def work() -> _Result:
+            req = store_pb2.MergeAdaptersRequest(
+                name=f"{c.tenant}/{name}",
+                sources=[
+                    store_pb2.MergeSource(ref=r, weight=float(w))
+                    for r, w in zip(refs, coefs, strict=True)
+                ],  # fmt: skip
+                labels={"mint.interpolate": "1"},
+            )
+            try:
+                resp = await up.store.MergeAdapters(req, metadata=c.md(), timeout=T)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.PERMISSION_DENIED:  # another tenant's path
+                    raise _UserError(f"no model at one of {paths!r} for this key") from None
+                raise
+            return _Result(
+                {
+                    "path": f"tinker://{resp.revision.ref}",
+                    "source_paths": paths,
+                    "coefficients": coefs,
+                    "checkpoint_type": "sampler",
+                    "has_rank_shards": False,
+                    "type": "mint_interpolate_checkpoints",
+                }
+            )
+
+        fut.task = asyncio.get_running_loop().create_task(run(fut, work()))
+        return future_answer(fut)
+
+    @api.post("/mint/forward_backward_reverse_kl")
+    @route
+    async def forward_backward_reverse_kl(request: Request):
+        """forward_backward_reverse_kl(reference_model_path, data, temperature): distillation,
+        the loss sum_t weights_t * KL(student_t || reference_t) over the vocabulary (the
+        executor's reverse_kl), gradients accumulated like forward_backward; outputs per datum
+        `loss` (per position), metrics loss:sum."""
+        c = await caller_of(request)
+        body = await body_json(request)
+        m = model_of(c, body.get("model_id"))
+        path = body.get("reference_model_path")
+        if isinstance(path, str) and path.startswith("mint://"):
+            path = "tinker://" + path[len("mint://") :]
+        ref = adapter_from_path(path)
+        tau = body.get("temperature", 1.0)
+        if isinstance(tau, bool) or not isinstance(tau, int | float):
+            raise _HTTPError(400, f"temperature={tau!r} is not a number")
+        fut_box: list[_Future] = []
+
+        def datums() -> list[training_pb2.TrainingDatum]:
+            data = body.get("data")
+            if not isinstance(data, list) or not data:
+                raise _UserError("data must be a non-empty list of ReverseKLDatum")
+            out = []
+            for i, d in enumerate(data):
+                if not isinstance(d, dict):
+                    raise _UserError(f"data[{i}] is not an object")
+                ids = _chunk_tokens(d.get("student_input"), f"data[{i}].student_input")
+                rids = _chunk_tokens(d.get("reference_input"), f"data[{i}].reference_input")
+                inputs = {
+                    k: _json_tensor(d.get(k), f"data[{i}].{k}")
+                    for k in ("target_tokens", "weights")
+                }
+                dat = _datum(i, ids, inputs)
+                dat.reference_input_ids.extend(rids)
+                out.append(dat)
+            return out
+
+        async def work() -> _Result:
+            req = training_pb2.ForwardBackwardRequest(
+                run_id=m.run_id,
+                data=datums(),
+                loss_fn="reverse_kl",
+                loss_fn_config={"temperature": float(tau)},
+                reference_ref=ref,
+            )
+            resp = await with_capacity(
+                fut_box[0], lambda: up.router.ForwardBackward(req, metadata=c.md(), timeout=T)
+            )
+            outs = [list(o.logprobs) for o in resp.outputs]
+            return _Result(
+                {
+                    "outputs": [
+                        {"loss": {"data": o, "shape": [len(o)], "dtype": "float32"}} for o in outs
+                    ],
+                    "metrics": dict(resp.metrics),
+                    "type": "mint_forward_backward_reverse_kl",
+                }
+            )
+
+        answer = submit_ordered(c, request, m, body.get("seq_id"), work)
+        fut_box.append(futures[answer["request_id"]])
+        return answer
 
     @api.post("/retrieve_future")
     @route

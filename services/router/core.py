@@ -6,6 +6,7 @@ gets the time left on the caller's deadline (or the configured default).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -70,8 +71,9 @@ class RouterCore:
         self.auth = RouterAuth(
             self.store, enabled=config.auth, internal_token=config.internal_token
         )
-        # Training runs: run id -> (executor address, tenant). A run stays where it was made.
-        self._runs: dict[str, tuple[str, str]] = {}
+        # Training runs: run id -> [executor address, tenant, parent revision ref]. A run stays
+        # where it was made; its parent is the revision it started from or last saved.
+        self._runs: dict[str, list[str]] = {}
         self._runs_lock = threading.Lock()
 
     def start(self) -> None:
@@ -218,36 +220,89 @@ class RouterCore:
 
     def create_run(self, req, time_left: float | None, caller: Principal = ADMIN):
         """Place a new training run (rendezvous on its id over healthy executors; the first
-        that has room takes it) and remember where it lives."""
+        that has room takes it) and remember where it lives. from_ref: the run starts from that
+        revision (resolved as the caller; its training state, when it has one, gives the exact
+        fp32 weights, and with_optimizer its AdamW state). replace: the live run of that id is
+        replaced on its executor (load_state)."""
         deadline = self._deadline(time_left, self.config.request_timeout_s)
         run_id = req.run_id or f"run-{uuid.uuid4().hex[:16]}"
         if len(run_id) > 128 or not run_id.replace("-", "").replace("_", "").isalnum():
             raise E.InvalidArgument(f"run_id {run_id!r}: letters, digits, - and _ only (<= 128)")
         with self._runs_lock:
-            if run_id in self._runs:
-                raise E.AlreadyExists(f"training run {run_id!r} exists")
-        healthy = self._healthy()
+            where = self._runs.get(run_id)
+        if where is not None and not req.replace:
+            raise E.AlreadyExists(f"training run {run_id!r} exists")
+        if where is not None and not (caller.is_admin or where[1] == caller.tenant):
+            raise E.AdapterNotFound(f"no training run {run_id!r}")
+        if req.replace and not req.from_ref:
+            raise E.InvalidArgument("replace loads a revision into a run: give from_ref")
+        if req.with_optimizer and not req.from_ref:
+            raise E.InvalidArgument("with_optimizer needs from_ref (a saved training state)")
         ereq = training_pb2.CreateTrainingRunRequest()
         ereq.CopyFrom(req)
         ereq.run_id, ereq.tenant = run_id, caller.tenant
+        if req.from_ref:
+            self._load_init(ereq, deadline, caller)
+        if where is not None and where[0] in self.executors.healthy():
+            addresses = [where[0]]  # replace: the run stays where it lives
+        else:  # a new run, or one whose executor died: placed afresh
+            addresses = self.placement.order(self._healthy(), f"run:{run_id}")
+            where = None
         last: grpc.RpcError | None = None
-        for address in self.placement.order(healthy, f"run:{run_id}"):
+        for address in addresses:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
                 resp = self.executors.executors[address].stub.CreateTrainingRun(ereq, timeout=left)
             except grpc.RpcError as err:
-                if err.code() not in _FAILOVER:
+                if err.code() not in _FAILOVER or where is not None:
                     raise reraise_downstream(err, f"creating run on {address}") from None
                 last = err
                 continue
             with self._runs_lock:
-                self._runs[run_id] = (address, caller.tenant)
+                self._runs[run_id] = [address, caller.tenant, ereq.parent_ref]
             return resp
         if last is None:
             raise E.Unavailable("deadline exceeded before an executor took the run")
         raise reraise_downstream(last, "creating a training run") from None
+
+    def _load_init(self, ereq, deadline: float, caller: Principal) -> None:
+        """Fill in what ereq.from_ref resolves to: its training state (exact), or its packed
+        adapter when it has none, the parent's ref and data digest."""
+        rev = self.resolve(ereq.from_ref, max(0.001, deadline - time.monotonic()), caller)
+        if ereq.with_optimizer and not rev.state_digest:
+            raise E.FailedPrecondition(
+                f"revision {rev.ref} holds no optimizer state: it was not saved with save_state "
+                "(load its weights only)"
+            )
+        data = self._fetch(rev.ref, bool(rev.state_digest), deadline, caller)
+        if rev.state_digest:
+            ereq.init_state = data
+        else:
+            ereq.init_adapter = data
+        ereq.parent_ref = rev.ref
+        ereq.parent_data_digest = rev.provenance.data_digest
+
+    def _fetch(self, ref: str, state: bool, deadline: float, caller: Principal) -> bytes:
+        parts: list[bytes] = []
+        digest = ""
+        try:
+            for msg in self.store.FetchAdapter(
+                store_pb2.FetchAdapterRequest(ref=ref, state=state),
+                timeout=max(0.001, deadline - time.monotonic()),
+                metadata=self.auth.internal_metadata(caller),
+            ):
+                if msg.HasField("header"):
+                    digest = msg.header.digest
+                else:
+                    parts.append(msg.chunk)
+        except grpc.RpcError as err:
+            raise reraise_downstream(err, f"fetching {ref!r}") from None
+        data = b"".join(parts)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise E.Unavailable(f"the bytes of {ref!r} from the store do not match their digest")
+        return data
 
     def _run_call(self, method: str, req, time_left: float | None, caller: Principal):
         """Send a call of run req.run_id to the executor it lives on."""
@@ -268,15 +323,30 @@ class RouterCore:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 self.executors.mark_unhealthy(address, err.details() or "unavailable")
+                raise E.Unavailable(
+                    f"the executor of run {req.run_id!r} ({address}) went away during "
+                    f"{method}: {err.details()}; resume the run from its last saved state on "
+                    "another"
+                ) from None
             raise reraise_downstream(err, f"{method} of run {req.run_id!r}") from None
 
     def forward_backward(self, req, time_left, caller: Principal = ADMIN):
+        if req.reference_ref:  # reverse_kl's reference, resolved as the caller
+            left = self._deadline(time_left, self.config.request_timeout_s) - time.monotonic()
+            req.reference.CopyFrom(self.resolve(req.reference_ref, max(0.001, left), caller))
         return self._run_call("ForwardBackward", req, time_left, caller)
 
     def optim_step(self, req, time_left, caller: Principal = ADMIN):
         return self._run_call("OptimStep", req, time_left, caller)
 
     def drop_run(self, req, time_left, caller: Principal = ADMIN):
+        with self._runs_lock:
+            where = self._runs.get(req.run_id)
+        gone = where is not None and where[0] not in self.executors.healthy()
+        if gone and (caller.is_admin or where[1] == caller.tenant):
+            with self._runs_lock:  # its executor is gone, and the run with it: forget it
+                self._runs.pop(req.run_id, None)
+            return training_pb2.DropTrainingRunResponse()
         resp = self._run_call("DropTrainingRun", req, time_left, caller)
         with self._runs_lock:
             self._runs.pop(req.run_id, None)
@@ -299,14 +369,16 @@ class RouterCore:
                 "mint.train.last_loss": f"{got.last_loss:.6g}",
             }
         )
-        weights = got.safetensors
+        with self._runs_lock:
+            parent = self._runs[req.run_id][2] if req.run_id in self._runs else ""
+        weights, state = got.safetensors, got.state
         header = push_header(
             req.name, got.adapter_config_json, weights, labels, source="training",
-            data_digest=got.data_digest,
+            data_digest=got.data_digest, state=state, parents=[parent] if parent else None,
         )  # fmt: skip
         try:
             rev = self.store.PushAdapter(
-                push_requests(header, weights),
+                push_requests(header, weights, state),
                 timeout=max(0.001, deadline - time.monotonic()),
                 metadata=self.auth.internal_metadata(caller),
             ).revision
@@ -316,9 +388,13 @@ class RouterCore:
             self.prefetch([rev.ref], max(0.001, deadline - time.monotonic()), caller)
         except E.MintError as e:  # a hint: the revision is saved whatever happens here
             logger.info("prefetch of the saved revision %s failed: %s", rev.ref, e)
-        got.ref, got.digest = rev.ref, rev.digest
+        with self._runs_lock:
+            if req.run_id in self._runs:
+                self._runs[req.run_id][2] = rev.ref
+        got.ref, got.digest, got.parent_ref = rev.ref, rev.digest, parent
         got.ClearField("safetensors")
         got.ClearField("adapter_config_json")
+        got.ClearField("state")
         return got
 
     def prefetch(

@@ -11,7 +11,8 @@ beyond the one separator, see mintmesh.identity):
                "history": {alias: [earlier revisions, oldest first]}}  (empty maps omitted)
     counters   b"tenant/name" -> last revision number ever assigned (never reused, kept after
                deletes, so "alice/chat@3" can never name two different adapters)
-    digests    b"<digest>|tenant/name@rev" -> b"" (who references a blob: dedup and refcount)
+    digests    b"<digest>|tenant/name@rev" -> b"" (who references a blob: dedup and refcount;
+               a revision's training state blob is referenced the same way)
     labels     utf-8 b"key=value|tenant/name@" + u32be(rev) -> b"" (label filter candidates;
                a value over 200 characters is indexed as "#" + its sha256)
     tenants    b"tenant" -> {"created_at_ms", "keys": live key count}
@@ -137,6 +138,9 @@ class RevisionRecord:
     data_digest: str = ""
     merge_method: str = ""
     evaluations: tuple[Evaluation, ...] = ()
+    # A training state kept with the revision (save_state): its blob's digest and size.
+    state_digest: str = ""
+    state_size_bytes: int = 0
 
     @property
     def full_name(self) -> str:
@@ -181,6 +185,9 @@ class RevisionRecord:
             d["merge_method"] = self.merge_method
         if self.evaluations:
             d["evaluations"] = [e.to_list() for e in self.evaluations]
+        if self.state_digest:
+            d["state_digest"] = self.state_digest
+            d["state_size_bytes"] = self.state_size_bytes
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -212,6 +219,8 @@ class RevisionSpec:
     parents: tuple[Parent, ...] = ()
     data_digest: str = ""
     merge_method: str = ""
+    state_digest: str = ""
+    state_size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -444,6 +453,8 @@ class Catalog:
                     parents=tuple(s.parents),
                     data_digest=s.data_digest,
                     merge_method=s.merge_method,
+                    state_digest=s.state_digest,
+                    state_size_bytes=int(s.state_size_bytes),
                 )
                 txn.put(nkey, str(revision).encode(), db=self._counters)
                 txn.put(_rev_key(s.tenant, s.name, revision), rec.to_json(), db=self._revs)
@@ -454,6 +465,8 @@ class Catalog:
                 entry["count"] += 1
                 entry["aliases"][LATEST] = revision
                 txn.put(_digest_key(s.digest, rec.ref), b"", db=self._digests)
+                if s.state_digest:
+                    txn.put(_digest_key(s.state_digest, rec.ref), b"", db=self._digests)
                 for k, v in rec.labels.items():
                     txn.put(_label_key(k, v, s.tenant, s.name, revision), b"", db=self._labels)
                 out.append(rec)
@@ -478,6 +491,8 @@ class Catalog:
             for rec in doomed:
                 txn.delete(_rev_key(rec.tenant, rec.name, rec.revision), db=self._revs)
                 txn.delete(_digest_key(rec.digest, rec.ref), db=self._digests)
+                if rec.state_digest:
+                    txn.delete(_digest_key(rec.state_digest, rec.ref), db=self._digests)
                 for k, v in rec.labels.items():
                     txn.delete(
                         _label_key(k, v, rec.tenant, rec.name, rec.revision), db=self._labels
@@ -495,9 +510,8 @@ class Catalog:
                 self._put_entry(txn, nkey, entry)
             else:
                 txn.delete(nkey, db=self._names)
-            orphans = sorted(
-                {r.digest for r in doomed if not self._digest_referenced(txn, r.digest)}
-            )
+            blobs = {r.digest for r in doomed} | {r.state_digest for r in doomed if r.state_digest}
+            orphans = sorted(d for d in blobs if not self._digest_referenced(txn, d))
         doomed = [replace(r, state=DELETED) for r in doomed]
         return doomed, orphans
 

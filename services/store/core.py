@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from mintmesh.errors import (
 from mintmesh.identity import DIGEST_RE, check_digest, check_part, parse_name
 from mintmesh.model import BaseModelInfo, base_model_info
 from mintmesh.packed import ModuleWeights, pack, storage_format, unpack
+from mintmesh.peft_io import TRAINING_STATE_FORMAT
 from mintmesh.services.store.auth import ADMIN, Authenticator, Principal, new_key
 from mintmesh.services.store.blobs import open_blob_store
 from mintmesh.services.store.catalog import (
@@ -73,6 +75,8 @@ MAX_LABEL_KEY = 128
 MAX_LABEL_VALUE = 1024
 MAX_PARENTS = 64
 MAX_MERGE_SOURCES = 64
+# A training state (fp32 weights + two AdamW moments) may be this many times max_upload_bytes.
+STATE_SIZE_FACTOR = 4
 MAX_EVALUATOR = 256
 LINEAR = "linear"
 
@@ -94,6 +98,9 @@ class PushHeader:
     # Provenance: references of the revisions this one derives from.
     parents: tuple[str, ...] = ()
     data_digest: str = ""
+    # A training run's saved state, whose bytes follow the adapter's in the stream.
+    state_sha256: str = ""
+    state_size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,7 @@ class _Prepared:
     index: int
     spec: RevisionSpec
     data: bytes
+    state: bytes = b""
 
 
 class _Committer:
@@ -354,30 +362,36 @@ class StoreCore:
         who: Principal,
     ) -> RevisionRecord:
         ref, parents = self._check_header(header, who)
-        weights = self._receive(header, chunks)
-        prep = self._prepare(0, header, ref, parents, weights)
-        del weights
+        weights, state = self._receive(header, chunks)
+        prep = self._prepare(0, header, ref, parents, weights, state)
+        del weights, state
         return self._commit_one(prep, is_cancelled)
 
     def _commit_one(
         self, prep: _Prepared, is_cancelled: Callable[[], bool] | None = None
     ) -> RevisionRecord:
         spec = prep.spec
-        staged = self.blobs.stage(prep.data)
+        blobs = [(spec.digest, prep.data)]
+        if prep.state:
+            blobs.append((spec.state_digest, prep.state))
+        staged = [(d, self.blobs.stage(data)) for d, data in blobs]
         try:
             with self._commit_lock:
                 if is_cancelled is not None and is_cancelled():
                     full = f"{spec.tenant}/{spec.name}"
                     raise Unavailable(f"push of {full!r} was cancelled by the client")
-                self.blobs.install(staged, spec.digest)
+                for d, st in staged:
+                    self.blobs.install(st, d)
                 try:
                     return self.catalog.add_revisions([spec])[0]
                 except BaseException:
-                    if not self.catalog.digest_referenced(spec.digest):
-                        self.blobs.delete(spec.digest)
+                    for d, _ in staged:
+                        if not self.catalog.digest_referenced(d):
+                            self.blobs.delete(d)
                     raise
         finally:
-            self.blobs.discard(staged)
+            for _, st in staged:
+                self.blobs.discard(st)
 
     def _prepare(
         self,
@@ -386,6 +400,7 @@ class StoreCore:
         ref,
         parents: tuple[Parent, ...],
         weights: bytes,
+        state: bytes = b"",
     ) -> _Prepared:
         packed = peft_io.validate_and_pack(
             header.adapter_config_json,
@@ -409,8 +424,12 @@ class StoreCore:
             source=header.source or UPLOAD,
             parents=parents,
             data_digest=header.data_digest,
+            state_digest=header.state_sha256 if state else "",
+            state_size_bytes=len(state),
         )
-        return _Prepared(index=index, spec=spec, data=packed.data)
+        if state:
+            _check_training_state(state)
+        return _Prepared(index=index, spec=spec, data=packed.data, state=state)
 
     def push_many(
         self,
@@ -435,7 +454,11 @@ class StoreCore:
             for index, (header, data) in enumerate(items):
                 try:
                     ref, parents = self._check_header(header, who)
-                    weights = self._receive(header, (data,))
+                    if header.state_sha256 or header.state_size_bytes:
+                        raise InvalidArgument(
+                            "a training state is pushed with PushAdapter, not PushAdapters"
+                        )
+                    weights, _ = self._receive(header, (data,))
                     group.append(self._prepare(index, header, ref, parents, weights))
                 except MintError as e:
                     with self._stats_lock:
@@ -521,34 +544,55 @@ class StoreCore:
             raise InvalidArgument(
                 f"{len(header.parents)} parents exceed the limit of {MAX_PARENTS}"
             )
+        state_size = int(header.state_size_bytes)
+        if bool(header.state_sha256) != bool(state_size):
+            raise InvalidArgument(
+                "a training state needs both state_sha256 and state_size_bytes (or neither)"
+            )
+        if header.state_sha256 and not DIGEST_RE.match(header.state_sha256):
+            raise InvalidArgument(
+                f"state_sha256 {header.state_sha256!r} is not a lowercase hex sha256"
+            )
+        if state_size > STATE_SIZE_FACTOR * limit:
+            raise InvalidArgument(
+                f"training state of {state_size} bytes exceeds {STATE_SIZE_FACTOR} x "
+                f"max_upload_bytes ({STATE_SIZE_FACTOR * limit}) of this store"
+            )
         parents = []
         for p in header.parents:
             rec = self.resolve(p, principal=who)
             parents.append(Parent(ref=rec.ref, digest=rec.digest))
         return ref, tuple(parents)
 
-    def _receive(self, header: PushHeader, chunks: Iterable[bytes]) -> bytes:
-        size = int(header.size_bytes)
+    def _receive(self, header: PushHeader, chunks: Iterable[bytes]) -> tuple[bytes, bytes]:
+        """(adapter bytes, training state bytes or b""): the stream carries size_bytes of the
+        adapter, then state_size_bytes of its state; each is checked against its sha256."""
+        size, state_size = int(header.size_bytes), int(header.state_size_bytes)
+        total = size + state_size
         buf = bytearray()
-        h = hashlib.sha256()
         for chunk in chunks:
-            if len(buf) + len(chunk) > size:
+            if len(buf) + len(chunk) > total:
                 raise InvalidAdapter(
-                    f"received more than the {size} bytes the header declared "
+                    f"received more than the {total} bytes the header declared "
                     f"({len(buf) + len(chunk)} so far)"
                 )
-            h.update(chunk)
             buf += chunk
-        if len(buf) < size:
-            raise InvalidAdapter(f"truncated: received {len(buf)} of {size} bytes")
-        got = h.hexdigest()
-        if got != header.sha256:
-            raise DigestMismatch(
-                f"sha256 of the {len(buf)} received bytes is {got}, the header says "
-                f"{header.sha256}",
-                metadata={"expected": header.sha256, "actual": got},
-            )
-        return bytes(buf)
+        if len(buf) < total:
+            raise InvalidAdapter(f"truncated: received {len(buf)} of {total} bytes")
+        weights, state = bytes(buf[:size]), bytes(buf[size:])
+        del buf
+        for what, data, want in (("", weights, header.sha256),
+                                 ("state ", state, header.state_sha256)):  # fmt: skip
+            if not data:
+                continue
+            got = hashlib.sha256(data).hexdigest()
+            if got != want:
+                raise DigestMismatch(
+                    f"sha256 of the {len(data)} received {what}bytes is {got}, the header says "
+                    f"{want}",
+                    metadata={"expected": want, "actual": got},
+                )
+        return weights, state
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -557,17 +601,33 @@ class StoreCore:
         return self.catalog.resolve(parsed)
 
     def fetch(
-        self, *, digest: str = "", ref: str = "", principal: Principal | None = None
+        self,
+        *,
+        digest: str = "",
+        ref: str = "",
+        state: bool = False,
+        principal: Principal | None = None,
     ) -> FetchResult:
-        """The verified packed bytes of a digest or a reference. Raises DigestMismatch (and
-        returns nothing) when the stored blob does not hash to its digest."""
+        """The verified packed bytes of a digest or a reference (state: the reference's
+        training state). Raises DigestMismatch (and returns nothing) when the stored blob does
+        not hash to its digest."""
         who = self._who(principal)
         if bool(digest) == bool(ref):
             raise InvalidArgument(
                 f"fetch needs exactly one of digest or ref (got digest={digest!r}, ref={ref!r})"
             )
+        if state and not ref:
+            raise InvalidArgument("a training state is fetched by ref, not by digest")
         if ref:
-            digest = self.resolve(ref, principal=who).digest
+            rec = self.resolve(ref, principal=who)
+            digest = rec.digest
+            if state:
+                if not rec.state_digest:
+                    raise AdapterNotFound(
+                        f"revision {rec.ref} holds no training state (save it with save_state)",
+                        metadata={"ref": rec.ref},
+                    )
+                digest = rec.state_digest
         else:
             check_digest(digest)
             tenants = self.catalog.digest_tenants(digest)
@@ -908,6 +968,22 @@ class StoreCore:
     def stats(self) -> StoreStats:
         with self._stats_lock:
             return StoreStats(**vars(self._stats))
+
+
+def _check_training_state(state: bytes) -> None:
+    """A training state is a safetensors file whose metadata names its format."""
+    try:
+        n = int.from_bytes(state[:8], "little")
+        if len(state) < 8 or n > len(state) - 8:
+            raise ValueError("its header length exceeds the file")
+        head = json.loads(state[8 : 8 + n])
+        fmt = (head.get("__metadata__") or {}).get("format")
+    except (ValueError, AttributeError) as e:
+        raise InvalidArgument(f"the training state is not a safetensors file: {e}") from None
+    if fmt != TRAINING_STATE_FORMAT:
+        raise InvalidArgument(
+            f"the training state's format is {fmt!r}, not {TRAINING_STATE_FORMAT!r}"
+        )
 
 
 def _check_labels(labels: Mapping[str, str]) -> None:

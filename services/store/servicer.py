@@ -93,6 +93,8 @@ def revision_to_proto(rec: RevisionRecord) -> common_pb2.AdapterRevision:
             )
             for e in rec.evaluations
         ],
+        state_digest=rec.state_digest,
+        state_size_bytes=rec.state_size_bytes,
     )
 
 
@@ -133,6 +135,8 @@ def header_from_proto(h: store_pb2.PushHeader) -> PushHeader:
         source=_enum(SOURCE_FROM_PROTO, h.source, "source", UPLOAD),
         parents=tuple(h.parents),
         data_digest=h.data_digest,
+        state_sha256=h.state_sha256,
+        state_size_bytes=h.state_size_bytes,
     )
 
 
@@ -271,7 +275,12 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
         return store_pb2.ResolveAdapterResponse(revision=revision_to_proto(rec))
 
     def FetchAdapter(self, request, context):
-        res = self.core.fetch(digest=request.digest, ref=request.ref, principal=current_principal())
+        res = self.core.fetch(
+            digest=request.digest,
+            ref=request.ref,
+            state=request.state,
+            principal=current_principal(),
+        )
         yield store_pb2.FetchAdapterResponse(
             header=store_pb2.FetchHeader(digest=res.digest, size_bytes=res.size_bytes)
         )
