@@ -623,3 +623,72 @@ def test_store_killed_mid_push_keeps_committed_revisions(tiny_model_dir, adapter
 
 def ch_digest(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+# -- training states ------------------------------------------------------------------------------
+
+
+def _state(steps: int = 3) -> bytes:
+    meta = {"format": peft_io.TRAINING_STATE_FORMAT, "steps": str(steps)}
+    return st_save({"weight/x.A": torch.randn(2, 4)}, metadata=meta)
+
+
+def test_a_training_state_is_kept_beside_its_revision_and_goes_with_it(stub, core, adapters):
+    cfg, w = peft_bytes(adapters["c"])
+    state = _state()
+    msgs = [
+        header_msg("ts/run", cfg, w, state_sha256=hashlib.sha256(state).hexdigest(),
+                   state_size_bytes=len(state)),
+        *chunk_msgs(w + state, size=4096),  # the stream crosses from one to the other
+    ]  # fmt: skip
+    rev = stub.PushAdapter(iter(msgs), timeout=TIMEOUT).revision
+    assert rev.state_digest == hashlib.sha256(state).hexdigest()
+    assert rev.state_size_bytes == len(state)
+    h, got = fetch(stub, ref=rev.ref, state=True)
+    assert got == state and h.digest == rev.state_digest
+    _, packed = fetch(stub, ref=rev.ref)  # the adapter itself is as without a state
+    assert hashlib.sha256(packed).hexdigest() == rev.digest
+    plain = push(stub, "ts/plain", cfg, w).revision
+    assert plain.digest == rev.digest and not plain.state_digest
+    e = rpc_error(fetch, stub, ref=plain.ref, state=True)
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "holds no training state" in e.details()
+    e = rpc_error(fetch, stub, digest=rev.digest, state=True)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "by ref" in e.details()
+    # Deleted with its revision: the state's blob is gone, the shared adapter blob stays.
+    assert core.blobs.read(rev.state_digest) == state
+    stub.DeleteAdapter(store_pb2.DeleteAdapterRequest(ref=rev.ref), timeout=TIMEOUT)
+    assert core.blobs.read(rev.state_digest) is None
+    assert core.blobs.read(rev.digest) is not None  # ts/plain still references it
+
+
+@pytest.mark.parametrize(
+    "over, data, code, needle",
+    [
+        ({"state_size_bytes": 10}, b"", "INVALID_ARGUMENT", "both state_sha256 and"),
+        ({"state_sha256": "0" * 64, "state_size_bytes": 20}, b"x" * 20, "DATA_LOSS",
+         "state bytes is"),
+        ("truncated", None, "INVALID_ARGUMENT", "truncated"),
+        ("not-a-state", None, "INVALID_ARGUMENT", "not 'mint.training_state.v1'|not a safetensors"),
+        ("too-big", None, "INVALID_ARGUMENT", "exceeds 4 x max_upload_bytes"),
+    ],
+    ids=["size-without-sha", "sha-mismatch", "truncated", "not-a-state", "too-big"],
+)  # fmt: skip
+def test_bad_training_states_are_refused_and_nothing_is_stored(stub, adapters, over, data, code,
+                                                               needle):  # fmt: skip
+    cfg, w = peft_bytes(adapters["c"])
+    state = _state()
+    sha = hashlib.sha256(state).hexdigest()
+    if over == "truncated":
+        over, data = {"state_sha256": sha, "state_size_bytes": len(state)}, state[:-5]
+    elif over == "not-a-state":
+        bad = st_save({"w": torch.zeros(2)}, metadata={"format": "other"})
+        over, data = {"state_sha256": hashlib.sha256(bad).hexdigest(),
+                      "state_size_bytes": len(bad)}, bad  # fmt: skip
+    elif over == "too-big":
+        over, data = {"state_sha256": sha, "state_size_bytes": 4 * MAX_UPLOAD + 1}, state
+    before = list_all(stub, tenant="tsbad")
+    msgs = [header_msg("tsbad/x", cfg, w, **over), *chunk_msgs(w + data)]
+    e = rpc_error(stub.PushAdapter, iter(msgs), timeout=TIMEOUT)
+    assert e.code().name in code.split("|"), (e.code(), e.details())
+    assert any(n in e.details() for n in needle.split("|")), e.details()
+    assert list_all(stub, tenant="tsbad") == before == []
