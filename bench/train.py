@@ -11,16 +11,18 @@ its own copy of the same weights:
   median over pairs of peft's step time over ours (target >= 1.5).
 - train_tokens_per_s: the tokens of one batched step over its median time.
 - handoff_vs_peft: from the save call until the new weights serve where their requests go:
-  ours = the run's PEFT bytes, validated and packed as the store packs them, handed to the
-  executor's source and loaded into its device pool by the loader (resident); peft =
+  ours = what the executor's SaveRunWeights does: the run packed straight from its weights
+  (the store's bytes and digest for its PEFT files, checked each time) written straight into
+  the host tier, hashed there and loaded into free device room (TrainingRun.install); peft =
   save_pretrained of the adapter + load_adapter into a serving PeftModel. The first token's
   compute is the same for both and is reported apart (first_token_ms_*). Median over paired
   repeats of peft's time over ours (target >= 10; MinT reports 18.3x for its adapter-only
   handoff). In one process: the store's network hop and the node cache's fetch are not in it.
 - serve_itl_p99_ratio: the p99 inter-token latency of a served greedy stream while a run trains
   (a thread looping forward_backward + optim_step) over the same stream without training,
-  paired (target <= 1.5). Training runs in micro-batches of training_micro_tokens, each under
-  the model lock, a serving step between two of them.
+  paired (target <= 1.5). Training runs in micro-batches of training_micro_tokens, a serving
+  step between two of them, and within one the forward/backward lets a serving step run at the
+  first layer boundary after training_slice_ms (--slice-ms); train_yields counts those.
 
 Progress on stderr; the last stdout line is one JSON object
 {"bench": "train", "device", "params", "metrics", "targets"}.
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handoff-repeats", type=int, default=5)
     p.add_argument("--serve-tokens", type=int, default=64)
     p.add_argument("--micro-tokens", type=int, default=64)
+    p.add_argument("--slice-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -79,6 +82,42 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _step_flops(model, runs: int, seq_len: int, rank: int, targets) -> float:
+    """Model FLOPs of one training step (every run's sequence): every Linear of the backbone
+    (the LM head included) forward and its input gradient (the base is frozen: no weight
+    gradient), the LoRA ops (forward, dX, dA, dB) on the targeted ones, and causal attention
+    (QK^T and PV, forward and backward)."""
+    from torch import nn
+
+    from mintmesh.kernels.dense import PackedLinear
+
+    tokens = runs * seq_len
+    total = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear | PackedLinear):
+            fi, fo = m.in_features, m.out_features
+            total += 2 * 2 * fi * fo * tokens
+            if name.rsplit(".", 1)[-1] in targets or name.endswith(
+                tuple(f"{t}.base_layer" for t in targets)
+            ):
+                total += 3 * 2 * rank * (fi + fo) * tokens
+    cfg = model.config
+    heads_dim = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # per token: QK^T + PV over (on average) seq_len / 2 keys, forward; backward twice that
+    total += 3 * 2 * 2 * (seq_len / 2) * heads_dim * cfg.num_hidden_layers * tokens
+    return total
+
+
+def _gemm_peak() -> float:
+    """FLOP/s of a large fp32 GEMM on this machine, now (best of several)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(10))
+    return 2 * 1024 * 1024 * 4096 / best
 
 
 def _run(args) -> dict:
@@ -100,7 +139,10 @@ def _run(args) -> dict:
     source = PackedBytesSource()
     eng = Engine.from_config(
         ExecutorConfig(
-            model_dir=model_dir, max_batch_size=8, training_micro_tokens=args.micro_tokens
+            model_dir=model_dir,
+            max_batch_size=8,
+            training_micro_tokens=args.micro_tokens,
+            training_slice_ms=args.slice_ms,
         ),
         source=source,
     )
@@ -144,6 +186,9 @@ def _run(args) -> dict:
             opts[i].step()
             opts[i].zero_grad(set_to_none=True)
 
+    flops = _step_flops(eng.model, args.runs, args.seq_len, args.rank, targets)
+    peak = _gemm_peak()
+    _progress(f"a step is {flops / 1e9:.1f} GFLOP; this CPU's GEMM peak {peak / 1e9:.1f} GFLOP/s")
     ours_step(), peft_step()  # warm-up
     ours_t, peft_t = [], []
     for rep in range(args.repeats):
@@ -164,13 +209,12 @@ def _run(args) -> dict:
     run0 = tr.run("r0")
 
     def ours_handoff() -> str:
-        cfg_json, weights = run0.peft_bytes()
-        packed = validate_and_pack(cfg_json, weights, base, max_rank=eng.residency.max_rank)
-        source.add(packed.data, packed.digest)
-        eng.prefetch([packed.digest])
-        while packed.digest not in eng.residency.resident():
-            time.sleep(0.0002)
-        return packed.digest
+        # What the executor's SaveRunWeights does: the run packed straight from its weights
+        # (the store's bytes and digest for its PEFT files, checked below) and installed into
+        # the host tier and the device pool, resident before the store has committed it.
+        digest, resident = run0.install(eng)
+        assert resident, "no free device room for the handoff"
+        return digest
 
     ours_h, peft_h, first_ours, first_peft = [], [], [], []
     for rep in range(args.handoff_repeats):
@@ -178,6 +222,9 @@ def _run(args) -> dict:
         t0 = time.perf_counter()
         digest = ours_handoff()
         ours_h.append(time.perf_counter() - t0)
+        cfg_json, weights = run0.peft_bytes()  # the store's pack of the same run: same digest
+        store_side = validate_and_pack(cfg_json, weights, base, max_rank=eng.residency.max_rank)
+        assert store_side.digest == digest, "the executor's pack differs from the store's"
         first_ours.append(_timed(lambda d=digest: eng.forward([(d, [1, 2, 3, 4])])))
         name = f"h{rep}"
         t0 = time.perf_counter()
@@ -243,6 +290,13 @@ def _run(args) -> dict:
         "batched_vs_serial_min": round(bvs[1], 4),
         "batched_vs_serial_max": round(bvs[2], 4),
         "train_tokens_per_s": round(args.runs * args.seq_len / statistics.median(ours_t), 1),
+        # The bound: both sides do the same FLOPs, so ours can beat peft by at most the GEMM
+        # peak over peft's rate (ours at 100% of the peak).
+        "step_gflop": round(flops / 1e9, 2),
+        "gemm_peak_gflop_s": round(peak / 1e9, 2),
+        "ours_gemm_fraction": round(flops / statistics.median(ours_t) / peak, 3),
+        "peft_gemm_fraction": round(flops / statistics.median(peft_t) / peak, 3),
+        "batched_vs_serial_bound": round(statistics.median(peft_t) * peak / flops, 3),
         "handoff_ours_ms": ms(ours_h),
         "handoff_peft_ms": ms(peft_h),
         "handoff_vs_peft": round(hvp[0], 3),
@@ -256,6 +310,11 @@ def _run(args) -> dict:
         "serve_itl_p99_ratio_min": round(itl[1], 3),
         "serve_itl_p99_ratio_max": round(itl[2], 3),
         "train_steps_while_serving": train_steps,
+        "train_yields": tr.yields,
+        # The longest the training held the model before letting a serving step in: its
+        # longest op between two yield points (the LM head's backward: its packed weight
+        # unpacked, then the GEMM) bounds the inter-token gap it adds.
+        "train_longest_slice_ms": round(tr.longest_slice_s * 1e3, 1),
     }
 
 

@@ -155,6 +155,45 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+@dataclass(frozen=True)
+class PackLayout:
+    """A pack planned (pack_layout) and not yet written: its size, and write_into(buf) writes
+    it into any writable buffer of that size (pack() into fresh bytes; an executor into its
+    host tier directly)."""
+
+    size: int
+    data_offset: int
+    header: bytes
+    dtype: torch.dtype | None  # None: int8
+    esize: int
+    tensors: tuple[tuple[int, torch.Tensor], ...]
+
+    def write_into(self, buf: bytearray | memoryview) -> None:
+        if len(buf) != self.size:
+            raise ValueError(f"a buffer of {len(buf)} bytes for a pack of {self.size}")
+        buf[: self.data_offset] = bytes(self.data_offset)
+        _PREFIX.pack_into(buf, 0, MAGIC, len(self.header))
+        buf[_PREFIX.size : _PREFIX.size + len(self.header)] = self.header
+        region = torch.frombuffer(buf, dtype=torch.uint8)
+        end = self.data_offset
+        for t_off, t in self.tensors:
+            start = self.data_offset + t_off
+            if start > end:  # alignment padding: zeros, whatever the buffer held
+                region[end:start].zero_()
+            if self.dtype is None:  # int8 data or float32 scales, as they are
+                raw = t.contiguous().view(torch.uint8).reshape(-1)
+                region[start : start + raw.numel()].copy_(raw)
+                end = start + raw.numel()
+                continue
+            # Converted (and B transposed) by one copy; every offset is aligned, so the region
+            # views as the storage dtype.
+            n = t.numel() * self.esize
+            region[start : start + n].view(self.dtype).view(t.shape).copy_(t.detach())
+            end = start + n
+        if end < self.size:
+            region[end:].zero_()
+
+
 def pack(
     modules: Mapping[str, ModuleWeights],
     *,
@@ -165,6 +204,27 @@ def pack(
 ) -> bytes:
     """Pack module weights into one buffer. All tensors are stored in one dtype: `dtype`, or
     the storage format `storage` (float32 | bfloat16 | float16 | int8), default A's dtype."""
+    layout = pack_layout(
+        modules,
+        base_fingerprint=base_fingerprint,
+        peft_config=peft_config,
+        dtype=dtype,
+        storage=storage,
+    )
+    buf = bytearray(layout.size)
+    layout.write_into(buf)
+    return bytes(buf)
+
+
+def pack_layout(
+    modules: Mapping[str, ModuleWeights],
+    *,
+    base_fingerprint: str,
+    peft_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+    storage: str | None = None,
+) -> PackLayout:
+    """What pack() writes, planned: the header, the offsets, the tensors (int8: quantized)."""
     if not modules:
         raise InvalidAdapter("adapter has no LoRA modules")
     names = sorted(modules)
@@ -232,17 +292,14 @@ def pack(
     }
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     data_offset = _align(_PREFIX.size + len(hbytes))
-    buf = bytearray(data_offset + off)
-    _PREFIX.pack_into(buf, 0, MAGIC, len(hbytes))
-    buf[_PREFIX.size : _PREFIX.size + len(hbytes)] = hbytes
-    for t_off, t in tensors:
-        if t.dtype in (torch.int8, torch.float32) and quantized:
-            raw = t.contiguous().view(torch.uint8).numpy()  # int8 data or float32 scales
-        else:
-            raw = t.detach().to(device="cpu", dtype=dtype).contiguous().view(torch.uint8).numpy()
-        start = data_offset + t_off
-        buf[start : start + raw.nbytes] = raw.tobytes()
-    return bytes(buf)
+    return PackLayout(
+        size=data_offset + off,
+        data_offset=data_offset,
+        header=hbytes,
+        dtype=None if quantized else dtype,
+        esize=esize,
+        tensors=tuple(sorted(tensors, key=lambda x: x[0])),
+    )
 
 
 def read_header(buf: bytes | memoryview) -> PackedHeader:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,15 @@ from mintmesh.model import BaseModelInfo
 from mintmesh.packed import (
     DTYPE_NAMES,
     ModuleWeights,
+    PackLayout,
     digest,
     lora_scale,
     pack,
+    pack_layout,
     storage_format,
     unpack,
 )
+from mintmesh.synth import synth_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -190,26 +195,115 @@ def validate_and_pack(
         )
     if mismatched:
         raise InvalidAdapter(f"wrong tensor shape: {mismatched[0]}")
-    dtypes = {mw.A.dtype for mw in modules.values()} | {mw.B.dtype for mw in modules.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    peft_keep = {
+    return _pack_modules(modules, cfg, base.fingerprint, storage)
+
+
+def pack_lora(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    base_fingerprint: str,
+) -> PackedAdapter:
+    """A LoRA held as tensors ({module path: (A [r, in], B [out, r])}, float32, one rank and
+    alpha, no rslora: a training run) packed straight from them: the same bytes, so the same
+    digest, as validate_and_pack of the PEFT files the run would write (synth_config +
+    safetensors), without writing or parsing them. Non-finite weights are refused as there;
+    the shapes are the caller's to have right (a run's layers are the base's)."""
+    layout, summary = lora_layout(
+        layers, rank=rank, alpha=alpha, targets=targets, base_fingerprint=base_fingerprint
+    )
+    buf = bytearray(layout.size)
+    layout.write_into(buf)
+    check_finite_pack(buf, layout, layers)
+    data = bytes(buf)
+    return PackedAdapter(data=data, digest=digest(data), **summary)
+
+
+def lora_layout(
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    base_fingerprint: str,
+) -> tuple[PackLayout, dict]:
+    """pack_lora planned: the layout (write it anywhere, then check_finite_pack) and the
+    PackedAdapter fields other than data and digest."""
+    cfg = synth_config(rank, float(alpha), tuple(targets))
+    modules: dict[str, ModuleWeights] = {}
+    for mod, (A, B) in sorted(layers.items()):
+        if A.dtype != torch.float32 or B.dtype != torch.float32:
+            raise InvalidAdapter(f"module {mod}: pack_lora takes float32 weights")
+        a, b = A.detach().contiguous(), B.detach().contiguous()
+        modules[mod] = ModuleWeights(
+            A=a, B=b, alpha=float(alpha), scale=lora_scale(float(alpha), int(a.shape[0]), False)
+        )
+    if not modules:
+        raise InvalidAdapter("adapter has no LoRA modules")
+    layout = pack_layout(
+        modules,
+        base_fingerprint=base_fingerprint,
+        peft_config=_peft_keep(cfg),
+        dtype=torch.float32,
+    )
+    summary = dict(
+        max_rank=max(mw.rank for mw in modules.values()),
+        alpha=float(cfg["lora_alpha"]),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        num_modules=len(modules),
+        storage_format=DTYPE_NAMES[torch.float32],
+    )
+    return layout, summary
+
+
+def check_finite_pack(buf, layout: PackLayout, layers) -> None:
+    """InvalidAdapter naming the first module with a NaN or Inf, if a float32 pack written by
+    layout into buf holds one (one pass over its data region)."""
+    with warnings.catch_warnings():  # a read-only buffer is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        values = torch.frombuffer(memoryview(buf)[layout.data_offset :], dtype=torch.float32)
+    # max |x| is finite exactly when every x is (a NaN or an Inf makes it NaN or Inf), one
+    # reduction with no temporary.
+    if math.isfinite(float(torch.linalg.vector_norm(values, float("inf")))):
+        return
+    for m, (a, b) in sorted(layers.items()):
+        for lab, t in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise InvalidAdapter(f"module {m}: {lab} contains NaN or Inf values")
+    raise InvalidAdapter("the pack contains NaN or Inf values")
+
+
+def _peft_keep(cfg: dict) -> dict:
+    """What a pack keeps of the upload's config, in canonical types (so an export -> import
+    round trip packs to the same digest)."""
+    keep = {
         k: cfg.get(k)
         for k in ("r", "lora_alpha", "use_rslora", "target_modules", "base_model_name_or_path")
         if k in cfg
     }
-    # Canonical types, so an export -> import round trip packs to the same digest.
-    if "lora_alpha" in peft_keep:
-        peft_keep["lora_alpha"] = float(peft_keep["lora_alpha"])
-    if "r" in peft_keep:
-        peft_keep["r"] = int(peft_keep["r"])
-    if isinstance(peft_keep.get("target_modules"), (set, tuple, list)):
-        peft_keep["target_modules"] = sorted(peft_keep["target_modules"])
+    if "lora_alpha" in keep:
+        keep["lora_alpha"] = float(keep["lora_alpha"])
+    if "r" in keep:
+        keep["r"] = int(keep["r"])
+    if isinstance(keep.get("target_modules"), (set, tuple, list)):
+        keep["target_modules"] = sorted(keep["target_modules"])
+    return keep
+
+
+def _pack_modules(
+    modules: dict[str, ModuleWeights], cfg: dict, base_fingerprint: str, storage: str | None
+) -> PackedAdapter:
+    dtypes = {mw.A.dtype for mw in modules.values()} | {mw.B.dtype for mw in modules.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    peft_keep = _peft_keep(cfg)
     if storage is None:
-        data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
+        data = pack(modules, base_fingerprint=base_fingerprint, peft_config=peft_keep, dtype=dtype)
         storage = DTYPE_NAMES[dtype]
     else:
         data = pack(
-            modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, storage=storage
+            modules, base_fingerprint=base_fingerprint, peft_config=peft_keep, storage=storage
         )
     return PackedAdapter(
         data=data,

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mintmesh.errors import FailedPrecondition, InvalidAdapter, InvalidArgument, ResourceExhausted
 from mintmesh.model import load_model
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import Engine
@@ -388,3 +388,99 @@ def test_reverse_kl_is_the_kl_to_the_reference_and_training_shrinks_it(trainer, 
     bare = _data(21, lens=(9,))
     with pytest.raises(InvalidArgument, match="reference_input is needed"):
         trainer.forward_backward([("kl", bare, "reverse_kl", None)])
+
+
+def test_a_runs_pack_is_the_stores_and_installs_without_a_fetch(trainer, engine, tiny_model_dir):
+    """The run packed straight from its weights is byte-for-byte what the store makes of its
+    PEFT files (so the digest its revision gets); Engine.install makes it resident with no
+    fetch (this engine's source has never seen it), serving the run's own outputs."""
+    from mintmesh import peft_io
+    from mintmesh.model import base_model_info
+
+    spec = LoraSpec(rank=3, alpha=6.0, targets=("q_proj", "o_proj", "gate_proj"))
+    trainer.create_run("p", "t", spec, seed=4)
+    _train(trainer, "p", 2, 40, AdamParams(learning_rate=5e-2))
+    run = trainer.run("p")
+    cfg, st = run.peft_bytes()
+    store_side = peft_io.validate_and_pack(cfg, st, base_model_info(tiny_model_dir), max_rank=64)
+    ours = run.packed(engine.base_fingerprint)
+    assert ours.data == store_side.data and ours.digest == store_side.digest
+    fetches = engine.residency.fetches
+    digest, resident = run.install(engine)  # what SaveRunWeights does
+    assert digest == ours.digest and resident
+    assert ours.digest in engine.residency.resident() and engine.residency.fetches == fetches
+    ids = _data(41, lens=(10,))[0].input_ids
+    (served,) = engine.forward([(ours.digest, ids)])
+    (res,) = trainer.forward_backward([("p", _data(41, lens=(10,)), "cross_entropy", None)],
+                                      forward_only=True)  # fmt: skip
+    lp = torch.log_softmax(served.double(), -1)
+    want = lp.gather(1, torch.tensor(_data(41, lens=(10,))[0].target_tokens)[:, None])[:, 0]
+    assert res.logprobs[0] == pytest.approx(want.tolist(), abs=1e-4)
+    with torch.no_grad():
+        run.layers["model.layers.0.self_attn.q_proj"][1][0, 0] = float("nan")
+    with pytest.raises(InvalidAdapter, match=r"q_proj: lora_B contains NaN or Inf"):
+        run.packed(engine.base_fingerprint)
+    host = engine.residency.host.nbytes
+    with pytest.raises(InvalidAdapter, match=r"q_proj: lora_B contains NaN or Inf"):
+        run.install(engine)
+    assert engine.residency.host.nbytes == host  # its region given back, nothing kept
+
+
+def test_serving_runs_between_the_layers_of_a_training_pass_and_each_gets_its_own(trainer, engine):
+    """Layer-granular time-slicing: with a slice of 0 s and sequences 'being served', a
+    training forward/backward lets the model go at every decoder layer and the LM head, both
+    ways; a real serving forward (an adapter's rows, through the pool) runs in each gap. The
+    served logits are those served alone, bit for bit (the training's LoRA context is its own
+    thread's), and the training's loss and gradients those of the pass without gaps."""
+    import threading
+
+    from mintmesh.peft_io import check_finite_pack, lora_layout
+
+    g = torch.Generator().manual_seed(3)
+    layers = {n: (torch.randn(4, fi, generator=g) * 0.3, torch.randn(fo, 4, generator=g) * 0.3)
+              for n, (fo, fi) in engine.pool.layer_shapes.items()
+              if n.endswith(("q_proj", "v_proj"))}  # fmt: skip
+    layout, _ = lora_layout(layers, rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
+                            base_fingerprint=engine.base_fingerprint)  # fmt: skip
+    digest, resident = engine.install_layout(
+        layout, lambda buf: check_finite_pack(buf, layout, layers)
+    )
+    assert resident
+    ids = _data(50, lens=(7,))[0].input_ids
+    (alone,) = engine.forward([(digest, ids)])
+
+    run = trainer.create_run("s", "t", LoraSpec(4, 8.0, ("q_proj", "v_proj", "up_proj")), seed=8)
+    with torch.no_grad():
+        for _, b in run.layers.values():
+            b.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    calls = [("s", _data(51, lens=(9, 5)), "cross_entropy", None)]
+    whole = trainer.forward_backward(calls)
+    grads = [p.grad.clone() for p in run.parameters()]
+    run.optimizer.zero_grad(set_to_none=True)
+
+    served, threads = [], set()
+
+    def serve_between():  # in the gap: a serving forward on another thread (a step loop's)
+        def serve():
+            threads.add(threading.get_ident())
+            served.append(engine.forward([(digest, ids)])[0])
+
+        t = threading.Thread(target=serve)
+        t.start()
+        t.join()
+
+    trainer.slice_s, trainer.micro_tokens = 0.0, 10**6
+    trainer.yield_fn, trainer.busy_fn = serve_between, lambda: True
+    y0 = trainer.yields
+    sliced = trainer.forward_backward(calls)
+    n_layers = engine.model.config.num_hidden_layers
+    # One gap after every decoder layer and the LM head forward, and as many in the backward
+    # (plus the one before the micro-batch).
+    assert trainer.yields - y0 >= 2 * (n_layers + 1), (trainer.yields - y0, n_layers)
+    assert len(served) >= 2 * (n_layers + 1)
+    for got in served:
+        assert torch.equal(got, alone)
+    assert threading.get_ident() not in threads
+    assert sliced[0].loss == whole[0].loss
+    for p, g in zip(run.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)

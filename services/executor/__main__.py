@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--training-micro-tokens",
         type=int,
-        help="while serving: tokens per training slice between serving steps (default 64)",
+        help="while serving: tokens per training micro-batch (default 64)",
+    )
+    p.add_argument(
+        "--training-slice-ms",
+        type=float,
+        help="while serving: the longest a training forward/backward holds the model before a "
+        "serving step runs, at the next layer boundary (default 10)",
     )
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
     p.add_argument(

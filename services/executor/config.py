@@ -47,9 +47,12 @@ class ExecutorConfig:
     # Training runs on this executor: their LoRA weights, gradients and AdamW state, in bytes
     # (a run that does not fit is refused with RESOURCE_EXHAUSTED).
     training_max_bytes: int = 256 << 20
-    # Training's time slice while there are sequences to serve: padded tokens per forward/
-    # backward under the model lock, a serving step before each (one datum at the least).
+    # While there are sequences to serve, training runs in micro-batches of this many padded
+    # tokens (one datum at the least), a serving step before each; and within one, the
+    # forward/backward gives the model to a serving step at the first layer boundary after
+    # training_slice_ms (time-slicing at layer granularity).
     training_micro_tokens: int = 64
+    training_slice_ms: float = 10.0
     max_queue_per_tenant: int = 0
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
@@ -75,6 +78,8 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         if self.training_micro_tokens < 1:
             raise ValueError(f"training_micro_tokens {self.training_micro_tokens} must be >= 1")
+        if not self.training_slice_ms >= 0:
+            raise ValueError(f"training_slice_ms {self.training_slice_ms} must be >= 0")
         if self.training_max_bytes < 0:
             raise ValueError(f"training_max_bytes {self.training_max_bytes} must be >= 0")
         # load_config passes strings for Path | None fields; normalise here.

@@ -705,6 +705,26 @@ class Engine:
             logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
         return resident, queued, dropped
 
+    def install_layout(self, layout, check) -> tuple[str, bool]:
+        """A pack this executor plans itself (packed.PackLayout: a training run's save) made
+        ready to serve at once: written straight into the host tier (check(buf) vets it), then
+        loaded into free device room (no other adapter is evicted for it; without room it
+        waits on the host). (its digest, resident)."""
+        digest, kept = self.residency.offer_layout(layout, check)
+        if digest in self.pool:
+            return digest, True
+        return digest, kept and self._load_free(digest)
+
+    def _load_free(self, digest: str) -> bool:
+        """digest (on the host tier) into free device room, no eviction; True when resident."""
+        prepared = self.residency.prepare(digest)
+        try:
+            self.residency.load(prepared, timeout=0.0, evict=False)
+        except ResourceExhausted:
+            return False
+        self.residency.release(digest)
+        return True
+
     def purge(self, digests: Sequence[str], timeout: float = 30.0) -> tuple[list[str], list[str]]:
         """Deleted adapters: once no running request uses one, drop it from the device pool, the
         host tier and the node cache. Requests still waiting for it fail NOT_FOUND when their
@@ -745,6 +765,7 @@ class Engine:
                     lock=self._model_lock,
                     device=self.device,
                     micro_tokens=self.config.training_micro_tokens,
+                    slice_s=self.config.training_slice_ms / 1e3,
                     yield_fn=self._yield_to_serving,
                     busy_fn=lambda: bool(self._num_running or self._num_waiting),
                 )

@@ -12,6 +12,7 @@ some adapter of the forward targets, so the others skip the LoRA op and its per-
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -31,9 +32,19 @@ class LoraContext:
         self.meta: BatchMeta | None = None
         # Layers some adapter of the current batch targets; None = assume every layer.
         self.targeted: set[str] | None = None
-        # A training forward (services/executor/training.py TrainBatch): the runs' trainable
-        # LoRAs over their segments of the rows, differentiable; None when serving.
-        self.train = None
+        self._local = threading.local()
+
+    @property
+    def train(self):
+        """A training forward (services/executor/training.py TrainBatch) of THIS thread: the
+        runs' trainable LoRAs over their segments of the rows, differentiable; None when
+        serving. Per thread, because a training forward/backward lets serving steps run on the
+        same modules between its layers (time-slicing)."""
+        return getattr(self._local, "train", None)
+
+    @train.setter
+    def train(self, value) -> None:
+        self._local.train = value
 
 
 class MultiLoraLinear(nn.Module):

@@ -387,6 +387,32 @@ class AdapterResidency:
         self.host.hold(digest)
         return prepared
 
+    def offer_layout(self, layout, check: Callable[[memoryview], None]) -> tuple[str, bool]:
+        """A pack this process plans (packed.PackLayout: a training run's save) written straight
+        into a host-tier region and hashed there, no intermediate bytes; check(buf) vets what
+        was written (non-finite weights) before it is kept. Returns (digest, kept on the host);
+        without room it is written to a private buffer just to know its digest."""
+        region = self.host.reserve(layout.size)
+        if region is None:
+            buf = bytearray(layout.size)
+            layout.write_into(buf)
+            check(memoryview(buf))
+            return hashlib.sha256(buf).hexdigest(), False
+        off, view = region
+        try:
+            layout.write_into(view)
+            check(view)
+            digest = hashlib.sha256(view).hexdigest()
+            if digest in self.host:
+                self.host.unreserve(off, layout.size)
+                return digest, True
+            prepared = self.check(digest, view, verified=True)
+        except BaseException:
+            self.host.unreserve(off, layout.size)
+            raise
+        self.host.commit(prepared, off)
+        return digest, True
+
     def unhold(self, prepared: PreparedAdapter) -> None:
         """Let go of a prepared adapter without loading it."""
         self.host.unhold(prepared.digest)

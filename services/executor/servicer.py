@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from mintmesh.errors import BaseModelMismatch, InvalidArgument
+from mintmesh.errors import BaseModelMismatch, InvalidArgument, MintError
 from mintmesh.model import TARGET_MODULES
 from mintmesh.services.common.server import MAX_MESSAGE_BYTES
 from mintmesh.services.executor.engine import (
@@ -323,17 +323,26 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         a = request.adam
         given = {f: getattr(a, f) for f in AdamParams.__dataclass_fields__ if a.HasField(f)}
         adam = AdamParams(**given)
-        with q.trainer.lock:  # not while a batch reads the weights
+        with q.trainer.quiet(run):  # not while a batch of the run is under way
             metrics = run.optim_step(adam)
         return training_pb2.OptimStepResponse(metrics=metrics, steps=run.steps)
 
     def SaveRunWeights(self, request, context):
         q = self.engine.training()
         run = q.trainer.run(request.run_id)
-        with q.trainer.lock:
+        with q.trainer.quiet(run):
             cfg, data = run.peft_bytes()
             state = run.state_bytes() if request.with_state else b""
+            # Adapter-only handoff: the revision this becomes (the store packs these PEFT
+            # bytes to the same digest) is ready here before the store has it; the router's
+            # prefetch then finds it resident.
+            try:
+                digest, _ = run.install(self.engine)
+            except MintError as e:  # a head start only: the save itself goes on
+                logger.info("installing run %s's weights here failed: %s", request.run_id, e)
+                digest = ""
         return training_pb2.SaveRunWeightsResponse(
+            digest=digest,
             adapter_config_json=cfg,
             safetensors=data,
             steps=run.steps,

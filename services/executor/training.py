@@ -30,10 +30,12 @@ the last step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -253,6 +255,8 @@ class TrainingRun:
         self.data_hash = hashlib.sha256()
         # The revision this run started from or last saved ("" = a fresh LoRA).
         self.parent_ref = ""
+        # forward_backward calls of this run under way (Trainer.quiet waits for none).
+        self.active = 0
 
     def chain_data_digest(self, parent_digest: str) -> None:
         """Start the data digest from a parent's: the digest then covers every token of the
@@ -303,6 +307,35 @@ class TrainingRun:
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
         cfg = synth_config(self.spec.rank, float(self.spec.alpha), tuple(self.spec.targets))
         return json.dumps(cfg), save(tensors)
+
+    def packed(self, base_fingerprint: str):
+        """The run's LoRA packed as the store packs its PEFT files (same bytes, same digest),
+        straight from the weights (peft_io.pack_lora): what the executor serves."""
+        from mintmesh.peft_io import pack_lora
+
+        return pack_lora(
+            {n: (a.detach(), b.detach()) for n, (a, b) in self.layers.items()},
+            rank=self.spec.rank,
+            alpha=float(self.spec.alpha),
+            targets=self.spec.targets,
+            base_fingerprint=base_fingerprint,
+        )
+
+    def install(self, engine) -> tuple[str, bool]:
+        """The run's LoRA made servable on engine at once (adapter-only handoff): packed as the
+        store will pack its PEFT files (the same digest), written straight into the host tier
+        and loaded into free device room. (digest, resident)."""
+        from mintmesh.peft_io import check_finite_pack, lora_layout
+
+        layers = {n: (a.detach(), b.detach()) for n, (a, b) in self.layers.items()}
+        layout, _ = lora_layout(
+            layers,
+            rank=self.spec.rank,
+            alpha=float(self.spec.alpha),
+            targets=self.spec.targets,
+            base_fingerprint=engine.base_fingerprint,
+        )
+        return engine.install_layout(layout, lambda buf: check_finite_pack(buf, layout, layers))
 
     def state_bytes(self) -> bytes:
         """The run's training state as a safetensors file: fp32 master weights and AdamW's
@@ -422,8 +455,18 @@ class Trainer:
         micro_tokens: int = 64,
         yield_fn=None,
         busy_fn=None,
+        slice_s: float = 0.01,
     ) -> None:
         self.model, self.ctx = model, ctx
+        # While busy_fn(): a forward/backward holds the model lock for at most about slice_s
+        # at a time, then lets a serving step run at the next layer boundary (forward: after
+        # a decoder layer or the LM head; backward: when a layer's output gradient is done).
+        self.slice_s = slice_s
+        self._slicer: _Slicer | None = None
+        self.yields = 0
+        self.longest_slice_s = 0.0
+        for m in _slice_points(model):
+            m.register_forward_hook(self._after_layer)
         # While busy_fn() (sequences being served): padded tokens per forward/backward under the
         # lock, and what to call before each (the engine: let a serving step run).
         self.micro_tokens = micro_tokens
@@ -437,6 +480,7 @@ class Trainer:
         self.device = torch.device(device)
         self.runs: dict[str, TrainingRun] = {}
         self._runs_lock = threading.Lock()
+        self._idle = threading.Condition()
         self.tokens_trained = 0
         # The backbone is frozen: autograd tracks only the runs' LoRA weights.
         for p in model.parameters():
@@ -495,6 +539,23 @@ class Trainer:
                 )
             self.runs[run_id] = run
         return run
+
+    @contextlib.contextmanager
+    def quiet(self, run: TrainingRun):
+        """The model lock, at a moment when no forward_backward of run is under way (one lets
+        go of the lock between its slices and micro-batches: an optim_step or a save then would
+        see half a batch's gradients)."""
+        while True:
+            with self._idle:
+                self._idle.wait_for(lambda: run.active == 0)
+            self.lock.acquire()
+            if run.active == 0:
+                break
+            self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def drop_run(self, run_id: str) -> None:
         with self._runs_lock:
@@ -573,6 +634,18 @@ class Trainer:
             runs = [self.run(run_id) for run_id, _, _, _ in calls]
         else:
             runs = [self.check_call(run_id, data, fn) for run_id, data, fn, _ in calls]
+        with self._idle:
+            for run in runs:
+                run.active += 1
+        try:
+            return self._forward_backward(calls, runs, forward_only)
+        finally:
+            with self._idle:
+                for run in runs:
+                    run.active -= 1
+                self._idle.notify_all()
+
+    def _forward_backward(self, calls, runs, forward_only: bool) -> list[CallResult]:
         # Rows grouped by run: each run one contiguous segment of the batch.
         order = sorted(range(len(calls)), key=lambda c: (runs[c].run_id, c))
         rows: list[tuple[int, int]] = []  # (call, datum) per batch row
@@ -634,7 +707,8 @@ class Trainer:
                 e += 1
             segments.append((run, r * T, e * T))
             r = e
-        with self.lock:
+        with _Slicer(self) as sl:
+            self._slicer = sl
             self.ctx.train = TrainBatch(segments)
             try:
                 with torch.set_grad_enabled(not forward_only):
@@ -663,6 +737,20 @@ class Trainer:
                         total.backward()
             finally:
                 self.ctx.train = None
+                self._slicer = None
+                self.yields += sl.yields
+                self.longest_slice_s = max(self.longest_slice_s, sl.longest)
+
+    def _after_layer(self, module, args, output) -> None:
+        """Forward hook of the slice points: a yield point now (forward) and, through a hook on
+        its output, when the backward has computed that output's gradient."""
+        sl = self._slicer
+        if sl is None or threading.get_ident() != sl.thread:
+            return  # a serving step between two slices, or no training forward at all
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(sl.backward_point)
+        sl.point()
 
     def _reverse_kl(self, logits_row, d: Datum, cfg) -> tuple[torch.Tensor, list[float]]:
         """sum_t w_t * KL(p_t || q_t) over the vocabulary, p the student at temperature, q the
@@ -695,6 +783,62 @@ class Trainer:
         high = float(cfg.get("clip_high_threshold", 1.2))
         clipped = ratio.clamp(low, high)
         return -torch.minimum(ratio * adv, clipped * adv).sum(), lp.detach().tolist()
+
+
+def _slice_points(model: nn.Module) -> list[nn.Module]:
+    """The modules after which a training forward/backward may give the model to serving: the
+    decoder layers (an HF causal LM's model.layers) and every Linear of the backbone (the LM
+    head included; in the backward, before each one's input gradient)."""
+    from mintmesh.kernels.dense import PackedLinear
+
+    inner = getattr(model, "model", None)
+    points = list(getattr(inner, "layers", []) or [])
+    points += [m for m in model.modules() if isinstance(m, nn.Linear | PackedLinear)]
+    return points
+
+
+class _Slicer:
+    """The model lock for one training chunk, held in slices: at each yield point, once the
+    slice has lasted slice_s and there are sequences to serve, the lock is let go until a
+    serving step has run (the engine's yield_fn), then taken back. Yield points of other
+    threads (the serving step running between two slices) do nothing."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.lock, self.busy_fn, self.yield_fn = trainer.lock, trainer.busy_fn, trainer.yield_fn
+        self.slice_s = trainer.slice_s
+        self.thread = threading.get_ident()
+        self.yields = 0
+        self.t0 = 0.0
+        # The longest the model was held, while there was serving to do, before a yield.
+        self.longest = 0.0
+
+    def __enter__(self) -> _Slicer:
+        self.lock.acquire()
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def point(self) -> None:
+        if threading.get_ident() != self.thread or self.yield_fn is None:
+            return
+        if self.busy_fn is None or not self.busy_fn():
+            return
+        held = time.monotonic() - self.t0
+        if held < self.slice_s:
+            return
+        self.longest = max(self.longest, held)
+        self.lock.release()
+        try:
+            self.yield_fn()
+        finally:
+            self.lock.acquire()
+            self.t0 = time.monotonic()
+            self.yields += 1
+
+    def backward_point(self, grad: torch.Tensor) -> None:
+        self.point()  # returns None: the gradient is unchanged
 
 
 class TrainingQueue:

@@ -388,6 +388,11 @@ class RouterCore:
             self.prefetch([rev.ref], max(0.001, deadline - time.monotonic()), caller)
         except E.MintError as e:  # a hint: the revision is saved whatever happens here
             logger.info("prefetch of the saved revision %s failed: %s", rev.ref, e)
+        if got.digest and got.digest != rev.digest:  # the executor's pack is the store's
+            logger.warning(
+                "run %s: the executor packed digest %s, the store %s", req.run_id,
+                got.digest[:12], rev.digest[:12],
+            )  # fmt: skip
         with self._runs_lock:
             if req.run_id in self._runs:
                 self._runs[req.run_id][2] = rev.ref
