@@ -45,6 +45,20 @@ class AdapterRef:
         return f"{self.full_name}@{self.selector}"
 
 
+# Revisions are uint32 on the wire.
+MAX_REVISION = 2**32 - 1
+QUOTE_CHARS = 80
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr(value) for an error message, cut to a short prefix: a message never echoes a huge
+    input whole (a status over the metadata limit reaches the client as another error)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
 def parse_ref(ref: str) -> AdapterRef:
     """Parse ``tenant/name[@rev|@alias]``; raise InvalidArgument naming the bad reference."""
     if not isinstance(ref, str) or not ref:
@@ -52,7 +66,7 @@ def parse_ref(ref: str) -> AdapterRef:
     m = _REF_RE.match(ref)
     if not m:
         raise InvalidArgument(
-            f"adapter reference {ref!r} is malformed; expected 'tenant/name', "
+            f"adapter reference {quote(ref)} is malformed; expected 'tenant/name', "
             "'tenant/name@7' or 'tenant/name@alias'"
         )
     sel_text = m.group("sel")
@@ -60,9 +74,11 @@ def parse_ref(ref: str) -> AdapterRef:
     if sel_text is None:
         selector = None
     elif sel_text.isdigit():
-        selector = int(sel_text)
-        if selector < 1:
-            raise InvalidArgument(f"revision {sel_text!r} in {ref!r} must be >= 1")
+        selector = int(sel_text) if len(sel_text) <= 10 else MAX_REVISION + 1
+        if not 1 <= selector <= MAX_REVISION:
+            raise InvalidArgument(
+                f"revision {quote(sel_text)} in {quote(ref)} must be in [1, {MAX_REVISION}]"
+            )
     else:
         selector = sel_text
     return AdapterRef(m.group("tenant"), m.group("name"), selector)

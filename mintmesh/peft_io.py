@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mintmesh.errors import BaseModelMismatch, InvalidAdapter
+from mintmesh.identity import quote
 from mintmesh.model import BaseModelInfo
 from mintmesh.packed import (
     DTYPE_NAMES,
@@ -57,6 +58,8 @@ def parse_config(config_json: str | bytes) -> dict:
         cfg = json.loads(config_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidAdapter(f"adapter_config.json is not valid JSON: {e}") from e
+    except RecursionError:
+        raise InvalidAdapter("adapter_config.json is nested too deeply") from None
     if not isinstance(cfg, dict):
         raise InvalidAdapter("adapter_config.json must hold a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
@@ -76,8 +79,30 @@ def parse_config(config_json: str | bytes) -> dict:
         raise InvalidAdapter("lora_bias=true is not supported")
     for key in ("r", "lora_alpha"):
         val = cfg.get(key)
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
-            raise InvalidAdapter(f"adapter_config.json field {key!r} = {val!r} must be > 0")
+        if (
+            not isinstance(val, (int, float))
+            or isinstance(val, bool)
+            or not math.isfinite(val)
+            or val <= 0
+        ):
+            raise InvalidAdapter(
+                f"adapter_config.json field {key!r} = {quote(val)} must be a finite number > 0"
+            )
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise InvalidAdapter(f"adapter_config.json field {key!r} must be a mapping")
+        for mod, val in pat.items():
+            if (
+                not isinstance(val, (int, float))
+                or isinstance(val, bool)
+                or not math.isfinite(val)
+                or val <= 0
+            ):
+                raise InvalidAdapter(
+                    f"adapter_config.json {key}[{quote(mod)}] = {quote(val)} must be a finite "
+                    "number > 0"
+                )
     return cfg
 
 

@@ -591,7 +591,10 @@ def test_shared_digest_is_fetchable_by_each_owner(secure, base_info):
 
 def test_keys_are_stored_hashed(secure):
     core = secure["core"]
-    secrets_ = [k.rsplit("_", 1)[1].encode() for k in secure["keys"].values()]
+    # mint_<key id>_<secret>: the secret is url-safe base64, so it may hold '_' itself (cutting
+    # at the last '_' once gave a 2-byte "secret" that hex digests contained by chance).
+    secrets_ = [k.split("_", 2)[2].encode() for k in secure["keys"].values()]
+    assert all(len(s) >= 20 for s in secrets_)
     plain = [k.encode() for k in secure["keys"].values()] + [ADMIN_KEY.encode()]
     for _db, k, v in core.catalog.raw_items():
         for s in secrets_ + plain:

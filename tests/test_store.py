@@ -692,3 +692,72 @@ def test_bad_training_states_are_refused_and_nothing_is_stored(stub, adapters, o
     assert e.code().name in code.split("|"), (e.code(), e.details())
     assert any(n in e.details() for n in needle.split("|")), e.details()
     assert list_all(stub, tenant="tsbad") == before == []
+
+
+# -- hostile inputs (issue: hardening, item 5) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alpha_text",
+    ["NaN", "1e309", "-Infinity"],
+)
+def test_a_non_finite_lora_alpha_is_refused_and_nothing_stored(stub, adapters, alpha_text):
+    cfg, w = peft_bytes(adapters["c"])
+    bad = json.loads(cfg)
+    text = json.dumps(bad).replace(f'"lora_alpha": {json.dumps(bad["lora_alpha"])}',
+                                   f'"lora_alpha": {alpha_text}')  # fmt: skip
+    assert alpha_text in text
+    e = rpc_error(push, stub, "hostile-alpha/a", text, w)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    assert "'lora_alpha'" in e.details() and "finite number > 0" in e.details()
+    assert list_all(stub, tenant="hostile-alpha") == []
+
+
+def test_a_merge_that_overflows_is_refused(stub, adapters):
+    cfg, w = peft_bytes(adapters["c"])
+    push(stub, "hostile/m1", cfg, w)
+    req = store_pb2.MergeAdaptersRequest(
+        name="hostile/merged",
+        sources=[store_pb2.MergeSource(ref="hostile/m1", weight=1e308),
+                 store_pb2.MergeSource(ref="hostile/m1", weight=1e308)],
+    )  # fmt: skip
+    e = rpc_error(stub.MergeAdapters, req, timeout=TIMEOUT)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not finite" in e.details()
+    e = rpc_error(stub.ResolveAdapter, store_pb2.ResolveAdapterRequest(ref="hostile/merged"),
+                  timeout=TIMEOUT)  # fmt: skip
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_revision_past_uint32_is_invalid_in_every_ref(stub, adapters):
+    cfg, w = peft_bytes(adapters["c"])
+    push(stub, "hostile/big", cfg, w)
+    ref = "hostile/big@4294967296"
+    calls = [
+        (stub.ResolveAdapter, store_pb2.ResolveAdapterRequest(ref=ref)),
+        (stub.DeleteAdapter, store_pb2.DeleteAdapterRequest(ref=ref)),
+        (stub.AddEvaluation, store_pb2.AddEvaluationRequest(ref=ref, metric="m", value=1.0)),
+        (stub.DeprecateRevision, store_pb2.DeprecateRevisionRequest(ref=ref)),
+        (stub.MergeAdapters, store_pb2.MergeAdaptersRequest(
+            name="hostile/x", sources=[store_pb2.MergeSource(ref=ref, weight=1.0)])),
+    ]  # fmt: skip
+    for fn, req in calls:
+        e = rpc_error(fn, req, timeout=TIMEOUT)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (fn, e)
+        assert "must be in [1, 4294967295]" in e.details()
+    e = rpc_error(fetch, stub, ref=ref)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The largest revision is a fine reference (to a revision that does not exist).
+    top = store_pb2.ResolveAdapterRequest(ref="hostile/big@4294967295")
+    e = rpc_error(stub.ResolveAdapter, top, timeout=TIMEOUT)
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_deeply_nested_config_and_a_huge_name_get_short_clean_errors(stub, adapters):
+    _, w = peft_bytes(adapters["c"])
+    deep = "[" * 100_000 + "]" * 100_000
+    e = rpc_error(push, stub, "hostile/deep", deep, w)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "nested too deeply" in e.details()
+    huge = "hostile/" + "x" * 10_000
+    e = rpc_error(stub.ResolveAdapter, store_pb2.ResolveAdapterRequest(ref=huge), timeout=TIMEOUT)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e  # not RESOURCE_EXHAUSTED
+    assert len(e.details()) < 500 and "characters" in e.details()

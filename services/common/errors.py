@@ -41,15 +41,31 @@ def status_code_for(exc: E.MintError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# A status travels in trailing metadata (grpc's default limit: 8 KiB for all of it): the message
+# and each ErrorInfo value are cut to these lengths, so a huge input echoed in an error never
+# turns the status into another one (RESOURCE_EXHAUSTED "metadata too large") on the way.
+MAX_MESSAGE_CHARS = 2000
+MAX_METADATA_CHARS = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 def to_rpc_status(exc: E.MintError) -> grpc.Status:
     code = status_code_for(exc)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+    meta = {_cut(str(k), 64): _cut(str(v), MAX_METADATA_CHARS) for k, v in exc.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=meta)
     details = [_pack(info)]
     if isinstance(exc, E.ResourceExhausted):
         secs = max(exc.retry_after_s, 0.0)
         delay = duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    st = status_pb2.Status(code=code.value[0], message=exc.message, details=details)
+    st = status_pb2.Status(
+        code=code.value[0], message=_cut(exc.message, MAX_MESSAGE_CHARS), details=details
+    )
     return rpc_status.to_status(st)
 
 
@@ -86,7 +102,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
         context.abort_with_status(to_rpc_status(exc))
     logger.exception("%s failed with an unexpected error", method)
     st = status_pb2.Status(
-        code=code_pb2.INTERNAL, message=f"internal error in {method}: {type(exc).__name__}: {exc}"
+        code=code_pb2.INTERNAL,
+        message=_cut(f"internal error in {method}: {type(exc).__name__}: {exc}", MAX_MESSAGE_CHARS),
     )
     context.abort_with_status(rpc_status.to_status(st))
 
@@ -96,19 +113,66 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc) is Exception and not exc.args
 
 
+class _Undecodable:
+    """What a request's bytes became when they do not parse as the method's message."""
+
+    def __init__(self, what: str, err: Exception) -> None:
+        self.what, self.err = what, err
+
+    def error(self, method: str) -> E.InvalidArgument:
+        return E.InvalidArgument(
+            f"the request of {method} does not parse as {self.what}: {type(self.err).__name__}: "
+            f"{_cut(str(self.err), 200)}"
+        )
+
+
+def _lenient(deserializer):
+    """A request deserializer that never raises (grpc-python turns a raising one into INTERNAL
+    "Exception deserializing request!"): bytes that do not parse become an _Undecodable, which
+    the behaviour refuses as INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    what = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request message")
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and kin
+            return _Undecodable(what, e)
+
+    return parse
+
+
+def _checked_stream(requests, method: str):
+    for r in requests:
+        if isinstance(r, _Undecodable):
+            raise r.error(method)
+        yield r
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Map domain exceptions to statuses for every kind of RPC."""
+    """Map domain exceptions to statuses for every kind of RPC; request bytes that do not parse
+    are INVALID_ARGUMENT (for every method of every service: this is the one place)."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        streaming = handler.request_streaming
+
+        def request_of(request):
+            if streaming:
+                return _checked_stream(request, method)
+            if isinstance(request, _Undecodable):
+                raise request.error(method)
+            return request
 
         def wrap_unary(fn):
             def inner(request, context):
                 try:
-                    return fn(request, context)
+                    return fn(request_of(request), context)
                 except Exception as exc:
                     if _is_abort(exc) or isinstance(exc, grpc.RpcError) and context.code():
                         raise
@@ -119,7 +183,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrap_stream(fn):
             def inner(request, context):
                 try:
-                    yield from fn(request, context)
+                    yield from fn(request_of(request), context)
                 except Exception as exc:
                     if _is_abort(exc):
                         raise
@@ -127,7 +191,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return inner
 
-        return wrap_handler(handler, wrap_unary, wrap_stream)
+        wrapped = wrap_handler(handler, wrap_unary, wrap_stream)
+        return wrapped._replace(request_deserializer=_lenient(handler.request_deserializer))
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:

@@ -865,6 +865,12 @@ class StoreCore:
             parts.append((modules, float(weight)))
             parents.append(Parent(ref=rec.ref, digest=rec.digest, weight=float(weight)))
         merged = merge_linear(parts)
+        for mod, mw in merged.items():
+            if not (bool(torch.isfinite(mw.A).all()) and bool(torch.isfinite(mw.B).all())):
+                raise InvalidArgument(
+                    f"the merge's module {mod} is not finite (weights {[w for _, w in sources]} "
+                    "overflow float32): use smaller weights"
+                )
         too_big = {n: int(m.A.shape[0]) for n, m in merged.items()}
         worst = max(too_big, key=too_big.__getitem__)
         if too_big[worst] > self.config.max_rank:
