@@ -41,6 +41,21 @@ def push_requests(header: store_pb2.PushHeader, weights: bytes, state: bytes = b
             yield store_pb2.PushAdapterRequest(chunk=data[i : i + CHUNK_BYTES])
 
 
+def fetched_bytes(stream) -> bytes:
+    """The bytes of a FetchAdapter stream (its header, then chunks), checked against the
+    header's digest (ValueError if they differ; the router uses it too)."""
+    parts, header = [], None
+    for msg in stream:
+        if msg.HasField("header"):
+            header = msg.header
+        else:
+            parts.append(msg.chunk)
+    data = b"".join(parts)
+    if header is None or hashlib.sha256(data).hexdigest() != header.digest:
+        raise ValueError(f"fetched bytes do not match digest {header.digest if header else '?'}")
+    return data
+
+
 def push_header(
     name: str,
     config_json: str,
@@ -346,21 +361,12 @@ class MintClient:
 
     def fetch(self, *, digest: str = "", ref: str = "", state: bool = False) -> bytes:
         """A revision's packed bytes (by digest or ref), or with state its training state."""
-        parts, header = [], None
         stream = self.store.FetchAdapter(
             store_pb2.FetchAdapterRequest(digest=digest, ref=ref, state=state),
             timeout=self.timeout,
             metadata=self.metadata,
         )
-        for msg in stream:
-            if msg.HasField("header"):
-                header = msg.header
-            else:
-                parts.append(msg.chunk)
-        data = b"".join(parts)
-        if header is not None and hashlib.sha256(data).hexdigest() != header.digest:
-            raise ValueError(f"fetched bytes do not match digest {header.digest}")
-        return data
+        return fetched_bytes(stream)
 
     def list_adapters(
         self, tenant: str = "", *, page_size: int = 100, name_prefix: str = "", label: str = ""

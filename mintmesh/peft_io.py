@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mintmesh.errors import BaseModelMismatch, InvalidAdapter
+from mintmesh.errors import BaseModelMismatch, InvalidAdapter, InvalidArgument
 from mintmesh.identity import quote
 from mintmesh.model import BaseModelInfo
 from mintmesh.packed import (
@@ -78,32 +78,53 @@ def parse_config(config_json: str | bytes) -> dict:
     if cfg.get("lora_bias"):
         raise InvalidAdapter("lora_bias=true is not supported")
     for key in ("r", "lora_alpha"):
-        val = cfg.get(key)
-        if (
-            not isinstance(val, (int, float))
-            or isinstance(val, bool)
-            or not math.isfinite(val)
-            or val <= 0
-        ):
+        if not _positive_finite(cfg.get(key)):
             raise InvalidAdapter(
-                f"adapter_config.json field {key!r} = {quote(val)} must be a finite number > 0"
+                f"adapter_config.json field {key!r} = {quote(cfg.get(key))} must be a finite "
+                "number > 0"
             )
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
         if not isinstance(pat, dict):
             raise InvalidAdapter(f"adapter_config.json field {key!r} must be a mapping")
         for mod, val in pat.items():
-            if (
-                not isinstance(val, (int, float))
-                or isinstance(val, bool)
-                or not math.isfinite(val)
-                or val <= 0
-            ):
+            if not _positive_finite(val):
                 raise InvalidAdapter(
                     f"adapter_config.json {key}[{quote(mod)}] = {quote(val)} must be a finite "
                     "number > 0"
                 )
     return cfg
+
+
+def _positive_finite(val) -> bool:
+    return (
+        isinstance(val, (int, float))
+        and not isinstance(val, bool)
+        and math.isfinite(val)
+        and val > 0
+    )
+
+
+def training_state_metadata(data: bytes | memoryview) -> dict[str, str]:
+    """The metadata of a training state (a safetensors file), read from its header alone;
+    InvalidArgument unless it parses and names TRAINING_STATE_FORMAT."""
+    try:
+        if len(data) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(data[:8], "little")
+        if n > len(data) - 8:
+            raise ValueError("its header length exceeds the file")
+        meta = json.loads(bytes(data[8 : 8 + n])).get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not a mapping")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise InvalidArgument(f"the training state is not a safetensors file: {e}") from None
+    meta = {str(k): str(v) for k, v in meta.items()}
+    if meta.get("format") != TRAINING_STATE_FORMAT:
+        raise InvalidArgument(
+            f"the training state's format is {meta.get('format')!r}, not {TRAINING_STATE_FORMAT!r}"
+        )
+    return meta
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -220,7 +241,25 @@ def validate_and_pack(
         )
     if mismatched:
         raise InvalidAdapter(f"wrong tensor shape: {mismatched[0]}")
-    return _pack_modules(modules, cfg, base.fingerprint, storage)
+    dtypes = {mw.A.dtype for mw in modules.values()} | {mw.B.dtype for mw in modules.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    peft_keep = _peft_keep(cfg)
+    if storage is None:
+        data = pack(modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, dtype=dtype)
+        storage = DTYPE_NAMES[dtype]
+    else:
+        data = pack(
+            modules, base_fingerprint=base.fingerprint, peft_config=peft_keep, storage=storage
+        )
+    return PackedAdapter(
+        data=data,
+        digest=digest(data),
+        max_rank=max(mw.rank for mw in modules.values()),
+        alpha=float(cfg["lora_alpha"]),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        num_modules=len(modules),
+        storage_format=storage,
+    )
 
 
 def pack_lora(
@@ -315,30 +354,6 @@ def _peft_keep(cfg: dict) -> dict:
     if isinstance(keep.get("target_modules"), (set, tuple, list)):
         keep["target_modules"] = sorted(keep["target_modules"])
     return keep
-
-
-def _pack_modules(
-    modules: dict[str, ModuleWeights], cfg: dict, base_fingerprint: str, storage: str | None
-) -> PackedAdapter:
-    dtypes = {mw.A.dtype for mw in modules.values()} | {mw.B.dtype for mw in modules.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    peft_keep = _peft_keep(cfg)
-    if storage is None:
-        data = pack(modules, base_fingerprint=base_fingerprint, peft_config=peft_keep, dtype=dtype)
-        storage = DTYPE_NAMES[dtype]
-    else:
-        data = pack(
-            modules, base_fingerprint=base_fingerprint, peft_config=peft_keep, storage=storage
-        )
-    return PackedAdapter(
-        data=data,
-        digest=digest(data),
-        max_rank=max(mw.rank for mw in modules.values()),
-        alpha=float(cfg["lora_alpha"]),
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        num_modules=len(modules),
-        storage_format=storage,
-    )
 
 
 def read_peft_dir(path: Path | str) -> tuple[str, bytes]:

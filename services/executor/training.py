@@ -45,6 +45,7 @@ from torch import nn
 from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mintmesh.kernels.train_ops import target_logprobs
 from mintmesh.peft_io import TRAINING_STATE_FORMAT as STATE_FORMAT
+from mintmesh.peft_io import training_state_metadata
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "reverse_kl")
 # Tensors each loss needs besides target_tokens.
@@ -135,15 +136,11 @@ class TrainingState:
         from safetensors import SafetensorError
         from safetensors.torch import load
 
+        meta = training_state_metadata(data)
         try:
             tensors = load(bytes(data))
-            meta = _safetensors_metadata(data)
-        except (SafetensorError, ValueError) as e:
+        except SafetensorError as e:
             raise InvalidArgument(f"the training state does not parse: {e}") from None
-        if meta.get("format") != STATE_FORMAT:
-            raise InvalidArgument(
-                f"the training state's format is {meta.get('format')!r}, not {STATE_FORMAT!r}"
-            )
         try:
             spec = LoraSpec(
                 int(meta["rank"]), float(meta["alpha"]), tuple(json.loads(meta["targets"]))
@@ -198,18 +195,6 @@ class TrainingState:
         return cls(spec=spec, weights=weights, moments={})
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length exceeds the file")
-    meta = json.loads(bytes(data[8 : 8 + n])).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not a mapping")
-    return {str(k): str(v) for k, v in meta.items()}
-
-
 @dataclass
 class CallResult:
     loss: float
@@ -261,9 +246,7 @@ class TrainingRun:
     def chain_data_digest(self, parent_digest: str) -> None:
         """Start the data digest from a parent's: the digest then covers every token of the
         lineage (sha256(parent digest, then this run's tokens))."""
-        self.data_hash = (
-            hashlib.sha256(parent_digest.encode("ascii")) if parent_digest else (hashlib.sha256())
-        )
+        self.data_hash = hashlib.sha256(parent_digest.encode("ascii"))
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for pair in self.layers.values() for p in pair]
@@ -308,18 +291,23 @@ class TrainingRun:
         cfg = synth_config(self.spec.rank, float(self.spec.alpha), tuple(self.spec.targets))
         return json.dumps(cfg), save(tensors)
 
-    def packed(self, base_fingerprint: str):
-        """The run's LoRA packed as the store packs its PEFT files (same bytes, same digest),
-        straight from the weights (peft_io.pack_lora): what the executor serves."""
-        from mintmesh.peft_io import pack_lora
-
-        return pack_lora(
-            {n: (a.detach(), b.detach()) for n, (a, b) in self.layers.items()},
+    def _lora(self, base_fingerprint: str) -> tuple[dict, dict]:
+        """(layers, the rest of peft_io.pack_lora's / lora_layout's arguments) of the run."""
+        layers = {n: (a.detach(), b.detach()) for n, (a, b) in self.layers.items()}
+        return layers, dict(
             rank=self.spec.rank,
             alpha=float(self.spec.alpha),
             targets=self.spec.targets,
             base_fingerprint=base_fingerprint,
         )
+
+    def packed(self, base_fingerprint: str):
+        """The run's LoRA packed as the store packs its PEFT files (same bytes, same digest),
+        straight from the weights (peft_io.pack_lora): what the executor serves."""
+        from mintmesh.peft_io import pack_lora
+
+        layers, kw = self._lora(base_fingerprint)
+        return pack_lora(layers, **kw)
 
     def install(self, engine) -> tuple[str, bool]:
         """The run's LoRA made servable on engine at once (adapter-only handoff): packed as the
@@ -327,14 +315,8 @@ class TrainingRun:
         and loaded into free device room. (digest, resident)."""
         from mintmesh.peft_io import check_finite_pack, lora_layout
 
-        layers = {n: (a.detach(), b.detach()) for n, (a, b) in self.layers.items()}
-        layout, _ = lora_layout(
-            layers,
-            rank=self.spec.rank,
-            alpha=float(self.spec.alpha),
-            targets=self.spec.targets,
-            base_fingerprint=engine.base_fingerprint,
-        )
+        layers, kw = self._lora(engine.base_fingerprint)
+        layout, _ = lora_layout(layers, **kw)
         return engine.install_layout(layout, lambda buf: check_finite_pack(buf, layout, layers))
 
     def state_bytes(self) -> bytes:
@@ -465,8 +447,8 @@ class Trainer:
         self._slicer: _Slicer | None = None
         self.yields = 0
         self.longest_slice_s = 0.0
-        for m in _slice_points(model):
-            m.register_forward_hook(self._after_layer)
+        # Hooked only while a training chunk runs (_Slicer): serving steps otherwise pay nothing.
+        self._points = _slice_points(model)
         # While busy_fn() (sequences being served): padded tokens per forward/backward under the
         # lock, and what to call before each (the engine: let a serving step run).
         self.micro_tokens = micro_tokens
@@ -811,13 +793,22 @@ class _Slicer:
         self.t0 = 0.0
         # The longest the model was held, while there was serving to do, before a yield.
         self.longest = 0.0
+        self._trainer = trainer
+        self._hooks: list = []
 
     def __enter__(self) -> _Slicer:
         self.lock.acquire()
         self.t0 = time.monotonic()
+        if self.yield_fn is not None:  # nothing to yield to: no yield points
+            self._hooks = [
+                m.register_forward_hook(self._trainer._after_layer) for m in self._trainer._points
+            ]
         return self
 
     def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         self.lock.release()
 
     def point(self) -> None:

@@ -6,7 +6,6 @@ gets the time left on the caller's deadline (or the configured default).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 
 from mintmesh import errors as E
-from mintmesh.client import push_header, push_requests
+from mintmesh.client import fetched_bytes, push_header, push_requests
 from mintmesh.services.common.auth import ADMIN, Principal
 from mintmesh.services.common.errors import error_info, reraise_downstream
 from mintmesh.services.common.server import insecure_channel
@@ -285,24 +284,18 @@ class RouterCore:
         ereq.parent_data_digest = rev.provenance.data_digest
 
     def _fetch(self, ref: str, state: bool, deadline: float, caller: Principal) -> bytes:
-        parts: list[bytes] = []
-        digest = ""
         try:
-            for msg in self.store.FetchAdapter(
-                store_pb2.FetchAdapterRequest(ref=ref, state=state),
-                timeout=max(0.001, deadline - time.monotonic()),
-                metadata=self.auth.internal_metadata(caller),
-            ):
-                if msg.HasField("header"):
-                    digest = msg.header.digest
-                else:
-                    parts.append(msg.chunk)
+            return fetched_bytes(
+                self.store.FetchAdapter(
+                    store_pb2.FetchAdapterRequest(ref=ref, state=state),
+                    timeout=max(0.001, deadline - time.monotonic()),
+                    metadata=self.auth.internal_metadata(caller),
+                )
+            )
         except grpc.RpcError as err:
             raise reraise_downstream(err, f"fetching {ref!r}") from None
-        data = b"".join(parts)
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise E.Unavailable(f"the bytes of {ref!r} from the store do not match their digest")
-        return data
+        except ValueError as e:
+            raise E.Unavailable(f"the bytes of {ref!r} from the store: {e}") from None
 
     def _run_call(self, method: str, req, time_left: float | None, caller: Principal):
         """Send a call of run req.run_id to the executor it lives on."""

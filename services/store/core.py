@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ from mintmesh.errors import (
 from mintmesh.identity import DIGEST_RE, check_digest, check_part, parse_name
 from mintmesh.model import BaseModelInfo, base_model_info
 from mintmesh.packed import ModuleWeights, pack, storage_format, unpack
-from mintmesh.peft_io import TRAINING_STATE_FORMAT
+from mintmesh.peft_io import training_state_metadata
 from mintmesh.services.store.auth import ADMIN, Authenticator, Principal, new_key
 from mintmesh.services.store.blobs import open_blob_store
 from mintmesh.services.store.catalog import (
@@ -428,7 +427,7 @@ class StoreCore:
             state_size_bytes=len(state),
         )
         if state:
-            _check_training_state(state)
+            training_state_metadata(state)
         return _Prepared(index=index, spec=spec, data=packed.data, state=state)
 
     def push_many(
@@ -974,22 +973,6 @@ class StoreCore:
     def stats(self) -> StoreStats:
         with self._stats_lock:
             return StoreStats(**vars(self._stats))
-
-
-def _check_training_state(state: bytes) -> None:
-    """A training state is a safetensors file whose metadata names its format."""
-    try:
-        n = int.from_bytes(state[:8], "little")
-        if len(state) < 8 or n > len(state) - 8:
-            raise ValueError("its header length exceeds the file")
-        head = json.loads(state[8 : 8 + n])
-        fmt = (head.get("__metadata__") or {}).get("format")
-    except (ValueError, AttributeError) as e:
-        raise InvalidArgument(f"the training state is not a safetensors file: {e}") from None
-    if fmt != TRAINING_STATE_FORMAT:
-        raise InvalidArgument(
-            f"the training state's format is {fmt!r}, not {TRAINING_STATE_FORMAT!r}"
-        )
 
 
 def _check_labels(labels: Mapping[str, str]) -> None:
