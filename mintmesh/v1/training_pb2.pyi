@@ -18,7 +18,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
-    __slots__ = ("run_id", "lora", "seed", "tenant", "from_ref", "with_optimizer", "replace", "init_state", "init_adapter", "parent_ref", "parent_data_digest")
+    __slots__ = ("run_id", "lora", "seed", "tenant", "from_ref", "with_optimizer", "replace", "init_state", "init_adapter", "parent_data_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -28,7 +28,6 @@ class CreateTrainingRunRequest(_message.Message):
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     INIT_STATE_FIELD_NUMBER: _ClassVar[int]
     INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
-    PARENT_REF_FIELD_NUMBER: _ClassVar[int]
     PARENT_DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     lora: LoraConfig
@@ -39,9 +38,8 @@ class CreateTrainingRunRequest(_message.Message):
     replace: bool
     init_state: bytes
     init_adapter: bytes
-    parent_ref: str
     parent_data_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., from_ref: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., replace: _Optional[bool] = ..., init_state: _Optional[bytes] = ..., init_adapter: _Optional[bytes] = ..., parent_ref: _Optional[str] = ..., parent_data_digest: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., from_ref: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., replace: _Optional[bool] = ..., init_state: _Optional[bytes] = ..., init_adapter: _Optional[bytes] = ..., parent_data_digest: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingRunResponse(_message.Message):
     __slots__ = ("run_id", "executor", "trainable_parameters", "lora", "steps")

@@ -239,7 +239,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             init=init,
             optimizer=request.with_optimizer,
             replace=request.replace,
-            parent_ref=request.parent_ref,
         )
         return training_pb2.CreateTrainingRunResponse(
             run_id=run_id,
@@ -349,7 +348,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             last_loss=run.last_loss if run.last_loss is not None else float("nan"),
             data_digest=run.data_hash.hexdigest(),
             state=state,
-            parent_ref=run.parent_ref,
         )
 
     def DropTrainingRun(self, request, context):

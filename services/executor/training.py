@@ -238,8 +238,6 @@ class TrainingRun:
         # sha256 over every token trained on, in order (the revision's data digest); a run
         # resumed from a revision chains on from that revision's digest.
         self.data_hash = hashlib.sha256()
-        # The revision this run started from or last saved ("" = a fresh LoRA).
-        self.parent_ref = ""
         # forward_backward calls of this run under way (Trainer.quiet waits for none).
         self.active = 0
 
@@ -482,7 +480,6 @@ class Trainer:
         init: TrainingState | None = None,
         optimizer: bool = False,
         replace: bool = False,
-        parent_ref: str = "",
     ):
         """A new run: a fresh LoRA of spec, or (init) one that starts from a saved state or
         revision, whose spec it takes; with optimizer, its AdamW state and steps too (init must
@@ -504,7 +501,6 @@ class Trainer:
                     f"{extra[0]}"
                 )
             run.load_state(init, optimizer=optimizer)
-        run.parent_ref = parent_ref
         with self._runs_lock:
             old = self.runs.get(run_id)
             if old is not None and not replace:

@@ -240,8 +240,7 @@ class RouterCore:
         ereq = training_pb2.CreateTrainingRunRequest()
         ereq.CopyFrom(req)
         ereq.run_id, ereq.tenant = run_id, caller.tenant
-        if req.from_ref:
-            self._load_init(ereq, deadline, caller)
+        parent = self._load_init(ereq, deadline, caller) if req.from_ref else ""
         if where is not None and where[0] in self.executors.healthy():
             addresses = [where[0]]  # replace: the run stays where it lives
         else:  # a new run, or one whose executor died: placed afresh
@@ -260,15 +259,15 @@ class RouterCore:
                 last = err
                 continue
             with self._runs_lock:
-                self._runs[run_id] = [address, caller.tenant, ereq.parent_ref]
+                self._runs[run_id] = [address, caller.tenant, parent]
             return resp
         if last is None:
             raise E.Unavailable("deadline exceeded before an executor took the run")
         raise reraise_downstream(last, "creating a training run") from None
 
-    def _load_init(self, ereq, deadline: float, caller: Principal) -> None:
+    def _load_init(self, ereq, deadline: float, caller: Principal) -> str:
         """Fill in what ereq.from_ref resolves to: its training state (exact), or its packed
-        adapter when it has none, the parent's ref and data digest."""
+        adapter when it has none, and its data digest; returns the revision's ref."""
         rev = self.resolve(ereq.from_ref, max(0.001, deadline - time.monotonic()), caller)
         if ereq.with_optimizer and not rev.state_digest:
             raise E.FailedPrecondition(
@@ -280,8 +279,8 @@ class RouterCore:
             ereq.init_state = data
         else:
             ereq.init_adapter = data
-        ereq.parent_ref = rev.ref
         ereq.parent_data_digest = rev.provenance.data_digest
+        return rev.ref
 
     def _fetch(self, ref: str, state: bool, deadline: float, caller: Principal) -> bytes:
         try:
