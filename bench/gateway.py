@@ -214,7 +214,7 @@ async def measure(cluster, args) -> tuple[list[dict], dict, str]:
               "first_error": "", "short": 0}  # fmt: skip
     async with (
         grpc.aio.insecure_channel(cluster.router_address) as ch,
-        grpc.aio.insecure_channel(cluster.executor_addresses[0]) as ex_ch,
+        cluster.mesh_channel(cluster.executor_addresses[0], aio=True) as ex_ch,
         openai.AsyncOpenAI(
             base_url=cluster.openai_base_url, api_key=cluster.admin_key, max_retries=0,
             timeout=timeout,

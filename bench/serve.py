@@ -292,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     try:
         with MintClient(cluster.router_address, timeout=120, api_key=cluster.admin_key) as client:
-            import grpc
-
-            with grpc.insecure_channel(cluster.executor_addresses[0]) as ch:
+            with cluster.mesh_channel(cluster.executor_addresses[0]) as ch:
                 st = executor_pb2_grpc.ExecutorStub(ch).Status(
                     executor_pb2.ExecutorStatusRequest(), timeout=10
                 )
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 s["push_s"] = round(push_s, 1)
                 per_n[n] = s
                 _progress(f"N={n}: {s}")
-            with grpc.insecure_channel(cluster.executor_addresses[0]) as ch:
+            with cluster.mesh_channel(cluster.executor_addresses[0]) as ch:
                 st = executor_pb2_grpc.ExecutorStub(ch).Status(
                     executor_pb2.ExecutorStatusRequest(), timeout=10
                 )

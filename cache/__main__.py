@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mintmesh.cache.config import CacheConfig
 from mintmesh.cache.policy import DEFAULT_POLICY, POLICIES
-from mintmesh.services.common.config import load_config
+from mintmesh.services.common import tls
+from mintmesh.services.common.config import load_config, private_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(MINT_CACHE_METRICS_PORT; default: none)",
     )
     p.add_argument("--log-level", default="INFO")
+    tls.add_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    private_files()
+    try:
+        tls.setup_from(vars(args))
+    except ValueError as e:
+        p.error(str(e))
     if not args.otlp_endpoint:
         args.otlp_endpoint = os.environ.get("MINT_OTLP_ENDPOINT") or None
     logging.basicConfig(

@@ -18,7 +18,7 @@ from mintmesh.cache.node import NodeCache
 from mintmesh.errors import AdapterNotFound, DigestMismatch, MintError, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.services.common.errors import reraise_downstream
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import STORE_READS, mesh_channel
 from mintmesh.v1 import store_pb2, store_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ class CacheCore:
         self.fetch_timeout_s = fetch_timeout_s
         # Store calls act as a mesh service (admin) when the store requires auth.
         self._metadata = [("x-mint-internal-token", internal_token)] if internal_token else []
-        self._channel = channel or insecure_channel(store_address)
+        self._channel = channel or mesh_channel(
+            store_address, wait_for_ready=True, idempotent=STORE_READS
+        )
         self._owns_channel = channel is None
         self._store = store_pb2_grpc.AdapterStoreStub(self._channel)
         self._flights: dict[str, Future] = {}

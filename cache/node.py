@@ -161,6 +161,7 @@ class NodeCache:
         self._flusher: threading.Thread | None = None
         self._lock_fd = _lock_dir(self.cache_dir)
         try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._env = lmdb.open(
                 str(self.path),
                 map_size=self.map_size,
@@ -172,6 +173,7 @@ class NodeCache:
                 lock=True,
                 max_readers=512,
                 readahead=False,
+                mode=0o600,  # the data and lock files: this user's only
             )
             stale = self._env.reader_check()
             if stale:
@@ -653,7 +655,7 @@ class NodeCache:
 
 
 def _lock_dir(cache_dir: Path) -> int:
-    fd = os.open(cache_dir / "sidecar.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(cache_dir / "sidecar.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -47,6 +47,7 @@ def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Serv
             host=config.host,
             port=config.port,
             metrics_port=config.metrics_port,
+            mesh_only=True,  # mesh peers only (by certificate, with a mesh identity)
         )
     except BaseException:
         close()

@@ -199,6 +199,12 @@ def up(
         "", "--admin-key", envvar="MINT_ADMIN_KEY", help="Admin key to use (default: a new one)."
     ),
     auth: bool = typer.Option(True, "--auth/--no-auth", help="Require API keys."),
+    insecure_mesh: bool = typer.Option(
+        False,
+        "--insecure-mesh",
+        help="Plaintext between the services, no certificates (development only; by default "
+        "the services authenticate each other with a CA made under DATA/certs).",
+    ),
     http_port: int = typer.Option(
         8000,
         "--http-port",
@@ -237,8 +243,14 @@ def up(
             auth=auth,
             admin_key=admin_key,
             http_port=None if http_port < 0 else http_port,
+            mesh_tls=not insecure_mesh,
         )
     )
+    if insecure_mesh:
+        console.print(
+            "[bold red]--insecure-mesh: the services talk in plaintext and accept calls from "
+            "anyone who can reach their ports. Development only.[/bold red]"
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -257,11 +269,12 @@ def up(
         out.print(f"  export MINT_ROUTER={addr} MINT_API_KEY={cluster.admin_key}", soft_wrap=True)
     sys.stdout.flush()
     try:
+        # The cluster restarts a child that dies (LocalCluster's supervisor); say so here.
+        told = 0
         while not stop.wait(0.5):
-            dead = [c.name for c in cluster.children.values() if not c.alive]
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited[/red]; stopping the cluster")
-                break
+            for what in cluster.events[told:]:
+                console.print(f"[yellow]{what}[/yellow]")
+            told = len(cluster.events)
     finally:
         cluster.stop()
         out.print("cluster stopped")
@@ -291,6 +304,27 @@ def _ensure_model(model: Path | None, data: Path) -> Path:
         with console.status("building the tiny backbone"):
             build_preset("tiny", path)
     return path.resolve()
+
+
+@app.command()
+def certs(
+    directory: Path = typer.Argument(..., help="Where to write ca.pem and NAME.pem/NAME-key.pem."),
+    names: list[str] = typer.Option(
+        None,
+        "--name",
+        help="A service's name (repeat); default: store, router, cache-0, executor-0, cache-1, "
+        "executor-1, operator (compose.yaml's services).",
+    ),
+    host: list[str] = typer.Option(None, "--host", help="Another name or IP in every cert."),
+):
+    """Make a mesh CA and one certificate per service, for the services' mutual TLS
+    (--mesh-ca/--mesh-cert/--mesh-key; `mint up` makes its own)."""
+    from mintmesh.services.common.tls import make_mesh_pki
+
+    names = names or ["store", "router", "cache-0", "executor-0", "cache-1", "executor-1"]
+    names += [] if "operator" in names else ["operator"]
+    d = make_mesh_pki(directory, names, hosts=host or [])
+    out.print(f"wrote the mesh CA and {len(names)} certificates to {d}")
 
 
 @app.command(context_settings=PASS_THROUGH)
@@ -334,7 +368,8 @@ def status(
 
         out.print_json(json.dumps(MessageToDict(st)))
         return
-    out.print(f"store {st.store_address}: {'healthy' if st.store_healthy else 'DOWN'}")
+    where = f" {st.store_address}" if st.store_address else ""  # placement detail: admins only
+    out.print(f"store{where}: {'healthy' if st.store_healthy else 'DOWN'}")
     t = Table("executor", "address", "healthy", "queue", "resident adapters")
     for e in st.executors:
         t.add_row(

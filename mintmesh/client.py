@@ -201,6 +201,23 @@ def sampling_params(
     return sp
 
 
+def client_tls_credentials(tls_ca: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a router's (or gateway's) client port: tls_ca, else env MINT_TLS_CA,
+    a CA certificate file ("system": the system's roots); None = plaintext."""
+    import os
+
+    ca = tls_ca if tls_ca is not None else os.environ.get("MINT_TLS_CA", "")
+    if not ca:
+        return None
+    if ca == "system":
+        return grpc.ssl_channel_credentials()
+    try:
+        with open(ca, "rb") as f:
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+    except OSError as e:
+        raise ValueError(f"cannot read the TLS CA file {ca!r} (MINT_TLS_CA): {e}") from None
+
+
 class MintClient:
     """Client of a MinT mesh router (or, for the store methods, of a store directly)."""
 
@@ -214,11 +231,14 @@ class MintClient:
         metadata: list[tuple[str, str]] | None = None,
         api_key: str | None = None,
         channel_options: list[tuple[str, int | str]] | None = None,
+        tls_ca: str | None = None,
     ):
         """api_key: sent as "authorization: Bearer <key>" on every call (the CLI passes env
         MINT_API_KEY). A key or metadata value gRPC cannot send raises InvalidApiKey /
         InvalidMetadata here, before a channel exists. channel_options: extra gRPC channel
-        arguments (e.g. reconnect backoff) for the channel made here."""
+        arguments (e.g. reconnect backoff) for the channel made here. tls_ca: the router's
+        client port speaks TLS; a CA file to trust ("system": the system's roots; default: env
+        MINT_TLS_CA, else plaintext)."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
@@ -232,14 +252,18 @@ class MintClient:
             check_api_key(api_key)
             self.metadata.append(("authorization", f"Bearer {api_key}"))
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                ("grpc.max_send_message_length", 4 * 1024 * 1024),
-                *(channel_options or []),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            *(channel_options or []),
+        ]
+        creds = client_tls_credentials(tls_ca)
+        if channel is not None:
+            self.channel = channel
+        elif creds is not None:
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.store = store_pb2_grpc.AdapterStoreStub(self.channel)
         self.router = router_pb2_grpc.RouterStub(self.channel)
 

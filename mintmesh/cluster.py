@@ -5,6 +5,12 @@ Every child is started with `python -m <service module>` on port 0 (the router o
 for) and prints "READY <service> <address>" when it serves; its other output goes to a log file
 under <data>/logs. stop() sends SIGTERM (graceful drain) in reverse start order, then SIGKILL to
 anything still alive after the grace period.
+
+Supervision (ClusterConfig.supervise, on by default): a child that exits while the cluster runs
+is started again on the same ports (so its peers' channels reconnect to it) after a backoff that
+doubles from 0.5 s to 10 s while it keeps dying, and resets once it has served for a minute.
+Meanwhile the router serves from the other executors, and calls to a restarting store or sidecar
+wait for it (wait_for_ready) within their deadlines.
 """
 
 from __future__ import annotations
@@ -19,8 +25,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 logger = logging.getLogger(__name__)
+
+
+OPERATOR = "operator"  # the mesh certificate of tools and tests that call services directly
 
 
 class ClusterError(RuntimeError):
@@ -38,10 +51,22 @@ class Child:
     metrics_address: str = ""  # host:port of its /metrics, from "METRICS <service> <host:port>"
     _ready: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def pin_ports(self) -> None:
+        """Once ready: run again on the same ports (its address and its metrics endpoint)."""
+        for flag, addr in (("--port", self.address), ("--metrics-port", self.metrics_address)):
+            if addr and flag in self.argv:
+                self.argv[self.argv.index(flag) + 1] = addr.rpartition(":")[2]
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the reader thread
+        self._ready = threading.Event()
+        self.started_at = time.monotonic()
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Logs name tenants and adapters: this user's only (0600).
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log = os.fdopen(fd, "ab")
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
@@ -132,6 +157,11 @@ class ClusterConfig:
     admin_key: str = ""
     # The HTTP gateway (OpenAI API): its port (0 = any free one), or None for no gateway.
     http_port: int | None = 0
+    # Restart a child that dies (see the module's docstring); False: leave it dead.
+    supervise: bool = True
+    # Mutual TLS between the services, from a CA made under <data>/certs (False: plaintext, for
+    # development only; every service warns).
+    mesh_tls: bool = True
 
 
 class LocalCluster:
@@ -147,6 +177,9 @@ class LocalCluster:
             f"mint_admin_{secrets.token_urlsafe(24)}" if config.auth else ""
         )
         self._internal_token = secrets.token_urlsafe(32) if config.auth else ""
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.events: list[str] = []  # what the supervisor did, oldest first
 
     @property
     def openai_base_url(self) -> str:
@@ -174,22 +207,79 @@ class LocalCluster:
             )
         return env
 
+    @property
+    def certs_dir(self) -> Path:
+        return self.config.data_dir / "certs"
+
+    def _make_certs(self) -> None:
+        from mintmesh.services.common.tls import make_mesh_pki
+
+        names = ["store", "router", OPERATOR]
+        names += [
+            f"{kind}-{i}" for i in range(self.config.executors) for kind in ("cache", "executor")
+        ]
+        make_mesh_pki(self.certs_dir, names, hosts=[self.config.host])
+
+    def mesh_credentials(self) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+        """(credentials, options) of a mesh peer with the operator's certificate, for tools and
+        tests that call an executor, a sidecar or the store directly; (None, []) in plaintext."""
+        import grpc
+
+        from mintmesh.services.common.tls import MESH_NAME
+
+        if not self.config.mesh_tls:
+            return None, []
+        d = self.certs_dir
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(d / "ca.pem").read_bytes(),
+            private_key=(d / f"{OPERATOR}-key.pem").read_bytes(),
+            certificate_chain=(d / f"{OPERATOR}.pem").read_bytes(),
+        )
+        return creds, [("grpc.ssl_target_name_override", MESH_NAME)]
+
+    def mesh_channel(self, address: str, *, aio: bool = False):
+        """A channel (grpc, or grpc.aio with aio) to any service of this cluster as a peer."""
+        import grpc
+
+        api = grpc.aio if aio else grpc
+        creds, options = self.mesh_credentials()
+        if creds is None:
+            return api.insecure_channel(address)
+        return api.secure_channel(address, creds, options=options)
+
     def _child(self, name: str, module: str, args: list[str]) -> Child:
         argv = [sys.executable, "-m", module, *args]
         if self.config.otlp_endpoint:
             argv += ["--otlp-endpoint", self.config.otlp_endpoint]
+        env = self._env()
+        if module != "mintmesh.services.gateway":  # the gateway is a client of the router
+            if self.config.mesh_tls:
+                d = self.certs_dir
+                env.update(
+                    MINT_MESH_CA=str(d / "ca.pem"),
+                    MINT_MESH_CERT=str(d / f"{name}.pem"),
+                    MINT_MESH_KEY=str(d / f"{name}-key.pem"),
+                )
+            else:
+                env["MINT_INSECURE_MESH"] = "1"
         child = Child(
             name=name,
             argv=argv,
             log_path=self.config.data_dir / "logs" / f"{name}.log",
-            env=self._env(),
+            env=env,
         )
         self.children[name] = child
         return child
 
     def start(self, timeout: float = 180.0) -> str:
         c = self.config
-        c.data_dir.mkdir(parents=True, exist_ok=True)
+        c.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if c.mesh_tls:
+            self._make_certs()
+        else:
+            logger.warning(
+                "the cluster's services talk in plaintext (mesh_tls off): development only"
+            )
         try:
             store = self._child(
                 "store",
@@ -283,8 +373,57 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
-        self._wait_executors_healthy(timeout)
+        for child in self.children.values():
+            child.pin_ports()
+        try:
+            self._wait_executors_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        if c.supervise:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="cluster-supervisor", daemon=True
+            )
+            self._supervisor.start()
         return self.router_address
+
+    def _supervise(self) -> None:
+        """Restart children that exit, with a per-child backoff (see the module docstring)."""
+        backoff: dict[str, float] = {}
+        due: dict[str, float] = {}
+        pending: set[str] = set()  # restarted, not ready yet
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            for name, child in list(self.children.items()):
+                if self._stopping.is_set():
+                    return
+                if child.alive:
+                    if name in pending and child._ready.is_set():
+                        pending.discard(name)
+                        self._event(f"{name} is back on {child.address} (restart {child.restarts})")
+                    if now - child.started_at > 60.0:
+                        backoff.pop(name, None)
+                    continue
+                if name not in due:
+                    code = child.proc.returncode if child.proc is not None else None
+                    wait = backoff.get(name, 0.5)
+                    backoff[name] = min(10.0, wait * 2)
+                    due[name] = now + wait
+                    pending.discard(name)
+                    self._event(f"{name} exited with code {code}; restarting in {wait:.1f}s")
+                elif now >= due[name]:
+                    del due[name]
+                    child.restarts += 1
+                    try:
+                        child.start()
+                    except OSError as e:
+                        self._event(f"{name} could not be started: {e}")
+                        continue
+                    pending.add(name)
+
+    def _event(self, what: str) -> None:
+        logger.warning("%s", what)
+        self.events.append(what)
 
     def _wait_executors_healthy(self, timeout: float) -> None:
         from mintmesh.client import MintClient
@@ -309,6 +448,9 @@ class LocalCluster:
         }
 
     def stop(self, grace: float = 15.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(5)
         for child in reversed(list(self.children.values())):
             child.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -664,7 +664,8 @@ def _start_sidecar(
 ) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.cache", "--cache-dir", str(cache_dir)]
-        + ["--store", store_addr, "--port", "0", "--capacity-bytes", str(capacity), *extra],
+        + ["--store", store_addr, "--port", "0", "--capacity-bytes", str(capacity), *extra]
+        + ["--insecure-mesh"],  # its store here is an in-process, plaintext one
         stdout=subprocess.PIPE,
         stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
         text=True,

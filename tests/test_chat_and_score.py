@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mintmesh.model import load_model
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import mesh_channel
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.sampling import TokenPieces
 from mintmesh.services.executor.server import create_server
@@ -20,7 +20,7 @@ from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
     server, engine = create_server(ExecutorConfig(model_dir=tiny_model_dir, executor_id="cs"))
-    ch = insecure_channel(server.address, traced=False)
+    ch = mesh_channel(server.address, traced=False)
     yield executor_pb2_grpc.ExecutorStub(ch), engine
     ch.close()
     server.stop(grace=1.0)

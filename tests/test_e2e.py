@@ -139,7 +139,7 @@ def test_repeated_prompt_reuses_its_cached_prefix_and_stays_exact(cluster, clien
     name, prompt = "alice/chat", PROMPTS[3]
     sp = sampling_params(max_tokens=MAX_TOKENS, temperature=0.0)
     first = client.generate(prompt, adapter=name, sampling=sp)
-    with grpc.insecure_channel(cluster.executor_addresses[int(first.executor[-1])]) as ch:
+    with cluster.mesh_channel(cluster.executor_addresses[int(first.executor[-1])]) as ch:
         ex = executor_pb2_grpc.ExecutorStub(ch)
         before = ex.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
         again = client.generate(prompt, adapter=name, sampling=sp)
@@ -464,8 +464,8 @@ def test_delete_purges_every_tier(cluster, client, tiny_model_dir, tmp_path):
     d = rev.digest
     res = client.generate("bye", adapter="erin/gone", sampling=sampling_params(max_tokens=2))
     i = int(res.executor.rsplit("-", 1)[1])
-    ex_ch = grpc.insecure_channel(cluster.executor_addresses[i])
-    cache_ch = grpc.insecure_channel(cluster.cache_addresses[i])
+    ex_ch = cluster.mesh_channel(cluster.executor_addresses[i])
+    cache_ch = cluster.mesh_channel(cluster.cache_addresses[i])
     ex = executor_pb2_grpc.ExecutorStub(ex_ch)
     cache = cache_pb2_grpc.AdapterCacheStub(cache_ch)
     req = executor_pb2.ExecutorStatusRequest(include_node_cache=True)
@@ -514,7 +514,7 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(
     [p] = client.prefetch("frank/warm", "frank/warm")  # duplicates count once
     assert (p.adapter, p.digest, p.resident, p.dropped) == ("frank/warm", rev.digest, False, False)
     i = cluster.executor_addresses.index(p.executor)
-    with grpc.insecure_channel(p.executor) as ch:
+    with cluster.mesh_channel(p.executor) as ch:
         ex = executor_pb2_grpc.ExecutorStub(ch)
         end = time.monotonic() + 60
         while time.monotonic() < end:
@@ -536,7 +536,7 @@ def test_router_prefetch_warms_the_executor_generate_goes_to(
             client.prefetch(*refs)
         assert ei.value.code() == code, (refs, ei.value.details())
     # The executor's own hint RPC names a malformed digest.
-    with grpc.insecure_channel(p.executor) as ch:
+    with cluster.mesh_channel(p.executor) as ch:
         with pytest.raises(grpc.RpcError) as ei:
             executor_pb2_grpc.ExecutorStub(ch).PrefetchAdapters(
                 executor_pb2.PrefetchAdaptersRequest(digests=["xyz"]), timeout=10

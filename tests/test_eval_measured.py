@@ -58,7 +58,8 @@ def mesh(tiny_model_dir, tmp_path_factory):
     node_dir = tmp_path_factory.mktemp("node")
     cache = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.cache", "--cache-dir", str(node_dir)]
-        + ["--store", store.address, "--port", "0", "--capacity-bytes", str(64 << 20)],
+        + ["--store", store.address, "--port", "0", "--capacity-bytes", str(64 << 20)]
+        + ["--insecure-mesh"],  # the in-process store here is plaintext
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -22,7 +22,7 @@ from mintmesh.cache import layout
 from mintmesh.errors import AdapterNotFound, FailedPrecondition, InvalidArgument
 from mintmesh.kernels import AdapterPool
 from mintmesh.peft_io import read_peft_dir, validate_and_pack
-from mintmesh.services.common.server import build_server, insecure_channel
+from mintmesh.services.common.server import build_server, mesh_channel
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import (
     GenerationRequest,
@@ -90,7 +90,7 @@ def engine(served):
 
 @pytest.fixture(scope="module")
 def stub(served):
-    ch = insecure_channel(served[0].address, traced=False)
+    ch = mesh_channel(served[0].address, traced=False)
     yield executor_pb2_grpc.ExecutorStub(ch)
     ch.close()
 
@@ -360,7 +360,7 @@ def test_status_lists_resident_adapters(stub, engine, adapters, base_info):
 def small(tiny_model_dir, adapters):
     cfg = ExecutorConfig(model_dir=tiny_model_dir, max_batch_size=1, max_queue=2, max_adapters=2)
     server, engine = create_server(cfg, source=_source(adapters))
-    ch = insecure_channel(server.address, traced=False)
+    ch = mesh_channel(server.address, traced=False)
     yield executor_pb2_grpc.ExecutorStub(ch), engine
     ch.close()
     server.stop(grace=1.0)
@@ -536,6 +536,7 @@ def test_cli_prints_ready_and_serves(tiny_model_dir):
             "cli-exec",
             "--max-batch-size",
             "3",
+            "--insecure-mesh",  # plaintext, so that this test can call it without a certificate
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -582,7 +583,7 @@ def test_concurrent_grpc_generations_share_batches(stub, engine, adapters, oracl
 def test_draining_finishes_running_requests(tiny_model_dir, adapters):
     cfg = ExecutorConfig(model_dir=tiny_model_dir)
     server, engine = create_server(cfg, source=_source(adapters))
-    ch = insecure_channel(server.address, traced=False)
+    ch = mesh_channel(server.address, traced=False)
     stub = executor_pb2_grpc.ExecutorStub(ch)
     call = stub.Generate(_gen_request(max_tokens=60, ignore_eos=True), timeout=60)
     first = next(call)

@@ -19,7 +19,6 @@ from peft_util import make_strong_adapter, peft_greedy, peft_model_with
 from mintmesh.client import MintClient, sampling_params
 from mintmesh.cluster import ClusterConfig, LocalCluster
 from mintmesh.model import load_model
-from mintmesh.services.common.server import insecure_channel
 from mintmesh.v1 import executor_pb2, executor_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -270,7 +269,7 @@ def test_echo_logprobs_equal_the_executors_forward(cluster, alice, admin, pushed
     digest = admin.resolve("alice/chat").digest
     fwd = []
     for addr in cluster.executor_addresses:
-        ch = insecure_channel(addr, traced=False)
+        ch = cluster.mesh_channel(addr)
         resp = executor_pb2_grpc.ExecutorStub(ch).Forward(
             executor_pb2.ForwardRequest(
                 rows=[executor_pb2.ForwardRow(adapter_digest=digest, token_ids=ids)],
@@ -446,7 +445,7 @@ def test_full_queues_are_429_with_retry_after(cluster, tenants, pushed):
 def test_a_client_that_disconnects_mid_stream_frees_its_sequence(cluster, alice):
     stubs = []
     for addr in cluster.executor_addresses:
-        stubs.append(executor_pb2_grpc.ExecutorStub(insecure_channel(addr, traced=False)))
+        stubs.append(executor_pb2_grpc.ExecutorStub(cluster.mesh_channel(addr)))
 
     def status():
         return [s.Status(executor_pb2.ExecutorStatusRequest(), timeout=10) for s in stubs]

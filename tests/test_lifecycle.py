@@ -505,8 +505,16 @@ def test_isolation_matrix(secure, base_info, who, code):
     with _client(secure, who) as c:
         for name in OP_NAMES:
             err = rpc_error(ops[name], c)
+            if name == "fetch-digest" and who == "ta":
+                # Another tenant's digest answers exactly as a digest nobody has: NOT_FOUND,
+                # the same words, so that a caller cannot learn which digests exist.
+                unknown = "0" * 64
+                other = rpc_error(lambda c=c, u=unknown: c.fetch(digest=u))
+                assert err.code() == other.code() == grpc.StatusCode.NOT_FOUND
+                assert err.details().replace(secure["tb"].digest, unknown) == other.details()
+                continue
             assert err.code() == code, (name, err.code(), err.details())
-            if code == grpc.StatusCode.PERMISSION_DENIED and name != "fetch-digest":
+            if code == grpc.StatusCode.PERMISSION_DENIED:
                 assert "'tb'" in err.details(), (name, err.details())
         # A batch push answers each adapter: the other tenant's is refused, not the stream.
         if who == "ta":
@@ -549,12 +557,15 @@ def test_tenants_keys_and_authenticate(secure, base_info):
         err = rpc_error(a.create_api_key, admin=True)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
-        who = a.authenticate()
-        assert (who.tenant, who.is_admin) == ("ta", False)
+        # The store's Authenticate is for mesh peers (clients ask the router: test_auth_mesh).
+        assert rpc_error(a.authenticate).code() == grpc.StatusCode.PERMISSION_DENIED
         with _client(secure, "none") as anon:
-            assert anon.authenticate(ADMIN_KEY).is_admin
-            assert anon.authenticate(secure["keys"]["tb"]).tenant == "tb"
-            assert rpc_error(anon.authenticate, "mint_x").code() == grpc.StatusCode.UNAUTHENTICATED
+            assert rpc_error(anon.authenticate, ADMIN_KEY).code() == grpc.StatusCode.UNAUTHENTICATED
+        peer_md = [("x-mint-internal-token", INTERNAL_TOKEN)]
+        with MintClient(secure["addr"], timeout=TIMEOUT, metadata=peer_md) as peer:
+            assert peer.authenticate(ADMIN_KEY).is_admin
+            assert peer.authenticate(secure["keys"]["tb"]).tenant == "tb"
+            assert rpc_error(peer.authenticate, "mint_x").code() == grpc.StatusCode.UNAUTHENTICATED
 
         extra = a.create_api_key("ta")
         with MintClient(secure["addr"], timeout=TIMEOUT, api_key=extra.api_key) as a2:
@@ -584,7 +595,7 @@ def test_shared_digest_is_fetchable_by_each_owner(secure, base_info):
     cfg, w = lora(base_info, rank=1, seed=250)
     with _client(secure, "ta") as a, _client(secure, "tb") as b:
         d = a.push_adapter_bytes("ta/shared", cfg, w).digest
-        assert rpc_error(b.fetch, digest=d).code() == grpc.StatusCode.PERMISSION_DENIED
+        assert rpc_error(b.fetch, digest=d).code() == grpc.StatusCode.NOT_FOUND
         assert b.push_adapter_bytes("tb/shared", cfg, w).digest == d
         assert hashlib.sha256(b.fetch(digest=d)).hexdigest() == d
 

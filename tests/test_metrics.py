@@ -27,7 +27,7 @@ from promscrape import Samples, rpc_latency_count, rpcs, scrape, val
 from mintmesh.cache.config import CacheConfig
 from mintmesh.client import MintClient, sampling_params
 from mintmesh.services.common.config import load_config
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import mesh_channel
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.server import create_server as create_executor
 from mintmesh.services.router.config import RouterConfig
@@ -99,7 +99,7 @@ def mesh(tiny_model_dir, base_info, tmp_path_factory):
     cache = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.cache", "--cache-dir", str(node_dir)]
         + ["--store", store.address, "--port", "0", "--metrics-port", "0"]
-        + ["--capacity-bytes", str(64 << 20)],
+        + ["--capacity-bytes", str(64 << 20), "--insecure-mesh"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -136,8 +136,8 @@ def mesh(tiny_model_dir, base_info, tmp_path_factory):
     home, other = rendezvous_order(list(by_address), BASE_KEY)  # where the base model goes
     store_client = MintClient(store.address, timeout=30, retries=0)
     router_client = MintClient(router.address, timeout=60, retries=0)
-    exec_channel = insecure_channel(executor.address, traced=False)
-    cache_channel = insecure_channel(cache_address, traced=False)
+    exec_channel = mesh_channel(executor.address, traced=False)
+    cache_channel = mesh_channel(cache_address, traced=False)
     _wait(
         lambda: sum(e.healthy for e in router_client.status().executors) == 2,
         what="both proxied executors healthy",
@@ -584,7 +584,8 @@ def test_mint_serve_announces_and_serves_metrics(tiny_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINT_STORE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.cli", "serve", "store", "--data-dir", str(tmp_path)]
-        + ["--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0"],
+        + ["--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0"]
+        + ["--insecure-mesh"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

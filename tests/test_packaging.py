@@ -102,6 +102,34 @@ def test_compose_is_valid_and_runs_real_commands():
         cache = ex["pid"].removeprefix("service:")
         assert services[cache]["volumes"][0].split(":")[0] == ex["volumes"][0].split(":")[0]
     _check_prometheus_scrapes(doc, metrics_ports)
+    _check_secure(services)
+
+
+def _check_secure(services: dict) -> None:
+    """compose runs as securely as `mint up`: API keys on, mutual TLS between every mesh
+    service with a certificate the certs service makes, internal ports not published."""
+    certs_cmd = services["certs"]["command"]
+    made = {certs_cmd[i + 1] for i, a in enumerate(certs_cmd) if a == "--name"}
+    for name, svc in services.items():
+        cmd = svc.get("command") or []
+        if svc.get("image") == "mintmesh:latest" and cmd[:2] == ["mint", "serve"]:
+            kind = cmd[2]
+            assert "--insecure-mesh" not in cmd, name
+            env = svc.get("environment", {})
+            if kind == "gateway":  # a client of the router, not a mesh peer
+                assert "MINT_MESH_KEY" not in env
+            else:
+                assert env["MINT_MESH_CA"] == "/certs/ca.pem", name
+                assert env["MINT_MESH_CERT"] == f"/certs/{name}.pem" and name in made, name
+                assert env["MINT_MESH_KEY"] == f"/certs/{name}-key.pem", name
+                assert "certs:/certs:ro" in svc["volumes"], name
+            if kind in ("store", "router"):
+                assert "--auth" in cmd, f"{name} runs with auth off"
+            if kind in ("store", "router", "cache"):
+                token = next(v for k, v in env.items() if k.endswith("_INTERNAL_TOKEN"))
+                assert token.startswith("${MINT_INTERNAL_TOKEN:?"), (name, token)
+            published = svc.get("ports", [])
+            assert not published or kind in ("router", "gateway"), f"{name} publishes {published}"
 
 
 def _check_prometheus_scrapes(doc: dict, metrics_ports: dict[str, int]) -> None:

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from mintmesh import errors as E
 from mintmesh.client import MintClient, sampling_params
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import mesh_channel
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.server import create_server as create_executor
 from mintmesh.services.router.config import RouterConfig
@@ -39,7 +39,7 @@ class Node:
         cfg = ExecutorConfig(model_dir=model_dir, executor_id=name, max_batch_size=1, max_queue=1)
         self.server, self.engine = create_executor(cfg)
         self.proxy = FaultProxy(self.server.address)
-        self.channel = insecure_channel(self.server.address, traced=False)
+        self.channel = mesh_channel(self.server.address, traced=False)
         self.direct = executor_pb2_grpc.ExecutorStub(self.channel)
         self.name = name
 

@@ -548,7 +548,8 @@ def test_startup_removes_orphans(tiny_model_dir, base_info, adapters, tmp_path):
 def _start_store(data_dir: Path, model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mintmesh.services.store", "--data-dir", str(data_dir)]
-        + ["--model-dir", str(model_dir), "--port", "0", "--max-rank", str(MAX_RANK)],
+        + ["--model-dir", str(model_dir), "--port", "0", "--max-rank", str(MAX_RANK)]
+        + ["--insecure-mesh"],
         stdout=subprocess.PIPE,
         stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
         text=True,

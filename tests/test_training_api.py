@@ -16,7 +16,6 @@ from peft_util import peft_greedy
 from mintmesh.client import MintClient, sampling_params
 from mintmesh.cluster import ClusterConfig, LocalCluster
 from mintmesh.model import load_model
-from mintmesh.services.common.server import insecure_channel
 from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -67,7 +66,7 @@ def _datum(tok, prompt, completion):
 def _executor_status(cluster):
     out = []
     for addr in cluster.executor_addresses:
-        ch = insecure_channel(addr, traced=False)
+        ch = cluster.mesh_channel(addr)
         out.append(executor_pb2_grpc.ExecutorStub(ch).Status(
             executor_pb2.ExecutorStatusRequest(), timeout=10))  # fmt: skip
         ch.close()

@@ -491,3 +491,15 @@ class AuthenticateResponse(_message.Message):
     is_admin: bool
     key_id: str
     def __init__(self, tenant: _Optional[str] = ..., is_admin: _Optional[bool] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class WatchKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KeyEvent(_message.Message):
+    __slots__ = ("epoch", "revoked_key_id")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    revoked_key_id: str
+    def __init__(self, epoch: _Optional[int] = ..., revoked_key_id: _Optional[str] = ...) -> None: ...

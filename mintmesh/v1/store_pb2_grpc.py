@@ -130,6 +130,11 @@ class AdapterStoreStub:
                 request_serializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.FromString,
                 _registered_method=True)
+        self.WatchKeys = channel.unary_stream(
+                '/mintmesh.v1.AdapterStore/WatchKeys',
+                request_serializer=mintmesh_dot_v1_dot_store__pb2.WatchKeysRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_store__pb2.KeyEvent.FromString,
+                _registered_method=True)
 
 
 class AdapterStoreServicer:
@@ -257,7 +262,17 @@ class AdapterStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Authenticate(self, request, context):
-        """API key -> tenant (for the router: authenticate once, pass the tenant on).
+        """API key -> tenant, for mesh peers only (the router authenticates once, passes the tenant
+        on; a client asks the router, which answers it from here, rate-limiting failures).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchKeys(self, request, context):
+        """For mesh peers that cache Authenticate answers: one event at once (the current epoch), then
+        one each time a key is revoked; a cache is dropped on every event, and not trusted while
+        the stream is down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -360,6 +375,11 @@ def add_AdapterStoreServicer_to_server(servicer, server):
                     servicer.Authenticate,
                     request_deserializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.SerializeToString,
+            ),
+            'WatchKeys': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKeys,
+                    request_deserializer=mintmesh_dot_v1_dot_store__pb2.WatchKeysRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_store__pb2.KeyEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -876,6 +896,33 @@ class AdapterStore:
             '/mintmesh.v1.AdapterStore/Authenticate',
             mintmesh_dot_v1_dot_store__pb2.AuthenticateRequest.SerializeToString,
             mintmesh_dot_v1_dot_store__pb2.AuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mintmesh.v1.AdapterStore/WatchKeys',
+            mintmesh_dot_v1_dot_store__pb2.WatchKeysRequest.SerializeToString,
+            mintmesh_dot_v1_dot_store__pb2.KeyEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,3 +63,11 @@ def load_config(
         if v is not None:
             values[k] = v
     return cls(**values)
+
+
+def private_files() -> None:
+    """Every file and directory this process creates from now on is its user's only (umask
+    077): catalogs, caches, blobs, logs hold tenants' adapters and key hashes."""
+    import os
+
+    os.umask(0o077)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from mintmesh.services.common import metrics, tracing
+from mintmesh.services.common import metrics, tls, tracing
 from mintmesh.services.common.errors import ErrorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def build_server(
     max_workers: int = 32,
     extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
     metrics_port: int | None = None,
+    mesh_only: bool = False,
+    client_tls: tls.ServerTLS | None = None,
 ) -> Server:
     """Create, bind and start a server. `add_servicers(server)` registers the servicers and
     returns their full service names (for health and reflection). port=0 picks a free port.
@@ -117,7 +119,13 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    # mesh_only (the store, sidecars, executors): mesh peers only, by certificate, once the
+    # process has a mesh identity (services/common/tls.py); else the client port's TLS if any.
+    creds = tls.server_credentials(mesh_only=mesh_only, client_tls=client_tls)
+    if creds is not None:
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     exposition = None
@@ -157,15 +165,89 @@ def serve_until_signal(server: Server, grace: float = 5.0) -> None:
     tracing.shutdown_tracing()
 
 
-def insecure_channel(address: str, *, traced: bool = True) -> grpc.Channel:
-    ch = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.enable_retries", 1),
-        ],
-    )
+class _WaitForReady(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Every call waits for the channel to connect (within its deadline) instead of failing at
+    once while the peer is down: a store or sidecar being restarted is waited for."""
+
+    @staticmethod
+    def _details(d):
+        return d if d.wait_for_ready is not None else d._replace(wait_for_ready=True)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+# The store's reads: safe to send again when the store died under them (its restart is waited
+# for); writes are not retried by the channel (a push whose answer was lost is the client's call).
+STORE_READS = (
+    "mintmesh.v1.AdapterStore/ResolveAdapter",
+    "mintmesh.v1.AdapterStore/FetchAdapter",
+    "mintmesh.v1.AdapterStore/ListAdapters",
+    "mintmesh.v1.AdapterStore/ListRevisions",
+    "mintmesh.v1.AdapterStore/GetBaseModel",
+    "mintmesh.v1.AdapterStore/ListTenants",
+    "mintmesh.v1.AdapterStore/Authenticate",
+)
+
+
+def _retry_config(methods: Iterable[str]) -> str:
+    import json
+
+    names = [dict(zip(("service", "method"), m.split("/"), strict=True)) for m in methods]
+    policy = {
+        "maxAttempts": 5,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def mesh_channel(
+    address: str,
+    *,
+    traced: bool = True,
+    wait_for_ready: bool = False,
+    idempotent: Iterable[str] = (),
+) -> grpc.Channel:
+    """A channel to a mesh peer. wait_for_ready: for a peer that has no stand-in (the store, a
+    node's sidecar), calls wait out its restart within their deadlines; not for executors, where
+    failing fast lets the router place the request elsewhere. idempotent ("service/method"):
+    calls that gRPC sends again (up to 5 tries) when the peer drops them UNAVAILABLE before an
+    answer, e.g. a store killed in the middle of a read."""
+    retry = [("grpc.service_config", _retry_config(idempotent))] if idempotent else []
+    creds, tls_options = tls.channel_credentials()
+    options = [
+        *retry,
+        *tls_options,
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 1),
+        # Reconnect quickly to a restarted peer (gRPC's default backoff grows to 2 min).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if creds is not None:
+        ch = grpc.secure_channel(address, creds, options=options)
+    else:
+        ch = grpc.insecure_channel(address, options=options)
+    if wait_for_ready:
+        ch = grpc.intercept_channel(ch, _WaitForReady())
     return tracing.traced_channel(ch) if traced else ch
 
 

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from mintmesh.services.common.config import load_config
+from mintmesh.services.common import tls
+from mintmesh.services.common.config import load_config, private_files
 from mintmesh.services.executor.config import ExecutorConfig
 
 
@@ -74,11 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(MINT_EXECUTOR_METRICS_PORT; default: none)",
     )
     p.add_argument("--log-level", default="INFO")
+    tls.add_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    private_files()
+    try:
+        tls.setup_from(vars(args))
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

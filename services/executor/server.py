@@ -42,6 +42,7 @@ def create_server(
         port=config.port,
         max_workers=workers,
         metrics_port=config.metrics_port,
+        mesh_only=True,  # mesh peers only (by certificate, with a mesh identity)
     )
     ExecutorMetrics(engine, server.registry)
     if close_engine:

@@ -111,7 +111,7 @@ class SidecarSource:
         hit_report_interval_s: float = 0.05,
     ) -> None:
         from mintmesh.cache.reader import NodeCacheReader
-        from mintmesh.services.common.server import insecure_channel
+        from mintmesh.services.common.server import mesh_channel
         from mintmesh.v1 import cache_pb2_grpc
 
         if not cache_address:
@@ -119,7 +119,7 @@ class SidecarSource:
         self.cache_address = cache_address
         self.cache_dir = Path(cache_dir)
         self.timeout_s = float(timeout_s)
-        self._channel = insecure_channel(cache_address)
+        self._channel = mesh_channel(cache_address, wait_for_ready=True)
         self._stub = cache_pb2_grpc.AdapterCacheStub(self._channel)
         self._reader = NodeCacheReader(self.cache_dir)
         self._listed: tuple[float, list[str]] | None = None

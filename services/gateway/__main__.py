@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from mintmesh.services.common.config import load_config
+from mintmesh.services.common.config import load_config, private_files
 from mintmesh.services.gateway.config import GatewayConfig
 
 
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout-s", type=float, help="deadline of one request (600)")
     p.add_argument("--default-max-tokens", type=int, help="a chat's max_tokens when unset (512)")
     p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (MINT_GATEWAY_TLS_CERT)")
+    p.add_argument("--tls-key", help="its private key (MINT_GATEWAY_TLS_KEY)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = vars(p.parse_args(argv))
+    private_files()
     level = args.pop("log_level")
     if not args.get("otlp_endpoint"):
         args["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None

@@ -131,7 +131,13 @@ class Upstream:
         self.store: store_pb2_grpc.AdapterStoreStub | None = None
 
     async def open(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address)
+        from mintmesh.client import client_tls_credentials
+
+        creds = client_tls_credentials()  # MINT_TLS_CA: the router's client port speaks TLS
+        if creds is not None:
+            self.channel = grpc.aio.secure_channel(self.address, creds)
+        else:
+            self.channel = grpc.aio.insecure_channel(self.address)
         self.router = router_pb2_grpc.RouterStub(self.channel)
         self.store = store_pb2_grpc.AdapterStoreStub(self.channel)
 

@@ -25,6 +25,10 @@ class GatewayConfig:
     # A chat's max_tokens when the request gives neither max_completion_tokens nor max_tokens
     # (the executor also ends a sequence at the model's context length).
     default_max_tokens: int = 512
+    # HTTPS with the operator's certificate and key (PEM files); both empty = plain HTTP. The
+    # router's client port, when it speaks TLS, is trusted through MINT_TLS_CA.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.router_address:
@@ -34,5 +38,7 @@ class GatewayConfig:
         check_metrics_port(self.metrics_port)
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s {self.request_timeout_s} must be > 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("HTTPS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
         if self.max_choices < 1 or self.max_prompts < 1 or self.default_max_tokens < 1:
             raise ValueError("max_choices, max_prompts and default_max_tokens must be >= 1")

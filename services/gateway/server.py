@@ -39,6 +39,8 @@ def make_server(config: GatewayConfig):
         access_log=False,
         timeout_graceful_shutdown=10,
         lifespan="on",
+        ssl_certfile=config.tls_cert or None,
+        ssl_keyfile=config.tls_key or None,
     )
     return uvicorn.Server(ucfg), sock
 
@@ -54,7 +56,10 @@ def serve(config: GatewayConfig) -> None:
         metrics_server = metrics.start_metrics_server(
             server.config.app.state.registry, config.metrics_port, config.host
         )
-    logger.info("gateway on http://%s:%d -> router %s", config.host, port, config.router_address)
+    scheme = "https" if config.tls_cert else "http"
+    logger.info(
+        "gateway on %s://%s:%d -> router %s", scheme, config.host, port, config.router_address
+    )
 
     async def main() -> None:
         started = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mintmesh.services.common.config import load_config
+from mintmesh.services.common import tls
+from mintmesh.services.common.config import load_config, private_files
 from mintmesh.services.router.config import RouterConfig
 
 
@@ -30,11 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mesh's internal token, shared with the store (env MINT_ROUTER_INTERNAL_TOKEN)",
     )
     p.add_argument(
+        "--auth-failures-per-minute",
+        type=int,
+        help="failed authentications per client address per minute before it is refused "
+        "(default 30)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port "
         "(MINT_ROUTER_METRICS_PORT; default: none)",
     )
+    tls.add_flags(p, client_port=True)
     return p
 
 
@@ -43,14 +51,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from mintmesh.services.router.server import serve
 
-    overrides = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    overrides = vars(parser.parse_args(argv))
+    private_files()
+    try:
+        client_tls = tls.setup_from(overrides)
+    except ValueError as e:
+        parser.error(str(e))
     if overrides.get("executors"):
         overrides["executors"] = tuple(overrides["executors"])
     if not overrides.get("otlp_endpoint"):
         overrides["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None
     cfg = load_config(RouterConfig, "ROUTER", overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
-    serve(cfg)
+    serve(cfg, client_tls=client_tls)
     return 0
 
 

@@ -24,6 +24,9 @@ class RouterConfig:
     auth: bool = False
     # Shared with the store: lets the router call it on behalf of a verified tenant.
     internal_token: str = ""
+    # Failed authentications a client address may make in a minute before unknown keys are
+    # refused from it (RESOURCE_EXHAUSTED) for the rest of the window.
+    auth_failures_per_minute: int = 30
     # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
     metrics_port: int | None = None
 

@@ -18,7 +18,7 @@ from mintmesh import errors as E
 from mintmesh.client import fetched_bytes, push_header, push_requests
 from mintmesh.services.common.auth import ADMIN, Principal
 from mintmesh.services.common.errors import error_info, reraise_downstream
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import STORE_READS, mesh_channel
 from mintmesh.services.router.auth import RouterAuth
 from mintmesh.services.router.config import RouterConfig
 from mintmesh.services.router.health import ExecutorSet
@@ -62,13 +62,18 @@ def _interrupted(err: grpc.RpcError, address: str, chunks: int) -> E.MintError:
 class RouterCore:
     def __init__(self, config: RouterConfig):
         self.config = config
-        self.store_channel = insecure_channel(config.store_address)
+        self.store_channel = mesh_channel(
+            config.store_address, wait_for_ready=True, idempotent=STORE_READS
+        )
         self.store = store_pb2_grpc.AdapterStoreStub(self.store_channel)
         self.executors = ExecutorSet(config.executors, config.health_interval_s)
         self.placement = Placement(config.load_epsilon)
         self.metrics = RouterMetrics(config.executors)
         self.auth = RouterAuth(
-            self.store, enabled=config.auth, internal_token=config.internal_token
+            self.store,
+            enabled=config.auth,
+            internal_token=config.internal_token,
+            failures_per_minute=config.auth_failures_per_minute,
         )
         # Training runs: run id -> [executor address, tenant, parent revision ref]. A run stays
         # where it was made; its parent is the revision it started from or last saved.
@@ -77,8 +82,10 @@ class RouterCore:
 
     def start(self) -> None:
         self.executors.start()
+        self.auth.start()
 
     def stop(self) -> None:
+        self.auth.stop()
         self.executors.stop()
         self.store_channel.close()
 
@@ -463,7 +470,9 @@ class RouterCore:
                     "purging %d digests on %s failed: %s", len(digests), address, err.code().name
                 )
 
-    def status(self) -> router_pb2.RouterStatusResponse:
+    def status(self, caller: Principal = ADMIN) -> router_pb2.RouterStatusResponse:
+        """Health of the store and each executor. Placement detail (addresses, the adapters
+        resident on each, health-check errors) is for admins; a tenant sees health and load."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         self.executors.check_all()  # a fresh view, not the last periodic one
@@ -474,18 +483,19 @@ class RouterCore:
             store_ok = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             store_ok = False
+        detail = caller.is_admin
         out = router_pb2.RouterStatusResponse(
-            store_address=self.config.store_address, store_healthy=store_ok
+            store_address=self.config.store_address if detail else "", store_healthy=store_ok
         )
         for addr, st in self.executors.executors.items():
             out.executors.append(
                 router_pb2.ExecutorHealth(
-                    address=addr,
+                    address=addr if detail else "",
                     healthy=st.healthy,
                     executor_id=st.status.executor_id,
-                    resident_adapters=list(st.status.resident_adapters),
+                    resident_adapters=list(st.status.resident_adapters) if detail else [],
                     queue_depth=st.status.queue_depth,
-                    error=st.error,
+                    error=st.error if detail else ("unhealthy" if st.error else ""),
                 )
             )
         return out

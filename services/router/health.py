@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mintmesh.services.common.server import insecure_channel
+from mintmesh.services.common.server import mesh_channel
 from mintmesh.v1 import executor_pb2, executor_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -35,12 +35,12 @@ class ExecutorSet:
         self.interval_s = interval_s
         self.executors: dict[str, ExecutorState] = {}
         for addr in addresses:
-            ch = insecure_channel(addr, traced=True)
+            ch = mesh_channel(addr, traced=True)
             self.executors[addr] = ExecutorState(
                 address=addr,
                 channel=ch,
                 stub=executor_pb2_grpc.ExecutorStub(ch),
-                health=health_pb2_grpc.HealthStub(insecure_channel(addr, traced=False)),
+                health=health_pb2_grpc.HealthStub(mesh_channel(addr, traced=False)),
             )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="executor-health", daemon=True)

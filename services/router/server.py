@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 
-from mintmesh.services.common import tracing
+from mintmesh.services.common import tls, tracing
 from mintmesh.services.common.server import (
     Server,
     announce_ready,
@@ -17,7 +17,9 @@ from mintmesh.v1 import router_pb2, router_pb2_grpc, store_pb2
 logger = logging.getLogger(__name__)
 
 
-def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
+def create_server(
+    config: RouterConfig, *, client_tls: tls.ServerTLS | None = None
+) -> tuple[Server, RouterCore]:
     core = RouterCore(config)
     core.start()
 
@@ -35,6 +37,7 @@ def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
             host=config.host,
             port=config.port,
             metrics_port=config.metrics_port,
+            client_tls=client_tls,
         )
     except BaseException:
         core.stop()
@@ -44,8 +47,8 @@ def create_server(config: RouterConfig) -> tuple[Server, RouterCore]:
     return server, core
 
 
-def serve(config: RouterConfig) -> None:
+def serve(config: RouterConfig, *, client_tls: tls.ServerTLS | None = None) -> None:
     tracing.setup_tracing("mint-router", config.otlp_endpoint)
-    server, _core = create_server(config)
+    server, _core = create_server(config, client_tls=client_tls)
     announce_ready("router", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
     serve_until_signal(server)

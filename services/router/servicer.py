@@ -4,9 +4,13 @@ the store (so a client needs one address)."""
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from mintmesh.errors import InvalidArgument, TenantDenied
+from mintmesh.services.common.auth import ADMIN
 from mintmesh.services.common.errors import reraise_downstream
 from mintmesh.services.common.server import remaining_timeout
+from mintmesh.services.router.auth import peer_host
 from mintmesh.services.router.core import RouterCore
 from mintmesh.v1 import router_pb2_grpc, store_pb2
 
@@ -43,7 +47,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     del _training
 
     def Status(self, request, context):
-        return self.core.status()
+        return self.core.status(self.core.auth.caller(context))
 
     def Prefetch(self, request, context):
         caller = self.core.auth.caller(context)
@@ -72,15 +76,44 @@ class StoreProxy(grpc.GenericRpcHandler):
         return remaining_timeout(context, self.core.config.store_timeout_s)
 
     def _md(self, context, what: str) -> list[tuple[str, str]]:
-        """Metadata for the store: the verified caller, or (Authenticate) the client's own."""
-        if what == "Authenticate":
-            return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+        """Metadata for the store: the verified caller."""
         return self.core.auth.internal_metadata(self.core.auth.caller(context))
+
+    def _authenticate(self, request: bytes, context) -> bytes:
+        """Authenticate answered here, not forwarded: the store's is for mesh peers, and here
+        failures count against the client's address (RouterAuth.verify)."""
+        try:
+            req = store_pb2.AuthenticateRequest.FromString(request)
+        except DecodeError:
+            raise InvalidArgument(
+                "the request bytes do not parse as a mintmesh.v1.AuthenticateRequest"
+            ) from None
+        auth = self.core.auth
+        if not auth.enabled:
+            who = ADMIN
+        elif req.api_key:
+            who = auth.verify(req.api_key, peer_host(context), remaining_timeout(context, 30.0))
+        else:
+            who = auth.caller(context)
+        return store_pb2.AuthenticateResponse(
+            tenant=who.tenant, is_admin=who.is_admin, key_id=who.key_id
+        ).SerializeToString()
+
+    def _refuse(self, request, context):
+        raise TenantDenied("WatchKeys is for the mesh's own services")
 
     def _make(self, path: str, client_stream: bool, server_stream: bool):
         ident = None  # bytes in, bytes out
         what = path.rsplit("/", 1)[-1]
-        after = self.core.after_delete if what == "DeleteAdapter" else None
+        if what == "Authenticate":
+            return grpc.unary_unary_rpc_method_handler(self._authenticate)
+        if what == "WatchKeys":
+            return grpc.unary_stream_rpc_method_handler(self._refuse)
+        after = {
+            "DeleteAdapter": self.core.after_delete,
+            # This router forgets cached keys at once (the store's WatchKeys tells the others).
+            "RevokeApiKey": lambda _resp: self.core.auth.forget(),
+        }.get(what)
         # "unary_unary", "stream_unary", ...: the channel's callable and grpc's handler factory.
         kind = f"{'stream' if client_stream else 'unary'}_{'stream' if server_stream else 'unary'}"
         call = getattr(self.channel, kind)(path, ident, ident)

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from mintmesh.services.common.config import load_config
+from mintmesh.services.common import tls
+from mintmesh.services.common.config import load_config, private_files
 from mintmesh.services.store.config import StoreConfig
 
 
@@ -53,12 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         "directory's name; MINT_STORE_BASE_MODEL_NAME)",
     )
     p.add_argument("--log-level", default="INFO")
+    tls.add_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    private_files()
+    try:
+        tls.setup_from(vars(args))
+    except ValueError as e:
+        p.error(str(e))
     if not args.otlp_endpoint:
         args.otlp_endpoint = os.environ.get("MINT_OTLP_ENDPOINT") or None
     logging.basicConfig(

@@ -5,8 +5,8 @@ characters, 256 bits) is checked against ``sha256(salt || secret)`` with a per-k
 the catalog never holds a key in plaintext. The operator's admin key is given at start
 (StoreConfig.admin_key) and never stored.
 
-A call is authenticated in one place, `AuthInterceptor` (every AdapterStore RPC but
-Authenticate), from its metadata:
+A call is authenticated in one place, `AuthInterceptor` (every AdapterStore RPC), from its
+metadata (Authenticate and WatchKeys then take mesh peers only):
 
 - ``authorization: Bearer <key>``: a tenant key or an admin key;
 - ``x-mint-internal-token: <StoreConfig.internal_token>`` (a service inside the mesh, e.g. the
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "mint_"
 _KEY_RE = re.compile(r"^mint_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_\-]{20,128})$")
 STORE_SERVICE = "/mintmesh.v1.AdapterStore/"
-OPEN_METHODS = frozenset({"Authenticate"})
+OPEN_METHODS: frozenset[str] = frozenset()
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
@@ -153,7 +153,7 @@ def _metadata(handler_call_details) -> dict[str, str]:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticate every AdapterStore call (but Authenticate) before its handler runs; a
+    """Authenticate every AdapterStore call before its handler runs; a
     failure is UNAUTHENTICATED (the handler never runs). The principal is available to the
     handler through `current_principal()`."""
 

@@ -28,6 +28,11 @@ from mintmesh.identity import DIGEST_RE, check_digest
 logger = logging.getLogger(__name__)
 
 
+def _private(path: Path):
+    """A new file open for writing that only this user may read (0600, whatever the umask)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -81,7 +86,7 @@ class BlobStore:
     def stage(self, data: bytes) -> Path:
         """Write data to a durable temp file; `install` moves it into place."""
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
+        with _private(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -110,7 +115,7 @@ class BlobStore:
             for digest, data in items:
                 final = self.path(digest)
                 tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as f:
+                with _private(tmp) as f:
                     f.write(data)
                 staged.append((tmp, final))
             if not staged:

@@ -357,7 +357,7 @@ def _acquire_env(path: Path, map_size: int) -> tuple[lmdb.Environment, threading
             env, lock, n = hit
             _envs[path] = (env, lock, n + 1)
             return env, lock
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = lmdb.open(
             str(path),
             map_size=map_size,
@@ -368,6 +368,7 @@ def _acquire_env(path: Path, map_size: int) -> tuple[lmdb.Environment, threading
             lock=True,
             max_readers=512,
             readahead=False,
+            mode=0o600,  # the data and lock files: this user's only
         )
         stale = env.reader_check()
         if stale:

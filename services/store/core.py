@@ -38,7 +38,6 @@ from mintmesh.errors import (
     InvalidAdapter,
     InvalidArgument,
     MintError,
-    TenantDenied,
     Unauthenticated,
     Unavailable,
 )
@@ -282,6 +281,10 @@ class StoreCore:
             self._commit_lock = threading.Lock()
             self._stats_lock = threading.Lock()
             self._stats = StoreStats()
+            # Revocations, for peers that cache keys (WatchKeys): an epoch and who woke it.
+            self._keys_changed = threading.Condition()
+            self._key_epoch = 0
+            self._last_revoked = ""
             self._recover()
         except BaseException:
             os.close(self._lock_fd)
@@ -630,14 +633,12 @@ class StoreCore:
         else:
             check_digest(digest)
             tenants = self.catalog.digest_tenants(digest)
-            if not tenants:
+            # Another tenant's digest reads exactly as an unknown one: the answer must not tell
+            # a caller which digests exist.
+            if not tenants or not (who.is_admin or who.tenant in tenants):
                 raise AdapterNotFound(
-                    f"no adapter revision has digest {digest}", metadata={"digest": digest}
-                )
-            if not who.is_admin and who.tenant not in tenants:
-                raise TenantDenied(
-                    f"tenant {who.tenant!r} has no adapter revision with digest {digest}",
-                    metadata={"tenant": who.tenant, "digest": digest},
+                    f"no adapter revision of yours has digest {digest}",
+                    metadata={"digest": digest},
                 )
         with self._stats_lock:
             self._stats.fetches += 1
@@ -946,7 +947,22 @@ class StoreCore:
             else:
                 who.check(rec.tenant, "the API keys")
         self.catalog.revoke_key(key_id)
+        with self._keys_changed:
+            self._key_epoch += 1
+            self._last_revoked = key_id
+            self._keys_changed.notify_all()
         logger.info("revoked key %s", key_id)
+
+    def key_epoch(self) -> tuple[int, str]:
+        """(revocations so far, the last key revoked)."""
+        with self._keys_changed:
+            return self._key_epoch, self._last_revoked
+
+    def wait_key_epoch(self, seen: int, timeout: float) -> tuple[int, str]:
+        """key_epoch() once it differs from seen, or after timeout."""
+        with self._keys_changed:
+            self._keys_changed.wait_for(lambda: self._key_epoch != seen, timeout)
+            return self._key_epoch, self._last_revoked
 
     def list_tenants(
         self, *, page_size: int = 0, page_token: str = "", principal: Principal | None = None
@@ -990,7 +1006,7 @@ def _check_labels(labels: Mapping[str, str]) -> None:
 
 
 def _lock_data_dir(data_dir: Path) -> int:
-    fd = os.open(data_dir / "store.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(data_dir / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -28,6 +28,7 @@ def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Serv
             port=config.port,
             extra_interceptors=[AuthInterceptor(core.auth)],
             metrics_port=config.metrics_port,
+            mesh_only=True,  # mesh peers only (by certificate, with a mesh identity)
         )
     except BaseException:
         core.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from mintmesh.errors import InvalidArgument, MintError, Unavailable
+from mintmesh.errors import InvalidArgument, MintError, TenantDenied, Unavailable
 from mintmesh.services.common.errors import status_code_for
 from mintmesh.services.common.server import CHUNK_BYTES
 from mintmesh.services.store.auth import current_principal
@@ -421,13 +421,31 @@ class AdapterStoreServicer(store_pb2_grpc.AdapterStoreServicer):
         )
 
     def Authenticate(self, request, context):
-        if request.api_key:
-            who = self.core.authenticate(request.api_key)
-        else:
-            md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
-            who = self.core.auth.authenticate(md)
+        _require_peer("Authenticate")
+        who = self.core.authenticate(request.api_key) if request.api_key else current_principal()
         return store_pb2.AuthenticateResponse(
             tenant=who.tenant, is_admin=who.is_admin, key_id=who.key_id
+        )
+
+    def WatchKeys(self, request, context):
+        _require_peer("WatchKeys")
+        epoch, revoked = self.core.key_epoch()
+        yield store_pb2.KeyEvent(epoch=epoch)
+        while context.is_active():
+            now, revoked = self.core.wait_key_epoch(epoch, timeout=1.0)
+            if now != epoch:
+                epoch = now
+                yield store_pb2.KeyEvent(epoch=epoch, revoked_key_id=revoked)
+
+
+def _require_peer(what: str) -> None:
+    """Refuse a caller that is not a mesh peer (the internal token; any caller with auth off):
+    Authenticate answers for any key, so a client could test guessed keys with it."""
+    who = current_principal()
+    if who is None or who.key_id not in ("internal", ""):
+        raise TenantDenied(
+            f"{what} is for the mesh's own services; clients ask the router "
+            "(which authenticates them and rate-limits failures)"
         )
 
 
