@@ -1084,3 +1084,99 @@ def test_dense_kernels_flag_environment_and_refusals(tiny_model_dir):
             ExecutorConfig(model_dir=tiny_model_dir, dtype="bfloat16", dense_kernels="onednn"),
             autostart=False,
         )
+
+
+def _read_ids(h) -> list[int]:
+    """Every output the handle holds now (a reader catching up), as token ids."""
+    import queue as _queue
+
+    ids: list[int] = []
+    while True:
+        try:
+            item = h.get(timeout=0)
+        except _queue.Empty:
+            return ids
+        if isinstance(item, BaseException):
+            raise item
+        ids += item.token_ids
+
+
+def test_a_tenant_over_its_share_of_a_full_batch_yields_a_slot_within_a_step(make_engine, adapters):
+    """Tenant A's long streams fill the batch (no slot frees for 60 steps); tenant B's lone
+    request is admitted at the next step (A's newest is preempted and recomputed later, its
+    tokens unchanged); without fair-share preemption B waits for A's streams to end."""
+    solo_ref = make_engine(max_batch_size=4)
+    refs = []
+    for i in range(4):
+        h = solo_ref.submit(_req(adapters, "a", [i + 3, 9, 4], 60, tenant="A", ignore_eos=True))
+        solo_ref.run_until_done([h])
+        refs.append(h.result().token_ids)
+    waits = {}
+    for fair in (True, False):
+        eng = make_engine(max_batch_size=4, fair_share_preemption=fair)
+        flood = [
+            eng.submit(_req(adapters, "a", [i + 3, 9, 4], 60, tenant="A", ignore_eos=True))
+            for i in range(4)
+        ]
+        eng.wait_loads()
+        for _ in range(3):
+            eng.step()
+        assert eng.running == 4
+        solo = eng.submit(_req(adapters, "b", [42, 43], 3, tenant="B", ignore_eos=True))
+        eng.run_until_done([solo])
+        r = solo.result()
+        waits[fair] = r.first_step - r.submit_step
+        eng.run_until_done(flood)
+        assert [h.result().token_ids for h in flood] == refs  # preempted or not: same tokens
+        if fair:
+            assert eng.fair_preemptions == 1
+            assert sum(h.result().preemptions for h in flood) == 1
+    assert waits[True] <= 2, waits
+    assert waits[False] >= 50, waits  # the bound comes from the preemption, nothing else
+
+
+def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_tokens(
+    make_engine, adapters
+):
+    ref_eng = make_engine(stream_buffer_outputs=0)
+    ref = ref_eng.submit(_req(adapters, "a", [5, 6, 7], 40, ignore_eos=True))
+    ref_eng.run_until_done([ref])
+    want = ref.result().token_ids
+
+    eng = make_engine(stream_buffer_outputs=4)
+    slow = eng.submit(_req(adapters, "a", [5, 6, 7], 40, ignore_eos=True))
+    other = eng.submit(_req(adapters, "b", [8, 9], 30, tenant="B", ignore_eos=True))
+    eng.wait_loads()
+    for _ in range(12):
+        eng.step()
+        _read_ids(other)  # the other client reads as it goes
+    assert slow.paused and slow.unread == 4 and eng.streams_paused == 1
+    assert eng.running == 1  # only the reader's stream is in the batch; slow's KV is freed
+    for _ in range(5):  # paused: it takes no compute, whatever the steps
+        eng.step()
+        _read_ids(other)
+    assert slow.unread == 4
+    [(paused, _since)] = eng._paused.values()
+    assert paused.handle is slow and paused.blocks == []  # it holds no KV while paused
+    got = _read_ids(slow)  # the client reads again: it resumes
+    while not (slow.done and other.done):
+        eng.step()
+        got += _read_ids(slow)
+        _read_ids(other)
+    got += _read_ids(slow)
+    assert got == want
+    assert eng.kv_blocks_used() == 0 and not eng._paused
+
+
+def test_a_stream_not_read_past_the_stall_timeout_fails_and_frees_its_kv(make_engine, adapters):
+    eng = make_engine(stream_buffer_outputs=3, stream_stall_timeout_s=0.2)
+    h = eng.submit(_req(adapters, "a", [5, 6, 7], 40, ignore_eos=True))
+    eng.wait_loads()
+    for _ in range(6):
+        eng.step()
+    assert h.paused and eng.kv_blocks_used() == 0
+    time.sleep(0.3)
+    eng.step()
+    assert h.done and eng.streams_stalled == 1 and eng.queue_depth == 0
+    with pytest.raises(ResourceExhausted, match="was not read for"):
+        _read_ids(h)

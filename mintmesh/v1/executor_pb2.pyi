@@ -49,20 +49,22 @@ class PurgeAdaptersResponse(_message.Message):
     def __init__(self, purged: _Optional[_Iterable[str]] = ..., busy: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecutorGenerateRequest(_message.Message):
-    __slots__ = ("adapter", "prompt", "prompt_token_ids", "sampling", "request_id", "messages")
+    __slots__ = ("adapter", "prompt", "prompt_token_ids", "sampling", "request_id", "messages", "tenant")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     adapter: _common_pb2.AdapterRevision
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     request_id: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
-    def __init__(self, adapter: _Optional[_Union[_common_pb2.AdapterRevision, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.AdapterRevision, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ExecutorScoreRequest(_message.Message):
     __slots__ = ("adapter", "prompt", "prompt_token_ids", "top_logprobs")

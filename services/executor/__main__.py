@@ -36,6 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-threads", type=int)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-queue-per-tenant", type=int, help="0 = max-queue")
+    p.add_argument(
+        "--no-fair-share-preemption",
+        dest="fair_share_preemption",
+        action="store_false",
+        default=None,
+        help="never preempt a tenant over its share of the batch for one under it",
+    )
+    p.add_argument(
+        "--stream-buffer-outputs",
+        type=int,
+        help="unread outputs before a stream is paused (default 64; 0 = never)",
+    )
+    p.add_argument(
+        "--stream-stall-timeout-s",
+        type=float,
+        help="a paused stream fails RESOURCE_EXHAUSTED after this long unread (default 60)",
+    )
     p.add_argument("--kv-cache-bytes", type=int, help="paged KV cache bytes (0 = default)")
     p.add_argument("--kv-block-size", type=int, help="tokens per KV block")
     p.add_argument(

@@ -54,6 +54,15 @@ class ExecutorConfig:
     training_micro_tokens: int = 64
     training_slice_ms: float = 10.0
     max_queue_per_tenant: int = 0
+    # Fairness within the batch: when it is full and a tenant under its share (max_batch_size
+    # over the tenants running or waiting) waits, the newest sequence of the tenant most over
+    # its share is preempted (recomputed later) for it.
+    fair_share_preemption: bool = True
+    # Slow readers: a stream with this many outputs its client has not read is paused (its KV
+    # freed, out of the batch; recomputed when the client has read half of them), and failed
+    # RESOURCE_EXHAUSTED after stream_stall_timeout_s paused. 0 = never paused.
+    stream_buffer_outputs: int = 64
+    stream_stall_timeout_s: float = 60.0
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
     kv_cache_bytes: int = 0
@@ -103,7 +112,8 @@ class ExecutorConfig:
             if int(val) < 1:
                 raise ValueError(f"{name}={val} must be >= 1")
         for name in ("adapter_pool_bytes", "host_cache_bytes", "kv_cache_bytes",
-                     "max_queue_per_tenant", "max_step_adapters"):  # fmt: skip
+                     "max_queue_per_tenant", "max_step_adapters",
+                     "stream_buffer_outputs"):  # fmt: skip
             val = getattr(self, name)
             if int(val) < 0:
                 raise ValueError(f"{name}={val} must be >= 0")
@@ -114,6 +124,8 @@ class ExecutorConfig:
             )
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
+        if self.stream_stall_timeout_s <= 0:
+            raise ValueError(f"stream_stall_timeout_s={self.stream_stall_timeout_s} must be > 0")
         if self.fetch_timeout_s <= 0:
             raise ValueError(f"fetch_timeout_s={self.fetch_timeout_s} must be > 0")
         check_metrics_port(self.metrics_port)

@@ -206,7 +206,13 @@ class GenerationHandle:
         self.first_step: int | None = None
         self.last_step: int | None = None
         self.preemptions = 0
+        self.paused = False  # its client stopped reading (Engine: stream_buffer_outputs)
         self._result: GenerationResult | None = None
+
+    @property
+    def unread(self) -> int:
+        """Outputs streamed that the reader has not taken yet."""
+        return self._q.qsize()
 
     @property
     def cancelled(self) -> bool:
@@ -240,6 +246,8 @@ class GenerationHandle:
                 continue
             if isinstance(item, BaseException):
                 raise item
+            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
+                self._engine._wake()  # read down: the engine resumes it
             yield item
             if item.finish_reason is not None:
                 return
@@ -298,6 +306,14 @@ class Engine:
         self.max_step_adapters = int(config.max_step_adapters)
         self.max_queue = int(config.max_queue)
         self.max_queue_per_tenant = int(config.max_queue_per_tenant) or self.max_queue
+        self.fair_share_preemption = bool(config.fair_share_preemption)
+        self.stream_buffer_outputs = int(config.stream_buffer_outputs)
+        self.stream_stall_timeout_s = float(config.stream_stall_timeout_s)
+        # Sequences whose client stopped reading: seq_id -> (sequence, paused since).
+        self._paused: dict[int, tuple[Seq, float]] = {}
+        self.streams_paused = 0
+        self.streams_stalled = 0
+        self.fair_preemptions = 0
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
@@ -805,6 +821,7 @@ class Engine:
             self._thread.join(timeout=10.0)
         with self._model_lock:
             left = list(self._inbox) + list(self._fair) + list(self._running)
+            left += [s for s, _ in self._paused.values()]
             left += [s for v in self._loading.values() for s in v]
             for s in left:
                 if not s.handle.done:
@@ -836,6 +853,8 @@ class Engine:
             with self._lock:
                 while not self._has_work() and not self._stopping:
                     self._lock.wait(0.5)
+                    if self._paused:
+                        break  # resume, cancel or time out paused streams
                     if self._loading and any(
                         s.handle.cancelled or s.handle.expired()
                         for v in self._loading.values()
@@ -907,7 +926,9 @@ class Engine:
             self._on_landed(digest, err)
         for seq in inbox:
             self._enqueue(seq)
-        self._reap(time.monotonic())
+        now = time.monotonic()
+        self._reap(now)
+        self._slow_readers(now)
         sched, admitted, preempted = self._schedule()
         self._num_running = len(self._running)
         self._num_loading = sum(len(v) for v in self._loading.values())
@@ -1062,6 +1083,73 @@ class Engine:
                 # The load goes on (it warms the tiers); nobody waits for it any more.
                 self._loading[d] = []
 
+    def _slow_readers(self, now: float) -> None:
+        """Pause running streams whose client has stream_buffer_outputs unread (their KV freed,
+        out of the batch, the adapter still held); put back in their tenant's queue (front) the
+        paused ones read down to half of it, to be recomputed (prefix caching keeps most of
+        their blocks); fail those paused past stream_stall_timeout_s; retire cancelled ones."""
+        limit = self.stream_buffer_outputs
+        if limit <= 0:
+            return
+        for s in [s for s in self._running if s.handle.unread >= limit]:
+            self._drop_blocks(s)
+            self._running.remove(s)
+            s.handle.paused = True
+            self._paused[s.seq_id] = (s, now)
+            self.streams_paused += 1
+            logger.debug("sequence %d paused: %d outputs unread", s.seq_id, s.handle.unread)
+        for sid, (s, since) in list(self._paused.items()):
+            h = s.handle
+            if h.cancelled or h.expired(now):
+                del self._paused[sid]
+                self.rows_cancelled += 1
+                self._retire(s, reason=FINISH_CANCELLED)
+            elif h.unread <= limit // 2:
+                del self._paused[sid]
+                h.paused = False
+                self._fair.push(s, front=True)
+                with self._lock:
+                    self._num_waiting += 1
+                    self._tenant_waiting[s.tenant] = self._tenant_waiting.get(s.tenant, 0) + 1
+            elif now - since > self.stream_stall_timeout_s:
+                del self._paused[sid]
+                self.streams_stalled += 1
+                self._retire(
+                    s,
+                    error=ResourceExhausted(
+                        f"the stream of request {h.request.request_id or s.seq_id} was not read "
+                        f"for {self.stream_stall_timeout_s:.0f} s with {h.unread} outputs "
+                        "waiting: cancelled, its resources given to others"
+                    ),
+                )
+
+    def _fair_share(self) -> tuple[dict[str, int], int, set[str]]:
+        """(running sequences per tenant, each tenant's share of the batch, the waiting tenants
+        under it)."""
+        counts: dict[str, int] = {}
+        for s in self._running:
+            counts[s.tenant] = counts.get(s.tenant, 0) + 1
+        waiting = self._fair.tenants()
+        share = max(1, self.max_batch_size // max(1, len(set(counts) | waiting)))
+        return counts, share, {t for t in waiting if counts.get(t, 0) < share}
+
+    def _preempt_for_fairness(self) -> int:
+        """A full batch and a waiting tenant under its share: preempt the newest sequence of
+        the tenant most over its share (at most one per step, so a tenant's burst is not
+        recomputed wholesale). Returns the number preempted."""
+        if not self.fair_share_preemption or len(self._running) < self.max_batch_size:
+            return 0
+        counts, share, under = self._fair_share()
+        if not under:
+            return 0
+        over = max(counts, key=lambda t: counts[t])
+        if counts[over] <= share:
+            return 0
+        victim = max((s for s in self._running if s.tenant == over), key=lambda s: s.admit_order)
+        self._preempt(victim)
+        self.fair_preemptions += 1
+        return 1
+
     # -- scheduling ---------------------------------------------------------------------------
 
     def _schedule(self) -> tuple[list[tuple[Seq, int]], int, int]:
@@ -1069,7 +1157,7 @@ class Engine:
         budget = self.max_step_tokens
         sched: list[tuple[Seq, int]] = []
         done: set[int] = set()
-        preempted = 0
+        preempted = self._preempt_for_fairness()
         # Running sequences: decodes first, then prefill chunks; oldest first within each.
         order = sorted(self._running, key=lambda s: (not s.decoding, s.admit_order))
         for seq in order:
@@ -1106,7 +1194,10 @@ class Engine:
         admitted = 0
         in_use = {s.digest for s in self._running if s.digest}
         while budget > 0 and len(self._running) < self.max_batch_size:
-            seq = self._fair.peek()
+            # A tenant at its share waits while one under it is waiting (_fair_share).
+            counts, share, under = self._fair_share()
+            at_share = {t for t, c in counts.items() if c >= share} if under else set()
+            seq = self._fair.peek(exclude=at_share) or self._fair.peek()
             if seq is None:
                 break
             if (

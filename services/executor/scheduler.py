@@ -6,7 +6,10 @@ generated tokens weighted 2); the next request admitted is the head of the queue
 tenant with the smallest counter. A tenant that becomes active again is lifted to the smallest
 counter of the tenants already waiting, so idling banks no credit. A tenant with a thousand
 queued requests therefore cannot starve another tenant's single request: that request is taken
-as soon as a sequence slot frees.
+as soon as a sequence slot frees; and when no slot frees (the batch is full of one tenant's long
+streams) the engine preempts the newest sequence of a tenant over its share of the batch
+(max_batch_size over the tenants running or waiting) for a waiting tenant under it, so that
+request is admitted within a step whatever the other tenant does.
 """
 
 from __future__ import annotations
@@ -94,11 +97,16 @@ class FairQueue:
             q.append(seq)
         self._size += 1
 
-    def peek(self) -> Sequence | None:
+    def tenants(self) -> set[str]:
+        """The tenants with a request waiting."""
+        return {t for t, q in self._queues.items() if q}
+
+    def peek(self, exclude: frozenset[str] | set[str] = frozenset()) -> Sequence | None:
+        """The next request by virtual token counter, of a tenant not in exclude."""
         best: tuple[float, int] | None = None
         pick = None
         for t, q in self._queues.items():
-            if not q:
+            if not q or t in exclude:
                 continue
             key = (self.counters.get(t, 0.0), q[0].seq_id)
             if best is None or key < best:

@@ -121,7 +121,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 adapter_digest=request.adapter.digest if has_adapter else None,
                 request_id=request.request_id,
                 deadline=deadline,
-                tenant=request.adapter.tenant if has_adapter else "",
+                tenant=request.tenant or (request.adapter.tenant if has_adapter else ""),
             )
         )
         if not context.add_callback(handle.cancel):

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mesh's internal token, shared with the store (env MINT_ROUTER_INTERNAL_TOKEN)",
     )
     p.add_argument(
+        "--max-workers", type=int, help="RPCs (open streams) served at once (default 1024)"
+    )
+    p.add_argument(
         "--auth-failures-per-minute",
         type=int,
         help="failed authentications per client address per minute before it is refused "

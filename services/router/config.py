@@ -27,8 +27,13 @@ class RouterConfig:
     # Failed authentications a client address may make in a minute before unknown keys are
     # refused from it (RESOURCE_EXHAUSTED) for the rest of the window.
     auth_failures_per_minute: int = 30
+    # RPCs served at once (each open Generate stream holds one thread): above it, requests queue
+    # in the server before any fairness applies, so it bounds the streams one tenant can hold.
+    max_workers: int = 1024
     # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         check_metrics_port(self.metrics_port)
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers={self.max_workers} must be >= 1")

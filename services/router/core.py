@@ -173,6 +173,7 @@ class RouterCore:
             sampling=req.sampling,
             request_id=req.request_id,
             messages=req.messages,
+            tenant=caller.tenant,  # the batch's fairness key: who asks, not whose adapter
         )
         last_err: grpc.RpcError | None = None
         soonest_retry: float | None = None  # over the executors that said RESOURCE_EXHAUSTED

@@ -38,6 +38,7 @@ def create_server(
             port=config.port,
             metrics_port=config.metrics_port,
             client_tls=client_tls,
+            max_workers=config.max_workers,
         )
     except BaseException:
         core.stop()
