@@ -3,6 +3,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MINT   := $(VENV)/bin/mint
 TORCH  ?= torch==2.13.0
+# A second, small venv with what `pip install mindlab-toolkit==0.2.0` really brings: its pinned
+# tinker 0.22.0 (JSON forward_backward) and their own dependencies, no torch (tinker 0.22 takes
+# it only as an extra). It cannot share $(VENV), whose tinker is 0.38 (tests/test_tinker022.py).
+VENV022 ?= .venv-tinker022
+PY022   := $(VENV022)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: install demo test fuzz protos lint gpu-check bench-kernels clean
@@ -17,7 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps mindlab-toolkit==0.2.0
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV022)/.installed: Makefile
+	test -x $(PY022) || python3 -m venv $(VENV022)
+	$(PY022) -m pip install -q --upgrade pip
+	$(PY022) -m pip install -q tinker==0.22.0 mindlab-toolkit==0.2.0
+	touch $@
+
+install: $(VENV)/.installed $(VENV022)/.installed
 
 demo: install
 	$(MINT) demo
