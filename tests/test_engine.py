@@ -1147,6 +1147,8 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
     slow = eng.submit(_req(adapters, "a", [5, 6, 7], 40, ignore_eos=True))
     other = eng.submit(_req(adapters, "b", [8, 9], 30, tenant="B", ignore_eos=True))
     eng.wait_loads()
+    eng.step()
+    got = _read_ids(slow)  # its client read once, then stopped
     for _ in range(12):
         eng.step()
         _read_ids(other)  # the other client reads as it goes
@@ -1158,7 +1160,7 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
     assert slow.unread == 4
     [(paused, _since)] = eng._paused.values()
     assert paused.handle is slow and paused.blocks == []  # it holds no KV while paused
-    got = _read_ids(slow)  # the client reads again: it resumes
+    got += _read_ids(slow)  # the client reads again: it resumes
     while not (slow.done and other.done):
         eng.step()
         got += _read_ids(slow)
@@ -1172,6 +1174,8 @@ def test_a_stream_not_read_past_the_stall_timeout_fails_and_frees_its_kv(make_en
     eng = make_engine(stream_buffer_outputs=3, stream_stall_timeout_s=0.2)
     h = eng.submit(_req(adapters, "a", [5, 6, 7], 40, ignore_eos=True))
     eng.wait_loads()
+    eng.step()
+    _read_ids(h)  # read once, then never again
     for _ in range(6):
         eng.step()
     assert h.paused and eng.kv_blocks_used() == 0

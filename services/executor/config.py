@@ -58,9 +58,10 @@ class ExecutorConfig:
     # over the tenants running or waiting) waits, the newest sequence of the tenant most over
     # its share is preempted (recomputed later) for it.
     fair_share_preemption: bool = True
-    # Slow readers: a stream with this many outputs its client has not read is paused (its KV
-    # freed, out of the batch; recomputed when the client has read half of them), and failed
-    # RESOURCE_EXHAUSTED after stream_stall_timeout_s paused. 0 = never paused.
+    # Slow readers: a stream its client has started reading, with this many outputs unread, is
+    # paused (its KV freed, out of the batch; recomputed when the client has read half of
+    # them), and failed RESOURCE_EXHAUSTED after stream_stall_timeout_s paused. A caller that
+    # takes the whole result at the end is never paused. 0 = never paused.
     stream_buffer_outputs: int = 64
     stream_stall_timeout_s: float = 60.0
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)

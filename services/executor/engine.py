@@ -207,6 +207,9 @@ class GenerationHandle:
         self.last_step: int | None = None
         self.preemptions = 0
         self.paused = False  # its client stopped reading (Engine: stream_buffer_outputs)
+        # Outputs taken so far: only a stream someone has started reading can be paused (a
+        # caller that collects the whole result at the end is not a slow reader).
+        self.reads = 0
         self._result: GenerationResult | None = None
 
     @property
@@ -234,12 +237,15 @@ class GenerationHandle:
 
     def get(self, timeout: float | None = None) -> GenerationOutput | BaseException:
         """The next streamed item (an output or the error that ended the request)."""
-        return self._q.get(timeout=timeout)
+        item = self._q.get(timeout=timeout)
+        self.reads += 1
+        return item
 
     def __iter__(self) -> Iterator[GenerationOutput]:
         while True:
             try:
                 item = self._q.get(timeout=0.25)
+                self.reads += 1
             except queue.Empty:
                 if self._engine._stopped():
                     raise Unavailable("the executor's engine has stopped") from None
@@ -1091,7 +1097,7 @@ class Engine:
         limit = self.stream_buffer_outputs
         if limit <= 0:
             return
-        for s in [s for s in self._running if s.handle.unread >= limit]:
+        for s in [s for s in self._running if s.handle.reads and s.handle.unread >= limit]:
             self._drop_blocks(s)
             self._running.remove(s)
             s.handle.paused = True
