@@ -89,23 +89,11 @@ def otlp():
 def tinker_cluster(tiny_model_dir, tmp_path_factory):
     """One `mint up`-style cluster (processes, auth on, the gateway) for the Tinker API's tests
     (test_tinker_api, test_tinker_state), each module with tenants of its own."""
-    from mintmesh.cluster import ClusterConfig, LocalCluster
+    from cluster_util import gateway_cluster_config
 
-    c = LocalCluster(
-        ClusterConfig(
-            model_dir=tiny_model_dir,
-            data_dir=tmp_path_factory.mktemp("tinker-cluster"),
-            executors=1,
-            port=0,
-            http_port=0,
-            env={
-                # get_info's tokenizer: the backbone's directory, loadable offline.
-                "MINT_GATEWAY_TINKER_TOKENIZER_ID": str(tiny_model_dir),
-                "MINT_EXECUTOR_TRAINING_MAX_BYTES": str(4 << 20),
-                "TINKER_TELEMETRY": "0",
-            },
-        )
-    )
+    from mintmesh.cluster import LocalCluster
+
+    c = LocalCluster(gateway_cluster_config(tiny_model_dir, tmp_path_factory.mktemp("tinker")))
     c.start()
     yield c
     c.stop()

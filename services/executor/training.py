@@ -76,6 +76,10 @@ class LoraSpec:
             raise InvalidArgument(f"targets {bad} are not trainable here; choose from {trainable}")
 
 
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38
+
+
 @dataclass(frozen=True)
 class AdamParams:
     learning_rate: float = 1e-4
@@ -87,8 +91,12 @@ class AdamParams:
 
     def validate(self) -> None:
         def finite(name, v):
-            if not math.isfinite(v):
-                raise InvalidArgument(f"adam_params.{name}={v} is not a finite number")
+            # The master weights and optimizer state are fp32: a value past its range would
+            # overflow inside the step (and one below its smallest normal is zero there).
+            if not math.isfinite(v) or abs(v) > FP32_MAX:
+                raise InvalidArgument(
+                    f"adam_params.{name}={v} is not a finite number within fp32's range"
+                )
 
         for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
             finite(name, getattr(self, name))
@@ -97,11 +105,17 @@ class AdamParams:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise InvalidArgument(f"adam_params.{name}={getattr(self, name)} must be in [0, 1)")
-        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip_norm < 0:
+        if self.eps < FP32_TINY or self.weight_decay < 0 or self.grad_clip_norm < 0:
             raise InvalidArgument(
-                "adam_params: eps must be > 0, weight_decay and grad_clip_norm >= 0 (got "
+                f"adam_params: eps must be >= {FP32_TINY:.4g} (fp32's smallest normal), "
+                "weight_decay and grad_clip_norm >= 0 (got "
                 f"eps={self.eps}, weight_decay={self.weight_decay}, "
                 f"grad_clip_norm={self.grad_clip_norm})"
+            )
+        if self.learning_rate * self.weight_decay > FP32_MAX:
+            raise InvalidArgument(
+                f"adam_params: learning_rate * weight_decay = "
+                f"{self.learning_rate * self.weight_decay:.4g} overflows fp32"
             )
 
 

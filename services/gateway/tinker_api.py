@@ -170,6 +170,21 @@ def schema():
 # -- errors ------------------------------------------------------------------------------------
 
 
+# Fields that name something (a dict key on our side): their JSON type is checked up front.
+_ID_FIELDS = {
+    "session_id": str,
+    "model_id": str,
+    "sampling_session_id": str,
+    "request_id": str,
+    "path": str,
+    "base_model": str,
+    "model_path": str,
+    "seq_id": int,
+    "model_seq_id": int,
+    "sampling_session_seq_id": int,
+}
+
+
 class _HTTPError(Exception):
     """A synchronous refusal: status + JSON body (never empty: the SDK retries a bodiless 400
     as a proxy reset)."""
@@ -559,8 +574,16 @@ def tinker_router(
             body = await request.json()
         except ValueError as e:
             raise _HTTPError(400, f"the request body is not valid JSON: {e}", "json_invalid") from e
+        except RecursionError:
+            raise _HTTPError(400, "the request body nests too deep", "json_invalid") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "the request body is not a JSON object", "json_invalid")
+        for name, typ in _ID_FIELDS.items():
+            v = body.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, typ)):
+                want = "a string" if typ is str else "an integer"
+                got = type(v).__name__
+                raise _HTTPError(400, f"{name} must be {want} (got {got})", "invalid_request")
         return body
 
     jwt_secret = secrets.token_bytes(32)

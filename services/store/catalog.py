@@ -813,6 +813,8 @@ class Catalog:
             check_part("tenant", tenant)
         if name_prefix and not tenant:
             raise InvalidArgument(f"name_prefix {name_prefix!r} needs a tenant")
+        if name_prefix:  # a prefix of a name is itself a well-formed name part
+            check_part("name_prefix", name_prefix)
         size = _page_size(page_size)
         prefix = f"{tenant}/{name_prefix}".encode("ascii") if tenant else b""
         after = b""
