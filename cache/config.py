@@ -14,25 +14,46 @@ from mintmesh.services.common.config import check_metrics_port
 @dataclass(frozen=True)
 class CacheConfig:
     # Holds the node's LMDB environment (layout.env_path(cache_dir)), shared with the executor.
-    cache_dir: Path
+    cache_dir: Path = field(metadata={"help": "node cache directory"})
     # host:port of the adapter store.
-    store_address: str
-    host: str = "127.0.0.1"
-    port: int = 0
+    store_address: str = field(
+        metadata={"help": "adapter store host:port", "flag": "--store", "metavar": "HOST:PORT"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=0, metadata={"help": "port; 0 picks a free one"})
     # Budget for the packed bytes held (the sum of entry sizes, not the file size).
-    capacity_bytes: int = 2 * 1024 * 1024 * 1024
-    map_size: int = DEFAULT_MAP_SIZE
-    fetch_timeout_s: float = 30.0
-    otlp_endpoint: str = ""
+    capacity_bytes: int = field(
+        default=2 * 1024 * 1024 * 1024,
+        metadata={"help": "byte budget of the packed adapters held", "default_help": "2 GiB"},
+    )
+    map_size: int = field(
+        default=DEFAULT_MAP_SIZE,
+        metadata={"help": "LMDB map size (sparse)", "default_help": "1 TiB"},
+    )
+    fetch_timeout_s: float = field(
+        default=30.0, metadata={"help": "store fetch timeout, in seconds"}
+    )
+    otlp_endpoint: str = field(
+        default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
+    )
     # Eviction policy: "s3fifo" | "wtinylfu" | "lru" (the default is chosen by
     # `mint bench cache-sim`).
-    policy: str = DEFAULT_POLICY
+    policy: str = field(
+        default=DEFAULT_POLICY, metadata={"help": "eviction policy", "choices": sorted(POLICIES)}
+    )
     # Background fetches running at once for Prefetch.
-    prefetch_concurrency: int = 4
+    prefetch_concurrency: int = field(default=4, metadata={"help": "background fetches at once"})
     # The mesh's internal token, sent on store fetches when the store requires auth.
-    internal_token: str = field(default="", repr=False)
+    internal_token: str = field(
+        default="", repr=False, metadata={"help": "the mesh's internal token for store calls"}
+    )
     # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
-    metrics_port: int | None = None
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port"
+        },
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))

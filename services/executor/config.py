@@ -3,7 +3,7 @@ MINT_EXECUTOR_* environment variables over defaults) and passed down."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mintmesh.kernels.dense import DENSE_MODES
@@ -14,76 +14,153 @@ from mintmesh.services.common.config import check_metrics_port
 @dataclass(frozen=True)
 class ExecutorConfig:
     # Local Hugging Face model directory of the backbone (`mint model init`).
-    model_dir: Path
+    model_dir: Path = field(metadata={"help": "local backbone directory (mint model init)"})
     # The node cache directory (the sidecar's LMDB file lives inside it), read-only here.
-    cache_dir: Path | None = None
+    cache_dir: Path | None = field(
+        default=None, metadata={"help": "the cache sidecar's node cache directory"}
+    )
     # host:port of the cache sidecar; empty = no adapter source (base model only).
-    cache_address: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    executor_id: str = "executor-0"
-    device: str = "cpu"
-    dtype: str = "float32"
+    cache_address: str = field(
+        default="",
+        metadata={
+            "help": "the cache sidecar's host:port; empty = base model only",
+            "flag": "--cache",
+            "metavar": "HOST:PORT",
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=0, metadata={"help": "port; 0 picks a free one"})
+    executor_id: str = field(
+        default="executor-0", metadata={"help": "this executor's id in the mesh"}
+    )
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0"})
+    dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     # Sequences running at once (the step loop's sequence budget).
-    max_batch_size: int = 32
+    max_batch_size: int = field(default=32, metadata={"help": "sequences running at once"})
     # Tokens through the model per step (prefill chunks + decode tokens; >= max_batch_size).
-    max_step_tokens: int = 512
+    max_step_tokens: int = field(
+        default=512, metadata={"help": "tokens through the model per step"}
+    )
     # Adapters resident in the device pool at once (slots), and the pool's bytes (0 = room for
     # max_adapters adapters of rank 32).
-    max_adapters: int = 64
-    adapter_pool_bytes: int = 0
+    max_adapters: int = field(default=64, metadata={"help": "adapter slots of the device pool"})
+    adapter_pool_bytes: int = field(
+        default=0,
+        metadata={"help": "device pool bytes (0 = room for max-adapters adapters of rank 32)"},
+    )
     # Distinct adapters among running sequences (the step's adapter budget); 0 = max_adapters.
-    max_step_adapters: int = 0
+    max_step_adapters: int = field(
+        default=0, metadata={"help": "distinct adapters running at once (0 = max-adapters)"}
+    )
     # Host tier: checked, unpacked adapters kept in one staging arena of host memory, in bytes
     # (page-locked on CUDA, where torch's pinned allocator rounds the size up to a power of 2).
-    host_cache_bytes: int = 512 << 20
+    host_cache_bytes: int = field(
+        default=512 << 20, metadata={"help": "host tier bytes", "default_help": "512 MiB"}
+    )
     # Touch the host tier's staging arena at start (CPU), so no load page-faults fresh memory.
-    host_prefault: bool = True
+    host_prefault: bool = field(
+        default=True, metadata={"help": "touch the host tier's staging arena at start (CPU)"}
+    )
     # Background threads moving adapters node cache -> host -> device.
-    loader_threads: int = 2
+    loader_threads: int = field(
+        default=2, metadata={"help": "threads moving adapters node cache -> host -> device"}
+    )
     # Generation requests waiting (for a sequence slot or their adapter); more are refused with
     # RESOURCE_EXHAUSTED + RetryInfo. Per tenant: 0 = max_queue.
-    max_queue: int = 256
+    max_queue: int = field(
+        default=256, metadata={"help": "waiting requests before RESOURCE_EXHAUSTED"}
+    )
     # Training runs on this executor: their LoRA weights, gradients and AdamW state, in bytes
     # (a run that does not fit is refused with RESOURCE_EXHAUSTED).
-    training_max_bytes: int = 256 << 20
+    training_max_bytes: int = field(
+        default=256 << 20,
+        metadata={
+            "help": "training runs' weights, gradients and AdamW state",
+            "default_help": "256 MiB",
+        },
+    )
     # While there are sequences to serve, training runs in micro-batches of this many padded
     # tokens (one datum at the least), a serving step before each; and within one, the
     # forward/backward gives the model to a serving step at the first layer boundary after
     # training_slice_ms (time-slicing at layer granularity).
-    training_micro_tokens: int = 64
-    training_slice_ms: float = 10.0
-    max_queue_per_tenant: int = 0
+    training_micro_tokens: int = field(
+        default=64, metadata={"help": "while serving: tokens per training micro-batch"}
+    )
+    training_slice_ms: float = field(
+        default=10.0,
+        metadata={
+            "help": "while serving: the longest a training forward/backward holds the model "
+            "before a serving step runs, at the next layer boundary"
+        },
+    )
+    max_queue_per_tenant: int = field(
+        default=0, metadata={"help": "waiting requests of one tenant (0 = max-queue)"}
+    )
     # Fairness within the batch: when it is full and a tenant under its share (max_batch_size
     # over the tenants running or waiting) waits, the newest sequence of the tenant most over
     # its share is preempted (recomputed later) for it.
-    fair_share_preemption: bool = True
+    fair_share_preemption: bool = field(
+        default=True,
+        metadata={"help": "preempt a tenant over its share of the batch for one under it"},
+    )
     # Slow readers: a stream its client has started reading, with this many outputs unread, is
     # paused (its KV freed, out of the batch; recomputed when the client has read half of
     # them), and failed RESOURCE_EXHAUSTED after stream_stall_timeout_s paused. A caller that
     # takes the whole result at the end is never paused. 0 = never paused.
-    stream_buffer_outputs: int = 64
-    stream_stall_timeout_s: float = 60.0
+    stream_buffer_outputs: int = field(
+        default=64, metadata={"help": "unread outputs before a stream is paused (0 = never)"}
+    )
+    stream_stall_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "a paused stream fails RESOURCE_EXHAUSTED after this long unread"},
+    )
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
-    kv_cache_bytes: int = 0
-    kv_block_size: int = 16
+    kv_cache_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "paged KV cache bytes (0 = max-batch-size sequences of min(512, max "
+            "positions) tokens)"
+        },
+    )
+    kv_block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     # Automatic prefix caching: full KV blocks stay cached after their sequence leaves, keyed by
     # (adapter digest, every token up to the block's end); a new request with the same digest
     # and prefix reuses them instead of recomputing (multi-turn chat re-sends its history).
-    prefix_caching: bool = True
+    prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "reuse cached KV blocks of a prompt's prefix (same adapter digest)"},
+    )
     # Longest prompt accepted; 0 = the model's max_position_embeddings - 1.
-    max_prompt_tokens: int = 0
+    max_prompt_tokens: int = field(
+        default=0, metadata={"help": "longest prompt accepted (0 = the model's max positions - 1)"}
+    )
     # The backbone's Linears: "auto" (oneDNN with weights packed once on CPU float32, else
     # torch's nn.Linear), "onednn" (required; start fails where it cannot serve) or "torch".
-    dense_kernels: str = "auto"
+    dense_kernels: str = field(
+        default="auto",
+        metadata={
+            "help": "the backbone's Linears: auto (oneDNN packed on CPU fp32), onednn, torch",
+            "choices": DENSE_MODES,
+        },
+    )
     # Largest LoRA rank this executor serves.
-    max_rank: int = 256
+    max_rank: int = field(default=256, metadata={"help": "largest LoRA rank served"})
     # Deadline of one EnsureAdapter call to the sidecar (capped by the caller's deadline).
-    fetch_timeout_s: float = 30.0
-    otlp_endpoint: str = ""
+    fetch_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "deadline of one EnsureAdapter call to the cache sidecar, in seconds"},
+    )
+    otlp_endpoint: str = field(
+        default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
+    )
     # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
-    metrics_port: int | None = None
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.training_micro_tokens < 1:

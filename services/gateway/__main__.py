@@ -6,24 +6,28 @@ import argparse
 import logging
 import os
 
-from mintmesh.services.common.config import load_config, private_files
-from mintmesh.services.gateway.config import GatewayConfig
+from mintmesh.services.common.config import (
+    add_config_flags,
+    config_overrides,
+    load_config,
+    private_files,
+)
+from mintmesh.services.gateway.config import GatewayConfig, TinkerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mint serve gateway",
-        description="The MinT mesh HTTP gateway: OpenAI's /v1 API over the router.",
+        description="The MinT mesh HTTP gateway: OpenAI's /v1 API over the router "
+        "(flags override MINT_GATEWAY_* variables).",
     )
-    p.add_argument("--router", dest="router_address", help="router address host:port")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port; 0 picks a free one (default 8000)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port; 0 = a free one")
-    p.add_argument("--request-timeout-s", type=float, help="deadline of one request (600)")
-    p.add_argument("--default-max-tokens", type=int, help="a chat's max_tokens when unset (512)")
-    p.add_argument("--otlp-endpoint", help="OTLP/gRPC endpoint (default env MINT_OTLP_ENDPOINT)")
-    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (MINT_GATEWAY_TLS_CERT)")
-    p.add_argument("--tls-key", help="its private key (MINT_GATEWAY_TLS_KEY)")
+    add_config_flags(p, GatewayConfig, "GATEWAY")
+    add_config_flags(
+        p.add_argument_group("the Tinker API (/api/v1)"),
+        TinkerConfig,
+        "GATEWAY_TINKER",
+        flag_prefix="tinker-",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -33,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(p.parse_args(argv))
     private_files()
     level = args.pop("log_level")
-    if not args.get("otlp_endpoint"):
-        args["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None
+    overrides = config_overrides(args, GatewayConfig)
+    if not overrides.get("otlp_endpoint"):
+        overrides["otlp_endpoint"] = os.environ.get("MINT_OTLP_ENDPOINT") or None
     try:
-        cfg = load_config(GatewayConfig, "GATEWAY", args)
+        cfg = load_config(GatewayConfig, "GATEWAY", overrides)
+        tinker = load_config(TinkerConfig, "GATEWAY_TINKER", config_overrides(args, TinkerConfig))
     except ValueError as e:
         p.error(str(e))
     logging.basicConfig(
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mintmesh.services.gateway.server import serve
 
-    serve(cfg)
+    serve(cfg, tinker)
     return 0
 
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 
-from mintmesh.services.gateway.config import GatewayConfig
+from mintmesh.services.gateway.config import GatewayConfig, TinkerConfig
 from mintmesh.services.gateway.openai_api import (
     FINISH,
     ChatRequest,
@@ -215,9 +215,15 @@ async def _next_chunk(call) -> common_pb2.GenerationChunk | None:
     return resp.chunk
 
 
-def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry=None) -> FastAPI:
+def create_app(
+    config: GatewayConfig,
+    upstream: Upstream | None = None,
+    registry=None,
+    tinker: TinkerConfig | None = None,
+) -> FastAPI:
     """The app; its Prometheus registry (HTTP counts and latencies by route, method and
-    status) is app.state.registry."""
+    status) is app.state.registry. tinker: the Tinker API's config (None = from
+    MINT_GATEWAY_TINKER_* and defaults)."""
     from mintmesh.services.common import metrics
 
     up = upstream or Upstream(config.router_address)
@@ -314,6 +320,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None, registry
             base_model,
             request_timeout_s=config.request_timeout_s,
             default_max_tokens=config.default_max_tokens,
+            config=tinker,
         )
     )
 

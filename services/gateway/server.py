@@ -10,7 +10,7 @@ import socket
 from mintmesh.services.common.server import announce_ready
 from mintmesh.services.common.tracing import setup_tracing, shutdown_tracing
 from mintmesh.services.gateway.app import create_app
-from mintmesh.services.gateway.config import GatewayConfig
+from mintmesh.services.gateway.config import GatewayConfig, TinkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(config: GatewayConfig):
+def make_server(config: GatewayConfig, tinker: TinkerConfig | None = None):
     """(uvicorn.Server, bound socket): not started."""
     import uvicorn
 
-    app = create_app(config)
+    app = create_app(config, tinker=tinker)
     sock = bind(config.host, config.port)
     ucfg = uvicorn.Config(
         app,
@@ -45,9 +45,10 @@ def make_server(config: GatewayConfig):
     return uvicorn.Server(ucfg), sock
 
 
-def serve(config: GatewayConfig) -> None:
+def serve(config: GatewayConfig, tinker: TinkerConfig | None = None) -> None:
+    """tinker: the Tinker API's config (None = from MINT_GATEWAY_TINKER_* and defaults)."""
     setup_tracing("mint-gateway", config.otlp_endpoint)
-    server, sock = make_server(config)
+    server, sock = make_server(config, tinker)
     port = sock.getsockname()[1]
     metrics_server = None
     if config.metrics_port is not None:

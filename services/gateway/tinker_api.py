@@ -72,6 +72,7 @@ from mintmesh.client import header_value_problem
 from mintmesh.errors import InvalidArgument
 from mintmesh.identity import check_part, parse_ref
 from mintmesh.services.gateway.app import from_grpc
+from mintmesh.services.gateway.config import TinkerConfig
 from mintmesh.v1 import common_pb2, router_pb2, store_pb2, training_pb2
 
 logger = logging.getLogger(__name__)
@@ -95,49 +96,6 @@ USER_CODES = frozenset(
 )
 PROTOBUF = "application/x-protobuf"
 _UINT32 = 2**32
-
-
-@dataclass(frozen=True)
-class TinkerConfig:
-    """The Tinker API's knobs (env MINT_GATEWAY_TINKER_<FIELD>)."""
-
-    # get_info's tokenizer id: what TrainingClient.get_tokenizer() loads with
-    # AutoTokenizer.from_pretrained (a hub id, or a local directory without ':' to load
-    # offline). "" = the base model's served name.
-    tokenizer_id: str = ""
-    # LoRA alpha of the runs create_model makes (Tinker's LoRA uses a fixed alpha).
-    lora_alpha: float = 32.0
-    # How long retrieve_future holds a poll open before try_again (the SDK's limit is 45 s).
-    poll_s: float = 20.0
-    # How long a model's calls wait for a missing seq_id before going on without it.
-    gap_s: float = 10.0
-    # A session that sends nothing for this long is ended (its runs dropped).
-    session_ttl_s: float = 600.0
-    # How long a finished future's result is kept for its poller.
-    result_ttl_s: float = 900.0
-    # How long an accepted training call retries a RESOURCE_EXHAUSTED router.
-    capacity_retry_s: float = 120.0
-    # How long asample waits for its first tokens before answering (so that a full mesh is a
-    # 429 the SDK backs off on).
-    admit_wait_s: float = 10.0
-    max_samples: int = 16
-    # Tell the SDK pjwt_auth_enabled: it then trades its key for a JWT at /auth/token and
-    # sends the JWT on every call; that is what lets MinT's `sk-` keys (mindlab-toolkit)
-    # through the SDK. The JWT is this gateway's own (HMAC-signed, remembered in memory).
-    pjwt_auth: bool = True
-    jwt_ttl_s: float = 3600.0
-
-    def __post_init__(self) -> None:
-        for name in ("poll_s", "gap_s", "session_ttl_s", "result_ttl_s", "admit_wait_s",
-                     "jwt_ttl_s"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"tinker {name}={getattr(self, name)} must be > 0")
-        if not 0 < self.poll_s < 45:
-            raise ValueError(f"tinker poll_s={self.poll_s} must be in (0, 45): the SDK's limit")
-        if self.lora_alpha <= 0 or self.capacity_retry_s < 0 or self.max_samples < 1:
-            raise ValueError("tinker lora_alpha > 0, capacity_retry_s >= 0, max_samples >= 1")
-        if ":" in self.tokenizer_id:
-            raise ValueError(f"tinker tokenizer_id {self.tokenizer_id!r}: the SDK cuts at ':'")
 
 
 # -- the SDK's wire schema -------------------------------------------------------------------

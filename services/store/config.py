@@ -11,33 +11,59 @@ from mintmesh.services.common.config import check_metrics_port
 @dataclass(frozen=True)
 class StoreConfig:
     # Holds catalog.lmdb/, blobs/ and tmp/.
-    data_dir: Path
+    data_dir: Path = field(metadata={"help": "catalog and blobs directory"})
     # The base model every upload is validated against (a Hugging Face directory).
-    model_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_rank: int = 128
-    max_upload_bytes: int = 256 * 1024 * 1024
-    otlp_endpoint: str = ""
+    model_dir: Path = field(metadata={"help": "base model directory"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
+    port: int = field(default=0, metadata={"help": "port; 0 picks a free one"})
+    max_rank: int = field(default=128, metadata={"help": "largest LoRA rank accepted"})
+    max_upload_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={"help": "largest upload", "default_help": "256 MiB"}
+    )
+    otlp_endpoint: str = field(
+        default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
+    )
     # Blobs: "" = <data_dir>/blobs (local, atomic renames); or any fsspec URL, e.g.
     # "memory://mint" or "s3://bucket/prefix" (needs s3fs).
-    blob_url: str = ""
+    blob_url: str = field(
+        default="",
+        metadata={
+            "help": "blob store: a directory or an fsspec URL such as s3://bucket/prefix",
+            "default_help": "DATA_DIR/blobs",
+        },
+    )
     # Require an API key (or the internal token) on every RPC.
-    auth: bool = False
+    auth: bool = field(default=False, metadata={"help": "require API keys on every RPC"})
     # The operator's key (MINT_STORE_ADMIN_KEY / --admin-key); never stored.
-    admin_key: str = field(default="", repr=False)
+    admin_key: str = field(default="", repr=False, metadata={"help": "the operator's API key"})
     # Shared secret of the mesh's services: with it, "x-mint-tenant" names the caller's tenant
     # (the router authenticates the client and passes the tenant on). "" = not accepted.
-    internal_token: str = field(default="", repr=False)
+    internal_token: str = field(
+        default="", repr=False, metadata={"help": "shared secret of the mesh's services"}
+    )
     # Pushes per group commit in PushAdapters.
-    push_group_size: int = 256
+    push_group_size: int = field(default=256, metadata={"help": "pushes per group commit"})
     # At start, delete blobs no revision references (lists every blob: slow on object stores).
-    sweep_orphans: bool = True
+    sweep_orphans: bool = field(
+        default=True,
+        metadata={"help": "at start, delete blobs no revision references (slow on object stores)"},
+    )
     # Prometheus endpoint (http://host:PORT/metrics): None = none, 0 = a free port.
-    metrics_port: int | None = None
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port"
+        },
+    )
     # The base model's served name (GetBaseModel.name; the OpenAI API's model id for it).
     # "" = the model directory's name.
-    base_model_name: str = ""
+    base_model_name: str = field(
+        default="",
+        metadata={
+            "help": "the base model's served name, e.g. its OpenAI model id",
+            "default_help": "the model directory's name",
+        },
+    )
 
     def __post_init__(self) -> None:
         # Accept str paths from callers and env/CLI parsing alike.
