@@ -52,7 +52,22 @@ TARGETS: dict[str, tuple[str, float]] = {
     "decode_vs_peft_mixed": (">=", 1.8),
     "decode_vs_peft_serial": (">=", 15.0),
     "rank_padding_saving": (">=", 1.6),
+    "lora_ops_decode_roofline": (">=", 0.8),
 }
+
+
+def measure_read_bandwidth(
+    device: torch.device, nbytes: int = 256 << 20, repeats: int = 5
+) -> float:
+    """Bytes per second this machine streams from memory now, with torch's threads: the median
+    of `repeats` sums over a buffer far larger than the caches (the decode LoRA ops' bound: they
+    read each adapter's A and B once per step and do ~2 FLOP per byte)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()  # fault the pages in
+    ts = []
+    for _ in range(repeats):
+        ts.append(_timed(lambda: buf.sum(), device))
+    return nbytes / statistics.median(ts)
 
 
 def _progress(msg: str) -> None:
@@ -449,6 +464,10 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
             apply_lora(ys[shp][phase], xs[shp][phase], name, pool, meta)
 
     times: dict[str, list[float]] = {k: [] for k in ("real_p", "pad_p", "real_d", "pad_d")}
+    # What one decode step's LoRA ops must read: every distinct adapter's A and B pages, every
+    # targeted layer (the activations are R rows, noise beside them).
+    decode_bytes = sum(real_pool.nbytes(f"adapter-{i:03d}") for i in range(R))
+    bandwidth: list[float] = []
     with torch.inference_mode():
         for phase in (0, 1):
             ops(real_pool, real_slots, phase)  # warm-up
@@ -458,6 +477,8 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
             times["pad_p"].append(_timed(lambda: ops(pad_pool, pad_slots, 0), device))
             times["real_d"].append(_timed(lambda: ops(real_pool, real_slots, 1), device))
             times["pad_d"].append(_timed(lambda: ops(pad_pool, pad_slots, 1), device))
+            # Interleaved with the ops it bounds, so both see the same machine.
+            bandwidth.append(measure_read_bandwidth(device, repeats=3))
     med = {k: statistics.median(v) for k, v in times.items()}
     t = times
 
@@ -469,7 +490,16 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
         "real {:.1f}ms / padded {:.1f}ms".format(*(med[k] * 1e3 for k in
                                                    ("real_p", "pad_p", "real_d", "pad_d")))
     )  # fmt: skip
+    # Per round: the time the bytes need at the bandwidth measured in that round, over the
+    # time the ops took (1.0 = the ops run at the memory-bandwidth roofline).
+    roofline = [decode_bytes / bw / td for bw, td in zip(bandwidth, t["real_d"], strict=True)]
     return {
+        "lora_ops_decode_bytes": decode_bytes,
+        "read_bandwidth_gb_s": statistics.median(bandwidth) / 1e9,
+        "lora_ops_decode_roofline": statistics.median(roofline),
+        "lora_ops_decode_roofline_min": min(roofline),
+        "lora_ops_decode_roofline_max": max(roofline),
+        "lora_threads": _lora_threads(),
         "mixed_ranks_mean": sum(ranks) / len(ranks),
         "lora_ops_prefill_real_ms": med["real_p"] * 1e3,
         "lora_ops_prefill_padded_ms": med["pad_p"] * 1e3,
@@ -487,6 +517,12 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
             for pp, pd, rp, rd in zip(t["pad_p"], t["pad_d"], t["real_p"], t["real_d"], strict=True)
         ),
     }
+
+
+def _lora_threads() -> int:
+    from mintmesh.kernels.settings import SETTINGS
+
+    return SETTINGS.lora_threads
 
 
 def run_memory(shapes, device: torch.device, dtype) -> dict:
@@ -541,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the backbone's Linears for base/ours (as the executor's dense_kernels)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--lora-threads",
+        type=int,
+        default=1,
+        help="threads of the native LoRA kernel (the executor's --lora-threads)",
+    )
     p.add_argument("--serial-repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma list of scenarios to skip: "
@@ -558,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mintmesh.kernels.settings import configure
+
+    try:
+        configure(lora_threads=args.lora_threads)
+    except ValueError as e:
+        p.error(str(e))
     from mintmesh.kernels.dense import select_dense
 
     try:

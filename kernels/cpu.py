@@ -5,7 +5,7 @@ MKL/oneDNN, arranged by batch shape.
           shrink, scale and expand fused, reading A and B^T in place through the page table (no
           gather copies, no per-adapter torch calls). float32 only; chosen by the cost model
           below (every batch shape measured here, except long prefill segments where MKL's
-          GEMMs win). Unavailable (no compiler, MINTMESH_NATIVE=0): the torch strategies.
+          GEMMs win). Unavailable (no compiler, --no-native-kernels): the torch strategies.
 
 The torch strategies, all exact (no rank padding), chosen per layer call by a small cost model:
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ import torch
 from mintmesh.kernels import native
 from mintmesh.kernels.meta import HostMeta, MetaTensors, host_from_tensors
 from mintmesh.kernels.pool import HostLayer, LayerWeights, host_layer_from_tensors
+from mintmesh.kernels.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +241,9 @@ class CpuBackend:
         falls back to the cost model where the library is unavailable or the dtype is not
         float32); None: cost model.
         single_thread: run the ops on the calling thread (see the module docstring).
-        native_threads: OpenMP threads of the native kernel (default $MINTMESH_CPU_THREADS, else
-        1: a parallel region stalls whenever the cores are shared, see the module docstring)."""
+        native_threads: OpenMP threads of the native kernel (default: the kernels' settings,
+        --lora-threads, 1: a parallel region stalls whenever the cores are shared, see the
+        module docstring)."""
         if strategy not in (None, "native", "runs", "sorted", "gather"):
             raise ValueError(
                 f"unknown CPU strategy {strategy!r}; use native, runs, sorted or gather"
@@ -250,7 +251,7 @@ class CpuBackend:
         self.strategy = strategy
         self.single_thread = single_thread
         if native_threads is None:
-            native_threads = int(os.environ.get("MINTMESH_CPU_THREADS", "1") or 1)
+            native_threads = SETTINGS.lora_threads
         self.native_threads = max(1, native_threads)
         self._local = threading.local()
 

@@ -4,7 +4,7 @@ The library has a plain C ABI (no torch headers, no ninja: one g++ call of a cou
 and is loaded with ctypes. It is cached per machine under the torch extensions directory
 ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), keyed by the source, the flags and the
 compiler, so a process normally only dlopens it. Where no compiler works, one warning is logged
-and the CPU backend keeps its torch strategies (MINTMESH_NATIVE=0 turns the library off).
+and the CPU backend keeps its torch strategies (--no-native-kernels turns the library off).
 
 load(block=False) never compiles on the calling thread: without a cached build it starts one in
 the background and returns None until it is ready (the torch path serves meanwhile).
@@ -28,6 +28,7 @@ import torch
 
 from mintmesh.kernels.meta import MetaTensors
 from mintmesh.kernels.pool import LayerWeights
+from mintmesh.kernels.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ _builder: threading.Thread | None = None
 
 
 def _disabled() -> bool:
-    return os.environ.get("MINTMESH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    return not SETTINGS.native
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def _load(spec: _Spec, block: bool):
 
 
 def load(block: bool = True) -> NativeLib | None:
-    """The native LoRA library, or None where it is off (MINTMESH_NATIVE=0) or failed to build
+    """The native LoRA library, or None where it is off (--no-native-kernels) or failed to build
     (logged once). block=False: a cached build is loaded here, but a missing one is compiled in
     the background (None until it is ready) rather than on the calling thread."""
     return _load(_LORA, block)
@@ -443,13 +444,13 @@ def unavailable_reason(which: str = "lora") -> str | None:
     build, load or self-check error."""
     spec = _LORA if which == "lora" else _ATTN
     if _disabled():
-        return "disabled (MINTMESH_NATIVE=0)"
+        return "disabled (--no-native-kernels)"
     if _compiler() is None:
         return "no compiler"
     return _errors.get(spec.name)
 
 
 def load_attn(block: bool = True) -> AttnLib | None:
-    """The native attention library, or None where it is off (MINTMESH_NATIVE=0) or failed to
+    """The native attention library, or None where it is off (--no-native-kernels) or failed to
     build (logged once). block=False as load(): a missing build is compiled in the background."""
     return _load(_ATTN, block)

@@ -1,5 +1,5 @@
 """The native CPU kernels in tests: a test that needs one skips only where it cannot be built at
-all (no C++ compiler, or MINTMESH_NATIVE=0); where a compiler exists, a library that failed to
+all (no C++ compiler, or --no-native-kernels); where a compiler exists, a library that failed to
 build or was refused by its start-up self-check fails the test instead of hiding as a skip."""
 
 from __future__ import annotations

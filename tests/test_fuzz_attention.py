@@ -35,6 +35,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mintmesh.kernels import native
+from mintmesh.kernels.settings import SETTINGS
 from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 
 pytestmark = pytest.mark.fuzz
@@ -300,7 +301,7 @@ def _native_attention(lib, on: bool):
     native._attn_lib = lib if on else None
     with pytest.MonkeyPatch.context() as mp:
         if not on:
-            mp.setenv("MINTMESH_NATIVE", "0")
+            mp.setattr(SETTINGS, "native", False)
         try:
             yield
         finally:

@@ -434,6 +434,21 @@ def test_kernel_bench_runs_end_to_end_on_the_tiny_backbone(tiny_model_dir, capsy
     ratio_of("prefill_vs_peft_mixed", "peft_prefill_s", "ours_prefill_s")
     ratio_of("rank_padding_saving_decode", "lora_ops_decode_padded_ms", "lora_ops_decode_real_ms")
     ratio_of("dense_decode_speedup", "stock_base_decode_ms", "base_decode_ms")
+    # The decode step's LoRA ops read each adapter's A (r x in) and B (out x r) on every targeted
+    # layer once: the bytes the roofline divides by the bandwidth measured beside the ops.
+    from mintmesh.model import base_model_info
+
+    shapes = base_model_info(tiny_model_dir).linear_shapes
+    per_rank = sum(
+        o + i for n, (o, i) in shapes.items() if n.rsplit(".", 1)[-1] in bench.TARGET_LEAVES
+    )
+    assert m["lora_ops_decode_bytes"] == round(m["mixed_ranks_mean"] * 3) * per_rank * 4
+    want = m["lora_ops_decode_bytes"] / (m["read_bandwidth_gb_s"] * 1e9)
+    want /= m["lora_ops_decode_real_ms"] / 1e3
+    assert m["lora_ops_decode_roofline"] == pytest.approx(want, rel=0.05)
+    assert m["lora_ops_decode_roofline_min"] <= m["lora_ops_decode_roofline"]
+    assert m["lora_ops_decode_roofline"] <= m["lora_ops_decode_roofline_max"]
+    assert m["read_bandwidth_gb_s"] > 0.1 and m["lora_threads"] == 1
     # Every target's verdict is its value against its threshold.
     for name, (op, thr) in bench.TARGETS.items():
         assert op == ">=" and res["targets"][name]["met"] == (m[name] >= thr), name

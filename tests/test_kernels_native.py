@@ -25,6 +25,7 @@ from kernels_cases import (
 from mintmesh.kernels import AdapterPool, apply_lora, lora_expand, lora_shrink, native
 from mintmesh.kernels.cpu import CpuBackend, native_wins
 from mintmesh.kernels.meta import HostMeta
+from mintmesh.kernels.settings import SETTINGS, configure
 
 F32 = torch.float32
 
@@ -237,10 +238,10 @@ def test_build_failure_logs_one_warning_and_serves_with_torch(monkeypatch, caplo
     assert len(warnings) == 1 and "torch CPU path" in warnings[0].getMessage()
 
 
-def test_native_off_by_environment(monkeypatch):
+def test_native_off_by_setting(monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_builder", None)
-    monkeypatch.setenv("MINTMESH_NATIVE", "0")
+    monkeypatch.setattr(SETTINGS, "native", False)
     assert native.load(block=True) is None
 
 
@@ -260,3 +261,21 @@ def test_fresh_build_happens_in_the_background(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_builder", None)
     assert native.load(block=False) is not None  # cached: loaded here, no build thread
     assert native._builder is None
+
+
+def test_configure_sets_the_kernels_parameters(monkeypatch):
+    """The executor's --native-kernels / --lora-threads / --attn-threads reach the kernels through
+    configure(); a thread count below 1 is refused and changes nothing."""
+    for name in ("native", "lora_threads", "attn_threads"):
+        monkeypatch.setattr(SETTINGS, name, getattr(SETTINGS, name))
+    configure(lora_threads=2, attn_threads=3)
+    assert (SETTINGS.lora_threads, SETTINGS.attn_threads) == (2, 3)
+    assert CpuBackend().native_threads == 2
+    with pytest.raises(ValueError, match="attn_threads=0"):
+        configure(attn_threads=0)
+    assert SETTINGS.attn_threads == 3
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_builder", None)
+    configure(native=False)
+    assert native.load(block=True) is None
+    assert native.unavailable_reason() == "disabled (--no-native-kernels)"

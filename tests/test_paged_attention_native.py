@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mintmesh.kernels import native
-from mintmesh.services.executor import kv as kvmod
+from mintmesh.kernels.settings import SETTINGS
 from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 
 F32 = torch.float32
@@ -217,7 +217,7 @@ def test_plan_uses_native_for_decode_and_matches_torch_path(lib, monkeypatch):
     assert [s.q_start for s in plan.native_spans] == [5, 6, 7, 12]
     assert plan.decode_rows is None and [r[:2] for r in plan.runs] == [(6, 1)]
     monkeypatch.setattr(native, "_attn_lib", None)
-    monkeypatch.setenv("MINTMESH_NATIVE", "0")
+    monkeypatch.setattr(SETTINGS, "native", False)
     plan2, want = _plan_out(cache, spans, q, key, val)
     assert plan2.native is None and not plan2.native_spans
     assert plan2.decode_rows is not None and plan2.runs
@@ -239,7 +239,7 @@ def test_plan_native_falls_back_for_other_query_dtypes(lib):
 def test_plan_threads_setting(lib, monkeypatch):
     cache, spans, q, key, val = _plan_inputs(kvh=4, ratio=1, d=128)
     _, want = _plan_out(cache, spans, q, key, val)
-    monkeypatch.setattr(kvmod, "ATTN_THREADS", 2)
+    monkeypatch.setattr(SETTINGS, "attn_threads", 2)
     _, got = _plan_out(cache, spans, q, key, val)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
@@ -248,14 +248,14 @@ def test_fallback_when_disabled_or_unbuildable(monkeypatch, caplog):
     monkeypatch.setattr(native, "_attn_lib", None)
     monkeypatch.setattr(native, "_attn_failed", False)
     monkeypatch.setattr(native, "_attn_builder", None)
-    monkeypatch.setenv("MINTMESH_NATIVE", "0")
+    monkeypatch.setattr(SETTINGS, "native", False)
     assert native.load_attn(block=True) is None
     assert native.load_attn(block=False) is None
     cache, spans, q, key, val = _plan_inputs()
     plan, off = _plan_out(cache, spans, q, key, val)
     assert plan.native is None and not plan.native_spans
     # No compiler: one warning, then the torch path.
-    monkeypatch.delenv("MINTMESH_NATIVE")
+    monkeypatch.setattr(SETTINGS, "native", True)
     monkeypatch.setattr(native, "_compiler", lambda: None)
     with caplog.at_level(logging.WARNING, logger="mintmesh.kernels.native"):
         assert native.load_attn(block=True) is None

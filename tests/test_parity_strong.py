@@ -26,6 +26,7 @@ from peft_util import (
 )
 
 from mintmesh.kernels import native
+from mintmesh.kernels.settings import SETTINGS
 from mintmesh.model import load_model
 from mintmesh.peft_io import read_peft_dir, validate_and_pack
 from mintmesh.services.executor import kv as kvmod
@@ -190,7 +191,7 @@ def test_long_mixed_generations_match_peft_tokens_and_logprobs(
 def test_torch_decode_path_matches_peft_too(make_engine, strong, oracle, monkeypatch):
     """The fallback that serves where the library is off: the same strong-adapter parity."""
     monkeypatch.setattr(native, "_attn_lib", None)
-    monkeypatch.setenv("MINTMESH_NATIVE", "0")
+    monkeypatch.setattr(SETTINGS, "native", False)
     eng = make_engine(kv_block_size=16)
     before = dict(kvmod.ATTENTION_TOKENS)
     jobs = [("s101", _prompt(11, 90), 40), ("s7", _prompt(12, 33), 48), (None, _prompt(13, 17), 32)]

@@ -17,6 +17,7 @@ import torch
 
 from mintmesh.kernels import dense, native, selfcheck
 from mintmesh.kernels.backends import ReferenceBackend, get_backend
+from mintmesh.kernels.settings import SETTINGS
 from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 
 needs_cxx = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
@@ -44,7 +45,7 @@ def _mutant(tmp_path, source, old, new):
 def fresh_loader(monkeypatch, tmp_path):
     """The native loader's state reset, builds cached in a temporary directory."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.delenv("MINTMESH_NATIVE", raising=False)
+    monkeypatch.setattr(SETTINGS, "native", True)
     for prefix in ("_", "_attn_"):
         monkeypatch.setattr(native, prefix + "lib", None)
         monkeypatch.setattr(native, prefix + "failed", False)

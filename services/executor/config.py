@@ -151,6 +151,17 @@ class ExecutorConfig:
         default=30.0,
         metadata={"help": "deadline of one EnsureAdapter call to the cache sidecar, in seconds"},
     )
+    # The kernels' settings (kernels/settings.py), applied once when the executor process starts.
+    native_kernels: bool = field(
+        default=True,
+        metadata={"help": "the native CPU kernels (off: the torch strategies serve)"},
+    )
+    lora_threads: int = field(
+        default=1, metadata={"help": "OpenMP threads of the native LoRA kernels"}
+    )
+    attn_threads: int = field(
+        default=1, metadata={"help": "threads of the native paged decode attention"}
+    )
     otlp_endpoint: str = field(
         default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
     )
@@ -185,6 +196,8 @@ class ExecutorConfig:
             "max_rank",
             "kv_block_size",
             "loader_threads",
+            "lora_threads",
+            "attn_threads",
         ):
             val = getattr(self, name)
             if int(val) < 1:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -48,19 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from mintmesh.kernels import native
+from mintmesh.kernels.settings import SETTINGS
 
 logger = logging.getLogger(__name__)
 
-
-def _attn_threads() -> int:
-    """Threads of the native decode attention (MINTMESH_ATTN_THREADS, default 1)."""
-    try:
-        return max(1, int(os.environ.get("MINTMESH_ATTN_THREADS", "1")))
-    except ValueError:
-        return 1
-
-
-ATTN_THREADS = _attn_threads()
 
 # Tokens attended by each implementation (counted once per forward, at layer 0): which code
 # served is observable, so a test can assert the path it means to cover really ran.
@@ -554,7 +544,7 @@ class AttentionPlan:
                 self.native_starts,
                 self.native_blocks,
                 D**-0.5 if scaling is None else scaling,
-                ATTN_THREADS,
+                SETTINGS.attn_threads,
             ):
                 if layer == 0:
                     ATTENTION_TOKENS["native_decode"] += len(self.native_spans)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from mintmesh.kernels.settings import configure as configure_kernels
 from mintmesh.services.common.server import (
     Server,
     announce_ready,
@@ -53,6 +54,11 @@ def create_server(
 def serve(config: ExecutorConfig) -> None:
     """Run an executor until SIGTERM/SIGINT: stop accepting, finish running requests, stop."""
     setup_tracing("mint-executor", config.otlp_endpoint)
+    configure_kernels(
+        native=config.native_kernels,
+        lora_threads=config.lora_threads,
+        attn_threads=config.attn_threads,
+    )
     server, engine = create_server(config)
     announce_ready("executor", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
     serve_until_signal(server, grace=30.0)

@@ -1,0 +1,39 @@
+"""The kernels' process-wide settings: set once by the process that serves (the executor's
+config, see services/executor/config.py: --native-kernels, --lora-threads, --attn-threads), read
+by the kernels as parameters. No kernel reads an environment variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SETTINGS", "KernelSettings", "configure"]
+
+
+@dataclass
+class KernelSettings:
+    # The native CPU libraries (kernels/*.cpp); False: the torch strategies serve.
+    native: bool = True
+    # OpenMP threads of the native LoRA kernels (1: a parallel region stalls whenever the cores
+    # are shared, see kernels/cpu.py).
+    lora_threads: int = 1
+    # Threads of the native paged decode attention.
+    attn_threads: int = 1
+
+
+SETTINGS = KernelSettings()
+
+
+def configure(
+    *, native: bool | None = None, lora_threads: int | None = None, attn_threads: int | None = None
+) -> KernelSettings:
+    """Set what is given (None keeps the current value); returns the settings."""
+    for name, val in (("lora_threads", lora_threads), ("attn_threads", attn_threads)):
+        if val is not None and int(val) < 1:
+            raise ValueError(f"{name}={val} must be >= 1")
+    if native is not None:
+        SETTINGS.native = bool(native)
+    if lora_threads is not None:
+        SETTINGS.lora_threads = int(lora_threads)
+    if attn_threads is not None:
+        SETTINGS.attn_threads = int(attn_threads)
+    return SETTINGS
