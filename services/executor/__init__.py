@@ -5,7 +5,8 @@
 - lora.py: the multi-LoRA layer wrapped around each targeted Linear;
 - kv.py: the paged KV cache (fixed-size blocks, block tables) and the paged attention function
   registered in transformers' AttentionInterface;
-- scheduler.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- sequence.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- kv_manager.py: block tables, block allocation and prefix caching over the paged KV cache;
 - sampling.py: per-request sampling options, token choice, incremental text with stop strings;
 - sources.py: where adapter bytes come from (the node cache sidecar);
 - residency.py: the host tier, the device pool with references, the background adapter loader;

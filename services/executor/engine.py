@@ -49,9 +49,9 @@ from mintmesh.services.executor.kv import (
     AttentionPlan,
     PagedKVCache,
     SeqSpan,
-    prefix_block_hash,
     use_paged_attention,
 )
+from mintmesh.services.executor.kv_manager import KVManager
 from mintmesh.services.executor.lora import LoraContext, inject_lora
 from mintmesh.services.executor.requests import (
     FINISH_CANCELLED,
@@ -71,8 +71,8 @@ from mintmesh.services.executor.sampling import (
     TokenPieces,
     sample_token,
 )
-from mintmesh.services.executor.scheduler import BASE_TENANT, FairQueue
-from mintmesh.services.executor.scheduler import Sequence as Seq
+from mintmesh.services.executor.sequence import BASE_TENANT, FairQueue
+from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
 
 logger = logging.getLogger(__name__)
@@ -179,18 +179,13 @@ class Engine:
         )
         # Blocks kept free when admitting (so running sequences can grow a little).
         self._watermark = max(1, self.kv.num_blocks // 100)
-        # Automatic prefix caching: full computed blocks are registered under a hash of (adapter
-        # digest, every token up to the block's end); an admitted sequence takes references on
-        # the longest registered run of its prompt's blocks and computes only the rest.
-        self.prefix_caching = bool(config.prefix_caching)
+        # Block tables and automatic prefix caching (kv_manager.py).
+        self.kvm = KVManager(
+            self.kv, prefix_caching=bool(config.prefix_caching), max_positions=self.max_positions
+        )
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self.prefill_tokens_computed = 0
-        # seq_id -> hashes of the sequence's full blocks computed so far (a memo: tokens only
-        # grow, so a block's hash never changes).
-        self._block_hashes: dict[int, list[bytes]] = {}
-        # Sequences holding only cached prefix blocks: their first own block starts a new run.
-        self._after_hit: set[int] = set()
 
         # Adapter tiers and the background loader.
         self._source = source
@@ -334,6 +329,18 @@ class Engine:
     @property
     def draining(self) -> bool:
         return not self._accepting
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.kvm.prefix_caching
+
+    @property
+    def _block_hashes(self) -> dict[int, list[bytes]]:
+        return self.kvm._block_hashes
+
+    @property
+    def _after_hit(self) -> set[int]:
+        return self.kvm._after_hit
 
     def kv_blocks_used(self) -> int:
         return self.kv.allocator.num_used
@@ -647,7 +654,7 @@ class Engine:
                         Unavailable(f"executor {self.executor_id} stopped before the request ended")
                     )
             for s in self._running:  # their KV blocks and prefix references go too
-                self._drop_blocks(s)
+                self.kvm.drop_blocks(s)
         self.residency.close()
         self.loader.close()
         close = getattr(self._source, "close", None)
@@ -781,7 +788,7 @@ class Engine:
         for seq, n in sched:
             seq.num_computed += n
             if self.prefix_caching:
-                self._register_blocks(seq, seq.num_computed - n)
+                self.kvm.register_blocks(seq, seq.num_computed - n)
             if n > 1 or seq.generated == 0:
                 self._fair.charge(seq.tenant, prompt_tokens=n)
         finished = self._sample_and_stream(samplers, logits, step)
@@ -910,7 +917,7 @@ class Engine:
         if limit <= 0:
             return
         for s in [s for s in self._running if s.handle.reads and s.handle.unread >= limit]:
-            self._drop_blocks(s)
+            self.kvm.drop_blocks(s)
             self._running.remove(s)
             s.handle.paused = True
             self._paused[s.seq_id] = (s, now)
@@ -983,13 +990,13 @@ class Engine:
                 continue
             # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
             # token preempts the most recently admitted sequences.
-            while self._room(seq, 0) < 1:
+            while self.kvm.room(seq, 0) < 1:
                 victim = self._victim(exclude=done)
                 if victim is None or victim is seq:
                     break
                 self._preempt(victim)
                 preempted += 1
-            room = self._room(seq, 0)
+            room = self.kvm.room(seq, 0)
             if room < 1:
                 if not sched and len(self._running) == 1:
                     # Alone and still too big: the cache cannot hold this sequence.
@@ -1004,7 +1011,7 @@ class Engine:
                     preempted += 1
                 continue
             n = min(seq.remaining, budget, room)
-            self._take(seq, n)
+            self.kvm.take(seq, n)
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
@@ -1025,11 +1032,13 @@ class Engine:
                 and len(in_use) >= self.max_step_adapters
             ):
                 break  # the adapter budget: it waits for a running adapter to leave
-            hit = self._match_prefix(seq)
-            n = min(seq.remaining, budget, self._room(seq, self._watermark if self._running else 0))
+            hit = self.kvm.match_prefix(seq)
+            n = min(
+                seq.remaining, budget, self.kvm.room(seq, self._watermark if self._running else 0)
+            )
             if n < 1:
                 if hit:  # back to the cache; looked up again next time
-                    self._drop_blocks(seq)
+                    self.kvm.drop_blocks(seq)
                 break
             self._fair.remove(seq)
             if self.prefix_caching:  # every admission, re-admissions after preemption too
@@ -1040,7 +1049,7 @@ class Engine:
             # Running from here on: should anything below fail, the step's failure path
             # retires it with the batch (its blocks and prefix references freed).
             self._running.append(seq)
-            self._take(seq, n)
+            self.kvm.take(seq, n)
             seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
             if seq.slot is None:  # cannot happen: the sequence holds a reference
                 raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
@@ -1055,84 +1064,6 @@ class Engine:
             admitted += 1
         return sched, admitted, preempted
 
-    def _match_prefix(self, seq: Seq) -> int:
-        """Prefix caching, at admission: references on the cached blocks of the longest
-        registered prefix of seq's tokens under seq's own adapter digest (at least the last
-        token is left to compute, for the logits to sample from); returns the tokens matched,
-        now counted computed."""
-        if not self.prefix_caching or seq.blocks or seq.num_computed:
-            return 0
-        full = (len(seq.tokens) - 1) // self.kv.block_size
-        if full < 1:
-            return 0
-        al = self.kv.allocator
-        blocks = al.lookup(self._hashes(seq, full))
-        if not blocks:
-            return 0
-        al.acquire(blocks)
-        self._after_hit.add(seq.seq_id)
-        seq.blocks = list(blocks)
-        seq.num_computed = len(blocks) * self.kv.block_size
-        return seq.num_computed
-
-    def _hashes(self, seq: Seq, n: int) -> list[bytes]:
-        """The prefix hashes of seq's first n full blocks (computed once per sequence)."""
-        memo = self._block_hashes.setdefault(seq.seq_id, [])
-        bs = self.kv.block_size
-        while len(memo) < n:
-            i = len(memo)
-            memo.append(
-                prefix_block_hash(
-                    memo[-1] if memo else None, seq.digest, seq.tokens[i * bs : (i + 1) * bs]
-                )
-            )
-        return memo[:n]
-
-    def _register_blocks(self, seq: Seq, before: int) -> None:
-        """After a forward: the blocks of seq that became full (computed from `before` to
-        seq.num_computed) become findable by their prefix hash."""
-        bs = self.kv.block_size
-        first, end = before // bs, seq.num_computed // bs
-        if end <= first:
-            return
-        hashes = self._hashes(seq, end)
-        al = self.kv.allocator
-        for i in range(first, end):
-            al.register(seq.blocks[i], hashes[i], owner=seq.digest or "")
-
-    def _drop_blocks(self, seq: Seq) -> None:
-        """seq's references on its blocks go (registered ones stay cached); its KV is gone."""
-        if seq.blocks:
-            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
-        seq.blocks = []
-        seq.num_computed = 0
-        self._after_hit.discard(seq.seq_id)
-
-    def _room(self, seq: Seq, reserve: int) -> int:
-        """Tokens seq can add to its KV with its blocks and the free ones (less reserve)."""
-        free = max(0, self.kv.allocator.num_free - reserve)
-        return (len(seq.blocks) + free) * self.kv.block_size - seq.num_computed
-
-    def _take(self, seq: Seq, n: int) -> None:
-        """The blocks seq needs for n more tokens (contiguous with its others when possible:
-        a new run claims room for the sequence's whole expected length)."""
-        need = self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks)
-        if need > 0:
-            al = self.kv.allocator
-            if seq.blocks and seq.seq_id not in self._after_hit:
-                got = al.alloc(need, after=seq.blocks[-1])
-            else:
-                # A new run (after a cached prefix: right after it if that is free).
-                opts = seq.handle.request.sampling
-                total = len(seq.tokens) + max(0, opts.max_tokens - seq.generated)
-                expect = self.kv.blocks_for(min(total, self.max_positions)) - len(seq.blocks)
-                after = seq.blocks[-1] if seq.blocks else None
-                got = al.alloc(need, after=after, key=seq.seq_id, expect=expect)
-                self._after_hit.discard(seq.seq_id)
-            if got is None:
-                raise RuntimeError(f"sequence {seq.seq_id}: {need} KV blocks not free")
-            seq.blocks += got
-
     def _victim(self, exclude: set[int]) -> Seq | None:
         """The most recently admitted running sequence not yet scheduled this step."""
         cands = [s for s in self._running if s.seq_id not in exclude]
@@ -1142,7 +1073,7 @@ class Engine:
         """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
         from its prompt and the tokens it generated so far (its full blocks stay cached, so
         with prefix caching it usually takes them back instead of recomputing them)."""
-        self._drop_blocks(seq)
+        self.kvm.drop_blocks(seq)
         seq.preemptions += 1
         seq.handle.preemptions = seq.preemptions
         self.preemptions += 1
@@ -1219,8 +1150,8 @@ class Engine:
         """A running sequence leaves: blocks freed, adapter reference dropped, final message."""
         if seq in self._running:
             self._running.remove(seq)
-        self._drop_blocks(seq)
-        self._block_hashes.pop(seq.seq_id, None)
+        self.kvm.drop_blocks(seq)
+        self.kvm.forget(seq)
         self._unpin(seq)
         if error is not None:
             seq.handle._put(error)
@@ -1234,8 +1165,7 @@ class Engine:
             self.residency.release(seq.digest)
 
     def _finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
-        self._block_hashes.pop(seq.seq_id, None)
-        self._after_hit.discard(seq.seq_id)
+        self.kvm.forget(seq)
         self._unpin(seq)
         with self._lock:
             self._num_waiting -= 1

@@ -1,4 +1,4 @@
-"""Scheduling state of the step loop, plain Python: sequences and the fair waiting queue.
+"""Sequences and the fair waiting queue of the step loop, plain Python.
 
 Fairness is S-LoRA's Virtual Token Counter (OSDI 2024, "Fairness in Serving Large Language
 Models"): every tenant has a counter of the service it received (prompt tokens weighted 1,
