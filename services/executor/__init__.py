@@ -7,6 +7,7 @@
   registered in transformers' AttentionInterface;
 - sequence.py: sequences and the tenant-fair waiting queue (virtual token counters);
 - kv_manager.py: block tables, block allocation and prefix caching over the paged KV cache;
+- scheduler.py: admission, budgets, tenant fairness and preemption: each step's StepPlan;
 - sampling.py: per-request sampling options, token choice, incremental text with stop strings;
 - sources.py: where adapter bytes come from (the node cache sidecar);
 - residency.py: the host tier, the device pool with references, the background adapter loader;

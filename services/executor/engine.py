@@ -71,6 +71,7 @@ from mintmesh.services.executor.sampling import (
     TokenPieces,
     sample_token,
 )
+from mintmesh.services.executor.scheduler import Scheduler
 from mintmesh.services.executor.sequence import BASE_TENANT, FairQueue
 from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
@@ -218,7 +219,7 @@ class Engine:
         self._fair = FairQueue()
         self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
-        self._admit_counter = 0
+        self.scheduler = Scheduler(self)
         self.step_no = 0
         self.preemptions = 0
         self.rows_cancelled = 0
@@ -754,7 +755,8 @@ class Engine:
         now = time.monotonic()
         self._reap(now)
         self._slow_readers(now)
-        sched, admitted, preempted = self._schedule()
+        plan = self.scheduler.schedule()
+        sched, admitted, preempted = plan.seqs, plan.admitted, plan.preempted
         self._num_running = len(self._running)
         self._num_loading = sum(len(v) for v in self._loading.values())
         if not sched:
@@ -947,142 +949,6 @@ class Engine:
                         "waiting: cancelled, its resources given to others"
                     ),
                 )
-
-    def _fair_share(self) -> tuple[dict[str, int], int, set[str]]:
-        """(running sequences per tenant, each tenant's share of the batch, the waiting tenants
-        under it)."""
-        counts: dict[str, int] = {}
-        for s in self._running:
-            counts[s.tenant] = counts.get(s.tenant, 0) + 1
-        waiting = self._fair.tenants()
-        share = max(1, self.max_batch_size // max(1, len(set(counts) | waiting)))
-        return counts, share, {t for t in waiting if counts.get(t, 0) < share}
-
-    def _preempt_for_fairness(self) -> int:
-        """A full batch and a waiting tenant under its share: preempt the newest sequence of
-        the tenant most over its share (at most one per step, so a tenant's burst is not
-        recomputed wholesale). Returns the number preempted."""
-        if not self.fair_share_preemption or len(self._running) < self.max_batch_size:
-            return 0
-        counts, share, under = self._fair_share()
-        if not under:
-            return 0
-        over = max(counts, key=lambda t: counts[t])
-        if counts[over] <= share:
-            return 0
-        victim = max((s for s in self._running if s.tenant == over), key=lambda s: s.admit_order)
-        self._preempt(victim)
-        self.fair_preemptions += 1
-        return 1
-
-    # -- scheduling ---------------------------------------------------------------------------
-
-    def _schedule(self) -> tuple[list[tuple[Seq, int]], int, int]:
-        """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
-        budget = self.max_step_tokens
-        sched: list[tuple[Seq, int]] = []
-        done: set[int] = set()
-        preempted = self._preempt_for_fairness()
-        # Running sequences: decodes first, then prefill chunks; oldest first within each.
-        order = sorted(self._running, key=lambda s: (not s.decoding, s.admit_order))
-        for seq in order:
-            if seq.seq_id in done or seq not in self._running or budget <= 0:
-                continue
-            # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
-            # token preempts the most recently admitted sequences.
-            while self.kvm.room(seq, 0) < 1:
-                victim = self._victim(exclude=done)
-                if victim is None or victim is seq:
-                    break
-                self._preempt(victim)
-                preempted += 1
-            room = self.kvm.room(seq, 0)
-            if room < 1:
-                if not sched and len(self._running) == 1:
-                    # Alone and still too big: the cache cannot hold this sequence.
-                    logger.warning(
-                        "sequence %d needs more than the %d tokens the KV cache holds; ending it",
-                        seq.seq_id,
-                        self.kv.capacity_tokens,
-                    )
-                    self._retire(seq, reason=FINISH_LENGTH)
-                else:
-                    self._preempt(seq)
-                    preempted += 1
-                continue
-            n = min(seq.remaining, budget, room)
-            self.kvm.take(seq, n)
-            sched.append((seq, n))
-            done.add(seq.seq_id)
-            budget -= n
-        # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
-        admitted = 0
-        in_use = {s.digest for s in self._running if s.digest}
-        while budget > 0 and len(self._running) < self.max_batch_size:
-            # A tenant at its share waits while one under it is waiting (_fair_share).
-            counts, share, under = self._fair_share()
-            at_share = {t for t, c in counts.items() if c >= share} if under else set()
-            seq = self._fair.peek(exclude=at_share) or self._fair.peek()
-            if seq is None:
-                break
-            if (
-                self.max_step_adapters
-                and seq.digest
-                and seq.digest not in in_use
-                and len(in_use) >= self.max_step_adapters
-            ):
-                break  # the adapter budget: it waits for a running adapter to leave
-            hit = self.kvm.match_prefix(seq)
-            n = min(
-                seq.remaining, budget, self.kvm.room(seq, self._watermark if self._running else 0)
-            )
-            if n < 1:
-                if hit:  # back to the cache; looked up again next time
-                    self.kvm.drop_blocks(seq)
-                break
-            self._fair.remove(seq)
-            if self.prefix_caching:  # every admission, re-admissions after preemption too
-                self.prefix_query_tokens += len(seq.tokens)
-                self.prefix_hit_tokens += hit
-            self._admit_counter += 1
-            seq.admit_order = self._admit_counter
-            # Running from here on: should anything below fail, the step's failure path
-            # retires it with the batch (its blocks and prefix references freed).
-            self._running.append(seq)
-            self.kvm.take(seq, n)
-            seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
-            if seq.slot is None:  # cannot happen: the sequence holds a reference
-                raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
-            if seq.digest:
-                in_use.add(seq.digest)
-            with self._lock:
-                self._num_waiting -= 1
-                self._tenant_left(seq.tenant)
-            sched.append((seq, n))
-            done.add(seq.seq_id)
-            budget -= n
-            admitted += 1
-        return sched, admitted, preempted
-
-    def _victim(self, exclude: set[int]) -> Seq | None:
-        """The most recently admitted running sequence not yet scheduled this step."""
-        cands = [s for s in self._running if s.seq_id not in exclude]
-        return max(cands, key=lambda s: s.admit_order) if cands else None
-
-    def _preempt(self, seq: Seq) -> None:
-        """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
-        from its prompt and the tokens it generated so far (its full blocks stay cached, so
-        with prefix caching it usually takes them back instead of recomputing them)."""
-        self.kvm.drop_blocks(seq)
-        seq.preemptions += 1
-        seq.handle.preemptions = seq.preemptions
-        self.preemptions += 1
-        self._running.remove(seq)
-        self._fair.push(seq, front=True)
-        with self._lock:
-            self._num_waiting += 1
-            self._tenant_waiting[seq.tenant] = self._tenant_waiting.get(seq.tenant, 0) + 1
-        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))
 
     # -- sampling and retiring ------------------------------------------------------------------
 
