@@ -35,24 +35,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
 from mintmesh.identity import check_digest
-from mintmesh.kernels import AdapterPool, BatchMeta
-from mintmesh.kernels.dense import pack_linears, select_dense
-from mintmesh.packed import DTYPES
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import (
     AttentionPlan,
     PagedKVCache,
     SeqSpan,
-    use_paged_attention,
 )
 from mintmesh.services.executor.kv_manager import KVManager
-from mintmesh.services.executor.lora import LoraContext, inject_lora
 from mintmesh.services.executor.requests import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -65,6 +59,7 @@ from mintmesh.services.executor.requests import (
     StepStats,
 )
 from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
+from mintmesh.services.executor.runner import ForwardBatch
 from mintmesh.services.executor.sampling import (
     IncrementalText,
     SamplingOptions,
@@ -75,6 +70,7 @@ from mintmesh.services.executor.scheduler import Scheduler
 from mintmesh.services.executor.sequence import BASE_TENANT, FairQueue
 from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
+from mintmesh.services.executor.torch_runner import TorchModelRunner, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -145,26 +141,13 @@ class Engine:
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
-        # Model: multi-LoRA wrappers on the targeted Linears, paged attention.
-        self.ctx = LoraContext()
-        layer_shapes = inject_lora(model, self.ctx)
-        use_paged_attention(model)
-        # The base Linears (wrapped or not, the LM head too): packed once for oneDNN where that
-        # serves (CPU float32), laid out for the decode step's rows.
-        self.dense_kernels = select_dense(self.device, self.dtype, config.dense_kernels)
-        if self.dense_kernels == "onednn":
-            pack_linears(model, batch_hint=self.max_batch_size)
-        self.pool = AdapterPool(
-            layer_shapes,
-            max_adapters=self.max_adapters,
-            device=self.device,
-            dtype=self.dtype,
-            max_rank=int(config.max_rank),
-            max_bytes=int(config.adapter_pool_bytes) or None,
-        )
-        self.ctx.pool = self.pool
-        self.kernel_backend = str(getattr(self.pool, "backend", None) or "torch")
-        self._meta = BatchMeta.make()
+        # Model: multi-LoRA wrappers, paged attention, the adapter pool (torch_runner.py).
+        self.runner = TorchModelRunner(model, config, max_batch_size=self.max_batch_size)
+        layer_shapes = self.runner.layer_shapes
+        self.ctx = self.runner.ctx
+        self.dense_kernels = self.runner.dense_kernels
+        self.pool = self.runner.pool
+        self.kernel_backend = self.runner.kernel_backend
 
         kv_bytes = int(config.kv_cache_bytes)
         if not kv_bytes:
@@ -261,7 +244,6 @@ class Engine:
     ) -> Engine:
         """Load the backbone of config.model_dir and build the engine. Without an injected
         source, a SidecarSource on config.cache_address (none when it is empty)."""
-        from mintmesh.model import base_model_info, load_model
         from mintmesh.services.executor.sources import SidecarSource
 
         if source is None and config.cache_address:
@@ -275,14 +257,11 @@ class Engine:
             )
         if source is None:
             logger.warning("no cache sidecar configured: serving the base model only")
-        model, tok = load_model(
-            Path(config.model_dir), device=config.device, dtype=DTYPES[config.dtype]
-        )
-        info = base_model_info(config.model_dir)
+        model, tok, fingerprint = load_backbone(config)
         return cls(
             model,
             tok,
-            base_fingerprint=info.fingerprint,
+            base_fingerprint=fingerprint,
             config=config,
             source=source,
             autostart=autostart,
@@ -518,8 +497,9 @@ class Engine:
                 token_slots += [slots[digest] if digest else -1] * len(ids)
                 start += len(ids)
             with self._model_lock:
-                logits = self._run_model(flat, _fresh_positions(ids_list), token_slots,
-                                         AttentionPlan(spans), None)  # fmt: skip
+                batch = ForwardBatch(flat, _fresh_positions(ids_list), token_slots,
+                                     AttentionPlan(spans), None)  # fmt: skip
+                logits = self.runner.run(batch)
         finally:
             for d in slots:
                 self.residency.release(d)
@@ -786,7 +766,7 @@ class Engine:
                 prefill += n
         self.prefill_tokens_computed += prefill
         plan = AttentionPlan(spans, self.kv)
-        logits = self._run_model(flat, positions, token_slots, plan, sample_rows)
+        logits = self.runner.run(ForwardBatch(flat, positions, token_slots, plan, sample_rows))
         for seq, n in sched:
             seq.num_computed += n
             if self.prefix_caching:
@@ -813,48 +793,6 @@ class Engine:
             finished=finished,
             adapters=len({seq.slot for seq, _ in sched if seq.slot >= 0}),
         )
-
-    def _run_model(
-        self,
-        flat: list[int],
-        positions: list[int],
-        token_slots: list[int],
-        plan: AttentionPlan,
-        keep_rows: list[int] | None,
-    ) -> torch.Tensor:
-        """One forward of one packed row; logits [len(keep_rows) or T, vocab]."""
-        dev = self.device
-        slots = {s for s in token_slots if s >= 0}
-        if slots:
-            self.ctx.meta = self._meta.prepare(
-                torch.tensor(token_slots, dtype=torch.long), device=dev
-            )
-            self.ctx.targeted = self._targeted_layers(slots)
-        kwargs = {}
-        if keep_rows is not None:
-            kwargs["logits_to_keep"] = torch.tensor(keep_rows, dtype=torch.long, device=dev)
-        try:
-            with torch.inference_mode():
-                out = self.model(
-                    input_ids=torch.tensor([flat], dtype=torch.long, device=dev),
-                    position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
-                    use_cache=False,
-                    mint_plan=plan,
-                    **kwargs,
-                )
-        finally:
-            self.ctx.meta = None
-            self.ctx.targeted = None
-        return out.logits[0]
-
-    def _targeted_layers(self, slots: set[int]) -> set[str]:
-        """The LoRA layers some adapter in `slots` has weights on (rank > 0): only those run the
-        LoRA op in this forward (a few microseconds of Python and dispatch per layer call
-        otherwise, for nothing)."""
-        out: set[str] = set()
-        for slot in slots:
-            out |= self.pool.resident_at(slot).targeted
-        return out
 
     # -- intake ------------------------------------------------------------------------------
 
