@@ -34,7 +34,7 @@ from mintmesh.services.executor.engine import (
 )
 from mintmesh.services.executor.kv import BlockAllocator, PagedKVCache
 from mintmesh.services.executor.residency import AdapterResidency, HostTier, PreparedAdapter
-from mintmesh.services.executor.scheduler import FairQueue, Sequence
+from mintmesh.services.executor.sequence import FairQueue, Sequence
 from mintmesh.services.executor.sources import PackedBytesSource
 
 ADAPTERS = {

@@ -5,7 +5,11 @@
 - lora.py: the multi-LoRA layer wrapped around each targeted Linear;
 - kv.py: the paged KV cache (fixed-size blocks, block tables) and the paged attention function
   registered in transformers' AttentionInterface;
-- scheduler.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- sequence.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- kv_manager.py: block tables, block allocation and prefix caching over the paged KV cache;
+- scheduler.py: admission, budgets, tenant fairness and preemption: each step's StepPlan;
+- runner.py: the ModelRunner interface (a ForwardBatch in, logits out; adapter load/evict);
+- torch_runner.py: TorchModelRunner, the HF backbone with multi-LoRA layers and paged attention;
 - sampling.py: per-request sampling options, token choice, incremental text with stop strings;
 - sources.py: where adapter bytes come from (the node cache sidecar);
 - residency.py: the host tier, the device pool with references, the background adapter loader;

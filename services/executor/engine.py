@@ -30,41 +30,47 @@ The model lock serializes forwards; the state lock guards what request threads t
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
 from mintmesh.identity import check_digest
-from mintmesh.kernels import AdapterPool, BatchMeta
-from mintmesh.kernels.dense import pack_linears, select_dense
-from mintmesh.packed import DTYPES
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import (
     AttentionPlan,
     PagedKVCache,
     SeqSpan,
-    prefix_block_hash,
-    use_paged_attention,
 )
-from mintmesh.services.executor.lora import LoraContext, inject_lora
+from mintmesh.services.executor.kv_manager import KVManager
+from mintmesh.services.executor.requests import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineStatus,
+    GenerationHandle,
+    GenerationOutput,
+    GenerationRequest,
+    GenerationResult,
+    StepStats,
+)
 from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
+from mintmesh.services.executor.runner import ForwardBatch
 from mintmesh.services.executor.sampling import (
     IncrementalText,
     SamplingOptions,
     TokenPieces,
     sample_token,
 )
-from mintmesh.services.executor.scheduler import BASE_TENANT, FairQueue
-from mintmesh.services.executor.scheduler import Sequence as Seq
+from mintmesh.services.executor.scheduler import Scheduler
+from mintmesh.services.executor.sequence import BASE_TENANT, FairQueue
+from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
+from mintmesh.services.executor.torch_runner import TorchModelRunner, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -84,207 +90,10 @@ __all__ = [
     "sample_token",
 ]
 
-FINISH_LENGTH = "length"
-FINISH_STOP = "stop"
-FINISH_CANCELLED = "cancelled"
 # Roles a chat template is given.
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 # Window of the tokens/s figure in Status.
 _RATE_WINDOW_S = 10.0
-
-
-@dataclass
-class GenerationRequest:
-    prompt_token_ids: Sequence[int]
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    # sha256 digest of the packed adapter; None or "" = the base model alone.
-    adapter_digest: str | None = None
-    request_id: str = ""
-    # time.monotonic() after which the request is abandoned (finish_reason "cancelled").
-    deadline: float | None = None
-    # Fairness key: the adapter's tenant ("" = the digest for adapters, BASE_TENANT without).
-    tenant: str = ""
-
-
-@dataclass
-class GenerationOutput:
-    """One streamed step: the new token(s), their text (may be empty while a UTF-8 sequence or a
-    possible stop string is incomplete), and on the last one finish_reason and usage."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # With logprobs: each token's own text, and (top_logprobs) the likeliest (id, logprob)s.
-    tokens: list[str] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    # Engine steps of the first and the last generated token (None: none generated).
-    first_step: int | None
-    last_step: int | None
-    submit_step: int
-    preemptions: int
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did."""
-
-    step: int
-    num_tokens: int = 0  # tokens through the model (prefill + decode)
-    num_seqs: int = 0  # sequences in the forward
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    sampled: int = 0  # tokens generated
-    admitted: int = 0
-    preempted: int = 0
-    finished: int = 0
-    adapters: int = 0  # distinct adapters in the forward
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    executor_id: str
-    base_fingerprint: str
-    resident_adapters: list[str]
-    queue_depth: int
-    running: int
-    max_batch_size: int
-    max_adapters: int
-    device: str
-    draining: bool
-    kernel_backend: str
-    loading: int = 0
-    tokens_per_s: float = 0.0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    kv_block_size: int = 0
-    host_adapters: list[str] = field(default_factory=list)
-    node_cache_adapters: list[str] = field(default_factory=list)
-    loading_adapters: list[str] = field(default_factory=list)
-    adapter_pool_bytes_used: int = 0
-    adapter_pool_bytes_total: int = 0
-    host_bytes_used: int = 0
-    host_bytes_total: int = 0
-    steps: int = 0
-    preemptions: int = 0
-    tokens_generated: int = 0
-    # Automatic prefix caching: prompt tokens looked up at admission, and of those the tokens
-    # whose K/V was reused from cached blocks (same adapter digest, same prefix); unreferenced
-    # blocks kept for their prefix (counted free in kv_blocks_used/total).
-    prefix_caching: bool = False
-    prefix_query_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    kv_blocks_cached: int = 0
-    dense_kernels: str = "torch"
-
-
-class GenerationHandle:
-    """A submitted generation: iterate it for GenerationOutput steps (the last one has a
-    finish_reason); cancel() stops it at the next step and frees its KV blocks."""
-
-    def __init__(self, request: GenerationRequest, engine: Engine) -> None:
-        self.request = request
-        self._engine = engine
-        self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
-        self._cancelled = threading.Event()
-        self.done = False
-        self.submit_step = 0
-        self.submitted_at = time.monotonic()
-        self.token_at: float | None = None  # when its latest token was sampled (on_token)
-        self.first_step: int | None = None
-        self.last_step: int | None = None
-        self.preemptions = 0
-        self.paused = False  # its client stopped reading (Engine: stream_buffer_outputs)
-        # Outputs taken so far: only a stream someone has started reading can be paused (a
-        # caller that collects the whole result at the end is not a slow reader).
-        self.reads = 0
-        self._result: GenerationResult | None = None
-
-    @property
-    def unread(self) -> int:
-        """Outputs streamed that the reader has not taken yet."""
-        return self._q.qsize()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        if not self._cancelled.is_set():
-            self._cancelled.set()
-            self._engine._wake()
-
-    def expired(self, now: float | None = None) -> bool:
-        dl = self.request.deadline
-        return dl is not None and (now or time.monotonic()) > dl
-
-    def _put(self, item: GenerationOutput | BaseException) -> None:
-        if isinstance(item, BaseException) or item.finish_reason is not None:
-            self.done = True
-        self._q.put(item)
-
-    def get(self, timeout: float | None = None) -> GenerationOutput | BaseException:
-        """The next streamed item (an output or the error that ended the request)."""
-        item = self._q.get(timeout=timeout)
-        self.reads += 1
-        return item
-
-    def __iter__(self) -> Iterator[GenerationOutput]:
-        while True:
-            try:
-                item = self._q.get(timeout=0.25)
-                self.reads += 1
-            except queue.Empty:
-                if self._engine._stopped():
-                    raise Unavailable("the executor's engine has stopped") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
-                self._engine._wake()  # read down: the engine resumes it
-            yield item
-            if item.finish_reason is not None:
-                return
-
-    def result(self) -> GenerationResult:
-        """Wait for the whole generation (consumes the stream; later calls return the same)."""
-        if self._result is not None:
-            return self._result
-        ids: list[int] = []
-        texts: list[str] = []
-        lps: list[float] = []
-        last = None
-        for out in self:
-            ids += out.token_ids
-            texts.append(out.text)
-            lps += out.logprobs
-            last = out
-        assert last is not None and last.finish_reason is not None
-        self._result = GenerationResult(
-            token_ids=ids,
-            text="".join(texts),
-            logprobs=lps,
-            finish_reason=last.finish_reason,
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            first_step=self.first_step,
-            last_step=self.last_step,
-            submit_step=self.submit_step,
-            preemptions=self.preemptions,
-        )
-        return self._result
 
 
 class Engine:
@@ -332,26 +141,13 @@ class Engine:
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
-        # Model: multi-LoRA wrappers on the targeted Linears, paged attention.
-        self.ctx = LoraContext()
-        layer_shapes = inject_lora(model, self.ctx)
-        use_paged_attention(model)
-        # The base Linears (wrapped or not, the LM head too): packed once for oneDNN where that
-        # serves (CPU float32), laid out for the decode step's rows.
-        self.dense_kernels = select_dense(self.device, self.dtype, config.dense_kernels)
-        if self.dense_kernels == "onednn":
-            pack_linears(model, batch_hint=self.max_batch_size)
-        self.pool = AdapterPool(
-            layer_shapes,
-            max_adapters=self.max_adapters,
-            device=self.device,
-            dtype=self.dtype,
-            max_rank=int(config.max_rank),
-            max_bytes=int(config.adapter_pool_bytes) or None,
-        )
-        self.ctx.pool = self.pool
-        self.kernel_backend = str(getattr(self.pool, "backend", None) or "torch")
-        self._meta = BatchMeta.make()
+        # Model: multi-LoRA wrappers, paged attention, the adapter pool (torch_runner.py).
+        self.runner = TorchModelRunner(model, config, max_batch_size=self.max_batch_size)
+        layer_shapes = self.runner.layer_shapes
+        self.ctx = self.runner.ctx
+        self.dense_kernels = self.runner.dense_kernels
+        self.pool = self.runner.pool
+        self.kernel_backend = self.runner.kernel_backend
 
         kv_bytes = int(config.kv_cache_bytes)
         if not kv_bytes:
@@ -367,18 +163,13 @@ class Engine:
         )
         # Blocks kept free when admitting (so running sequences can grow a little).
         self._watermark = max(1, self.kv.num_blocks // 100)
-        # Automatic prefix caching: full computed blocks are registered under a hash of (adapter
-        # digest, every token up to the block's end); an admitted sequence takes references on
-        # the longest registered run of its prompt's blocks and computes only the rest.
-        self.prefix_caching = bool(config.prefix_caching)
+        # Block tables and automatic prefix caching (kv_manager.py).
+        self.kvm = KVManager(
+            self.kv, prefix_caching=bool(config.prefix_caching), max_positions=self.max_positions
+        )
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self.prefill_tokens_computed = 0
-        # seq_id -> hashes of the sequence's full blocks computed so far (a memo: tokens only
-        # grow, so a block's hash never changes).
-        self._block_hashes: dict[int, list[bytes]] = {}
-        # Sequences holding only cached prefix blocks: their first own block starts a new run.
-        self._after_hit: set[int] = set()
 
         # Adapter tiers and the background loader.
         self._source = source
@@ -411,7 +202,7 @@ class Engine:
         self._fair = FairQueue()
         self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
-        self._admit_counter = 0
+        self.scheduler = Scheduler(self)
         self.step_no = 0
         self.preemptions = 0
         self.rows_cancelled = 0
@@ -453,7 +244,6 @@ class Engine:
     ) -> Engine:
         """Load the backbone of config.model_dir and build the engine. Without an injected
         source, a SidecarSource on config.cache_address (none when it is empty)."""
-        from mintmesh.model import base_model_info, load_model
         from mintmesh.services.executor.sources import SidecarSource
 
         if source is None and config.cache_address:
@@ -467,14 +257,11 @@ class Engine:
             )
         if source is None:
             logger.warning("no cache sidecar configured: serving the base model only")
-        model, tok = load_model(
-            Path(config.model_dir), device=config.device, dtype=DTYPES[config.dtype]
-        )
-        info = base_model_info(config.model_dir)
+        model, tok, fingerprint = load_backbone(config)
         return cls(
             model,
             tok,
-            base_fingerprint=info.fingerprint,
+            base_fingerprint=fingerprint,
             config=config,
             source=source,
             autostart=autostart,
@@ -522,6 +309,18 @@ class Engine:
     @property
     def draining(self) -> bool:
         return not self._accepting
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.kvm.prefix_caching
+
+    @property
+    def _block_hashes(self) -> dict[int, list[bytes]]:
+        return self.kvm._block_hashes
+
+    @property
+    def _after_hit(self) -> set[int]:
+        return self.kvm._after_hit
 
     def kv_blocks_used(self) -> int:
         return self.kv.allocator.num_used
@@ -698,8 +497,9 @@ class Engine:
                 token_slots += [slots[digest] if digest else -1] * len(ids)
                 start += len(ids)
             with self._model_lock:
-                logits = self._run_model(flat, _fresh_positions(ids_list), token_slots,
-                                         AttentionPlan(spans), None)  # fmt: skip
+                batch = ForwardBatch(flat, _fresh_positions(ids_list), token_slots,
+                                     AttentionPlan(spans), None)  # fmt: skip
+                logits = self.runner.run(batch)
         finally:
             for d in slots:
                 self.residency.release(d)
@@ -835,7 +635,7 @@ class Engine:
                         Unavailable(f"executor {self.executor_id} stopped before the request ended")
                     )
             for s in self._running:  # their KV blocks and prefix references go too
-                self._drop_blocks(s)
+                self.kvm.drop_blocks(s)
         self.residency.close()
         self.loader.close()
         close = getattr(self._source, "close", None)
@@ -935,7 +735,8 @@ class Engine:
         now = time.monotonic()
         self._reap(now)
         self._slow_readers(now)
-        sched, admitted, preempted = self._schedule()
+        plan = self.scheduler.schedule()
+        sched, admitted, preempted = plan.seqs, plan.admitted, plan.preempted
         self._num_running = len(self._running)
         self._num_loading = sum(len(v) for v in self._loading.values())
         if not sched:
@@ -965,11 +766,11 @@ class Engine:
                 prefill += n
         self.prefill_tokens_computed += prefill
         plan = AttentionPlan(spans, self.kv)
-        logits = self._run_model(flat, positions, token_slots, plan, sample_rows)
+        logits = self.runner.run(ForwardBatch(flat, positions, token_slots, plan, sample_rows))
         for seq, n in sched:
             seq.num_computed += n
             if self.prefix_caching:
-                self._register_blocks(seq, seq.num_computed - n)
+                self.kvm.register_blocks(seq, seq.num_computed - n)
             if n > 1 or seq.generated == 0:
                 self._fair.charge(seq.tenant, prompt_tokens=n)
         finished = self._sample_and_stream(samplers, logits, step)
@@ -992,48 +793,6 @@ class Engine:
             finished=finished,
             adapters=len({seq.slot for seq, _ in sched if seq.slot >= 0}),
         )
-
-    def _run_model(
-        self,
-        flat: list[int],
-        positions: list[int],
-        token_slots: list[int],
-        plan: AttentionPlan,
-        keep_rows: list[int] | None,
-    ) -> torch.Tensor:
-        """One forward of one packed row; logits [len(keep_rows) or T, vocab]."""
-        dev = self.device
-        slots = {s for s in token_slots if s >= 0}
-        if slots:
-            self.ctx.meta = self._meta.prepare(
-                torch.tensor(token_slots, dtype=torch.long), device=dev
-            )
-            self.ctx.targeted = self._targeted_layers(slots)
-        kwargs = {}
-        if keep_rows is not None:
-            kwargs["logits_to_keep"] = torch.tensor(keep_rows, dtype=torch.long, device=dev)
-        try:
-            with torch.inference_mode():
-                out = self.model(
-                    input_ids=torch.tensor([flat], dtype=torch.long, device=dev),
-                    position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
-                    use_cache=False,
-                    mint_plan=plan,
-                    **kwargs,
-                )
-        finally:
-            self.ctx.meta = None
-            self.ctx.targeted = None
-        return out.logits[0]
-
-    def _targeted_layers(self, slots: set[int]) -> set[str]:
-        """The LoRA layers some adapter in `slots` has weights on (rank > 0): only those run the
-        LoRA op in this forward (a few microseconds of Python and dispatch per layer call
-        otherwise, for nothing)."""
-        out: set[str] = set()
-        for slot in slots:
-            out |= self.pool.resident_at(slot).targeted
-        return out
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -1098,7 +857,7 @@ class Engine:
         if limit <= 0:
             return
         for s in [s for s in self._running if s.handle.reads and s.handle.unread >= limit]:
-            self._drop_blocks(s)
+            self.kvm.drop_blocks(s)
             self._running.remove(s)
             s.handle.paused = True
             self._paused[s.seq_id] = (s, now)
@@ -1128,218 +887,6 @@ class Engine:
                         "waiting: cancelled, its resources given to others"
                     ),
                 )
-
-    def _fair_share(self) -> tuple[dict[str, int], int, set[str]]:
-        """(running sequences per tenant, each tenant's share of the batch, the waiting tenants
-        under it)."""
-        counts: dict[str, int] = {}
-        for s in self._running:
-            counts[s.tenant] = counts.get(s.tenant, 0) + 1
-        waiting = self._fair.tenants()
-        share = max(1, self.max_batch_size // max(1, len(set(counts) | waiting)))
-        return counts, share, {t for t in waiting if counts.get(t, 0) < share}
-
-    def _preempt_for_fairness(self) -> int:
-        """A full batch and a waiting tenant under its share: preempt the newest sequence of
-        the tenant most over its share (at most one per step, so a tenant's burst is not
-        recomputed wholesale). Returns the number preempted."""
-        if not self.fair_share_preemption or len(self._running) < self.max_batch_size:
-            return 0
-        counts, share, under = self._fair_share()
-        if not under:
-            return 0
-        over = max(counts, key=lambda t: counts[t])
-        if counts[over] <= share:
-            return 0
-        victim = max((s for s in self._running if s.tenant == over), key=lambda s: s.admit_order)
-        self._preempt(victim)
-        self.fair_preemptions += 1
-        return 1
-
-    # -- scheduling ---------------------------------------------------------------------------
-
-    def _schedule(self) -> tuple[list[tuple[Seq, int]], int, int]:
-        """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
-        budget = self.max_step_tokens
-        sched: list[tuple[Seq, int]] = []
-        done: set[int] = set()
-        preempted = self._preempt_for_fairness()
-        # Running sequences: decodes first, then prefill chunks; oldest first within each.
-        order = sorted(self._running, key=lambda s: (not s.decoding, s.admit_order))
-        for seq in order:
-            if seq.seq_id in done or seq not in self._running or budget <= 0:
-                continue
-            # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
-            # token preempts the most recently admitted sequences.
-            while self._room(seq, 0) < 1:
-                victim = self._victim(exclude=done)
-                if victim is None or victim is seq:
-                    break
-                self._preempt(victim)
-                preempted += 1
-            room = self._room(seq, 0)
-            if room < 1:
-                if not sched and len(self._running) == 1:
-                    # Alone and still too big: the cache cannot hold this sequence.
-                    logger.warning(
-                        "sequence %d needs more than the %d tokens the KV cache holds; ending it",
-                        seq.seq_id,
-                        self.kv.capacity_tokens,
-                    )
-                    self._retire(seq, reason=FINISH_LENGTH)
-                else:
-                    self._preempt(seq)
-                    preempted += 1
-                continue
-            n = min(seq.remaining, budget, room)
-            self._take(seq, n)
-            sched.append((seq, n))
-            done.add(seq.seq_id)
-            budget -= n
-        # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
-        admitted = 0
-        in_use = {s.digest for s in self._running if s.digest}
-        while budget > 0 and len(self._running) < self.max_batch_size:
-            # A tenant at its share waits while one under it is waiting (_fair_share).
-            counts, share, under = self._fair_share()
-            at_share = {t for t, c in counts.items() if c >= share} if under else set()
-            seq = self._fair.peek(exclude=at_share) or self._fair.peek()
-            if seq is None:
-                break
-            if (
-                self.max_step_adapters
-                and seq.digest
-                and seq.digest not in in_use
-                and len(in_use) >= self.max_step_adapters
-            ):
-                break  # the adapter budget: it waits for a running adapter to leave
-            hit = self._match_prefix(seq)
-            n = min(seq.remaining, budget, self._room(seq, self._watermark if self._running else 0))
-            if n < 1:
-                if hit:  # back to the cache; looked up again next time
-                    self._drop_blocks(seq)
-                break
-            self._fair.remove(seq)
-            if self.prefix_caching:  # every admission, re-admissions after preemption too
-                self.prefix_query_tokens += len(seq.tokens)
-                self.prefix_hit_tokens += hit
-            self._admit_counter += 1
-            seq.admit_order = self._admit_counter
-            # Running from here on: should anything below fail, the step's failure path
-            # retires it with the batch (its blocks and prefix references freed).
-            self._running.append(seq)
-            self._take(seq, n)
-            seq.slot = self.pool.slot(seq.digest) if seq.digest else -1
-            if seq.slot is None:  # cannot happen: the sequence holds a reference
-                raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
-            if seq.digest:
-                in_use.add(seq.digest)
-            with self._lock:
-                self._num_waiting -= 1
-                self._tenant_left(seq.tenant)
-            sched.append((seq, n))
-            done.add(seq.seq_id)
-            budget -= n
-            admitted += 1
-        return sched, admitted, preempted
-
-    def _match_prefix(self, seq: Seq) -> int:
-        """Prefix caching, at admission: references on the cached blocks of the longest
-        registered prefix of seq's tokens under seq's own adapter digest (at least the last
-        token is left to compute, for the logits to sample from); returns the tokens matched,
-        now counted computed."""
-        if not self.prefix_caching or seq.blocks or seq.num_computed:
-            return 0
-        full = (len(seq.tokens) - 1) // self.kv.block_size
-        if full < 1:
-            return 0
-        al = self.kv.allocator
-        blocks = al.lookup(self._hashes(seq, full))
-        if not blocks:
-            return 0
-        al.acquire(blocks)
-        self._after_hit.add(seq.seq_id)
-        seq.blocks = list(blocks)
-        seq.num_computed = len(blocks) * self.kv.block_size
-        return seq.num_computed
-
-    def _hashes(self, seq: Seq, n: int) -> list[bytes]:
-        """The prefix hashes of seq's first n full blocks (computed once per sequence)."""
-        memo = self._block_hashes.setdefault(seq.seq_id, [])
-        bs = self.kv.block_size
-        while len(memo) < n:
-            i = len(memo)
-            memo.append(
-                prefix_block_hash(
-                    memo[-1] if memo else None, seq.digest, seq.tokens[i * bs : (i + 1) * bs]
-                )
-            )
-        return memo[:n]
-
-    def _register_blocks(self, seq: Seq, before: int) -> None:
-        """After a forward: the blocks of seq that became full (computed from `before` to
-        seq.num_computed) become findable by their prefix hash."""
-        bs = self.kv.block_size
-        first, end = before // bs, seq.num_computed // bs
-        if end <= first:
-            return
-        hashes = self._hashes(seq, end)
-        al = self.kv.allocator
-        for i in range(first, end):
-            al.register(seq.blocks[i], hashes[i], owner=seq.digest or "")
-
-    def _drop_blocks(self, seq: Seq) -> None:
-        """seq's references on its blocks go (registered ones stay cached); its KV is gone."""
-        if seq.blocks:
-            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
-        seq.blocks = []
-        seq.num_computed = 0
-        self._after_hit.discard(seq.seq_id)
-
-    def _room(self, seq: Seq, reserve: int) -> int:
-        """Tokens seq can add to its KV with its blocks and the free ones (less reserve)."""
-        free = max(0, self.kv.allocator.num_free - reserve)
-        return (len(seq.blocks) + free) * self.kv.block_size - seq.num_computed
-
-    def _take(self, seq: Seq, n: int) -> None:
-        """The blocks seq needs for n more tokens (contiguous with its others when possible:
-        a new run claims room for the sequence's whole expected length)."""
-        need = self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks)
-        if need > 0:
-            al = self.kv.allocator
-            if seq.blocks and seq.seq_id not in self._after_hit:
-                got = al.alloc(need, after=seq.blocks[-1])
-            else:
-                # A new run (after a cached prefix: right after it if that is free).
-                opts = seq.handle.request.sampling
-                total = len(seq.tokens) + max(0, opts.max_tokens - seq.generated)
-                expect = self.kv.blocks_for(min(total, self.max_positions)) - len(seq.blocks)
-                after = seq.blocks[-1] if seq.blocks else None
-                got = al.alloc(need, after=after, key=seq.seq_id, expect=expect)
-                self._after_hit.discard(seq.seq_id)
-            if got is None:
-                raise RuntimeError(f"sequence {seq.seq_id}: {need} KV blocks not free")
-            seq.blocks += got
-
-    def _victim(self, exclude: set[int]) -> Seq | None:
-        """The most recently admitted running sequence not yet scheduled this step."""
-        cands = [s for s in self._running if s.seq_id not in exclude]
-        return max(cands, key=lambda s: s.admit_order) if cands else None
-
-    def _preempt(self, seq: Seq) -> None:
-        """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
-        from its prompt and the tokens it generated so far (its full blocks stay cached, so
-        with prefix caching it usually takes them back instead of recomputing them)."""
-        self._drop_blocks(seq)
-        seq.preemptions += 1
-        seq.handle.preemptions = seq.preemptions
-        self.preemptions += 1
-        self._running.remove(seq)
-        self._fair.push(seq, front=True)
-        with self._lock:
-            self._num_waiting += 1
-            self._tenant_waiting[seq.tenant] = self._tenant_waiting.get(seq.tenant, 0) + 1
-        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))
 
     # -- sampling and retiring ------------------------------------------------------------------
 
@@ -1407,8 +954,8 @@ class Engine:
         """A running sequence leaves: blocks freed, adapter reference dropped, final message."""
         if seq in self._running:
             self._running.remove(seq)
-        self._drop_blocks(seq)
-        self._block_hashes.pop(seq.seq_id, None)
+        self.kvm.drop_blocks(seq)
+        self.kvm.forget(seq)
         self._unpin(seq)
         if error is not None:
             seq.handle._put(error)
@@ -1422,8 +969,7 @@ class Engine:
             self.residency.release(seq.digest)
 
     def _finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
-        self._block_hashes.pop(seq.seq_id, None)
-        self._after_hit.discard(seq.seq_id)
+        self.kvm.forget(seq)
         self._unpin(seq)
         with self._lock:
             self._num_waiting -= 1

@@ -1,135 +1,181 @@
-"""Scheduling state of the step loop, plain Python: sequences and the fair waiting queue.
+"""The step loop's scheduling: which sequences run in the next forward and with how many
+tokens, within a token budget (max_step_tokens), a sequence budget (max_batch_size), an adapter
+budget (max_step_adapters) and the KV blocks free; running sequences first (decodes, then
+prefill chunks), preempting the most recently admitted ones when blocks run out, then
+admissions from the waiting queues by tenant fairness (sequence.py's FairQueue), with a
+preemption per step for a waiting tenant under its share of the batch (fair_share_preemption).
 
-Fairness is S-LoRA's Virtual Token Counter (OSDI 2024, "Fairness in Serving Large Language
-Models"): every tenant has a counter of the service it received (prompt tokens weighted 1,
-generated tokens weighted 2); the next request admitted is the head of the queue of the waiting
-tenant with the smallest counter. A tenant that becomes active again is lifted to the smallest
-counter of the tenants already waiting, so idling banks no credit. A tenant with a thousand
-queued requests therefore cannot starve another tenant's single request: that request is taken
-as soon as a sequence slot frees; and when no slot frees (the batch is full of one tenant's long
-streams) the engine preempts the newest sequence of a tenant over its share of the batch
-(max_batch_size over the tenants running or waiting) for a waiting tenant under it, so that
-request is admitted within a step whatever the other tenant does.
+The Scheduler works on its engine's running list, waiting queues and KV manager; schedule()
+returns the StepPlan the engine then runs as one forward.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-BASE_TENANT = "__base__"
-PROMPT_WEIGHT = 1.0
-OUTPUT_WEIGHT = 2.0
+from mintmesh.services.executor.requests import FINISH_LENGTH
+from mintmesh.services.executor.sequence import Sequence as Seq
 
+if TYPE_CHECKING:
+    from mintmesh.services.executor.engine import Engine
 
-@dataclass(eq=False)
-class Sequence:
-    """One generation request inside the engine."""
+logger = logging.getLogger(__name__)
 
-    seq_id: int
-    tenant: str
-    digest: str | None
-    prompt_len: int
-    # Prompt, then every generated token. KV of tokens[:num_computed] is in the cache.
-    tokens: list[int]
-    handle: Any = None
-    text: Any = None  # IncrementalText
-    generator: Any = None  # torch.Generator for sampling, None for greedy
-    deadline: float | None = None
-    otel_context: Any = None
-    num_computed: int = 0
-    blocks: list[int] = field(default_factory=list)
-    slot: int = -1  # adapter pool slot while running, -1 = no adapter
-    pinned: bool = False  # holds a reference on its adapter in the pool
-    admit_order: int = -1
-    preemptions: int = 0
-    first_step: int | None = None  # step of its first generated token
-    last_step: int | None = None
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-    @property
-    def remaining(self) -> int:
-        """Tokens still to run through the model before the next sample."""
-        return len(self.tokens) - self.num_computed
-
-    @property
-    def decoding(self) -> bool:
-        """One token to run after a sampled one (a prompt whose prefix came from the cache
-        but for its last token is still a prefill)."""
-        return self.num_computed > 0 and self.remaining == 1 and self.generated > 0
+__all__ = ["Scheduler", "StepPlan"]
 
 
-class FairQueue:
-    """Per-tenant FIFO queues picked by the smallest virtual token counter."""
+@dataclass
+class StepPlan:
+    """One step's schedule: (sequence, tokens this step) for every sequence in the forward, in
+    the forward's order; the sequences admitted and preempted to make it."""
 
-    def __init__(self) -> None:
-        self._queues: dict[str, deque[Sequence]] = {}
-        self.counters: dict[str, float] = {}
-        self._size = 0
+    seqs: list[tuple[Seq, int]] = field(default_factory=list)
+    admitted: int = 0
+    preempted: int = 0
 
-    def __len__(self) -> int:
-        return self._size
 
-    def __iter__(self) -> Iterator[Sequence]:
-        for q in self._queues.values():
-            yield from q
+class Scheduler:
+    """Admission, budgets, tenant fairness and preemption for one engine (its step thread)."""
 
-    def push(self, seq: Sequence, *, front: bool = False) -> None:
-        q = self._queues.get(seq.tenant)
-        if not q:
-            # (Re)activation: no credit for the time spent idle.
-            active = [self.counters[t] for t, qq in self._queues.items() if qq]
-            if active:
-                floor = min(active)
-                self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), floor)
-            else:
-                self.counters.setdefault(seq.tenant, 0.0)
-            if q is None:
-                q = self._queues[seq.tenant] = deque()
-        if front:
-            q.appendleft(seq)
-        else:
-            q.append(seq)
-        self._size += 1
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.admit_counter = 0
 
-    def tenants(self) -> set[str]:
-        """The tenants with a request waiting."""
-        return {t for t, q in self._queues.items() if q}
+    def fair_share(self) -> tuple[dict[str, int], int, set[str]]:
+        """(running sequences per tenant, each tenant's share of the batch, the waiting tenants
+        under it)."""
+        e = self.engine
+        counts: dict[str, int] = {}
+        for s in e._running:
+            counts[s.tenant] = counts.get(s.tenant, 0) + 1
+        waiting = e._fair.tenants()
+        share = max(1, e.max_batch_size // max(1, len(set(counts) | waiting)))
+        return counts, share, {t for t in waiting if counts.get(t, 0) < share}
 
-    def peek(self, exclude: frozenset[str] | set[str] = frozenset()) -> Sequence | None:
-        """The next request by virtual token counter, of a tenant not in exclude."""
-        best: tuple[float, int] | None = None
-        pick = None
-        for t, q in self._queues.items():
-            if not q or t in exclude:
+    def preempt_for_fairness(self) -> int:
+        """A full batch and a waiting tenant under its share: preempt the newest sequence of
+        the tenant most over its share (at most one per step, so a tenant's burst is not
+        recomputed wholesale). Returns the number preempted."""
+        e = self.engine
+        if not e.fair_share_preemption or len(e._running) < e.max_batch_size:
+            return 0
+        counts, share, under = self.fair_share()
+        if not under:
+            return 0
+        over = max(counts, key=lambda t: counts[t])
+        if counts[over] <= share:
+            return 0
+        victim = max((s for s in e._running if s.tenant == over), key=lambda s: s.admit_order)
+        self.preempt(victim)
+        e.fair_preemptions += 1
+        return 1
+
+    def schedule(self) -> StepPlan:
+        """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
+        e = self.engine
+        budget = e.max_step_tokens
+        sched: list[tuple[Seq, int]] = []
+        done: set[int] = set()
+        preempted = self.preempt_for_fairness()
+        # Running sequences: decodes first, then prefill chunks; oldest first within each.
+        order = sorted(e._running, key=lambda s: (not s.decoding, s.admit_order))
+        for seq in order:
+            if seq.seq_id in done or seq not in e._running or budget <= 0:
                 continue
-            key = (self.counters.get(t, 0.0), q[0].seq_id)
-            if best is None or key < best:
-                best, pick = key, q[0]
-        return pick
+            # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
+            # token preempts the most recently admitted sequences.
+            while e.kvm.room(seq, 0) < 1:
+                victim = self.victim(exclude=done)
+                if victim is None or victim is seq:
+                    break
+                self.preempt(victim)
+                preempted += 1
+            room = e.kvm.room(seq, 0)
+            if room < 1:
+                if not sched and len(e._running) == 1:
+                    # Alone and still too big: the cache cannot hold this sequence.
+                    logger.warning(
+                        "sequence %d needs more than the %d tokens the KV cache holds; ending it",
+                        seq.seq_id,
+                        e.kv.capacity_tokens,
+                    )
+                    e._retire(seq, reason=FINISH_LENGTH)
+                else:
+                    self.preempt(seq)
+                    preempted += 1
+                continue
+            n = min(seq.remaining, budget, room)
+            e.kvm.take(seq, n)
+            sched.append((seq, n))
+            done.add(seq.seq_id)
+            budget -= n
+        # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
+        admitted = 0
+        in_use = {s.digest for s in e._running if s.digest}
+        while budget > 0 and len(e._running) < e.max_batch_size:
+            # A tenant at its share waits while one under it is waiting (fair_share).
+            counts, share, under = self.fair_share()
+            at_share = {t for t, c in counts.items() if c >= share} if under else set()
+            seq = e._fair.peek(exclude=at_share) or e._fair.peek()
+            if seq is None:
+                break
+            if (
+                e.max_step_adapters
+                and seq.digest
+                and seq.digest not in in_use
+                and len(in_use) >= e.max_step_adapters
+            ):
+                break  # the adapter budget: it waits for a running adapter to leave
+            hit = e.kvm.match_prefix(seq)
+            n = min(seq.remaining, budget, e.kvm.room(seq, e._watermark if e._running else 0))
+            if n < 1:
+                if hit:  # back to the cache; looked up again next time
+                    e.kvm.drop_blocks(seq)
+                break
+            e._fair.remove(seq)
+            if e.prefix_caching:  # every admission, re-admissions after preemption too
+                e.prefix_query_tokens += len(seq.tokens)
+                e.prefix_hit_tokens += hit
+            self.admit_counter += 1
+            seq.admit_order = self.admit_counter
+            # Running from here on: should anything below fail, the step's failure path
+            # retires it with the batch (its blocks and prefix references freed).
+            e._running.append(seq)
+            e.kvm.take(seq, n)
+            seq.slot = e.pool.slot(seq.digest) if seq.digest else -1
+            if seq.slot is None:  # cannot happen: the sequence holds a reference
+                raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
+            if seq.digest:
+                in_use.add(seq.digest)
+            with e._lock:
+                e._num_waiting -= 1
+                e._tenant_left(seq.tenant)
+            sched.append((seq, n))
+            done.add(seq.seq_id)
+            budget -= n
+            admitted += 1
+        return StepPlan(sched, admitted, preempted)
 
-    def remove(self, seq: Sequence) -> None:
-        q = self._queues.get(seq.tenant)
-        if q is None:
-            raise KeyError(f"sequence {seq.seq_id} of tenant {seq.tenant!r} is not queued")
-        q.remove(seq)
-        self._size -= 1
-        if not q:
-            del self._queues[seq.tenant]
+    def victim(self, exclude: set[int]) -> Seq | None:
+        """The most recently admitted running sequence not yet scheduled this step."""
+        e = self.engine
+        cands = [s for s in e._running if s.seq_id not in exclude]
+        return max(cands, key=lambda s: s.admit_order) if cands else None
 
-    def charge(self, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
-        self.counters[tenant] = (
-            self.counters.get(tenant, 0.0)
-            + PROMPT_WEIGHT * prompt_tokens
-            + OUTPUT_WEIGHT * output_tokens
-        )
-
-    def forget_idle(self, keep: set[str]) -> None:
-        """Drop the counters of tenants neither waiting nor in keep (bounded memory)."""
-        for t in [t for t in self.counters if t not in keep and not self._queues.get(t)]:
-            del self.counters[t]
+    def preempt(self, seq: Seq) -> None:
+        """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
+        from its prompt and the tokens it generated so far (its full blocks stay cached, so
+        with prefix caching it usually takes them back instead of recomputing them)."""
+        e = self.engine
+        e.kvm.drop_blocks(seq)
+        seq.preemptions += 1
+        seq.handle.preemptions = seq.preemptions
+        e.preemptions += 1
+        e._running.remove(seq)
+        e._fair.push(seq, front=True)
+        with e._lock:
+            e._num_waiting += 1
+            e._tenant_waiting[seq.tenant] = e._tenant_waiting.get(seq.tenant, 0) + 1
+        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))

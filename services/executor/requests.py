@@ -1,0 +1,228 @@
+"""The engine's request and result types: what a caller submits (GenerationRequest), what it
+streams back (GenerationOutput) and collects (GenerationResult), the handle that carries them
+(GenerationHandle), and what a step and the engine report (StepStats, EngineStatus)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mintmesh.errors import Unavailable
+from mintmesh.services.executor.sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from mintmesh.services.executor.engine import Engine
+
+__all__ = [
+    "FINISH_CANCELLED",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "EngineStatus",
+    "GenerationHandle",
+    "GenerationOutput",
+    "GenerationRequest",
+    "GenerationResult",
+    "StepStats",
+]
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass
+class GenerationRequest:
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # sha256 digest of the packed adapter; None or "" = the base model alone.
+    adapter_digest: str | None = None
+    request_id: str = ""
+    # time.monotonic() after which the request is abandoned (finish_reason "cancelled").
+    deadline: float | None = None
+    # Fairness key: the adapter's tenant ("" = the digest for adapters, BASE_TENANT without).
+    tenant: str = ""
+
+
+@dataclass
+class GenerationOutput:
+    """One streamed step: the new token(s), their text (may be empty while a UTF-8 sequence or a
+    possible stop string is incomplete), and on the last one finish_reason and usage."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # With logprobs: each token's own text, and (top_logprobs) the likeliest (id, logprob)s.
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    # Engine steps of the first and the last generated token (None: none generated).
+    first_step: int | None
+    last_step: int | None
+    submit_step: int
+    preemptions: int
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did."""
+
+    step: int
+    num_tokens: int = 0  # tokens through the model (prefill + decode)
+    num_seqs: int = 0  # sequences in the forward
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sampled: int = 0  # tokens generated
+    admitted: int = 0
+    preempted: int = 0
+    finished: int = 0
+    adapters: int = 0  # distinct adapters in the forward
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    executor_id: str
+    base_fingerprint: str
+    resident_adapters: list[str]
+    queue_depth: int
+    running: int
+    max_batch_size: int
+    max_adapters: int
+    device: str
+    draining: bool
+    kernel_backend: str
+    loading: int = 0
+    tokens_per_s: float = 0.0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_block_size: int = 0
+    host_adapters: list[str] = field(default_factory=list)
+    node_cache_adapters: list[str] = field(default_factory=list)
+    loading_adapters: list[str] = field(default_factory=list)
+    adapter_pool_bytes_used: int = 0
+    adapter_pool_bytes_total: int = 0
+    host_bytes_used: int = 0
+    host_bytes_total: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    tokens_generated: int = 0
+    # Automatic prefix caching: prompt tokens looked up at admission, and of those the tokens
+    # whose K/V was reused from cached blocks (same adapter digest, same prefix); unreferenced
+    # blocks kept for their prefix (counted free in kv_blocks_used/total).
+    prefix_caching: bool = False
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    kv_blocks_cached: int = 0
+    dense_kernels: str = "torch"
+
+
+class GenerationHandle:
+    """A submitted generation: iterate it for GenerationOutput steps (the last one has a
+    finish_reason); cancel() stops it at the next step and frees its KV blocks."""
+
+    def __init__(self, request: GenerationRequest, engine: Engine) -> None:
+        self.request = request
+        self._engine = engine
+        self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
+        self._cancelled = threading.Event()
+        self.done = False
+        self.submit_step = 0
+        self.submitted_at = time.monotonic()
+        self.token_at: float | None = None  # when its latest token was sampled (on_token)
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.preemptions = 0
+        self.paused = False  # its client stopped reading (Engine: stream_buffer_outputs)
+        # Outputs taken so far: only a stream someone has started reading can be paused (a
+        # caller that collects the whole result at the end is not a slow reader).
+        self.reads = 0
+        self._result: GenerationResult | None = None
+
+    @property
+    def unread(self) -> int:
+        """Outputs streamed that the reader has not taken yet."""
+        return self._q.qsize()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._engine._wake()
+
+    def expired(self, now: float | None = None) -> bool:
+        dl = self.request.deadline
+        return dl is not None and (now or time.monotonic()) > dl
+
+    def _put(self, item: GenerationOutput | BaseException) -> None:
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.done = True
+        self._q.put(item)
+
+    def get(self, timeout: float | None = None) -> GenerationOutput | BaseException:
+        """The next streamed item (an output or the error that ended the request)."""
+        item = self._q.get(timeout=timeout)
+        self.reads += 1
+        return item
+
+    def __iter__(self) -> Iterator[GenerationOutput]:
+        while True:
+            try:
+                item = self._q.get(timeout=0.25)
+                self.reads += 1
+            except queue.Empty:
+                if self._engine._stopped():
+                    raise Unavailable("the executor's engine has stopped") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
+                self._engine._wake()  # read down: the engine resumes it
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        """Wait for the whole generation (consumes the stream; later calls return the same)."""
+        if self._result is not None:
+            return self._result
+        ids: list[int] = []
+        texts: list[str] = []
+        lps: list[float] = []
+        last = None
+        for out in self:
+            ids += out.token_ids
+            texts.append(out.text)
+            lps += out.logprobs
+            last = out
+        assert last is not None and last.finish_reason is not None
+        self._result = GenerationResult(
+            token_ids=ids,
+            text="".join(texts),
+            logprobs=lps,
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            first_step=self.first_step,
+            last_step=self.last_step,
+            submit_step=self.submit_step,
+            preemptions=self.preemptions,
+        )
+        return self._result
