@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from mintmesh.bench.common import ensure_model
+from mintmesh.kernels.settings import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lora-threads",
         type=int,
-        default=1,
+        default=KernelSettings.lora_threads,
         help="threads of the native LoRA kernel (the executor's --lora-threads)",
     )
     p.add_argument("--serial-repeats", type=int, default=2)

@@ -10,9 +10,8 @@
 // (blocks[p / block_size], p % block_size).
 //
 // Work items are (sequence, chunk of KV heads). nthreads > 1 shares them with helper threads by
-// an atomic counter: the caller starts at once and takes items too, and at the end waits only for
-// helpers that are inside the job (a helper that has not woken yet finds no job and goes back to
-// sleep), so a descheduled helper never stalls the call beyond the item it is running.
+// an atomic counter (work_share.h): a descheduled helper never stalls the call beyond the item it
+// is running.
 //
 // The math is built twice (baseline ISA and AVX2+FMA), picked at run time, like lora_cpu.cpp.
 
@@ -20,18 +19,10 @@
 #include <string.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <math.h>
-#include <mutex>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MM_PAUSE() _mm_pause()
-#else
-#define MM_PAUSE() ((void)0)
-#endif
+#include "work_share.h"  // the helper threads; includes <immintrin.h> on x86
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
@@ -249,84 +240,12 @@ int detect_isa() {
   return g_isa;
 }
 
-// Helper threads, started on first use and kept (sleeping on a condition variable) for the life
-// of the process.
-struct Pool {
-  std::mutex mu;
-  std::condition_variable cv;
-  uint64_t gen = 0;
-  int started = 0;
-  std::atomic<Job*> cur{nullptr};
-  std::atomic<int> busy{0};
-
-  void worker() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(mu);
-        cv.wait(lk, [&] { return gen != seen; });
-        seen = gen;
-      }
-      busy.fetch_add(1);  // seq_cst: pairs with the caller's store of cur / load of busy
-      Job* j = cur.load();
-      if (j != nullptr) work(*j);
-      busy.fetch_sub(1);
-    }
-  }
-
-  void ensure(int helpers) {
-    std::lock_guard<std::mutex> lk(mu);
-    while (started < helpers) {
-      try {
-        std::thread([this] { worker(); }).detach();
-      } catch (...) {  // no more threads (a pids limit, say): the caller does the rest itself
-        break;
-      }
-      ++started;
-    }
-  }
-};
-
-Pool* g_pool = nullptr;
-std::mutex g_pool_mu;
+void work_fn(void* j) { work(*static_cast<Job*>(j)); }
 
 void run(Job& J, int nthreads) {
   J.isa = detect_isa();
-  int helpers = nthreads - 1;
-  if ((int64_t)helpers > J.items - 1) helpers = (int)(J.items - 1);
-  const unsigned hc = std::thread::hardware_concurrency();
-  if (hc > 0 && helpers > (int)hc - 1) helpers = (int)hc - 1;
-  if (helpers < 1) {
-    work(J);
-    return;
-  }
-  Pool* pool;
-  {
-    std::lock_guard<std::mutex> lk(g_pool_mu);
-    if (g_pool == nullptr) g_pool = new Pool();  // never freed: helpers outlive any caller
-    pool = g_pool;
-  }
-  pool->ensure(helpers);
-  Job* expected = nullptr;
-  if (!pool->cur.compare_exchange_strong(expected, &J)) {  // another caller holds the helpers
-    work(J);
-    return;
-  }
-  {
-    std::lock_guard<std::mutex> lk(pool->mu);
-    ++pool->gen;
-  }
-  pool->cv.notify_all();
-  work(J);
-  pool->cur.store(nullptr);
-  // Only helpers inside the job (they incremented busy before reading cur) are waited for.
-  for (int spin = 0; pool->busy.load() != 0; ++spin) {
-    if (spin < 4096) {
-      MM_PAUSE();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  share::Work w{work_fn, &J};
+  share::run(w, share::helpers_for(J.items, nthreads));
 }
 
 }  // namespace

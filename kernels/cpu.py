@@ -241,9 +241,9 @@ class CpuBackend:
         falls back to the cost model where the library is unavailable or the dtype is not
         float32); None: cost model.
         single_thread: run the ops on the calling thread (see the module docstring).
-        native_threads: OpenMP threads of the native kernel (default: the kernels' settings,
-        --lora-threads, 1: a parallel region stalls whenever the cores are shared, see the
-        module docstring)."""
+        native_threads: threads of the native kernel, the caller included (default: the kernels'
+        settings, --lora-threads); its helpers share tiles through an atomic counter
+        (work_share.h), so a descheduled helper delays a call by one tile at most."""
         if strategy not in (None, "native", "runs", "sorted", "gather"):
             raise ValueError(
                 f"unknown CPU strategy {strategy!r}; use native, runs, sorted or gather"

@@ -1,9 +1,9 @@
 // Native CPU LoRA ops (fp32) over the paged adapter pool: see kernels/native.py.
 //
 // Plain C ABI (loaded with ctypes, no torch headers: compiles in a second or two). Weights are
-// read in place through the page table (no gather copies); one call per layer and op; OpenMP
-// over tiles of up to 4 rows of one adapter segment (rows are addressed through sorted_tokens,
-// so a tile never copies x or y). The inner loops use GCC vector extensions (8 floats), built
+// read in place through the page table (no gather copies); one call per layer and op; the work
+// items are tiles of up to 4 rows of one adapter segment (rows are addressed through
+// sorted_tokens, so a tile never copies x or y), shared with helper threads by work_share.h. The inner loops use GCC vector extensions (8 floats), built
 // twice: once for the baseline ISA and once with AVX2+FMA, picked at run time (so the library
 // is safe on a machine without AVX2, whatever machine built it).
 //
@@ -13,11 +13,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <atomic>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "work_share.h"
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads
 
@@ -217,18 +216,37 @@ inline __attribute__((always_inline)) void run_tile(const Job& J, const Tile& t)
   }
 }
 
+// One call's tiles, taken through an atomic counter by the caller and any helper threads.
+struct Tiles {
+  const Job* J;
+  const Tile* tiles;
+  int64_t n;
+  std::atomic<int64_t> next{0};
+  int isa;
+};
+
 #if defined(__x86_64__) || defined(__i386__)
 #define MM_HAVE_AVX2_CLONE 1
-__attribute__((target("avx2,fma"))) void run_tiles_avx2(const Job& J, const Tile* tiles, int n,
-                                                        int nt) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int i = 0; i < n; ++i) run_tile(J, tiles[i]);
+__attribute__((target("avx2,fma"))) void run_tiles_avx2(Tiles& w) {
+  for (int64_t i; (i = w.next.fetch_add(1, std::memory_order_relaxed)) < w.n;)
+    run_tile(*w.J, w.tiles[i]);
 }
 #endif
 
-void run_tiles_base(const Job& J, const Tile* tiles, int n, int nt) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int i = 0; i < n; ++i) run_tile(J, tiles[i]);
+void run_tiles_base(Tiles& w) {
+  for (int64_t i; (i = w.next.fetch_add(1, std::memory_order_relaxed)) < w.n;)
+    run_tile(*w.J, w.tiles[i]);
+}
+
+void run_tiles(void* p) {
+  Tiles& w = *static_cast<Tiles*>(p);
+#ifdef MM_HAVE_AVX2_CLONE
+  if (w.isa == 1) {
+    run_tiles_avx2(w);
+    return;
+  }
+#endif
+  run_tiles_base(w);
 }
 
 int g_isa = -1;  // 1: AVX2+FMA clone, 0: baseline
@@ -247,8 +265,6 @@ int run(const Job& J, int64_t nseg, int nthreads) {
       tiles.push_back(Tile{int32_t(s), p, n});
     }
   }
-  int nt = nthreads < 1 ? 1 : nthreads;
-  if ((int64_t)tiles.size() < nt) nt = (int)tiles.size();
   if (g_isa < 0) {
 #ifdef MM_HAVE_AVX2_CLONE
     __builtin_cpu_init();
@@ -257,13 +273,10 @@ int run(const Job& J, int64_t nseg, int nthreads) {
     g_isa = 0;
 #endif
   }
-#ifdef MM_HAVE_AVX2_CLONE
-  if (g_isa == 1) {
-    run_tiles_avx2(J, tiles.data(), (int)tiles.size(), nt);
-    return 0;
-  }
-#endif
-  run_tiles_base(J, tiles.data(), (int)tiles.size(), nt);
+  Tiles w;
+  w.J = &J, w.tiles = tiles.data(), w.n = (int64_t)tiles.size(), w.isa = g_isa;
+  share::Work work{run_tiles, &w};
+  share::run(work, share::helpers_for(w.n, nthreads));
   return 0;
 }
 

@@ -33,6 +33,8 @@ from mintmesh.kernels.settings import SETTINGS
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.cpp")
+# The helper threads both libraries share their work with (included by both sources).
+SHARE_HEADER = Path(__file__).with_name("work_share.h")
 ABI_VERSION = 1
 _BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-Wno-psabi", "-fno-math-errno"]
 _F32 = torch.float32
@@ -75,18 +77,19 @@ def _lib_path(
 
 
 def _compile(
-    cxx: str, src_path: Path, out: Path, variants: tuple[list[str], ...] = (["-fopenmp"], [])
+    cxx: str, src_path: Path, out: Path, variants: tuple[list[str], ...] = (["-pthread"], [])
 ) -> None:
     """Compile to a temporary file, then rename it into place (atomic: concurrent builders and
-    readers never see a partial library). With OpenMP if the toolchain has it, else without
-    (variants: the extra flags to try, in order)."""
+    readers never see a partial library). variants: the extra flags to try, in order."""
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for extra in variants:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            r = _run([cxx, *_BASE_FLAGS, *extra, str(src_path), "-o", tmp])
+            # -I: the shared header is found beside this module, wherever the source is.
+            inc = ["-I", str(SHARE_HEADER.parent)]
+            r = _run([cxx, *_BASE_FLAGS, *inc, *extra, str(src_path), "-o", tmp])
             if r.returncode == 0:
                 os.replace(tmp, out)
                 return
@@ -239,10 +242,12 @@ class _Spec:
         return getattr(selfcheck, self.selfcheck)(lib)
 
     def path(self, cxx: str) -> Path:
+        # The build is keyed by its source and the header it includes.
+        src = self.source.read_bytes() + b"\0" + SHARE_HEADER.read_bytes()
         if self.variants is None:
-            return _lib_path(cxx, self.source.read_bytes())
+            return _lib_path(cxx, src)
         flags = " ".join(" ".join(v) for v in self.variants)
-        return _lib_path(cxx, self.source.read_bytes(), self.name, self.abi, flags)
+        return _lib_path(cxx, src, self.name, self.abi, flags)
 
     def compile(self, cxx: str, path: Path) -> None:
         if self.variants is None:

@@ -13,9 +13,8 @@ __all__ = ["SETTINGS", "KernelSettings", "configure"]
 class KernelSettings:
     # The native CPU libraries (kernels/*.cpp); False: the torch strategies serve.
     native: bool = True
-    # OpenMP threads of the native LoRA kernels (1: a parallel region stalls whenever the cores
-    # are shared, see kernels/cpu.py).
-    lora_threads: int = 1
+    # Threads of the native LoRA kernels (the caller and helpers sharing tiles: work_share.h).
+    lora_threads: int = 2
     # Threads of the native paged decode attention.
     attn_threads: int = 1
 

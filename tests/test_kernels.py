@@ -448,7 +448,7 @@ def test_kernel_bench_runs_end_to_end_on_the_tiny_backbone(tiny_model_dir, capsy
     assert m["lora_ops_decode_roofline"] == pytest.approx(want, rel=0.05)
     assert m["lora_ops_decode_roofline_min"] <= m["lora_ops_decode_roofline"]
     assert m["lora_ops_decode_roofline"] <= m["lora_ops_decode_roofline_max"]
-    assert m["read_bandwidth_gb_s"] > 0.1 and m["lora_threads"] == 1
+    assert m["read_bandwidth_gb_s"] > 0.1 and m["lora_threads"] == 2
     # Every target's verdict is its value against its threshold.
     for name, (op, thr) in bench.TARGETS.items():
         assert op == ">=" and res["targets"][name]["met"] == (m[name] >= thr), name

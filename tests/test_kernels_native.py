@@ -8,6 +8,7 @@ compiler skips the tests that need it."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import native_util
 import pytest
@@ -146,6 +147,42 @@ def test_native_isa_paths_and_threads(lib, isa, threads):
             assert_close(y, want, F32, f"native {isa} x{threads} {layer}")
     finally:
         lib.set_isa(None)
+
+
+def test_native_threads_shared_by_concurrent_callers(lib):
+    """Helper threads are shared (work_share.h): callers on four Python threads at once, each
+    asking for 2 and 3 threads, with one call's tiles taken by the caller and helpers and the other
+    callers running alone; every result equals the single-threaded one, bit for bit (each tile is
+    computed by one thread, whichever)."""
+    shapes, pool, by_slot, ts = _setup("mixed", 133, "zipf", "ragged", seed=17)
+    meta = prepare(ts)
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for layer, (o, n_in) in shapes.items():
+        x = torch.randn(133, n_in, generator=g) * 30.0  # large activations
+        y = torch.randn(133, o, generator=g)
+        want = y.clone()
+        assert lib.fused(want, x, pool.layer(layer), meta.tensors(), meta.host.num_segments, 1)
+        assert_close(want, oracle(y, x, ts, by_slot, layer, F32), F32, f"x1 {layer}")
+        cases.append((layer, x, y, want))
+    errors: list[str] = []
+
+    def caller(k: int) -> None:
+        for rep in range(20):
+            for layer, x, y, want in cases:
+                got = y.clone()
+                ok = lib.fused(got, x, pool.layer(layer), meta.tensors(),
+                               meta.host.num_segments, 2 + (k + rep) % 2)  # fmt: skip
+                if not ok or not torch.equal(got, want):
+                    errors.append(f"caller {k} rep {rep} {layer}")
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert errors == []
 
 
 def test_native_reads_scattered_pages_and_skips_untargeted_layers(lib):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mintmesh.kernels.dense import DENSE_MODES
+from mintmesh.kernels.settings import KernelSettings
 from mintmesh.packed import DTYPES
 from mintmesh.services.common.config import check_metrics_port
 
@@ -153,14 +154,16 @@ class ExecutorConfig:
     )
     # The kernels' settings (kernels/settings.py), applied once when the executor process starts.
     native_kernels: bool = field(
-        default=True,
+        default=KernelSettings.native,
         metadata={"help": "the native CPU kernels (off: the torch strategies serve)"},
     )
     lora_threads: int = field(
-        default=1, metadata={"help": "OpenMP threads of the native LoRA kernels"}
+        default=KernelSettings.lora_threads,
+        metadata={"help": "threads of the native LoRA kernels (the caller and its helpers)"},
     )
     attn_threads: int = field(
-        default=1, metadata={"help": "threads of the native paged decode attention"}
+        default=KernelSettings.attn_threads,
+        metadata={"help": "threads of the native paged decode attention"},
     )
     otlp_endpoint: str = field(
         default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
