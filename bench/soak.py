@@ -20,8 +20,9 @@ when the store died (the client does not know whether it landed; it is not count
 acknowledged). Anything else is `errors_unexpected`. At the end every acknowledged revision that
 was not deleted must resolve to its digest and fetch bytes hashing to it (else
 `lost_acknowledged_writes`), and every deleted one must be gone. RSS of each process is sampled
-once warm (after the first quarter of the run) and at the end; `rss_growth_max` is the largest
-relative growth over processes that were not restarted in between.
+once warm (a quarter of the run after it was first seen: a restarted process gets a warm-up of
+its own) and at the end; `rss_growth_max` is the largest relative growth over processes that
+were not restarted in between.
 
 Targets: errors_unexpected = 0, lost_acknowledged_writes = 0, wrong_tokens = 0,
 rss_growth_max <= 0.05. The last stdout line is one JSON object
@@ -230,6 +231,26 @@ def _rss(cluster) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _sample_warm_rss(
+    cluster, t0: float, duration: float, *, warm_s: float, every_s: float = 2.0
+) -> dict[str, tuple[int, int]]:
+    """Until t0 + duration, each process's RSS once it is warm: the first sample taken warm_s or
+    more after that process (that pid) was first seen. A process restarted during the run gets a
+    warm-up of its own (sampled right after a restart, it has not loaded its model yet)."""
+    first_seen: dict[int, float] = {}
+    warm: dict[str, tuple[int, int]] = {}
+    while True:
+        now = time.monotonic()
+        for name, (pid, kb) in _rss(cluster).items():
+            seen = first_seen.setdefault(pid, now)
+            if now - seen >= warm_s and (name not in warm or warm[name][0] != pid):
+                warm[name] = (pid, kb)
+        left = t0 + duration - time.monotonic()
+        if left <= 0:
+            return warm
+        time.sleep(min(every_s, left))
+
+
 def _wait_healthy(cluster, timeout: float) -> None:
     from mintmesh.client import MintClient
 
@@ -295,9 +316,7 @@ def run(args) -> dict:
                 th.start()
             duration = args.minutes * 60.0
             progress(f"soak: {duration:.0f} s of load, a kill every {args.kill_every_s:.0f} s")
-            time.sleep(duration / 4)
-            warm = _rss(cluster)
-            time.sleep(max(0.0, t0 + duration - time.monotonic()))
+            warm = _sample_warm_rss(cluster, t0, duration, warm_s=duration / 4)
             soak.stop.set()
             for th in threads:
                 th.join(120)
