@@ -12,9 +12,10 @@ use at most R of the N) and each is loaded once (a 1-token request) before the r
 loads are `mint bench cold-load`'s, these rounds measure serving. The same requests run in every
 round and sweep point, so the executor runs without prefix caching (a repeat would hit it).
 
-Capacity (saturated), --rounds paired rounds, interleaved: in each round this machine's GEMM peak
-and read bandwidth (mintmesh.bench.common.gemm_peak, measure_read_bandwidth, with --threads
-threads), then for each N every request submitted at once (ours: tokens/s = generated tokens
+Capacity (saturated), --rounds paired rounds, interleaved: in each round, for each N this
+machine's GEMM peak and read bandwidth (mintmesh.bench.common.gemm_peak, measure_read_bandwidth,
+with --threads threads; measured again before peft's turn, the round's best counts) and then
+every request submitted at once (ours: tokens/s = generated tokens
 over first send to last token; requests/s likewise), then peft serving the first --peft-requests
 of the same requests one at a time in this process on the largest N's adapters (set_adapter,
 greedy generate of exactly the output length; its tokens/s over its serial time). Reported:
@@ -45,8 +46,10 @@ peak: ours_roofline_tokens_per_s = generated tokens / (model FLOPs / peak) (its 
 out: optimistic for ours). vs_peft_serial_bound = ours_roofline_tokens_per_s /
 peft_roofline_tokens_per_s, and vs_peft_serial_saturated = vs_peft_serial_bound *
 gemm_roofline_fraction / peft_roofline_fraction (peft's tokens/s over its roofline; equal with
-one round, medians otherwise); vs_peft_serial_ceiling = ours_roofline_tokens_per_s over peft's
-measured tokens/s (the most ours at the full GEMM peak could show against this peft).
+one round, medians otherwise); vs_peft_serial_fraction_of_bound = vs_peft_serial_saturated /
+vs_peft_serial_bound; vs_peft_serial_ceiling = ours_roofline_tokens_per_s over peft's measured
+tokens/s (the most ours at the full GEMM peak could show against this peft). Each round's own
+figures are in metrics["rounds"].
 
 Sweep: the largest N at 25/50/75/100% of its measured capacity (requests/s): --sweep-requests of
 the same requests with Poisson arrivals (one fixed draw of gaps, scaled to the rate), TTFT
@@ -513,17 +516,22 @@ def main(argv: list[str] | None = None) -> int:
                 run_stream(client, [Job(0.0, [1, 2, 3, 4], 1, i) for i in used[n]], n)
             steps0 = status()
             for r in range(args.rounds):
-                rec = {
-                    "gemm_peak_gflop_s": gemm_peak(args.device) / 1e9,
-                    "read_bandwidth_gb_s": measure_read_bandwidth(args.device) / 1e9,
-                }
+                # The machine's rooflines next to each measured phase (its speed drifts): the
+                # GEMM peak before each N and before peft, the bandwidth before each too.
+                rec, peaks, bws = {}, [], []
                 for n in ns:
+                    peaks.append(gemm_peak(args.device))
+                    bws.append(measure_read_bandwidth(args.device))
                     outcomes, makespan = run_stream(client, at_rate(jobs, None), n)
                     errors[n] += sum(1 for o in outcomes if o.error)
                     rec[f"tokens_per_s_{n}"] = sum(o.tokens for o in outcomes) / makespan
                     rec[f"requests_per_s_{n}"] = len(jobs) / makespan
                     rec[f"model_gflop_s_{n}"] = flops / makespan / 1e9
+                peaks.append(gemm_peak(args.device))
+                bws.append(measure_read_bandwidth(args.device))
                 rec["peft_serial_tokens_per_s"] = peft.run()["tokens_per_s"]
+                rec["gemm_peak_gflop_s"] = max(peaks) / 1e9
+                rec["read_bandwidth_gb_s"] = max(bws) / 1e9
                 rounds.append(rec)
                 _progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in rec.items()))  # fmt: skip
