@@ -1,9 +1,11 @@
-"""What the benchmarks share: progress on stderr, percentiles, and the preset backbone built
-once."""
+"""What the benchmarks share: progress on stderr, percentiles, the preset backbone built once,
+and this machine's rooflines measured now (GEMM peak, memory read bandwidth)."""
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 
@@ -28,3 +30,42 @@ def ensure_model(preset: str, model_dir: Path | None) -> Path:
         progress(f"building the {preset} backbone in {d} (once)")
         build_preset(preset, d)
     return d
+
+
+def _timed_on(fn, device) -> float:
+    """Seconds fn takes on device (CUDA synchronized before and after)."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def gemm_peak(device="cpu", repeats: int = 10) -> float:
+    """FLOP/s of a large float32 GEMM ([1024, 1024] @ [1024, 4096]) on this machine now, with
+    torch's current threads: the best of `repeats` after a warm-up (a GEMM this size runs at
+    the machine's practical compute roofline; model FLOPs/s over it is a roofline fraction)."""
+    import torch
+
+    a = torch.randn(1024, 1024, device=device)
+    b = torch.randn(1024, 4096, device=device)
+    torch.mm(a, b)
+    best = min(_timed_on(lambda: torch.mm(a, b), device) for _ in range(repeats))
+    return 2 * 1024 * 1024 * 4096 / best
+
+
+def measure_read_bandwidth(device="cpu", nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes per second this machine streams from memory now, with torch's threads: the median
+    of `repeats` sums over a buffer far larger than the caches (the bound of work that reads
+    each byte once and does ~1 FLOP per byte: the decode LoRA ops, a batch-1 decode step)."""
+    import torch
+
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()  # fault the pages in
+    ts = [_timed_on(lambda: buf.sum(), device) for _ in range(repeats)]
+    return nbytes / statistics.median(ts)

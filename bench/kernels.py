@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mintmesh.bench.common import ensure_model
+from mintmesh.bench.common import ensure_model, measure_read_bandwidth
 from mintmesh.kernels.settings import KernelSettings
 
 logger = logging.getLogger(__name__)
@@ -55,20 +55,6 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rank_padding_saving": (">=", 1.6),
     "lora_ops_decode_roofline": (">=", 0.8),
 }
-
-
-def measure_read_bandwidth(
-    device: torch.device, nbytes: int = 256 << 20, repeats: int = 5
-) -> float:
-    """Bytes per second this machine streams from memory now, with torch's threads: the median
-    of `repeats` sums over a buffer far larger than the caches (the decode LoRA ops' bound: they
-    read each adapter's A and B once per step and do ~2 FLOP per byte)."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    buf.sum()  # fault the pages in
-    ts = []
-    for _ in range(repeats):
-        ts.append(_timed(lambda: buf.sum(), device))
-    return nbytes / statistics.median(ts)
 
 
 def _progress(msg: str) -> None:

@@ -1,27 +1,66 @@
-"""`mint bench serve`: the serving engine end to end, as a client sees it.
+"""`mint bench serve`: the serving engine end to end at its capacity, against peft serving serially.
 
-A local cluster (store, one cache sidecar + executor, router: mintmesh.cluster.LocalCluster with
-executors=1) on the small backbone (~170M parameters, cached under ~/.cache/mintmesh/small or
---model-dir). For each N in --adapters (default 1, 100, 1000): a Poisson stream of --requests
-generation requests (prompt lengths uniform in [64, 256] tokens, output lengths uniform in
-[32, 128], greedy, exact lengths via ignore_eos), each on one of N distinct rank-16 adapters
-(mintmesh.synth, uniform popularity, a separate set per N so every N starts cold). The arrival
-times and lengths are the same for every N; only the adapters differ.
+A local cluster (store, one cache sidecar + executor, router, no HTTP gateway:
+mintmesh.cluster.LocalCluster with executors=1) on the small backbone (~170M parameters, cached
+under ~/.cache/mintmesh/small or --model-dir). The requests: --requests generation requests
+(prompt lengths uniform in [--prompt-min, --prompt-max] tokens, output lengths uniform in
+[--out-min, --out-max], greedy, exact lengths via ignore_eos), fixed by --seed. For each N in
+--adapters (default 1 and 1000) each request runs on one of a separate set of N distinct rank-16
+q/v adapters (mintmesh.synth; a fixed uniform draw per request, so the lengths are the same for
+every N and only the adapters differ); only the adapters the requests use are pushed (R requests
+use at most R of the N) and each is loaded once (a 1-token request) before the rounds: cold
+loads are `mint bench cold-load`'s, these rounds measure serving. The same requests run in every
+round and sweep point, so the executor runs without prefix caching (a repeat would hit it).
 
-Adapters are pushed before the timed stream; only those the stream uses are pushed (with R
-requests over N adapters at most R are used), and each one's first use in the stream is a cold
-load (store -> node cache -> host -> device).
+Capacity (saturated), --rounds paired rounds, interleaved: in each round, for each N this
+machine's GEMM peak and read bandwidth (mintmesh.bench.common.gemm_peak, measure_read_bandwidth,
+with --threads threads; measured again before peft's turn, the round's best counts) and then
+every request submitted at once (ours: tokens/s = generated tokens
+over first send to last token; requests/s likewise), then peft serving the first --peft-requests
+of the same requests one at a time in this process on the largest N's adapters (set_adapter,
+greedy generate of exactly the output length; its tokens/s over its serial time). Reported:
+medians over rounds with _min/_max:
 
-Metrics per N: generated tokens per second over the stream (first send to last token), p50/p99
-time to first token and inter-token latency; tps_1000_vs_1 (target >= 0.8); vs_peft_serial:
-our tokens/s at the middle N over peft's serving a sample of the same requests one at a time
-(set_adapter, generate) in this process, before the cluster starts and after it stopped (the
-faster of the two runs counts: the CPUs are shared) (target >= 10). The arrival rate is above
-what a 2-core CPU serves, so tokens/s is the saturated throughput and TTFT includes queueing.
+- tokens_per_s_N, requests_per_s_N (the capacity), model_gflop_s_N; peft_serial_tokens_per_s;
+- tps_HI_vs_LO_saturated: the largest N's tokens/s over the smallest N's, the median of the
+  per-round ratios; also under the literal name tps_1000_vs_1_saturated when N = 1 and N = 1000
+  both run (target >= 0.95; S-LoRA reports 0.95 with 2,000 adapters);
+- vs_peft_serial_saturated: ours at the largest N over peft, the median of the per-round ratios.
+
+Model FLOPs (implementation-independent, what every engine must compute for these requests): per
+token forwarded through the layers (a request's prompt and its outputs but the last),
+2 FLOP per weight of every decoder Linear plus 2 per LoRA weight of the request's adapter plus
+causal attention (QK^T and PV: 4 * (position + 1) * heads * head_dim per layer); per generated
+token, 2 FLOP per LM-head weight (logits only for the rows sampled). Norms, rotary, softmax and
+sampling are not counted. gemm_roofline_fraction = model FLOPs/s at capacity (the largest N's
+model_gflop_s) over gemm_peak_gflop_s (target >= 0.8); the peak and the bandwidth are the best of
+the run's measurements.
+
+The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
+same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
+/ read bandwidth). peft serial runs batch 1: each request's prefill, then one forward per further
+output token, each reading every weight (fp32 Linears + the adapter's LoRA weights) and the KV
+cache so far: peft_roofline_tokens_per_s = its generated tokens over the sum of those maxima. Ours
+at capacity batches every request, so weight reads are shared and at best it computes at the GEMM
+peak: ours_roofline_tokens_per_s = generated tokens / (model FLOPs / peak) (its byte bound is left
+out: optimistic for ours). vs_peft_serial_bound = ours_roofline_tokens_per_s /
+peft_roofline_tokens_per_s, and vs_peft_serial_saturated = vs_peft_serial_bound *
+gemm_roofline_fraction / peft_roofline_fraction (peft's tokens/s over its roofline; equal with
+one round, medians otherwise); vs_peft_serial_fraction_of_bound = vs_peft_serial_saturated /
+vs_peft_serial_bound; vs_peft_serial_ceiling = ours_roofline_tokens_per_s over peft's measured
+tokens/s (the most ours at the full GEMM peak could show against this peft). Each round's own
+figures are in metrics["rounds"].
+
+Sweep: the largest N at 25/50/75/100% of its measured capacity (requests/s): --sweep-requests of
+the same requests with Poisson arrivals (one fixed draw of gaps, scaled to the rate), TTFT
+(send to first token) and inter-token latency p50/p99 (nearest rank) at each point, in
+metrics["sweep"] (offered_fraction increasing). --plot PATH.png draws them against the offered
+load (matplotlib, Agg backend).
 
 Progress goes to stderr; the last stdout line is one JSON object
 {"bench": "serve", "device", "params", "metrics", "targets"}.
-    python -m mintmesh.bench.serve --json [--model-dir DIR] [--requests 48] [--rate 3]
+    python -m mintmesh.bench.serve --json [--model-dir DIR] [--requests 32] [--rounds 3]
+        [--plot serve.png]
 """
 
 from __future__ import annotations
@@ -29,7 +68,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -39,12 +81,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mintmesh.bench.common import ensure_model, percentile
+from mintmesh.bench.common import (
+    ensure_model,
+    gemm_peak,
+    measure_read_bandwidth,
+    percentile,
+)
 
 logger = logging.getLogger(__name__)
 
 RANK = 16
-TARGETS = {"tps_1000_vs_1": (">=", 0.8), "vs_peft_serial": (">=", 10.0)}
+LORA_TARGETS = ("q_proj", "v_proj")  # mintmesh.synth's default
+SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+TARGETS = {"tps_1000_vs_1_saturated": (">=", 0.95), "gemm_roofline_fraction": (">=", 0.8)}
 
 
 def _progress(msg: str) -> None:
@@ -53,10 +102,10 @@ def _progress(msg: str) -> None:
 
 @dataclass
 class Job:
-    at: float  # seconds after the stream starts
+    at: float  # Poisson arrival at rate 1/s (scaled to the offered rate); 0 at capacity
     prompt: list[int]
     out_len: int
-    adapter: int  # index into the N adapters
+    adapter: int  # index into the N adapters (mod N)
 
 
 @dataclass
@@ -68,12 +117,12 @@ class Outcome:
     error: str = ""
 
 
-def make_jobs(n: int, rate: float, seed: int, prompt_range, out_range) -> list[Job]:
+def make_jobs(n: int, seed: int, prompt_range, out_range) -> list[Job]:
     rng = random.Random(seed)
     t = 0.0
     jobs = []
     for _ in range(n):
-        t += rng.expovariate(rate)
+        t += rng.expovariate(1.0)
         plen = rng.randint(*prompt_range)
         jobs.append(
             Job(
@@ -84,6 +133,11 @@ def make_jobs(n: int, rate: float, seed: int, prompt_range, out_range) -> list[J
             )
         )
     return jobs
+
+
+def at_rate(jobs: list[Job], rate: float | None) -> list[Job]:
+    """The jobs arriving at `rate` per second (None: all at once)."""
+    return [Job(0.0 if rate is None else j.at / rate, j.prompt, j.out_len, j.adapter) for j in jobs]
 
 
 def adapter_name(n: int, i: int) -> str:
@@ -146,57 +200,140 @@ def run_stream(client, jobs: list[Job], n: int) -> tuple[list[Outcome], float]:
     return outcomes, max(o.end for o in outcomes)
 
 
-def summarize(outcomes: list[Outcome], makespan: float) -> dict:
-    tokens = sum(o.tokens for o in outcomes)
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000, 2)
+
+
+def latency_summary(outcomes: list[Outcome], makespan: float) -> dict:
     ttft = [o.ttft for o in outcomes if o.ttft is not None]
     gaps = [g for o in outcomes for g in o.gaps]
-    ms = lambda x: None if x is None else round(x * 1000, 1)  # noqa: E731
     return {
-        "tokens_per_s": round(tokens / makespan, 2) if makespan else 0.0,
-        "tokens": tokens,
-        "makespan_s": round(makespan, 2),
-        "ttft_p50_ms": ms(percentile(ttft, 0.50)),
-        "ttft_p99_ms": ms(percentile(ttft, 0.99)),
-        "itl_p50_ms": ms(percentile(gaps, 0.50)),
-        "itl_p99_ms": ms(percentile(gaps, 0.99)),
+        "tokens_per_s": round(sum(o.tokens for o in outcomes) / makespan, 2),
+        "ttft_p50_ms": _ms(percentile(ttft, 0.50)),
+        "ttft_p99_ms": _ms(percentile(ttft, 0.99)),
+        "itl_p50_ms": _ms(percentile(gaps, 0.50)),
+        "itl_p99_ms": _ms(percentile(gaps, 0.99)),
         "errors": sum(1 for o in outcomes if o.error),
-        "first_error": next((o.error for o in outcomes if o.error), ""),
     }
 
 
-def peft_serial(
-    model_dir: Path, info, jobs: list[Job], n: int, threads: int, device: str = "cpu"
-) -> dict:
-    """peft serving the jobs one at a time on `device` (the executor's): set_adapter, greedy
-    generate of exactly out_len."""
+# -- model FLOPs and bytes -------------------------------------------------------------------
+
+
+@dataclass
+class Costs:
+    """The backbone's per-token work (see the module docstring)."""
+
+    layer_weights: int  # weights of the decoder Linears
+    head_weights: int  # the LM head's
+    lora_weights: int  # one adapter's (rank RANK on LORA_TARGETS)
+    layers: int
+    q_dim: int  # heads * head_dim
+    kv_dim: int  # kv heads * head_dim
+    bytes_per_weight: int = 4  # float32 on the CPU
+
+    def attn_flops(self, t0: int, t1: int) -> float:
+        """Causal attention FLOPs of the tokens at positions t0 .. t1 - 1."""
+        keys = (t1 * (t1 + 1) - t0 * (t0 + 1)) / 2  # sum of (position + 1)
+        return 4.0 * keys * self.q_dim * self.layers
+
+    def forward_flops(self, t0: int, t1: int, logits: int) -> float:
+        """One forward of the tokens at positions t0 .. t1 - 1, `logits` rows sampled."""
+        per_token = 2.0 * (self.layer_weights + self.lora_weights)
+        return per_token * (t1 - t0) + self.attn_flops(t0, t1) + 2.0 * self.head_weights * logits
+
+    def request_flops(self, prompt: int, out: int) -> float:
+        """A request's model FLOPs: its prompt and its outputs but the last forwarded, every
+        output token's logits."""
+        return self.forward_flops(0, prompt + out - 1, 0) + 2.0 * self.head_weights * out
+
+    def weight_bytes(self) -> int:
+        w = self.layer_weights + self.head_weights + self.lora_weights
+        return w * self.bytes_per_weight
+
+    def kv_bytes(self, context: int) -> int:
+        return 2 * context * self.kv_dim * self.layers * self.bytes_per_weight
+
+    def serial_roofline_s(self, prompt: int, out: int, peak: float, bw: float) -> float:
+        """The least time batch-1 serving takes for a request: the prefill, then one forward per
+        further output token; each forward max(FLOPs / peak, bytes read / bandwidth)."""
+        t = max(self.forward_flops(0, prompt, 1) / peak, self.weight_bytes() / bw)
+        for k in range(1, out):
+            p = prompt + k - 1  # the position of the token fed back
+            t += max(
+                self.forward_flops(p, p + 1, 1) / peak,
+                (self.weight_bytes() + self.kv_bytes(p + 1)) / bw,
+            )
+        return t
+
+
+def model_costs(model_dir: Path) -> Costs:
     import torch
-    from peft import PeftModel
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mintmesh.model import load_model
-    from mintmesh.synth import write_synth_adapter
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    layer = head = lora = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        w = m.in_features * m.out_features
+        if name.rsplit(".", 1)[-1] == "lm_head":
+            head += w
+        else:
+            layer += w
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            lora += RANK * (m.in_features + m.out_features)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return Costs(
+        layer_weights=layer,
+        head_weights=head,
+        lora_weights=lora,
+        layers=cfg.num_hidden_layers,
+        q_dim=cfg.num_attention_heads * head_dim,
+        kv_dim=kv_heads * head_dim,
+    )
 
-    torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(prefix="mint-bench-peft-"))
-    names = {}
-    for job in jobs:
-        i = job.adapter % n
-        if i not in names:
-            names[i] = f"u{i}"
-            write_synth_adapter(info, tmp / names[i], rank=RANK, seed=adapter_seed(n, i))
-    base, _ = load_model(model_dir, device=device)
-    first = next(iter(names.values()))
-    pm = PeftModel.from_pretrained(base, str(tmp / first), adapter_name=first)
-    for name in names.values():
-        if name != first:
-            pm.load_adapter(str(tmp / name), adapter_name=name)
-    pm.eval()
-    tokens = 0
-    t0 = time.perf_counter()
-    for job in jobs:
-        pm.set_adapter(names[job.adapter % n])
-        x = torch.tensor([job.prompt], device=device)
+
+# -- peft, one request at a time ---------------------------------------------------------------
+
+
+class PeftSerial:
+    """peft serving jobs one at a time on `device` (the executor's): set_adapter, greedy generate
+    of exactly out_len. The adapters are loaded once, before the rounds."""
+
+    def __init__(self, model_dir: Path, info, jobs: list[Job], n: int, device: str = "cpu"):
+        from peft import PeftModel
+
+        from mintmesh.model import load_model
+        from mintmesh.synth import write_synth_adapter
+
+        self.jobs, self.n, self.device = jobs, n, device
+        tmp = Path(tempfile.mkdtemp(prefix="mint-bench-peft-"))
+        self.names: dict[int, str] = {}
+        for job in jobs:
+            i = job.adapter % n
+            if i not in self.names:
+                self.names[i] = f"u{i}"
+                write_synth_adapter(info, tmp / self.names[i], rank=RANK, seed=adapter_seed(n, i))
+        base, _ = load_model(model_dir, device=device)
+        first = next(iter(self.names.values()))
+        self.pm = PeftModel.from_pretrained(base, str(tmp / first), adapter_name=first)
+        for name in self.names.values():
+            if name != first:
+                self.pm.load_adapter(str(tmp / name), adapter_name=name)
+        self.pm.eval()
+
+    def _one(self, job: Job) -> int:
+        import torch
+
+        self.pm.set_adapter(self.names[job.adapter % self.n])
+        x = torch.tensor([job.prompt], device=self.device)
         with torch.inference_mode():
-            out = pm.generate(
+            out = self.pm.generate(
                 input_ids=x,
                 attention_mask=torch.ones_like(x),
                 do_sample=False,
@@ -204,11 +341,65 @@ def peft_serial(
                 min_new_tokens=job.out_len,
                 pad_token_id=0,
             )
-        tokens += out.shape[1] - x.shape[1]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"tokens_per_s": round(tokens / dt, 2), "tokens": tokens, "seconds": round(dt, 2)}
+        return out.shape[1] - x.shape[1]
+
+    def run(self) -> dict:
+        import torch
+
+        tokens = 0
+        t0 = time.perf_counter()
+        for job in self.jobs:
+            tokens += self._one(job)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        return {"tokens_per_s": tokens / dt, "tokens": tokens, "seconds": dt}
+
+    def warm(self) -> None:
+        self._one(Job(0.0, self.jobs[0].prompt[:8], 2, self.jobs[0].adapter))
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _r(x: float) -> float:
+    """x to 5 significant digits (the figures span 1e-3 .. 1e6)."""
+    return float(f"{x:.5g}")
+
+
+def _spread(metrics: dict, name: str, xs: list[float]) -> None:
+    """metrics[name] = median of xs, with name_min / name_max."""
+    metrics[name] = _r(statistics.median(xs))
+    metrics[f"{name}_min"] = _r(min(xs))
+    metrics[f"{name}_max"] = _r(max(xs))
+
+
+def plot_sweep(path: Path, sweep: list[dict], title: str) -> None:
+    """TTFT and inter-token latency p50/p99 against the offered load, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * s["offered_fraction"] for s in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, what, label in ((axes[0], "ttft", "time to first token"),
+                            (axes[1], "itl", "inter-token latency")):  # fmt: skip
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            ys = [s[f"{what}_{q}_ms"] for s in sweep]
+            ax.plot(x, [math.nan if y is None else y for y in ys], style, label=q)
+        ax.set_xlabel("offered load (% of measured capacity)")
+        ax.set_ylabel(f"{label} (ms)")
+        ax.set_xticks(x)
+        sec = ax.secondary_xaxis("top")
+        sec.set_xticks(x, [f"{s['offered_requests_per_s']:.2f}" for s in sweep])
+        sec.set_xlabel("requests/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,14 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=None,
                    help="backbone directory (built there if missing; default "
                         "~/.cache/mintmesh/PRESET)")  # fmt: skip
-    p.add_argument("--adapters", default="1,100,1000", help="comma list of N (distinct adapters)")
-    p.add_argument("--requests", type=int, default=48, help="requests per N")
-    p.add_argument("--rate", type=float, default=3.0, help="Poisson arrivals per second")
+    p.add_argument("--adapters", default="1,1000", help="comma list of N (distinct adapters)")
+    p.add_argument("--requests", type=int, default=32, help="requests per capacity round")
+    p.add_argument("--rounds", type=int, default=3, help="paired capacity rounds")
+    p.add_argument("--peft-requests", type=int, default=8,
+                   help="how many of the requests peft serves serially per round")  # fmt: skip
+    p.add_argument("--sweep-requests", type=int, default=None,
+                   help="requests per sweep point (default --requests)")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, help="draw the sweep into this PNG")
     p.add_argument("--prompt-min", type=int, default=64)
     p.add_argument("--prompt-max", type=int, default=256)
     p.add_argument("--out-min", type=int, default=32)
     p.add_argument("--out-max", type=int, default=128)
-    p.add_argument("--peft-requests", type=int, default=3, help="requests peft serves serially")
     p.add_argument("--max-batch-size", type=int, default=48)
     p.add_argument("--max-step-tokens", type=int, default=512)
     p.add_argument("--kv-cache-mib", type=int, default=1536)
@@ -236,44 +431,55 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    ns = [int(x) for x in args.adapters.split(",") if x.strip()]
-    if not ns or min(ns) < 1:
+    ns = sorted({int(x) for x in args.adapters.split(",") if x.strip()})
+    if not ns or ns[0] < 1:
         p.error(f"--adapters {args.adapters!r}: give positive integers")
     if not (1 <= args.prompt_min <= args.prompt_max and 1 <= args.out_min <= args.out_max):
         p.error(
             f"lengths: prompt [{args.prompt_min}, {args.prompt_max}], output "
             f"[{args.out_min}, {args.out_max}] must be non-empty ranges of positive integers"
         )
+    sweep_requests = args.sweep_requests or args.requests
+    if args.requests < 1 or args.rounds < 1 or sweep_requests < 1:
+        p.error("--requests, --rounds and --sweep-requests must be >= 1")
+    if not 1 <= args.peft_requests <= args.requests:
+        p.error("--peft-requests must be in [1, --requests]")
+
+    import torch
 
     from mintmesh.client import MintClient
     from mintmesh.cluster import ClusterConfig, LocalCluster
     from mintmesh.model import base_model_info
     from mintmesh.v1 import executor_pb2, executor_pb2_grpc
 
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    load0 = [round(x, 2) for x in os.getloadavg()]
     model_dir = ensure_model(args.preset, args.model_dir)
     info = base_model_info(model_dir)
-    jobs = make_jobs(
-        args.requests,
-        args.rate,
+    costs = model_costs(model_dir)
+    all_jobs = make_jobs(
+        max(args.requests, sweep_requests),
         args.seed,
         (args.prompt_min, args.prompt_max),
         (args.out_min, args.out_max),
     )
-    mid = sorted(ns)[len(ns) // 2]
-    sample = jobs[: args.peft_requests]
-    peft_runs: list[dict] = []
-    if sample:
-        _progress(f"peft serial: {len(sample)} requests of the N={mid} stream, one at a time")
-        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads, args.device))
-        _progress(f"peft serial: {peft_runs[-1]}")
+    jobs, sweep_jobs = all_jobs[: args.requests], all_jobs[:sweep_requests]
+    lo, hi = ns[0], ns[-1]
+    gen_tokens = sum(j.out_len for j in jobs)
+    flops = sum(costs.request_flops(len(j.prompt), j.out_len) for j in jobs)
+    _progress(f"peft: the {args.peft_requests} requests' adapters (N={hi}) on the backbone")
+    peft = PeftSerial(model_dir, info, jobs[: args.peft_requests], hi, args.device)
+    peft.warm()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="mint-bench-serve-"))
     env = {
         "MINT_EXECUTOR_DEVICE": args.device,
         "MINT_EXECUTOR_MAX_STEP_TOKENS": str(args.max_step_tokens),
         "MINT_EXECUTOR_KV_CACHE_BYTES": str(args.kv_cache_mib << 20),
-        "MINT_EXECUTOR_MAX_QUEUE": str(max(256, 2 * args.requests)),
+        "MINT_EXECUTOR_MAX_QUEUE": str(max(256, 2 * len(all_jobs))),
         "OMP_NUM_THREADS": str(args.threads),
+        # Every round repeats the same prompts: cached prefixes would skip their prefill.
+        "MINT_EXECUTOR_PREFIX_CACHING": "0",
     }
     cluster = LocalCluster(
         ClusterConfig(
@@ -283,98 +489,153 @@ def main(argv: list[str] | None = None) -> int:
             port=0,
             max_batch_size=args.max_batch_size,
             env=env,
+            http_port=None,
         )
     )
     _progress(f"starting a local cluster ({args.preset} backbone) in {data_dir}")
     cluster.start()
-    metrics: dict = {}
-    per_n: dict[int, dict] = {}
     device = args.device
+    rounds: list[dict] = []
+    errors = {n: 0 for n in ns}
+    used = {n: sorted({j.adapter % n for j in all_jobs}) for n in ns}
+    sweep: list[dict] = []
     try:
         with MintClient(cluster.router_address, timeout=120, api_key=cluster.admin_key) as client:
-            with cluster.mesh_channel(cluster.executor_addresses[0]) as ch:
-                st = executor_pb2_grpc.ExecutorStub(ch).Status(
-                    executor_pb2.ExecutorStatusRequest(), timeout=10
-                )
-                device = st.device
-            # Warm up: first forwards of the process.
-            warm = make_jobs(2, 100.0, args.seed + 1, (32, 64), (4, 8))
-            run_stream(client, warm, 0)
+
+            def status():
+                with cluster.mesh_channel(cluster.executor_addresses[0]) as ch:
+                    return executor_pb2_grpc.ExecutorStub(ch).Status(
+                        executor_pb2.ExecutorStatusRequest(), timeout=10
+                    )
+
+            device = status().device
             for n in ns:
-                used = sorted({j.adapter % n for j in jobs})
-                _progress(f"N={n}: pushing the {len(used)} adapters the stream uses")
-                t = time.perf_counter()
-                push_adapters(client, info, n, used)
-                push_s = time.perf_counter() - t
-                _progress(f"N={n}: {len(jobs)} requests at {args.rate}/s")
-                outcomes, makespan = run_stream(client, jobs, n)
-                s = summarize(outcomes, makespan)
-                s["adapters_used"] = len(used)
-                s["push_s"] = round(push_s, 1)
-                per_n[n] = s
-                _progress(f"N={n}: {s}")
-            with cluster.mesh_channel(cluster.executor_addresses[0]) as ch:
-                st = executor_pb2_grpc.ExecutorStub(ch).Status(
-                    executor_pb2.ExecutorStatusRequest(), timeout=10
-                )
-            metrics["executor_steps"] = st.steps
-            metrics["executor_preemptions"] = st.preemptions
+                _progress(f"N={n}: pushing and loading the {len(used[n])} adapters used")
+                push_adapters(client, info, n, used[n])
+                # Each adapter loaded once (and the process's first forwards done).
+                run_stream(client, [Job(0.0, [1, 2, 3, 4], 1, i) for i in used[n]], n)
+            steps0 = status()
+            for r in range(args.rounds):
+                # The machine's rooflines next to each measured phase (its speed drifts): the
+                # GEMM peak before each N and before peft, the bandwidth before each too.
+                rec, peaks, bws = {}, [], []
+                for n in ns:
+                    peaks.append(gemm_peak(args.device))
+                    bws.append(measure_read_bandwidth(args.device))
+                    outcomes, makespan = run_stream(client, at_rate(jobs, None), n)
+                    errors[n] += sum(1 for o in outcomes if o.error)
+                    rec[f"tokens_per_s_{n}"] = sum(o.tokens for o in outcomes) / makespan
+                    rec[f"requests_per_s_{n}"] = len(jobs) / makespan
+                    rec[f"model_gflop_s_{n}"] = flops / makespan / 1e9
+                peaks.append(gemm_peak(args.device))
+                bws.append(measure_read_bandwidth(args.device))
+                rec["peft_serial_tokens_per_s"] = peft.run()["tokens_per_s"]
+                rec["gemm_peak_gflop_s"] = max(peaks) / 1e9
+                rec["read_bandwidth_gb_s"] = max(bws) / 1e9
+                rounds.append(rec)
+                _progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in rec.items()))  # fmt: skip
+            steps1 = status()
+            capacity = statistics.median(x[f"requests_per_s_{hi}"] for x in rounds)
+            for frac in SWEEP_FRACTIONS:
+                rate = frac * capacity
+                _progress(f"sweep: {len(sweep_jobs)} requests at {rate:.2f}/s ({frac:.0%})")
+                outcomes, makespan = run_stream(client, at_rate(sweep_jobs, rate), hi)
+                s = {"offered_fraction": frac, "offered_requests_per_s": round(rate, 3)}
+                s.update(latency_summary(outcomes, makespan))
+                sweep.append(s)
+                _progress(f"sweep {frac:.0%}: {s}")
     finally:
         cluster.stop()
-    for n, s in per_n.items():
-        metrics[f"tokens_per_s_{n}"] = s["tokens_per_s"]
-        for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
-            metrics[f"{k}_{n}"] = s[k]
-        metrics[f"errors_{n}"] = s["errors"]
-        if s["first_error"]:
-            metrics[f"first_error_{n}"] = s["first_error"][:300]
-        metrics[f"adapters_used_{n}"] = s["adapters_used"]
-    lo, hi = min(ns), max(ns)
-    if per_n.get(lo, {}).get("tokens_per_s"):
-        ratio = per_n[hi]["tokens_per_s"] / per_n[lo]["tokens_per_s"]
-        metrics[f"tps_{hi}_vs_{lo}"] = round(ratio, 3)
-    if args.peft_requests > 0:
-        _progress("peft serial, after the cluster stopped")
-        peft_runs.append(peft_serial(model_dir, info, sample, mid, args.threads, args.device))
-        # The CPUs are shared: the faster of the two peft runs (the conservative ratio).
-        best = max(peft_runs, key=lambda r: r["tokens_per_s"])
-        metrics["peft_serial_tokens_per_s"] = best["tokens_per_s"]
-        metrics["peft_serial_runs_tokens_per_s"] = [r["tokens_per_s"] for r in peft_runs]
-        if best["tokens_per_s"] and per_n.get(mid, {}).get("tokens_per_s"):
-            ratio = per_n[mid]["tokens_per_s"] / best["tokens_per_s"]
-            metrics["vs_peft_serial"] = round(ratio, 2)
+
+    metrics: dict = {}
+    for n in ns:
+        _spread(metrics, f"tokens_per_s_{n}", [x[f"tokens_per_s_{n}"] for x in rounds])
+        _spread(metrics, f"requests_per_s_{n}", [x[f"requests_per_s_{n}"] for x in rounds])
+        _spread(metrics, f"model_gflop_s_{n}", [x[f"model_gflop_s_{n}"] for x in rounds])
+        metrics[f"adapters_used_{n}"] = len(used[n])
+        metrics[f"errors_{n}"] = errors[n]
+    _spread(metrics, "peft_serial_tokens_per_s", [x["peft_serial_tokens_per_s"] for x in rounds])
+    if hi != lo:
+        ratios = [x[f"tokens_per_s_{hi}"] / x[f"tokens_per_s_{lo}"] for x in rounds]
+        _spread(metrics, f"tps_{hi}_vs_{lo}_saturated", ratios)
+        if {1, 1000} <= set(ns) and (lo, hi) != (1, 1000):
+            ratios = [x["tokens_per_s_1000"] / x["tokens_per_s_1"] for x in rounds]
+            _spread(metrics, "tps_1000_vs_1_saturated", ratios)
+    peft_ratios = [x[f"tokens_per_s_{hi}"] / x["peft_serial_tokens_per_s"] for x in rounds]
+    _spread(metrics, "vs_peft_serial_saturated", peft_ratios)
+
+    # Rooflines: the best of the run's measurements of this machine.
+    peak = max(x["gemm_peak_gflop_s"] for x in rounds) * 1e9
+    bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
+    model_fs = statistics.median(x[f"model_gflop_s_{hi}"] for x in rounds) * 1e9
+    pj = peft.jobs
+    peft_roof = sum(j.out_len for j in pj) / sum(
+        costs.serial_roofline_s(len(j.prompt), j.out_len, peak, bw) for j in pj
+    )
+    ours_roof = gen_tokens / (flops / peak)
+    peft_tps = statistics.median(x["peft_serial_tokens_per_s"] for x in rounds)
+    metrics.update(
+        capacity_requests_per_s=_r(capacity),
+        gemm_peak_gflop_s=_r(peak / 1e9),
+        read_bandwidth_gb_s=_r(bw / 1e9),
+        weight_mib=_r(costs.weight_bytes() / 2**20),
+        requests_gflop=_r(flops / 1e9),
+        generated_tokens=gen_tokens,
+        gemm_roofline_fraction=_r(model_fs / peak),
+        ours_roofline_tokens_per_s=_r(ours_roof),
+        peft_roofline_tokens_per_s=_r(peft_roof),
+        peft_roofline_fraction=_r(peft_tps / peft_roof),
+        vs_peft_serial_bound=_r(ours_roof / peft_roof),
+        vs_peft_serial_ceiling=_r(ours_roof / peft_tps),
+        executor_steps=steps1.steps - steps0.steps,
+        executor_preemptions=steps1.preemptions - steps0.preemptions,
+        sweep=sweep,
+        rounds=[{k: _r(v) for k, v in x.items()} for x in rounds],
+    )
+    metrics["vs_peft_serial_fraction_of_bound"] = _r(
+        statistics.median(peft_ratios) / (ours_roof / peft_roof)
+    )
     targets = {}
     for name, (op, thr) in TARGETS.items():
         val = metrics.get(name)
-        targets[name] = {"target": f"{op} {thr}", "met": val is not None and val >= thr}
+        targets[name] = {"target": f"{op} {thr}", "value": val,
+                         "met": val is not None and val >= thr}  # fmt: skip
     params = {
         "preset": args.preset,
         "adapters": ns,
         "rank": RANK,
-        "targets_modules": ["q_proj", "v_proj"],
-        "requests_per_n": args.requests,
-        "rate_per_s": args.rate,
+        "targets_modules": list(LORA_TARGETS),
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "peft_requests": args.peft_requests,
+        "peft_compared_n": hi,
+        "capacity_n": hi,
+        "sweep_requests": sweep_requests,
+        "sweep_fractions": list(SWEEP_FRACTIONS),
         "prompt_tokens": [args.prompt_min, args.prompt_max],
         "output_tokens": [args.out_min, args.out_max],
-        "peft_requests": args.peft_requests,
-        "peft_compared_n": mid,
         "max_batch_size": args.max_batch_size,
         "max_step_tokens": args.max_step_tokens,
         "kv_cache_mib": args.kv_cache_mib,
         "threads_per_process": args.threads,
         "seed": args.seed,
-        "note": (
-            "request counts scaled to finish in < 10 min on a 2-core CPU: only the adapters "
-            "the stream uses are pushed (each first use is a cold load); vs_peft_serial uses "
-            "a sample of the same stream"
-        ),
+        "plot": str(args.plot) if args.plot else None,
+        "loadavg_start": load0,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
+    if args.plot:
+        plot_sweep(args.plot, sweep, f"mint bench serve: {args.preset} backbone, N={hi}, {device}")
+        _progress(f"sweep plot: {args.plot}")
     metrics["wall_s"] = round(time.perf_counter() - t_start, 1)
     out = {"bench": "serve", "device": device, "params": params, "metrics": metrics,
            "targets": targets}  # fmt: skip
     if not args.json:
-        for n, s in per_n.items():
-            print(f"N={n}: {json.dumps(s)}")
+        for k, v in metrics.items():
+            if k not in ("sweep", "rounds"):
+                print(f"{k}: {v}")
+        for s in sweep:
+            print(f"sweep: {json.dumps(s)}")
     print(json.dumps(out))
     return 0
 

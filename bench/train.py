@@ -40,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from mintmesh.bench.common import ensure_model, percentile
+from mintmesh.bench.common import ensure_model, gemm_peak, percentile
 
 TARGETS = {
     "batched_vs_serial": (">=", 1.5),
@@ -110,16 +110,6 @@ def _step_flops(model, runs: int, seq_len: int, rank: int, targets) -> float:
     return total
 
 
-def _gemm_peak() -> float:
-    """FLOP/s of a large fp32 GEMM on this machine, now (best of several)."""
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(10))
-    return 2 * 1024 * 1024 * 4096 / best
-
-
 def _run(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -187,7 +177,7 @@ def _run(args) -> dict:
             opts[i].zero_grad(set_to_none=True)
 
     flops = _step_flops(eng.model, args.runs, args.seq_len, args.rank, targets)
-    peak = _gemm_peak()
+    peak = gemm_peak()
     _progress(f"a step is {flops / 1e9:.1f} GFLOP; this CPU's GEMM peak {peak / 1e9:.1f} GFLOP/s")
     ours_step(), peft_step()  # warm-up
     ours_t, peft_t = [], []

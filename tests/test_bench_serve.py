@@ -1,0 +1,129 @@
+"""`mint bench serve` at a tiny scale: a real cluster, two paired capacity rounds (N = 1 and 1000,
+then peft serially), the load sweep and its plot; the JSON line's keys, every median recomputed
+from the per-round figures, every ratio, roofline and bound from the figures it is derived from,
+the targets' "met" against their values; and the model-FLOP count against torch's own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+
+import pytest
+
+from mintmesh.bench import serve
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _close(a: float, b: float, rel: float = 1e-3) -> bool:
+    return a == pytest.approx(b, rel=rel)
+
+
+@pytest.mark.e2e
+def test_bench_serve_tiny(tiny_model_dir, tmp_path, capsys):
+    png = tmp_path / "plots" / "serve.png"
+    argv = ["--json", "--preset", "tiny", "--model-dir", str(tiny_model_dir), "--adapters",
+            "1,1000", "--requests", "6", "--rounds", "2", "--peft-requests", "2",
+            "--prompt-min", "8", "--prompt-max", "24", "--out-min", "4", "--out-max", "12",
+            "--plot", str(png), "--data-dir", str(tmp_path / "cluster")]  # fmt: skip
+    assert serve.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"bench", "device", "params", "metrics", "targets"}
+    assert out["bench"] == "serve" and out["device"] == "cpu"
+    p, m, t = out["params"], out["metrics"], out["targets"]
+    assert p["adapters"] == [1, 1000] and p["requests"] == 6 and p["rounds"] == 2
+    assert p["capacity_n"] == p["peft_compared_n"] == 1000 and p["plot"] == str(png)
+
+    rounds = m["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        for v in r.values():
+            assert math.isfinite(v) and v > 0, r
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    # Capacity per N: medians of the rounds, spread around them, no errors.
+    for n in (1, 1000):
+        for k in ("tokens_per_s", "requests_per_s", "model_gflop_s"):
+            key = f"{k}_{n}"
+            assert m[key] > 0 and _close(m[key], med(key)), key
+            assert m[f"{key}_min"] <= m[key] <= m[f"{key}_max"], key
+        assert m[f"errors_{n}"] == 0
+    assert m["adapters_used_1"] == 1 and 1 <= m["adapters_used_1000"] <= 6
+    # Each round's model FLOPs/s is the requests' FLOPs over its makespan.
+    for r in rounds:
+        for n in (1, 1000):
+            makespan = 6 / r[f"requests_per_s_{n}"]
+            assert _close(r[f"model_gflop_s_{n}"], m["requests_gflop"] / makespan, 2e-3)
+    assert _close(m["peft_serial_tokens_per_s"], med("peft_serial_tokens_per_s"))
+
+    # The ratios: medians of the paired per-round ratios.
+    tps = statistics.median(r["tokens_per_s_1000"] / r["tokens_per_s_1"] for r in rounds)
+    assert _close(m["tps_1000_vs_1_saturated"], tps, 2e-3)
+    vs = [r["tokens_per_s_1000"] / r["peft_serial_tokens_per_s"] for r in rounds]
+    assert _close(m["vs_peft_serial_saturated"], statistics.median(vs), 2e-3)
+    assert m["vs_peft_serial_saturated_min"] <= m["vs_peft_serial_saturated"]
+    assert m["vs_peft_serial_saturated"] <= m["vs_peft_serial_saturated_max"]
+
+    # Rooflines: the best measurements of the run, and what follows from them.
+    peak = m["gemm_peak_gflop_s"]
+    assert _close(peak, max(r["gemm_peak_gflop_s"] for r in rounds))
+    assert _close(m["read_bandwidth_gb_s"], max(r["read_bandwidth_gb_s"] for r in rounds))
+    assert _close(m["gemm_roofline_fraction"], m["model_gflop_s_1000"] / peak, 2e-3)
+    ours_roof = m["generated_tokens"] / (m["requests_gflop"] / peak)
+    assert _close(m["ours_roofline_tokens_per_s"], ours_roof, 2e-3)
+    bound = m["ours_roofline_tokens_per_s"] / m["peft_roofline_tokens_per_s"]
+    assert _close(m["vs_peft_serial_bound"], bound, 2e-3)
+    ceiling = m["ours_roofline_tokens_per_s"] / m["peft_serial_tokens_per_s"]
+    assert _close(m["vs_peft_serial_ceiling"], ceiling, 2e-3)
+    peft_frac = m["peft_serial_tokens_per_s"] / m["peft_roofline_tokens_per_s"]
+    assert _close(m["peft_roofline_fraction"], peft_frac, 2e-3)
+    frac = m["vs_peft_serial_saturated"] / m["vs_peft_serial_bound"]
+    assert _close(m["vs_peft_serial_fraction_of_bound"], frac, 2e-3)
+    assert m["generated_tokens"] >= 6 * 4 and m["weight_mib"] > 0
+    assert m["executor_steps"] > 0
+
+    # The sweep: 25/50/75/100% of the capacity measured at N = 1000, latencies at each.
+    sweep = m["sweep"]
+    assert [s["offered_fraction"] for s in sweep] == [0.25, 0.5, 0.75, 1.0]
+    rates = [s["offered_requests_per_s"] for s in sweep]
+    assert rates == sorted(rates) and len(set(rates)) == 4
+    assert _close(m["capacity_requests_per_s"], m["requests_per_s_1000"])
+    for s in sweep:
+        assert _close(s["offered_requests_per_s"], s["offered_fraction"] * m["requests_per_s_1000"])
+        assert s["errors"] == 0 and s["tokens_per_s"] > 0
+        for what in ("ttft", "itl"):
+            assert 0 < s[f"{what}_p50_ms"] <= s[f"{what}_p99_ms"], s
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 1000
+
+    assert set(t) == set(serve.TARGETS)
+    for name, (op, thr) in serve.TARGETS.items():
+        assert op == ">=" and t[name]["value"] == m[name]
+        assert t[name]["met"] == (m[name] >= thr), name
+
+
+def test_model_flops_match_torch_flop_counter(tiny_model_dir):
+    """The bench's Linear FLOPs of a forward are what torch counts for the model's mm/addmm (its
+    attention is not among them: the bench adds it causally)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mintmesh.model import load_model
+
+    costs = serve.model_costs(tiny_model_dir)
+    base = dataclasses.replace(costs, lora_weights=0)
+    model, _ = load_model(tiny_model_dir)
+    for n_tokens, keep in ((10, 1), (7, 3)):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(input_ids=torch.randint(0, 200, (1, n_tokens)), logits_to_keep=keep)
+        counts = fc.get_flop_counts()["Global"]
+        counted = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+        ours = base.forward_flops(0, n_tokens, keep) - base.attn_flops(0, n_tokens)
+        assert ours == counted
+    # Attention: (position + 1) keys for each token; a request forwards all but its last output.
+    assert costs.attn_flops(0, 3) == 4 * (1 + 2 + 3) * costs.q_dim * costs.layers
+    assert costs.attn_flops(3, 4) == 4 * 4 * costs.q_dim * costs.layers
+    assert costs.request_flops(5, 3) == costs.forward_flops(0, 7, 3)
+    assert costs.lora_weights > 0 and costs.weight_bytes() == 4 * (
+        costs.layer_weights + costs.head_weights + costs.lora_weights
+    )
