@@ -11,6 +11,8 @@
 - runner.py: the ModelRunner interface (a ForwardBatch in, logits out; adapter load/evict);
 - torch_runner.py: TorchModelRunner, the HF backbone with multi-LoRA layers and paged attention;
 - sampling.py: per-request sampling options, token choice, incremental text with stop strings;
+- output.py: OutputProcessor, each step's sampling, streaming, slow readers, finishing and
+  retiring of sequences;
 - sources.py: where adapter bytes come from (the node cache sidecar);
 - residency.py: the host tier, the device pool with references, the background adapter loader;
 - engine.py: the core (plain Python/torch): the step loop (continuous batching), Forward;

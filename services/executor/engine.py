@@ -21,7 +21,7 @@ Each step (`Engine.step()`; a background thread calls it while there is work):
    per-token adapter slot in BatchMeta (adapters and ranks mixed) and an AttentionPlan that
    writes K/V into each sequence's blocks and attends per sequence (kv.py);
 5. sampling (per request: temperature, top-k, top-p, seed, logprobs), streaming, retiring
-   finished sequences (their blocks freed and adapter reference dropped).
+   finished sequences (their blocks freed and adapter reference dropped): output.py.
 
 `Engine.forward(rows)` computes logits of rows in one forward between steps (no KV cache).
 The model lock serializes forwards; the state lock guards what request threads touch.
@@ -47,6 +47,7 @@ from mintmesh.services.executor.kv import (
     SeqSpan,
 )
 from mintmesh.services.executor.kv_manager import KVManager
+from mintmesh.services.executor.output import OutputProcessor
 from mintmesh.services.executor.requests import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -124,10 +125,6 @@ class Engine:
         self.fair_share_preemption = bool(config.fair_share_preemption)
         self.stream_buffer_outputs = int(config.stream_buffer_outputs)
         self.stream_stall_timeout_s = float(config.stream_stall_timeout_s)
-        # Sequences whose client stopped reading: seq_id -> (sequence, paused since).
-        self._paused: dict[int, tuple[Seq, float]] = {}
-        self.streams_paused = 0
-        self.streams_stalled = 0
         self.fair_preemptions = 0
         param = next(model.parameters())
         self.device = param.device
@@ -203,10 +200,11 @@ class Engine:
         self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
         self.scheduler = Scheduler(self)
+        # Sampling, streaming, slow readers, retiring (output.py).
+        self.output = OutputProcessor(self)
         self.step_no = 0
         self.preemptions = 0
         self.rows_cancelled = 0
-        self.tokens_generated = 0
         # Per token sampled, on the step thread (the executor's metrics): (seconds since the
         # request's submit for its first token, else since its previous token; first).
         self.on_token: Callable[[float, bool], None] | None = None
@@ -321,6 +319,22 @@ class Engine:
     @property
     def _after_hit(self) -> set[int]:
         return self.kvm._after_hit
+
+    @property
+    def _paused(self) -> dict[int, tuple[Seq, float]]:
+        return self.output.paused
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.output.tokens_generated
+
+    @property
+    def streams_paused(self) -> int:
+        return self.output.streams_paused
+
+    @property
+    def streams_stalled(self) -> int:
+        return self.output.streams_stalled
 
     def kv_blocks_used(self) -> int:
         return self.kv.allocator.num_used
@@ -713,7 +727,7 @@ class Engine:
         err = e if isinstance(e, MintError) else MintError(f"generation failed: {e!r}")
         with self._model_lock:
             for s in list(self._running):
-                self._retire(s, error=err)
+                self.output.retire(s, error=err)
 
     def step(self) -> StepStats:
         """One iteration: intake, reaping, scheduling, one forward, sampling, streaming."""
@@ -734,7 +748,7 @@ class Engine:
             self._enqueue(seq)
         now = time.monotonic()
         self._reap(now)
-        self._slow_readers(now)
+        self.output.slow_readers(now)
         plan = self.scheduler.schedule()
         sched, admitted, preempted = plan.seqs, plan.admitted, plan.preempted
         self._num_running = len(self._running)
@@ -773,7 +787,7 @@ class Engine:
                 self.kvm.register_blocks(seq, seq.num_computed - n)
             if n > 1 or seq.generated == 0:
                 self._fair.charge(seq.tenant, prompt_tokens=n)
-        finished = self._sample_and_stream(samplers, logits, step)
+        finished = self.output.sample_and_stream(samplers, logits, step)
         self._num_running = len(self._running)
         if samplers:
             self._rate.append((time.monotonic(), len(samplers)))
@@ -806,7 +820,7 @@ class Engine:
         seqs = self._loading.pop(digest, [])
         if err is not None:
             for s in seqs:
-                self._fail_waiting(s, err)
+                self.output.fail_waiting(s, err)
             return
         for s in seqs:
             slot = self.residency.acquire(digest)
@@ -833,151 +847,18 @@ class Engine:
         for s in list(self._running):
             if s.handle.cancelled or s.handle.expired(now):
                 self.rows_cancelled += 1
-                self._retire(s, reason=FINISH_CANCELLED)
+                self.output.retire(s, reason=FINISH_CANCELLED)
         for s in [s for s in self._fair if s.handle.cancelled or s.handle.expired(now)]:
             self._fair.remove(s)
-            self.rows_cancelled += 1
-            self._finish_waiting(s, self._final(s, FINISH_CANCELLED))
+            self.output.cancel_waiting(s)
         for d, seqs in list(self._loading.items()):
             gone = [s for s in seqs if s.handle.cancelled or s.handle.expired(now)]
             for s in gone:
                 seqs.remove(s)
-                self.rows_cancelled += 1
-                self._finish_waiting(s, self._final(s, FINISH_CANCELLED))
+                self.output.cancel_waiting(s)
             if not seqs:
                 # The load goes on (it warms the tiers); nobody waits for it any more.
                 self._loading[d] = []
-
-    def _slow_readers(self, now: float) -> None:
-        """Pause running streams whose client has stream_buffer_outputs unread (their KV freed,
-        out of the batch, the adapter still held); put back in their tenant's queue (front) the
-        paused ones read down to half of it, to be recomputed (prefix caching keeps most of
-        their blocks); fail those paused past stream_stall_timeout_s; retire cancelled ones."""
-        limit = self.stream_buffer_outputs
-        if limit <= 0:
-            return
-        for s in [s for s in self._running if s.handle.reads and s.handle.unread >= limit]:
-            self.kvm.drop_blocks(s)
-            self._running.remove(s)
-            s.handle.paused = True
-            self._paused[s.seq_id] = (s, now)
-            self.streams_paused += 1
-            logger.debug("sequence %d paused: %d outputs unread", s.seq_id, s.handle.unread)
-        for sid, (s, since) in list(self._paused.items()):
-            h = s.handle
-            if h.cancelled or h.expired(now):
-                del self._paused[sid]
-                self.rows_cancelled += 1
-                self._retire(s, reason=FINISH_CANCELLED)
-            elif h.unread <= limit // 2:
-                del self._paused[sid]
-                h.paused = False
-                self._fair.push(s, front=True)
-                with self._lock:
-                    self._num_waiting += 1
-                    self._tenant_waiting[s.tenant] = self._tenant_waiting.get(s.tenant, 0) + 1
-            elif now - since > self.stream_stall_timeout_s:
-                del self._paused[sid]
-                self.streams_stalled += 1
-                self._retire(
-                    s,
-                    error=ResourceExhausted(
-                        f"the stream of request {h.request.request_id or s.seq_id} was not read "
-                        f"for {self.stream_stall_timeout_s:.0f} s with {h.unread} outputs "
-                        "waiting: cancelled, its resources given to others"
-                    ),
-                )
-
-    # -- sampling and retiring ------------------------------------------------------------------
-
-    def _sample_and_stream(self, seqs: list[Seq], logits: torch.Tensor, step: int) -> int:
-        if not seqs:
-            return 0
-        need_lp = any(s.handle.request.sampling.logprobs for s in seqs)
-        logprobs = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        finished = 0
-        for i, seq in enumerate(seqs):
-            h = seq.handle
-            opts = h.request.sampling
-            if opts.temperature == 0:
-                tok = greedy[i]
-            else:
-                tok = sample_token(logits[i], opts, seq.generator)
-            seq.tokens.append(tok)
-            self.tokens_generated += 1
-            self._fair.charge(seq.tenant, output_tokens=1)
-            if seq.first_step is None:
-                seq.first_step = h.first_step = step
-            seq.last_step = h.last_step = step
-            if self.on_token is not None:
-                now, first = time.monotonic(), h.token_at is None
-                self.on_token(now - (h.submitted_at if first else h.token_at), first)
-                h.token_at = now
-            lp, pieces, top = [], [], []
-            if opts.logprobs and logprobs is not None:
-                lp, pieces = [float(logprobs[i, tok])], [self.token_piece(tok)]
-                if opts.top_logprobs:
-                    vals, idx = torch.topk(logprobs[i], opts.top_logprobs)
-                    top = [list(zip(idx.tolist(), vals.tolist(), strict=True))]
-            finish = None
-            if tok in self.eos_ids and not opts.ignore_eos or tok in opts.stop_token_ids:
-                finish = FINISH_STOP
-                text = seq.text.flush()
-            else:
-                text, stopped = seq.text.add(tok)
-                if stopped:
-                    finish = FINISH_STOP
-                elif seq.generated >= opts.max_tokens or len(seq.tokens) >= self.max_positions:
-                    finish = FINISH_LENGTH
-                    text += seq.text.flush()
-            h._put(
-                GenerationOutput(
-                    token_ids=[tok],
-                    text=text,
-                    logprobs=lp,
-                    finish_reason=finish,
-                    prompt_tokens=seq.prompt_len if finish else 0,
-                    completion_tokens=seq.generated if finish else 0,
-                    tokens=pieces,
-                    top_logprobs=top,
-                )
-            )
-            if finish:
-                self._retire(seq)
-                finished += 1
-        return finished
-
-    def _retire(
-        self, seq: Seq, *, reason: str | None = None, error: BaseException | None = None
-    ) -> None:
-        """A running sequence leaves: blocks freed, adapter reference dropped, final message."""
-        if seq in self._running:
-            self._running.remove(seq)
-        self.kvm.drop_blocks(seq)
-        self.kvm.forget(seq)
-        self._unpin(seq)
-        if error is not None:
-            seq.handle._put(error)
-        elif reason is not None:
-            seq.handle._put(self._final(seq, reason))
-        self._num_running = len(self._running)
-
-    def _unpin(self, seq: Seq) -> None:
-        if seq.pinned and seq.digest:
-            seq.pinned = False
-            self.residency.release(seq.digest)
-
-    def _finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
-        self.kvm.forget(seq)
-        self._unpin(seq)
-        with self._lock:
-            self._num_waiting -= 1
-            self._tenant_left(seq.tenant)
-        seq.handle._put(item)
-
-    def _fail_waiting(self, seq: Seq, err: BaseException) -> None:
-        self._finish_waiting(seq, err)
 
     def _tenant_left(self, tenant: str) -> None:
         n = self._tenant_waiting.get(tenant, 0) - 1
@@ -985,16 +866,6 @@ class Engine:
             self._tenant_waiting[tenant] = n
         else:
             self._tenant_waiting.pop(tenant, None)
-
-    def _final(self, seq: Seq, reason: str) -> GenerationOutput:
-        return GenerationOutput(
-            token_ids=[],
-            text="",
-            logprobs=[],
-            finish_reason=reason,
-            prompt_tokens=seq.prompt_len,
-            completion_tokens=seq.generated,
-        )
 
     # -- checks ---------------------------------------------------------------------------------
 

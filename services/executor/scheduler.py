@@ -101,7 +101,7 @@ class Scheduler:
                         seq.seq_id,
                         e.kv.capacity_tokens,
                     )
-                    e._retire(seq, reason=FINISH_LENGTH)
+                    e.output.retire(seq, reason=FINISH_LENGTH)
                 else:
                     self.preempt(seq)
                     preempted += 1
