@@ -30,7 +30,6 @@ The model lock serializes forwards; the state lock guards what request threads t
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -41,6 +40,7 @@ import torch
 from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.intake import Intake
 from mintmesh.services.executor.kv import (
     AttentionPlan,
     PagedKVCache,
@@ -68,7 +68,7 @@ from mintmesh.services.executor.sampling import (
     sample_token,
 )
 from mintmesh.services.executor.scheduler import Scheduler
-from mintmesh.services.executor.sequence import BASE_TENANT, FairQueue
+from mintmesh.services.executor.sequence import FairQueue
 from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
 from mintmesh.services.executor.torch_runner import TorchModelRunner, load_backbone
@@ -186,19 +186,17 @@ class Engine:
 
         # State touched by request threads (under self._lock).
         self._lock = threading.Condition()
-        self._inbox: deque[Seq] = deque()
         self._landed: deque[tuple[str, BaseException | None]] = deque()
-        self._num_waiting = 0
-        self._tenant_waiting: dict[str, int] = {}
         self._accepting = True
         self._stopping = False
-        self._next_seq_id = 0
         # State of the step loop (its thread only, under the model lock).
         self._model_lock = threading.Lock()
         self._training = None  # training(): made on first use
         self._fair = FairQueue()
         self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
+        # Validation, queue limits, the inbox, the waiting counters (intake.py).
+        self.intake = Intake(self)
         self.scheduler = Scheduler(self)
         # Sampling, streaming, slow readers, retiring (output.py).
         self.output = OutputProcessor(self)
@@ -301,6 +299,10 @@ class Engine:
         return self._num_waiting
 
     @property
+    def _num_waiting(self) -> int:
+        return self.intake.num_waiting
+
+    @property
     def running(self) -> int:
         return self._num_running
 
@@ -384,70 +386,10 @@ class Engine:
         )
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
-        """Validate and queue a request (RESOURCE_EXHAUSTED when the queue is full). A request
-        whose adapter is not on the device waits for the background loader; errors of that
-        load arrive on its handle."""
-        request.sampling.validate()
-        request.prompt_token_ids = self._check_tokens(
-            request.prompt_token_ids, "prompt", limit=self.max_prompt_tokens
-        )
-        for t in request.sampling.stop_token_ids:
-            if not 0 <= t < self.vocab_size:
-                raise InvalidArgument(
-                    f"stop_token_ids has {t}, not a token id (vocab size {self.vocab_size})"
-                )
-        digest = request.adapter_digest or None
-        if digest:
-            check_digest(digest)
-        request.adapter_digest = digest
-        prompt_len = len(request.prompt_token_ids)
-        if self.kv.blocks_for(prompt_len + 1) > self.kv.num_blocks:
-            raise InvalidArgument(
-                f"prompt has {prompt_len} tokens; the KV cache of this executor holds "
-                f"{self.kv.capacity_tokens}"
-            )
-        tenant = request.tenant or (digest if digest else BASE_TENANT)
-        handle = GenerationHandle(request, self)
-        opts = request.sampling
-        gen = None
-        if opts.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(opts.seed if opts.seed is not None else random.getrandbits(63))
-        from opentelemetry import context as otel_context
-
-        with self._lock:
-            if not self._accepting:
-                raise Unavailable(f"executor {self.executor_id} is draining")
-            if self._num_waiting >= self.max_queue:
-                raise self._queue_full(f"{self._num_waiting} requests waiting")
-            if self._tenant_waiting.get(tenant, 0) >= self.max_queue_per_tenant:
-                raise self._queue_full(
-                    f"tenant {tenant!r} has {self._tenant_waiting[tenant]} requests waiting, "
-                    f"its limit is {self.max_queue_per_tenant}"
-                )
-            self._next_seq_id += 1
-            seq = Seq(
-                seq_id=self._next_seq_id,
-                tenant=tenant,
-                digest=digest,
-                prompt_len=prompt_len,
-                tokens=list(request.prompt_token_ids),
-                handle=handle,
-                text=IncrementalText(self.tokenizer, opts.stop),
-                generator=gen,
-                deadline=request.deadline,
-                otel_context=otel_context.get_current(),
-            )
-            handle.submit_step = self.step_no
-            if digest and digest not in self.pool:
-                # Cold: the load starts now, in this request's trace; the request waits for
-                # it in the step loop's intake.
-                self.loader.request(digest, otel_context=seq.otel_context)
-            self._num_waiting += 1
-            self._tenant_waiting[tenant] = self._tenant_waiting.get(tenant, 0) + 1
-            self._inbox.append(seq)
-            self._lock.notify_all()
-        return handle
+        """Validate and queue a request (intake.py; RESOURCE_EXHAUSTED when the queue is full).
+        A request whose adapter is not on the device waits for the background loader; errors
+        of that load arrive on its handle."""
+        return self.intake.submit(request)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """submit() and wait for the whole result (a background step loop must be running)."""
@@ -487,7 +429,7 @@ class Engine:
         wanted: list[str] = []
         for i, (digest, ids) in enumerate(rows):
             ids_list.append(
-                self._check_tokens(ids, f"rows[{i}].token_ids", limit=self.max_positions)
+                self.intake.check_tokens(ids, f"rows[{i}].token_ids", limit=self.max_positions)
             )
             if digest:
                 check_digest(digest)
@@ -640,7 +582,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         with self._model_lock:
-            left = list(self._inbox) + list(self._fair) + list(self._running)
+            left = list(self.intake.inbox) + list(self._fair) + list(self._running)
             left += [s for s, _ in self._paused.values()]
             left += [s for v in self._loading.values() for s in v]
             for s in left:
@@ -666,7 +608,7 @@ class Engine:
             self._lock.notify_all()
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._landed or self._running or len(self._fair))
+        return bool(self.intake.inbox or self._landed or self._running or len(self._fair))
 
     def _loop(self) -> None:
         while True:
@@ -738,16 +680,16 @@ class Engine:
         self.step_no += 1
         step = self.step_no
         with self._lock:
-            inbox = list(self._inbox)
-            self._inbox.clear()
+            inbox = list(self.intake.inbox)
+            self.intake.inbox.clear()
             landed = list(self._landed)
             self._landed.clear()
         for digest, err in landed:
             self._on_landed(digest, err)
         for seq in inbox:
-            self._enqueue(seq)
+            self.intake.enqueue(seq)
         now = time.monotonic()
-        self._reap(now)
+        self.intake.reap(now)
         self.output.slow_readers(now)
         plan = self.scheduler.schedule()
         sched, admitted, preempted = plan.seqs, plan.admitted, plan.preempted
@@ -829,71 +771,6 @@ class Engine:
             self._fair.push(s)
         # The loader's own reference.
         self.residency.release(digest)
-
-    def _enqueue(self, seq: Seq) -> None:
-        d = seq.digest
-        if d is None:
-            self._fair.push(seq)
-        elif d in self._loading:
-            self._loading[d].append(seq)
-        elif self.residency.acquire(d) is not None:
-            seq.pinned = True
-            self._fair.push(seq)
-        else:
-            self._loading[d] = [seq]
-            self.loader.request(d, otel_context=seq.otel_context)
-
-    def _reap(self, now: float) -> None:
-        for s in list(self._running):
-            if s.handle.cancelled or s.handle.expired(now):
-                self.rows_cancelled += 1
-                self.output.retire(s, reason=FINISH_CANCELLED)
-        for s in [s for s in self._fair if s.handle.cancelled or s.handle.expired(now)]:
-            self._fair.remove(s)
-            self.output.cancel_waiting(s)
-        for d, seqs in list(self._loading.items()):
-            gone = [s for s in seqs if s.handle.cancelled or s.handle.expired(now)]
-            for s in gone:
-                seqs.remove(s)
-                self.output.cancel_waiting(s)
-            if not seqs:
-                # The load goes on (it warms the tiers); nobody waits for it any more.
-                self._loading[d] = []
-
-    def _tenant_left(self, tenant: str) -> None:
-        n = self._tenant_waiting.get(tenant, 0) - 1
-        if n > 0:
-            self._tenant_waiting[tenant] = n
-        else:
-            self._tenant_waiting.pop(tenant, None)
-
-    # -- checks ---------------------------------------------------------------------------------
-
-    def _queue_full(self, why: str) -> ResourceExhausted:
-        rate = self.tokens_per_s()
-        # About the time the requests ahead need for a sequence slot to free up.
-        retry = 0.2 if rate <= 0 else min(5.0, max(0.05, self._num_waiting * 16 / rate))
-        return ResourceExhausted(
-            f"generation queue of executor {self.executor_id} is full ({why}; max_queue "
-            f"{self.max_queue})",
-            retry_after_s=retry,
-        )
-
-    def _check_tokens(self, ids: Sequence[int], what: str, *, limit: int) -> list[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise InvalidArgument(f"{what} is empty: give at least one token")
-        if len(ids) > limit:
-            raise InvalidArgument(
-                f"{what} has {len(ids)} tokens, more than the {limit} this executor accepts "
-                f"(model max positions {self.max_positions})"
-            )
-        for j, t in enumerate(ids):
-            if not 0 <= t < self.vocab_size:
-                raise InvalidArgument(
-                    f"{what}[{j}] = {t} is not a token id (vocab size {self.vocab_size})"
-                )
-        return ids
 
 
 def _fresh_positions(ids_list: list[list[int]]) -> list[int]:

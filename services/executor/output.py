@@ -151,9 +151,7 @@ class OutputProcessor:
                 del self.paused[sid]
                 h.paused = False
                 e._fair.push(s, front=True)
-                with e._lock:
-                    e._num_waiting += 1
-                    e._tenant_waiting[s.tenant] = e._tenant_waiting.get(s.tenant, 0) + 1
+                e.intake.waiting_again(s.tenant)
             elif now - since > e.stream_stall_timeout_s:
                 del self.paused[sid]
                 self.streams_stalled += 1
@@ -195,9 +193,7 @@ class OutputProcessor:
         e = self.engine
         e.kvm.forget(seq)
         self.unpin(seq)
-        with e._lock:
-            e._num_waiting -= 1
-            e._tenant_left(seq.tenant)
+        e.intake.waiting_left(seq.tenant)
         seq.handle._put(item)
 
     def fail_waiting(self, seq: Seq, err: BaseException) -> None:

@@ -1,0 +1,209 @@
+"""The step loop's intake: requests from submit() to a waiting queue.
+
+submit() (a request thread) validates a request (its sampling options, prompt and stop token
+ids against the vocabulary and the model's positions, its adapter digest, its prompt against
+the KV cache), refuses it when the executor is draining or the queue (max_queue, and per tenant
+max_queue_per_tenant) is full, and puts its new sequence in the inbox; a cold adapter's load
+starts at once, in the request's trace. Each step then moves the inbox's sequences to the
+waiting queue of their tenant when their adapter is on the device (they hold a reference on
+it), else to the queue of their adapter's load; and reaps cancelled and expired requests
+wherever they are.
+
+The Intake keeps the waiting counters (all requests and per tenant) every part of the step loop
+updates when a sequence starts or stops waiting; they and the inbox are guarded by the
+engine's state lock. It works on its engine through a back-reference, like the Scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from mintmesh.errors import InvalidArgument, ResourceExhausted, Unavailable
+from mintmesh.identity import check_digest
+from mintmesh.services.executor.requests import (
+    FINISH_CANCELLED,
+    GenerationHandle,
+    GenerationRequest,
+)
+from mintmesh.services.executor.sampling import IncrementalText
+from mintmesh.services.executor.sequence import BASE_TENANT
+from mintmesh.services.executor.sequence import Sequence as Seq
+
+if TYPE_CHECKING:
+    from mintmesh.services.executor.engine import Engine
+
+__all__ = ["Intake"]
+
+
+class Intake:
+    """Validation, queue limits, the inbox and the waiting counters of one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # Under the engine's state lock (request threads and the step thread).
+        self.inbox: deque[Seq] = deque()
+        self.num_waiting = 0
+        self.tenant_waiting: dict[str, int] = {}
+        self.next_seq_id = 0
+
+    # -- request threads ------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Validate and queue a request (RESOURCE_EXHAUSTED when the queue is full). A request
+        whose adapter is not on the device waits for the background loader; errors of that
+        load arrive on its handle."""
+        e = self.engine
+        request.sampling.validate()
+        request.prompt_token_ids = self.check_tokens(
+            request.prompt_token_ids, "prompt", limit=e.max_prompt_tokens
+        )
+        for t in request.sampling.stop_token_ids:
+            if not 0 <= t < e.vocab_size:
+                raise InvalidArgument(
+                    f"stop_token_ids has {t}, not a token id (vocab size {e.vocab_size})"
+                )
+        digest = request.adapter_digest or None
+        if digest:
+            check_digest(digest)
+        request.adapter_digest = digest
+        prompt_len = len(request.prompt_token_ids)
+        if e.kv.blocks_for(prompt_len + 1) > e.kv.num_blocks:
+            raise InvalidArgument(
+                f"prompt has {prompt_len} tokens; the KV cache of this executor holds "
+                f"{e.kv.capacity_tokens}"
+            )
+        tenant = request.tenant or (digest if digest else BASE_TENANT)
+        handle = GenerationHandle(request, e)
+        opts = request.sampling
+        gen = None
+        if opts.temperature > 0:
+            gen = torch.Generator(device=e.device)
+            gen.manual_seed(opts.seed if opts.seed is not None else random.getrandbits(63))
+        from opentelemetry import context as otel_context
+
+        with e._lock:
+            if not e._accepting:
+                raise Unavailable(f"executor {e.executor_id} is draining")
+            if self.num_waiting >= e.max_queue:
+                raise self.queue_full(f"{self.num_waiting} requests waiting")
+            if self.tenant_waiting.get(tenant, 0) >= e.max_queue_per_tenant:
+                raise self.queue_full(
+                    f"tenant {tenant!r} has {self.tenant_waiting[tenant]} requests waiting, "
+                    f"its limit is {e.max_queue_per_tenant}"
+                )
+            self.next_seq_id += 1
+            seq = Seq(
+                seq_id=self.next_seq_id,
+                tenant=tenant,
+                digest=digest,
+                prompt_len=prompt_len,
+                tokens=list(request.prompt_token_ids),
+                handle=handle,
+                text=IncrementalText(e.tokenizer, opts.stop),
+                generator=gen,
+                deadline=request.deadline,
+                otel_context=otel_context.get_current(),
+            )
+            handle.submit_step = e.step_no
+            if digest and digest not in e.pool:
+                # Cold: the load starts now, in this request's trace; the request waits for
+                # it in the step loop's intake.
+                e.loader.request(digest, otel_context=seq.otel_context)
+            self.num_waiting += 1
+            self.tenant_waiting[tenant] = self.tenant_waiting.get(tenant, 0) + 1
+            self.inbox.append(seq)
+            e._lock.notify_all()
+        return handle
+
+    def queue_full(self, why: str) -> ResourceExhausted:
+        e = self.engine
+        rate = e.tokens_per_s()
+        # About the time the requests ahead need for a sequence slot to free up.
+        retry = 0.2 if rate <= 0 else min(5.0, max(0.05, self.num_waiting * 16 / rate))
+        return ResourceExhausted(
+            f"generation queue of executor {e.executor_id} is full ({why}; max_queue "
+            f"{e.max_queue})",
+            retry_after_s=retry,
+        )
+
+    def check_tokens(self, ids: Sequence[int], what: str, *, limit: int) -> list[int]:
+        """ids as ints, checked: not empty, at most limit, each a token id of the vocabulary."""
+        e = self.engine
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise InvalidArgument(f"{what} is empty: give at least one token")
+        if len(ids) > limit:
+            raise InvalidArgument(
+                f"{what} has {len(ids)} tokens, more than the {limit} this executor accepts "
+                f"(model max positions {e.max_positions})"
+            )
+        for j, t in enumerate(ids):
+            if not 0 <= t < e.vocab_size:
+                raise InvalidArgument(
+                    f"{what}[{j}] = {t} is not a token id (vocab size {e.vocab_size})"
+                )
+        return ids
+
+    # -- the waiting counters -------------------------------------------------------------
+
+    def waiting_again(self, tenant: str) -> None:
+        """A sequence of tenant waits again (preempted, or a paused stream resumed)."""
+        e = self.engine
+        with e._lock:
+            self.num_waiting += 1
+            self.tenant_waiting[tenant] = self.tenant_waiting.get(tenant, 0) + 1
+
+    def waiting_left(self, tenant: str) -> None:
+        """A sequence of tenant stopped waiting (admitted, or it ended while waiting)."""
+        with self.engine._lock:
+            self.num_waiting -= 1
+            self._tenant_left(tenant)
+
+    def _tenant_left(self, tenant: str) -> None:
+        n = self.tenant_waiting.get(tenant, 0) - 1
+        if n > 0:
+            self.tenant_waiting[tenant] = n
+        else:
+            self.tenant_waiting.pop(tenant, None)
+
+    # -- the step thread ------------------------------------------------------------------
+
+    def enqueue(self, seq: Seq) -> None:
+        """seq (from the inbox) to its tenant's queue when its adapter is on the device (taking
+        a reference on it), else to the queue of its adapter's load."""
+        e = self.engine
+        d = seq.digest
+        if d is None:
+            e._fair.push(seq)
+        elif d in e._loading:
+            e._loading[d].append(seq)
+        elif e.residency.acquire(d) is not None:
+            seq.pinned = True
+            e._fair.push(seq)
+        else:
+            e._loading[d] = [seq]
+            e.loader.request(d, otel_context=seq.otel_context)
+
+    def reap(self, now: float) -> None:
+        """Cancelled and expired requests leave, running, waiting or waiting for their load."""
+        e = self.engine
+        for s in list(e._running):
+            if s.handle.cancelled or s.handle.expired(now):
+                e.rows_cancelled += 1
+                e.output.retire(s, reason=FINISH_CANCELLED)
+        for s in [s for s in e._fair if s.handle.cancelled or s.handle.expired(now)]:
+            e._fair.remove(s)
+            e.output.cancel_waiting(s)
+        for d, seqs in list(e._loading.items()):
+            gone = [s for s in seqs if s.handle.cancelled or s.handle.expired(now)]
+            for s in gone:
+                seqs.remove(s)
+                e.output.cancel_waiting(s)
+            if not seqs:
+                # The load goes on (it warms the tiers); nobody waits for it any more.
+                e._loading[d] = []
