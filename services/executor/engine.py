@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mintmesh.errors import InvalidArgument, MintError, ResourceExhausted, Unavailable
+from mintmesh.errors import InvalidArgument, MintError, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.intake import Intake
@@ -168,6 +168,9 @@ class Engine:
         self.prefix_hit_tokens = 0
         self.prefill_tokens_computed = 0
 
+        # Validation, queue limits, the inbox, the waiting counters, the sequences waiting for
+        # their adapter's load (intake.py).
+        self.intake = Intake(self)
         # Adapter tiers and the background loader.
         self._source = source
         self.residency = AdapterResidency(
@@ -181,22 +184,18 @@ class Engine:
             host_prefault=bool(config.host_prefault),
         )
         self.loader = AdapterLoader(
-            self.residency, self._on_loaded, threads=int(config.loader_threads)
+            self.residency, self.intake.on_loaded, threads=int(config.loader_threads)
         )
 
         # State touched by request threads (under self._lock).
         self._lock = threading.Condition()
-        self._landed: deque[tuple[str, BaseException | None]] = deque()
         self._accepting = True
         self._stopping = False
         # State of the step loop (its thread only, under the model lock).
         self._model_lock = threading.Lock()
         self._training = None  # training(): made on first use
         self._fair = FairQueue()
-        self._loading: dict[str, list[Seq]] = {}
         self._running: list[Seq] = []
-        # Validation, queue limits, the inbox, the waiting counters (intake.py).
-        self.intake = Intake(self)
         self.scheduler = Scheduler(self)
         # Sampling, streaming, slow readers, retiring (output.py).
         self.output = OutputProcessor(self)
@@ -470,38 +469,11 @@ class Engine:
         """Prefetch hints: start loading these adapters in the background, into free device room
         or else the host tier (see AdapterLoader). Returns (already resident, queued or already
         loading, dropped: too many hints pending)."""
-        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
-        resident, queued, dropped = [], [], []
-        for d in wanted:
-            if d in self.pool:
-                resident.append(d)
-            elif self.loader.hint(d) is None:
-                dropped.append(d)
-            else:
-                queued.append(d)
-        if queued or dropped:
-            logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
-        return resident, queued, dropped
+        return self.loader.prefetch(list(digests))
 
     def install_layout(self, layout, check) -> tuple[str, bool]:
-        """A pack this executor plans itself (packed.PackLayout: a training run's save) made
-        ready to serve at once: written straight into the host tier (check(buf) vets it), then
-        loaded into free device room (no other adapter is evicted for it; without room it
-        waits on the host). (its digest, resident)."""
-        digest, kept = self.residency.offer_layout(layout, check)
-        if digest in self.pool:
-            return digest, True
-        return digest, kept and self._load_free(digest)
-
-    def _load_free(self, digest: str) -> bool:
-        """digest (on the host tier) into free device room, no eviction; True when resident."""
-        prepared = self.residency.prepare(digest)
-        try:
-            self.residency.load(prepared, timeout=0.0, evict=False)
-        except ResourceExhausted:
-            return False
-        self.residency.release(digest)
-        return True
+        """A training run's save made ready to serve (AdapterResidency.install_layout)."""
+        return self.residency.install_layout(layout, check)
 
     def purge(self, digests: Sequence[str], timeout: float = 30.0) -> tuple[list[str], list[str]]:
         """Deleted adapters: once no running request uses one, drop it from the device pool, the
@@ -510,17 +482,15 @@ class Engine:
         purged, busy = [], []
         for d in digests:
             check_digest(d)
-            present, still = self.residency.purge(d, timeout)
+            present, still = self.residency.delete(d, timeout)
             if still:
                 busy.append(d)
                 continue
-            evict = getattr(self.residency.source, "evict", None)
-            in_cache = bool(evict(d)) if callable(evict) else False
             # No prefix computed with a deleted adapter is reused (its KV blocks go too); after
             # the node-cache eviction, so a request that slipped in before it is forgotten too.
             with self._model_lock:  # the step loop's lock: it owns the allocator
                 self.kv.allocator.forget(d)
-            if present or in_cache:
+            if present:
                 purged.append(d)
         logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
         return purged, busy
@@ -584,7 +554,7 @@ class Engine:
         with self._model_lock:
             left = list(self.intake.inbox) + list(self._fair) + list(self._running)
             left += [s for s, _ in self._paused.values()]
-            left += [s for v in self._loading.values() for s in v]
+            left += [s for v in self.intake.loading.values() for s in v]
             for s in left:
                 if not s.handle.done:
                     s.handle._put(
@@ -608,7 +578,7 @@ class Engine:
             self._lock.notify_all()
 
     def _has_work(self) -> bool:
-        return bool(self.intake.inbox or self._landed or self._running or len(self._fair))
+        return bool(self.intake.inbox or self.intake.landed or self._running or len(self._fair))
 
     def _loop(self) -> None:
         while True:
@@ -617,9 +587,9 @@ class Engine:
                     self._lock.wait(0.5)
                     if self._paused:
                         break  # resume, cancel or time out paused streams
-                    if self._loading and any(
+                    if self.intake.loading and any(
                         s.handle.cancelled or s.handle.expired()
-                        for v in self._loading.values()
+                        for v in self.intake.loading.values()
                         for s in v
                     ):
                         break
@@ -679,22 +649,14 @@ class Engine:
     def _step(self) -> StepStats:
         self.step_no += 1
         step = self.step_no
-        with self._lock:
-            inbox = list(self.intake.inbox)
-            self.intake.inbox.clear()
-            landed = list(self._landed)
-            self._landed.clear()
-        for digest, err in landed:
-            self._on_landed(digest, err)
-        for seq in inbox:
-            self.intake.enqueue(seq)
+        self.intake.take()
         now = time.monotonic()
         self.intake.reap(now)
         self.output.slow_readers(now)
         plan = self.scheduler.schedule()
         sched, admitted, preempted = plan.seqs, plan.admitted, plan.preempted
         self._num_running = len(self._running)
-        self._num_loading = sum(len(v) for v in self._loading.values())
+        self._num_loading = sum(len(v) for v in self.intake.loading.values())
         if not sched:
             return StepStats(step=step, admitted=admitted, preempted=preempted)
 
@@ -749,28 +711,6 @@ class Engine:
             finished=finished,
             adapters=len({seq.slot for seq, _ in sched if seq.slot >= 0}),
         )
-
-    # -- intake ------------------------------------------------------------------------------
-
-    def _on_loaded(self, digest: str, err: BaseException | None) -> None:
-        """Loader callback (a loader thread): hand the result to the next step."""
-        with self._lock:
-            self._landed.append((digest, err))
-            self._lock.notify_all()
-
-    def _on_landed(self, digest: str, err: BaseException | None) -> None:
-        seqs = self._loading.pop(digest, [])
-        if err is not None:
-            for s in seqs:
-                self.output.fail_waiting(s, err)
-            return
-        for s in seqs:
-            slot = self.residency.acquire(digest)
-            assert slot is not None, "a landed adapter is referenced until its requests take it"
-            s.pinned = True
-            self._fair.push(s)
-        # The loader's own reference.
-        self.residency.release(digest)
 
 
 def _fresh_positions(ids_list: list[list[int]]) -> list[int]:

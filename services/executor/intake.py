@@ -47,9 +47,13 @@ class Intake:
         self.engine = engine
         # Under the engine's state lock (request threads and the step thread).
         self.inbox: deque[Seq] = deque()
+        # Adapter loads that landed (digest, error or None) since the last step.
+        self.landed: deque[tuple[str, BaseException | None]] = deque()
         self.num_waiting = 0
         self.tenant_waiting: dict[str, int] = {}
         self.next_seq_id = 0
+        # The step thread's: digest -> the sequences waiting for its load.
+        self.loading: dict[str, list[Seq]] = {}
 
     # -- request threads ------------------------------------------------------------------
 
@@ -171,7 +175,45 @@ class Intake:
         else:
             self.tenant_waiting.pop(tenant, None)
 
+    def on_loaded(self, digest: str, err: BaseException | None) -> None:
+        """The loader's callback (a loader thread): hand the result to the next step."""
+        e = self.engine
+        with e._lock:
+            self.landed.append((digest, err))
+            e._lock.notify_all()
+
     # -- the step thread ------------------------------------------------------------------
+
+    def take(self) -> None:
+        """A step's intake: the loads that landed release (or fail) their waiting sequences,
+        then the inbox's sequences join their queues."""
+        e = self.engine
+        with e._lock:
+            inbox = list(self.inbox)
+            self.inbox.clear()
+            landed = list(self.landed)
+            self.landed.clear()
+        for digest, err in landed:
+            self.land(digest, err)
+        for seq in inbox:
+            self.enqueue(seq)
+
+    def land(self, digest: str, err: BaseException | None) -> None:
+        """digest's load ended: its waiting sequences fail with err, or each takes a reference
+        on the adapter and joins its tenant's queue (the loader's own reference goes)."""
+        e = self.engine
+        seqs = self.loading.pop(digest, [])
+        if err is not None:
+            for s in seqs:
+                e.output.fail_waiting(s, err)
+            return
+        for s in seqs:
+            slot = e.residency.acquire(digest)
+            assert slot is not None, "a landed adapter is referenced until its requests take it"
+            s.pinned = True
+            e._fair.push(s)
+        # The loader's own reference.
+        e.residency.release(digest)
 
     def enqueue(self, seq: Seq) -> None:
         """seq (from the inbox) to its tenant's queue when its adapter is on the device (taking
@@ -180,13 +222,13 @@ class Intake:
         d = seq.digest
         if d is None:
             e._fair.push(seq)
-        elif d in e._loading:
-            e._loading[d].append(seq)
+        elif d in self.loading:
+            self.loading[d].append(seq)
         elif e.residency.acquire(d) is not None:
             seq.pinned = True
             e._fair.push(seq)
         else:
-            e._loading[d] = [seq]
+            self.loading[d] = [seq]
             e.loader.request(d, otel_context=seq.otel_context)
 
     def reap(self, now: float) -> None:
@@ -199,11 +241,11 @@ class Intake:
         for s in [s for s in e._fair if s.handle.cancelled or s.handle.expired(now)]:
             e._fair.remove(s)
             e.output.cancel_waiting(s)
-        for d, seqs in list(e._loading.items()):
+        for d, seqs in list(self.loading.items()):
             gone = [s for s in seqs if s.handle.cancelled or s.handle.expired(now)]
             for s in gone:
                 seqs.remove(s)
                 e.output.cancel_waiting(s)
             if not seqs:
                 # The load goes on (it warms the tiers); nobody waits for it any more.
-                e._loading[d] = []
+                self.loading[d] = []

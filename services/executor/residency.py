@@ -417,6 +417,26 @@ class AdapterResidency:
         """Let go of a prepared adapter without loading it."""
         self.host.unhold(prepared.digest)
 
+    def install_layout(self, layout, check: Callable[[memoryview], None]) -> tuple[str, bool]:
+        """A pack this executor plans itself (packed.PackLayout: a training run's save) made
+        ready to serve at once: written straight into the host tier (offer_layout; check(buf)
+        vets it), then loaded into free device room (no other adapter is evicted for it;
+        without room it waits on the host). (its digest, resident)."""
+        digest, kept = self.offer_layout(layout, check)
+        if digest in self.pool:
+            return digest, True
+        return digest, kept and self.load_free(digest)
+
+    def load_free(self, digest: str) -> bool:
+        """digest (on the host tier) into free device room, no eviction; True when resident."""
+        prepared = self.prepare(digest)
+        try:
+            self.load(prepared, timeout=0.0, evict=False)
+        except ResourceExhausted:
+            return False
+        self.release(digest)
+        return True
+
     # -- device side ------------------------------------------------------------------------
 
     def __contains__(self, digest: object) -> bool:
@@ -518,6 +538,17 @@ class AdapterResidency:
             on_device = self._evict(digest)
         on_host = self.host.discard(digest)
         return on_device or on_host, False
+
+    def delete(self, digest: str, timeout: float = 30.0) -> tuple[bool, bool]:
+        """A deleted adapter out of every tier: purge() (device and host, once nothing
+        references it), then the node cache (the source's evict) unless it is still busy.
+        Returns (was present in any tier, still busy)."""
+        present, busy = self.purge(digest, timeout)
+        if busy:
+            return present, True
+        evict = getattr(self.source, "evict", None)
+        in_cache = bool(evict(digest)) if callable(evict) else False
+        return present or in_cache, False
 
     def _evict(self, digest: str) -> bool:
         self._lru.pop(digest, None)
@@ -651,6 +682,22 @@ class AdapterLoader:
             self._pending[digest] = True
         self._hq.put(_Job(digest, None, time.monotonic() + self.hint_timeout_s, hint=True))
         return True
+
+    def prefetch(self, digests: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """Prefetch hints for digests (checked, duplicates once): (already resident, queued or
+        already loading, dropped: too many hints pending)."""
+        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+        resident, queued, dropped = [], [], []
+        for d in wanted:
+            if d in self.residency.pool:
+                resident.append(d)
+            elif self.hint(d) is None:
+                dropped.append(d)
+            else:
+                queued.append(d)
+        if queued or dropped:
+            logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
+        return resident, queued, dropped
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
