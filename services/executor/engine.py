@@ -172,7 +172,6 @@ class Engine:
         # their adapter's load (intake.py).
         self.intake = Intake(self)
         # Adapter tiers and the background loader.
-        self._source = source
         self.residency = AdapterResidency(
             self.pool,
             source,
@@ -564,9 +563,7 @@ class Engine:
                 self.kvm.drop_blocks(s)
         self.residency.close()
         self.loader.close()
-        close = getattr(self._source, "close", None)
-        if callable(close):
-            close()
+        self.residency.source.close()
 
     # -- the step loop ---------------------------------------------------------------------
 

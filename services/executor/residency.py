@@ -370,7 +370,7 @@ class AdapterResidency:
 
                 raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
             self.fetches += 1
-            verified = bool(getattr(self.source, "verified", False))
+            verified = bool(self.source.verified)
             prepared = self.check(digest, data, verified=verified)
         except BaseException:
             for off, n in reserved:
@@ -546,8 +546,7 @@ class AdapterResidency:
         present, busy = self.purge(digest, timeout)
         if busy:
             return present, True
-        evict = getattr(self.source, "evict", None)
-        in_cache = bool(evict(digest)) if callable(evict) else False
+        in_cache = bool(self.source.evict(digest))
         return present or in_cache, False
 
     def _evict(self, digest: str) -> bool:
@@ -595,8 +594,7 @@ class AdapterResidency:
             self.on_load(tier, time.monotonic() - t0)
 
     def node_cache_digests(self) -> list[str]:
-        fn = getattr(self.source, "node_cache_digests", None)
-        return list(fn()) if callable(fn) else []
+        return list(self.source.node_cache_digests())
 
 
 # Called by a loader worker when a digest landed (error None; the adapter then holds one

@@ -9,17 +9,21 @@ residency.py.
 A source whose `verified` is True hands out bytes already checked against their digest: the
 sidecar hashes every adapter before it commits it to the node cache, so the executor does not
 hash the same 4 MiB again on every load (3 ms of a ~2 ms fast path otherwise).
+
+AdapterSource declares everything the residency tiers, the engine and the metrics ask of a
+source (fetch, verified, node_cache_digests, node_cache_reads, evict, close); every source
+implements all of it.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 
@@ -32,16 +36,37 @@ logger = logging.getLogger(__name__)
 Into = Callable[[int], memoryview]
 
 
-class AdapterSource(Protocol):
-    # True when fetch() returns bytes already checked against their digest.
-    verified: bool
+class AdapterSource(abc.ABC):
+    """Where the executor's tiers get an adapter's packed bytes, by digest (the node cache as
+    the executor sees it). Errors are the domain's (mintmesh.errors), whatever the transport."""
 
+    # True when fetch() returns bytes already checked against their digest.
+    verified: bool = False
+
+    @abc.abstractmethod
     def fetch(
         self, digest: str, timeout: float | None = None, into: Into | None = None
     ) -> bytes | bytearray | memoryview:
         """The packed bytes of digest (written into into(size) and returned as that buffer,
         when into is given); AdapterNotFound when no tier has it."""
-        ...
+
+    @abc.abstractmethod
+    def node_cache_digests(self) -> list[str]:
+        """The digests in the node cache behind this source ([] when it has none)."""
+
+    @abc.abstractmethod
+    def node_cache_reads(self) -> tuple[int, int] | None:
+        """(reads served from the node cache, reads that needed a fetch into it first); None
+        when this source has no node cache."""
+
+    @abc.abstractmethod
+    def evict(self, digest: str) -> bool:
+        """Remove digest from the node cache behind this source (a deleted adapter); whether
+        it was removed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what the source holds (connections, threads); the engine is stopping."""
 
 
 def _deliver(data: bytes | bytearray | memoryview, into: Into | None):
@@ -52,7 +77,7 @@ def _deliver(data: bytes | bytearray | memoryview, into: Into | None):
     return dst
 
 
-class NoSource:
+class NoSource(AdapterSource):
     """An executor started without a cache sidecar: it serves the base model only."""
 
     verified = False
@@ -63,9 +88,22 @@ class NoSource:
             "(start it with --cache HOST:PORT and --cache-dir DIR); it serves the base model only"
         )
 
+    def node_cache_digests(self) -> list[str]:
+        return []  # no node cache
 
-class PackedBytesSource:
-    """An in-process source: digest -> packed bytes."""
+    def node_cache_reads(self) -> tuple[int, int] | None:
+        return None
+
+    def evict(self, digest: str) -> bool:
+        return False  # nothing is cached
+
+    def close(self) -> None:
+        pass
+
+
+class PackedBytesSource(AdapterSource):
+    """An in-process source: digest -> packed bytes. It is not a node cache: it lists no node
+    cache digests, and evict() keeps the bytes (what was add()ed stays servable)."""
 
     verified = False  # anyone may add() bytes under any digest
 
@@ -90,8 +128,20 @@ class PackedBytesSource:
             raise AdapterNotFound(f"adapter digest {digest} is not known to this source")
         return _deliver(data, into)
 
+    def node_cache_digests(self) -> list[str]:
+        return []  # an in-process dict, not a node cache
 
-class SidecarSource:
+    def node_cache_reads(self) -> tuple[int, int] | None:
+        return None
+
+    def evict(self, digest: str) -> bool:
+        return False  # not a cache: its bytes stay
+
+    def close(self) -> None:
+        pass
+
+
+class SidecarSource(AdapterSource):
     """The production source: a read of the node's LMDB file, and on a miss EnsureAdapter on the
     node's cache sidecar (which fetches from the store and commits) and a second read.
 
@@ -192,6 +242,9 @@ class SidecarSource:
             digests = _lmdb_keys(self._reader)
         self._listed = (now, digests)
         return digests
+
+    def node_cache_reads(self) -> tuple[int, int] | None:
+        return self.reads_hit, self.reads_ensured
 
     def evict(self, digest: str, timeout: float = 10.0) -> bool:
         """Remove digest from the node cache (unpinning it first): a deleted adapter."""
