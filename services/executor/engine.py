@@ -236,20 +236,15 @@ class Engine:
         source: AdapterSource | None = None,
         autostart: bool = True,
     ) -> Engine:
-        """Load the backbone of config.model_dir and build the engine. Without an injected
-        source, a SidecarSource on config.cache_address (none when it is empty)."""
-        from mintmesh.services.executor.sources import SidecarSource
-
-        if source is None and config.cache_address:
-            if config.cache_dir is None:
-                raise ValueError(
-                    f"cache_address {config.cache_address!r} needs cache_dir, the sidecar's "
-                    "node cache directory"
-                )
-            source = SidecarSource(
-                config.cache_address, config.cache_dir, timeout_s=config.fetch_timeout_s
-            )
+        """Load the backbone of config.model_dir and build the engine over source (without
+        one it serves the base model only; the executor's server wires in the SidecarSource on
+        config.cache_address, grpc_source.py)."""
         if source is None:
+            if config.cache_address:
+                raise ValueError(
+                    f"cache_address {config.cache_address!r} is set but no source was given: "
+                    "pass grpc_source.sidecar_source(config) (server.create_server does)"
+                )
             logger.warning("no cache sidecar configured: serving the base model only")
         model, tok, fingerprint = load_backbone(config)
         return cls(

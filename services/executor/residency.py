@@ -28,7 +28,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import grpc
 import torch
 
 from mintmesh.errors import (
@@ -363,12 +362,8 @@ class AdapterResidency:
 
         t = self.fetch_timeout_s if timeout is None else min(timeout, self.fetch_timeout_s)
         try:
-            try:
-                data = self.source.fetch(digest, timeout=max(0.001, t), into=into)
-            except grpc.RpcError as e:  # a source that lets gRPC errors through
-                from mintmesh.services.common.errors import reraise_downstream
-
-                raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
+            # A source raises the domain's errors (grpc_source.py maps gRPC's).
+            data = self.source.fetch(digest, timeout=max(0.001, t), into=into)
             self.fetches += 1
             verified = bool(self.source.verified)
             prepared = self.check(digest, data, verified=verified)
