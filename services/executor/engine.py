@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,13 +39,8 @@ import torch
 from mintmesh.errors import InvalidArgument, MintError, Unavailable
 from mintmesh.identity import check_digest
 from mintmesh.services.executor.config import ExecutorConfig
-from mintmesh.services.executor.intake import Intake
-from mintmesh.services.executor.kv import (
-    AttentionPlan,
-    PagedKVCache,
-    SeqSpan,
-)
-from mintmesh.services.executor.kv_manager import KVManager
+from mintmesh.services.executor.intake import Intake, encode, encode_chat
+from mintmesh.services.executor.kv_manager import KVManager, build_kv_cache
 from mintmesh.services.executor.output import OutputProcessor
 from mintmesh.services.executor.requests import (
     FINISH_CANCELLED,
@@ -60,7 +54,7 @@ from mintmesh.services.executor.requests import (
     StepStats,
 )
 from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
-from mintmesh.services.executor.runner import ForwardBatch
+from mintmesh.services.executor.runner import pack_rows, pack_step
 from mintmesh.services.executor.sampling import (
     IncrementalText,
     SamplingOptions,
@@ -90,11 +84,6 @@ __all__ = [
     "StepStats",
     "sample_token",
 ]
-
-# Roles a chat template is given.
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-# Window of the tokens/s figure in Status.
-_RATE_WINDOW_S = 10.0
 
 
 class Engine:
@@ -146,18 +135,9 @@ class Engine:
         self.pool = self.runner.pool
         self.kernel_backend = self.runner.kernel_backend
 
-        kv_bytes = int(config.kv_cache_bytes)
-        if not kv_bytes:
-            tokens = self.max_batch_size * min(self.max_positions, 512)
-            per_block = PagedKVCache.block_nbytes(cfg, config.kv_block_size, self.dtype)
-            kv_bytes = per_block * -(-tokens // config.kv_block_size)
-        self.kv = PagedKVCache.for_model(
-            cfg,
-            max_bytes=kv_bytes,
-            block_size=int(config.kv_block_size),
-            device=self.device,
-            dtype=self.dtype,
-        )
+        self.kv = build_kv_cache(cfg, config, max_batch_size=self.max_batch_size,
+                                 max_positions=self.max_positions, device=self.device,
+                                 dtype=self.dtype)  # fmt: skip
         # Blocks kept free when admitting (so running sequences can grow a little).
         self._watermark = max(1, self.kv.num_blocks // 100)
         # Block tables and automatic prefix caching (kv_manager.py).
@@ -204,7 +184,6 @@ class Engine:
         # Per token sampled, on the step thread (the executor's metrics): (seconds since the
         # request's submit for its first token, else since its previous token; first).
         self.on_token: Callable[[float, bool], None] | None = None
-        self._rate: deque[tuple[float, int]] = deque()
         self._num_running = 0
         self._num_loading = 0
 
@@ -259,32 +238,11 @@ class Engine:
     # -- public API -------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return encode(self.tokenizer, text)
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        """A chat's prompt: (role, content) turns rendered by the tokenizer's chat template,
-        with the assistant's turn opened."""
-        if not messages:
-            raise InvalidArgument("messages is empty: give at least one message")
-        for i, (role, _) in enumerate(messages):
-            if role not in CHAT_ROLES:
-                raise InvalidArgument(
-                    f"messages[{i}].role is {role!r}; one of {sorted(CHAT_ROLES)} is needed"
-                )
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidArgument(
-                "this backbone's tokenizer has no chat template (tokenizer_config.json "
-                "chat_template): send a prompt instead of messages"
-            )
-        turns = [{"role": r, "content": c} for r, c in messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                turns, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as e:  # the template's own raise_exception, or a jinja error
-            raise InvalidArgument(f"the chat template refused these messages: {e}") from None
-        # The template writes the special tokens it wants (BOS among them): none added here.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """A chat's prompt, rendered by the tokenizer's chat template (intake.encode_chat)."""
+        return encode_chat(self.tokenizer, messages)
 
     @property
     def queue_depth(self) -> int:
@@ -335,13 +293,7 @@ class Engine:
         return self.kv.allocator.num_used
 
     def tokens_per_s(self) -> float:
-        now = time.monotonic()
-        rate = list(self._rate)
-        rate = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
-        if not rate:
-            return 0.0
-        span = max(now - rate[0][0], 1e-3)
-        return sum(n for _, n in rate) / span if len(rate) > 1 else rate[0][1] / span
+        return self.output.tokens_per_s()
 
     def status(self, *, node_cache: bool = False) -> EngineStatus:
         res = self.residency
@@ -439,16 +391,10 @@ class Engine:
             for d in wanted:
                 left = None if end is None else max(0.001, end - time.monotonic())
                 slots[d] = self.residency.ensure(d, timeout=left)
-            spans, flat, token_slots, start = [], [], [], 0
-            for (digest, _), ids in zip(rows, ids_list, strict=True):
-                spans.append(SeqSpan(start, len(ids), len(ids)))
-                flat += ids
-                token_slots += [slots[digest] if digest else -1] * len(ids)
-                start += len(ids)
+            packed = [(ids, slots[digest] if digest else -1)
+                      for (digest, _), ids in zip(rows, ids_list, strict=True)]  # fmt: skip
             with self._model_lock:
-                batch = ForwardBatch(flat, _fresh_positions(ids_list), token_slots,
-                                     AttentionPlan(spans), None)  # fmt: skip
-                logits = self.runner.run(batch)
+                logits = self.runner.run(pack_rows(packed))
         finally:
             for d in slots:
                 self.residency.release(d)
@@ -652,61 +598,29 @@ class Engine:
         if not sched:
             return StepStats(step=step, admitted=admitted, preempted=preempted)
 
-        # One packed row: every scheduled token of every sequence.
-        flat: list[int] = []
-        positions: list[int] = []
-        token_slots: list[int] = []
-        spans: list[SeqSpan] = []
-        samplers: list[Seq] = []
-        sample_rows: list[int] = []
-        prefill = decode = 0
-        for seq, n in sched:
-            start = len(flat)
-            c = seq.num_computed
-            flat += seq.tokens[c : c + n]
-            positions += range(c, c + n)
-            token_slots += [seq.slot] * n
-            spans.append(SeqSpan(start, n, c + n, seq.blocks))
-            if c + n == len(seq.tokens):
-                samplers.append(seq)
-                sample_rows.append(start + n - 1)
-            if seq.decoding:
-                decode += n
-            else:
-                prefill += n
-        self.prefill_tokens_computed += prefill
-        plan = AttentionPlan(spans, self.kv)
-        logits = self.runner.run(ForwardBatch(flat, positions, token_slots, plan, sample_rows))
+        # One packed row: every scheduled token of every sequence (runner.pack_step).
+        packed = pack_step(sched, self.kv)
+        self.prefill_tokens_computed += packed.prefill
+        logits = self.runner.run(packed.batch)
         for seq, n in sched:
             seq.num_computed += n
             if self.prefix_caching:
                 self.kvm.register_blocks(seq, seq.num_computed - n)
             if n > 1 or seq.generated == 0:
                 self._fair.charge(seq.tenant, prompt_tokens=n)
-        finished = self.output.sample_and_stream(samplers, logits, step)
+        finished = self.output.sample_and_stream(packed.samplers, logits, step)
         self._num_running = len(self._running)
-        if samplers:
-            self._rate.append((time.monotonic(), len(samplers)))
-            while self._rate and time.monotonic() - self._rate[0][0] > _RATE_WINDOW_S:
-                self._rate.popleft()
         if step % 256 == 0:
             self._fair.forget_idle({s.tenant for s in self._running})
         return StepStats(
             step=step,
-            num_tokens=len(flat),
+            num_tokens=len(packed.batch.token_ids),
             num_seqs=len(sched),
-            prefill_tokens=prefill,
-            decode_tokens=decode,
-            sampled=len(samplers),
+            prefill_tokens=packed.prefill,
+            decode_tokens=packed.decode,
+            sampled=len(packed.samplers),
             admitted=admitted,
             preempted=preempted,
             finished=finished,
             adapters=len({seq.slot for seq, _ in sched if seq.slot >= 0}),
         )
-
-
-def _fresh_positions(ids_list: list[list[int]]) -> list[int]:
-    out: list[int] = []
-    for ids in ids_list:
-        out += range(len(ids))
-    return out

@@ -37,7 +37,39 @@ from mintmesh.services.executor.sequence import Sequence as Seq
 if TYPE_CHECKING:
     from mintmesh.services.executor.engine import Engine
 
-__all__ = ["Intake"]
+__all__ = ["CHAT_ROLES", "Intake", "encode", "encode_chat"]
+
+# Roles a chat template is given.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids (with the tokenizer's special tokens)."""
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def encode_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """A chat's prompt: (role, content) turns rendered by the tokenizer's chat template,
+    with the assistant's turn opened."""
+    if not messages:
+        raise InvalidArgument("messages is empty: give at least one message")
+    for i, (role, _) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"messages[{i}].role is {role!r}; one of {sorted(CHAT_ROLES)} is needed"
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument(
+            "this backbone's tokenizer has no chat template (tokenizer_config.json "
+            "chat_template): send a prompt instead of messages"
+        )
+    turns = [{"role": r, "content": c} for r, c in messages]
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template's own raise_exception, or a jinja error
+        raise InvalidArgument(f"the chat template refused these messages: {e}") from None
+    # The template writes the special tokens it wants (BOS among them): none added here.
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 class Intake:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from mintmesh.services.executor.engine import Engine
 
 logger = logging.getLogger(__name__)
+
+# Window of the tokens/s figure in Status.
+RATE_WINDOW_S = 10.0
 
 __all__ = ["OutputProcessor", "final_output"]
 
@@ -59,6 +63,18 @@ class OutputProcessor:
         self.streams_paused = 0
         self.streams_stalled = 0
         self.tokens_generated = 0
+        # (when, tokens sampled) of each step that sampled, over the last RATE_WINDOW_S.
+        self._rate: deque[tuple[float, int]] = deque()
+
+    def tokens_per_s(self) -> float:
+        """Tokens sampled per second over the last RATE_WINDOW_S."""
+        now = time.monotonic()
+        rate = list(self._rate)
+        rate = [(t, n) for t, n in rate if now - t <= RATE_WINDOW_S]
+        if not rate:
+            return 0.0
+        span = max(now - rate[0][0], 1e-3)
+        return sum(n for _, n in rate) / span if len(rate) > 1 else rate[0][1] / span
 
     # -- sampling and streaming -----------------------------------------------------------
 
@@ -121,6 +137,9 @@ class OutputProcessor:
             if finish:
                 self.retire(seq)
                 finished += 1
+        self._rate.append((time.monotonic(), len(seqs)))
+        while self._rate and time.monotonic() - self._rate[0][0] > RATE_WINDOW_S:
+            self._rate.popleft()
         return finished
 
     # -- slow readers ---------------------------------------------------------------------
