@@ -6,14 +6,24 @@
 - kv.py: the paged KV cache (fixed-size blocks, block tables) and the paged attention function
   registered in transformers' AttentionInterface;
 - sequence.py: sequences and the tenant-fair waiting queue (virtual token counters);
+- intake.py: prompts from text and chats, submit()'s validation and queue limits, the inbox,
+  the waiting counters, the sequences waiting for their adapter's load;
 - kv_manager.py: block tables, block allocation and prefix caching over the paged KV cache;
 - scheduler.py: admission, budgets, tenant fairness and preemption: each step's StepPlan;
-- runner.py: the ModelRunner interface (a ForwardBatch in, logits out; adapter load/evict);
+- runner.py: the ModelRunner interface (a ForwardBatch in, logits out; adapter load/evict) and
+  the packing of a step's schedule or of Forward's rows into a ForwardBatch;
 - torch_runner.py: TorchModelRunner, the HF backbone with multi-LoRA layers and paged attention;
 - sampling.py: per-request sampling options, token choice, incremental text with stop strings;
-- sources.py: where adapter bytes come from (the node cache sidecar);
-- residency.py: the host tier, the device pool with references, the background adapter loader;
-- engine.py: the core (plain Python/torch): the step loop (continuous batching), Forward;
+- output.py: OutputProcessor, each step's sampling, streaming, slow readers, finishing and
+  retiring of sequences;
+- sources.py: the AdapterSource interface (where adapter bytes come from), NoSource and the
+  in-process PackedBytesSource;
+- grpc_source.py: SidecarSource, the node cache sidecar's source (the one that speaks gRPC;
+  the server wires it in);
+- residency.py: the host tier, the device pool with references, each digest's AdapterState,
+  the background adapter loader;
+- engine.py: the core (plain Python/torch): wires the parts, the step loop (continuous
+  batching), Forward;
 - servicer.py / server.py: the mintmesh.v1.Executor gRPC service over the engine.
 """
 

@@ -10,10 +10,38 @@ prompt's blocks and computes only the rest.
 
 from __future__ import annotations
 
+import torch
+
+from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import PagedKVCache, prefix_block_hash
 from mintmesh.services.executor.sequence import Sequence as Seq
 
-__all__ = ["KVManager"]
+__all__ = ["KVManager", "build_kv_cache"]
+
+
+def build_kv_cache(
+    model_config,
+    config: ExecutorConfig,
+    *,
+    max_batch_size: int,
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PagedKVCache:
+    """The paged KV cache of config.kv_cache_bytes (0: room for max_batch_size sequences of
+    up to 512 tokens, or max_positions when fewer) in blocks of config.kv_block_size."""
+    kv_bytes = int(config.kv_cache_bytes)
+    if not kv_bytes:
+        tokens = max_batch_size * min(max_positions, 512)
+        per_block = PagedKVCache.block_nbytes(model_config, config.kv_block_size, dtype)
+        kv_bytes = per_block * -(-tokens // config.kv_block_size)
+    return PagedKVCache.for_model(
+        model_config,
+        max_bytes=kv_bytes,
+        block_size=int(config.kv_block_size),
+        device=device,
+        dtype=dtype,
+    )
 
 
 class KVManager:

@@ -116,13 +116,13 @@ class ExecutorMetrics:
             {"host": res.host.evictions, "device": res.evictions},
             "tier",
         )
-        src = res.source
-        if hasattr(src, "reads_hit"):  # a SidecarSource
+        reads = res.source.node_cache_reads()
+        if reads is not None:  # a source with a node cache (the SidecarSource)
             yield counter(
                 "mint_executor_node_cache_reads_total",
                 "Adapter reads from the node cache: hit (read from the file, no RPC) or miss "
                 "(EnsureAdapter asked the sidecar to fetch it first).",
-                {"hit": src.reads_hit, "miss": src.reads_ensured},
+                {"hit": reads[0], "miss": reads[1]},
                 "result",
             )
         yield gauge(

@@ -12,6 +12,11 @@
   user of a resident adapter holds a reference (acquire/release) and an adapter is evicted only
   when nothing references it (no running or admitted sequence, no Forward call), least recently
   used first;
+- AdapterState: where a digest is now, AdapterResidency.state(digest): ABSENT (in no tier of
+  this executor), FETCHING (coming from the source into the host tier), HOST (on the host
+  tier), LOADING (being copied into the device pool, or waiting for room there), DEVICE
+  (resident in the pool), DRAINING (deleted: waiting for its last reference to go, then dropped
+  from every tier);
 - AdapterLoader: background worker threads that move a digest node cache -> host -> device (on
   CUDA on their own stream) while the step loop keeps running, inside the OpenTelemetry context
   of the request that asked for it, and report the result (slot or the domain error) back.
@@ -27,8 +32,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 
-import grpc
 import torch
 
 from mintmesh.errors import (
@@ -48,6 +53,17 @@ logger = logging.getLogger(__name__)
 # Longest a load waits for room in a device pool full of referenced adapters, when the request
 # has no deadline of its own.
 DEFAULT_ROOM_WAIT_S = 300.0
+
+
+class AdapterState(Enum):
+    """Where one digest is in this executor's tiers (AdapterResidency.state)."""
+
+    ABSENT = "absent"
+    FETCHING = "fetching"
+    HOST = "host"
+    LOADING = "loading"
+    DEVICE = "device"
+    DRAINING = "draining"
 
 
 @dataclass(frozen=True)
@@ -278,6 +294,37 @@ class AdapterResidency:
         # ("device"), in the thread that did it (the executor's metrics).
         self.on_load: Callable[[str, float], None] | None = None
         self._closed = False
+        # Digests in a transition (state()): digest -> how many threads are doing it.
+        self._state_lock = threading.Lock()
+        self._fetching: dict[str, int] = {}
+        self._loading: dict[str, int] = {}
+        self._draining: dict[str, int] = {}
+
+    def state(self, digest: str) -> AdapterState:
+        """Where digest is now (a snapshot: it may move on at once)."""
+        with self._state_lock:
+            draining = digest in self._draining
+            loading = digest in self._loading
+            fetching = digest in self._fetching
+        if draining:
+            return AdapterState.DRAINING
+        if digest in self.pool:
+            return AdapterState.DEVICE
+        if loading:
+            return AdapterState.LOADING
+        if fetching:
+            return AdapterState.FETCHING
+        if digest in self.host:
+            return AdapterState.HOST
+        return AdapterState.ABSENT
+
+    def _mark(self, table: dict[str, int], digest: str, n: int) -> None:
+        with self._state_lock:
+            left = table.get(digest, 0) + n
+            if left > 0:
+                table[digest] = left
+            else:
+                table.pop(digest, None)
 
     def close(self) -> None:
         """Loads waiting for room give up (the engine is stopping)."""
@@ -343,7 +390,11 @@ class AdapterResidency:
                 hit = self.host.get(digest, hold=True)
                 if hit is not None:
                     return hit
-                return self._fetch(digest, timeout)
+                self._mark(self._fetching, digest, 1)
+                try:
+                    return self._fetch(digest, timeout)
+                finally:
+                    self._mark(self._fetching, digest, -1)
         finally:
             with self._fetch_locks_lock:
                 entry[1] -= 1
@@ -363,14 +414,10 @@ class AdapterResidency:
 
         t = self.fetch_timeout_s if timeout is None else min(timeout, self.fetch_timeout_s)
         try:
-            try:
-                data = self.source.fetch(digest, timeout=max(0.001, t), into=into)
-            except grpc.RpcError as e:  # a source that lets gRPC errors through
-                from mintmesh.services.common.errors import reraise_downstream
-
-                raise reraise_downstream(e, f"fetching adapter {digest[:12]}…") from e
+            # A source raises the domain's errors (grpc_source.py maps gRPC's).
+            data = self.source.fetch(digest, timeout=max(0.001, t), into=into)
             self.fetches += 1
-            verified = bool(getattr(self.source, "verified", False))
+            verified = bool(self.source.verified)
             prepared = self.check(digest, data, verified=verified)
         except BaseException:
             for off, n in reserved:
@@ -417,6 +464,26 @@ class AdapterResidency:
         """Let go of a prepared adapter without loading it."""
         self.host.unhold(prepared.digest)
 
+    def install_layout(self, layout, check: Callable[[memoryview], None]) -> tuple[str, bool]:
+        """A pack this executor plans itself (packed.PackLayout: a training run's save) made
+        ready to serve at once: written straight into the host tier (offer_layout; check(buf)
+        vets it), then loaded into free device room (no other adapter is evicted for it;
+        without room it waits on the host). (its digest, resident)."""
+        digest, kept = self.offer_layout(layout, check)
+        if digest in self.pool:
+            return digest, True
+        return digest, kept and self.load_free(digest)
+
+    def load_free(self, digest: str) -> bool:
+        """digest (on the host tier) into free device room, no eviction; True when resident."""
+        prepared = self.prepare(digest)
+        try:
+            self.load(prepared, timeout=0.0, evict=False)
+        except ResourceExhausted:
+            return False
+        self.release(digest)
+        return True
+
     # -- device side ------------------------------------------------------------------------
 
     def __contains__(self, digest: object) -> bool:
@@ -462,6 +529,7 @@ class AdapterResidency:
         digest = prepared.digest
         wait = DEFAULT_ROOM_WAIT_S if timeout is None else max(0.0, timeout)
         end = time.monotonic() + wait
+        self._mark(self._loading, digest, 1)
         try:
             with self._cv:
                 while True:
@@ -487,6 +555,7 @@ class AdapterResidency:
                 self._lru.move_to_end(digest)
                 return slot
         finally:
+            self._mark(self._loading, digest, -1)
             self.host.unhold(digest)
 
     def ensure(self, digest: str, timeout: float | None = None) -> int:
@@ -510,14 +579,28 @@ class AdapterResidency:
         """A deleted adapter: wait (up to timeout) until no running request references it, then
         drop it from the device pool and the host tier. Returns (was present, still busy)."""
         end = time.monotonic() + timeout
-        with self._cv:
-            while self._refs.get(digest) and time.monotonic() < end:
-                self._cv.wait(min(0.2, max(0.0, end - time.monotonic())))
-            if self._refs.get(digest):
-                return True, True
-            on_device = self._evict(digest)
-        on_host = self.host.discard(digest)
-        return on_device or on_host, False
+        self._mark(self._draining, digest, 1)
+        try:
+            with self._cv:
+                while self._refs.get(digest) and time.monotonic() < end:
+                    self._cv.wait(min(0.2, max(0.0, end - time.monotonic())))
+                if self._refs.get(digest):
+                    return True, True
+                on_device = self._evict(digest)
+            on_host = self.host.discard(digest)
+            return on_device or on_host, False
+        finally:
+            self._mark(self._draining, digest, -1)
+
+    def delete(self, digest: str, timeout: float = 30.0) -> tuple[bool, bool]:
+        """A deleted adapter out of every tier: purge() (device and host, once nothing
+        references it), then the node cache (the source's evict) unless it is still busy.
+        Returns (was present in any tier, still busy)."""
+        present, busy = self.purge(digest, timeout)
+        if busy:
+            return present, True
+        in_cache = bool(self.source.evict(digest))
+        return present or in_cache, False
 
     def _evict(self, digest: str) -> bool:
         self._lru.pop(digest, None)
@@ -564,8 +647,7 @@ class AdapterResidency:
             self.on_load(tier, time.monotonic() - t0)
 
     def node_cache_digests(self) -> list[str]:
-        fn = getattr(self.source, "node_cache_digests", None)
-        return list(fn()) if callable(fn) else []
+        return list(self.source.node_cache_digests())
 
 
 # Called by a loader worker when a digest landed (error None; the adapter then holds one
@@ -651,6 +733,22 @@ class AdapterLoader:
             self._pending[digest] = True
         self._hq.put(_Job(digest, None, time.monotonic() + self.hint_timeout_s, hint=True))
         return True
+
+    def prefetch(self, digests: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """Prefetch hints for digests (checked, duplicates once): (already resident, queued or
+        already loading, dropped: too many hints pending)."""
+        wanted = list(dict.fromkeys(check_digest(d) for d in digests))
+        resident, queued, dropped = [], [], []
+        for d in wanted:
+            if d in self.residency.pool:
+                resident.append(d)
+            elif self.hint(d) is None:
+                dropped.append(d)
+            else:
+                queued.append(d)
+        if queued or dropped:
+            logger.info("prefetch: %d queued, %d dropped", len(queued), len(dropped))
+        return resident, queued, dropped
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:

@@ -10,15 +10,18 @@ multi-LoRA layers).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mintmesh.services.executor.kv import AttentionPlan
+from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 
-__all__ = ["ForwardBatch", "ModelRunner"]
+if TYPE_CHECKING:
+    from mintmesh.services.executor.sequence import Sequence as Seq
+
+__all__ = ["ForwardBatch", "ModelRunner", "PackedStep", "pack_rows", "pack_step"]
 
 
 @dataclass
@@ -33,6 +36,59 @@ class ForwardBatch:
     plan: AttentionPlan
     # The rows whose logits are wanted (None: all T).
     sample_rows: list[int] | None = None
+
+
+@dataclass
+class PackedStep:
+    """A step's schedule packed into one ForwardBatch: the sequences sampled after it (one per
+    batch.sample_rows entry, in that order) and the prefill and decode tokens it holds."""
+
+    batch: ForwardBatch
+    samplers: list[Seq]
+    prefill: int
+    decode: int
+
+
+def pack_step(sched: Sequence[tuple[Seq, int]], kv: PagedKVCache) -> PackedStep:
+    """One packed row of every scheduled token of every sequence ((sequence, tokens this step),
+    in the forward's order): each writes its K/V into its blocks and attends to its own."""
+    flat: list[int] = []
+    positions: list[int] = []
+    token_slots: list[int] = []
+    spans: list[SeqSpan] = []
+    samplers: list[Seq] = []
+    sample_rows: list[int] = []
+    prefill = decode = 0
+    for seq, n in sched:
+        start = len(flat)
+        c = seq.num_computed
+        flat += seq.tokens[c : c + n]
+        positions += range(c, c + n)
+        token_slots += [seq.slot] * n
+        spans.append(SeqSpan(start, n, c + n, seq.blocks))
+        if c + n == len(seq.tokens):
+            samplers.append(seq)
+            sample_rows.append(start + n - 1)
+        if seq.decoding:
+            decode += n
+        else:
+            prefill += n
+    plan = AttentionPlan(spans, kv)
+    batch = ForwardBatch(flat, positions, token_slots, plan, sample_rows)
+    return PackedStep(batch, samplers, prefill, decode)
+
+
+def pack_rows(rows: Sequence[tuple[Sequence[int], int]]) -> ForwardBatch:
+    """One packed row of fresh rows (token ids, adapter slot) without a KV cache: each from
+    position 0, attending to itself; every row's logits wanted."""
+    spans, flat, positions, token_slots, start = [], [], [], [], 0
+    for ids, slot in rows:
+        spans.append(SeqSpan(start, len(ids), len(ids)))
+        flat += ids
+        positions += range(len(ids))
+        token_slots += [slot] * len(ids)
+        start += len(ids)
+    return ForwardBatch(flat, positions, token_slots, AttentionPlan(spans), None)
 
 
 class ModelRunner(abc.ABC):

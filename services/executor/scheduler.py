@@ -101,7 +101,7 @@ class Scheduler:
                         seq.seq_id,
                         e.kv.capacity_tokens,
                     )
-                    e._retire(seq, reason=FINISH_LENGTH)
+                    e.output.retire(seq, reason=FINISH_LENGTH)
                 else:
                     self.preempt(seq)
                     preempted += 1
@@ -149,9 +149,7 @@ class Scheduler:
                 raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
             if seq.digest:
                 in_use.add(seq.digest)
-            with e._lock:
-                e._num_waiting -= 1
-                e._tenant_left(seq.tenant)
+            e.intake.waiting_left(seq.tenant)
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
@@ -175,7 +173,5 @@ class Scheduler:
         e.preemptions += 1
         e._running.remove(seq)
         e._fair.push(seq, front=True)
-        with e._lock:
-            e._num_waiting += 1
-            e._tenant_waiting[seq.tenant] = e._tenant_waiting.get(seq.tenant, 0) + 1
+        e.intake.waiting_again(seq.tenant)
         logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))

@@ -14,6 +14,7 @@ from mintmesh.services.common.server import (
 from mintmesh.services.common.tracing import setup_tracing
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.grpc_source import sidecar_source
 from mintmesh.services.executor.metrics import ExecutorMetrics
 from mintmesh.services.executor.servicer import add_to_server
 from mintmesh.services.executor.sources import AdapterSource
@@ -33,6 +34,8 @@ def create_server(
     Stopping the server drains it, then closes the engine unless close_engine is False. The
     engine's metrics go to the server's registry (on config.metrics_port when it is set)."""
     if engine is None:
+        if source is None:
+            source = sidecar_source(config)  # None without config.cache_address
         engine = Engine.from_config(config, source=source)
     # Every waiting and running stream holds a server thread: size the pool so that the
     # engine's queue bound (RESOURCE_EXHAUSTED), not gRPC's thread pool, is the backpressure.
