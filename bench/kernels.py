@@ -54,6 +54,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rank_padding_saving": (">=", 1.6),
     "lora_ops_decode_roofline": (">=", 0.8),
 }
+# --backend onnxruntime (bench/ort.py).
+ORT_TARGETS: dict[str, tuple[str, float]] = {"ort_vs_torch_decode": (">=", 1.0)}
 
 
 def measure_read_bandwidth(
@@ -536,9 +538,12 @@ def run_memory(shapes, device: torch.device, dtype) -> dict:
 
 def _check_targets(metrics: dict) -> dict:
     out = {}
-    for name, (op, thr) in TARGETS.items():
+    targets = ORT_TARGETS if "ort_vs_torch_decode" in metrics else TARGETS
+    for name, (op, thr) in targets.items():
         v = metrics.get(name)
         out[name] = {"target": f"{op} {thr}", "value": v, "met": v is not None and v >= thr}
+    if targets is ORT_TARGETS:
+        return out
     b8, b64 = metrics.get("pool_bytes_rank8"), metrics.get("pool_bytes_rank64")
     out["pool_bytes_rank8"] = {
         "target": "<= pool_bytes_rank64 / 7",
@@ -585,6 +590,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serial-repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: the ORT runner vs the torch runner and vs ORT's Multi-LoRA API "
+        "(bench/ort.py) instead of the torch scenarios",
+    )
+    p.add_argument("--ort-batch", type=int, default=32, help="onnxruntime: decode sequences")
+    p.add_argument(
+        "--max-step-tokens", type=int, default=512, help="onnxruntime: tokens of a prefill step"
+    )
     p.add_argument("--skip", default="", help="comma list of scenarios to skip: "
                    "uniform,mixed,memory")  # fmt: skip
     args = p.parse_args(argv)
@@ -621,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     info = base_model_info(model_dir)
     shapes = {n: s for n, s in info.linear_shapes.items() if n.rsplit(".", 1)[-1] in TARGET_LEAVES}
     metrics: dict = {}
+    if args.backend == "onnxruntime":
+        from mintmesh.bench.ort import run_ort
+
+        skip |= {"uniform", "mixed", "memory"}
+        metrics.update(run_ort(args, model_dir))
     if "uniform" not in skip:
         metrics.update(run_uniform(args, model_dir, device, dtype))
     if "mixed" not in skip:
@@ -645,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": dt_name,
             "backend": backend_name(device),
             "dense_kernels": args.dense_kernels,
+            "runner": args.backend,
             "kv_cache": metrics.pop("kv_cache", None),
             "threads": torch.get_num_threads(),
             "loadavg_1m_start": load_start,

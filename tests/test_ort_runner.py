@@ -221,3 +221,29 @@ def test_export_is_cached_by_fingerprint(tiny_model_dir, base_info, tmp_path):
     # Nothing half-written stays behind.
     assert sorted(x.name for x in (d / ".onnx").iterdir()) == sorted([p1.parent.name,
                                                                        p3.parent.name])  # fmt: skip
+
+
+def test_bench_kernels_onnxruntime_runs_on_the_tiny_backbone(tiny_model_dir, capsys):
+    import json
+
+    from mintmesh.bench.kernels import main
+
+    argv = ["--backend", "onnxruntime", "--json", "--preset", "tiny", "--model-dir",
+            str(tiny_model_dir), "--ort-batch", "6", "--prompt-len", "12", "--rank", "4",
+            "--repeats", "3", "--prefill-repeats", "2", "--max-step-tokens", "48"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = out["metrics"]
+    assert out["params"]["runner"] == "onnxruntime"
+    assert m["ort_provider"] == "CPUExecutionProvider"
+    for key in ("ort_vs_torch_decode", "ort_vs_torch_prefill", "mixed_vs_ort_native"):
+        assert 0 < m[f"{key}_min"] <= m[key] <= m[f"{key}_max"], key
+    # Same batches: the runners agree (rounded to 4 places), and the adapters matter.
+    assert m["ort_decode_logits_max_abs_diff_vs_torch"] <= 1e-4
+    assert m["ort_native_logits_max_abs_diff_vs_mixed"] <= 1e-4
+    assert m["decode_logits_max_abs_lora_effect"] > 0.01
+    assert m["ort_prefill_tokens"] == 48 and m["ort_batch"] == 6
+    assert set(out["targets"]) == {"ort_vs_torch_decode"}
+    t = out["targets"]["ort_vs_torch_decode"]
+    assert t["value"] == pytest.approx(m["ort_vs_torch_decode"], abs=1e-4)
+    assert t["met"] == (t["value"] >= 1.0)
