@@ -81,6 +81,9 @@ def _native_session(runner, tmp: Path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # No spinning threads after a run: on shared CPUs they take the cores from the step's
+    # other work (the sampler, the torch runner in a benchmark's interleaved rounds).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

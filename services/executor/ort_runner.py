@@ -228,6 +228,9 @@ class OrtModelRunner(ModelRunner):
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        # No spinning threads after a run: on shared CPUs they take the cores from the step's
+        # other work (the sampler, the torch runner in a benchmark's interleaved rounds).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.path), so, providers=ort_providers(self.device)
         )
