@@ -553,6 +553,14 @@ def _check_targets(metrics: dict) -> dict:
     return out
 
 
+def _fmt(v, backend: str):
+    """A metric for the JSON: floats to 4 places; the onnxruntime runner's to 5 significant
+    digits (its logit differences are ~1e-6: 4 places printed them as 0.0)."""
+    if not isinstance(v, float):
+        return v
+    return float(f"{v:.5g}") if backend == "onnxruntime" else round(v, 4)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mint bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
@@ -675,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_repeats": args.prefill_repeats,
             "wall_s": round(time.perf_counter() - t0, 1),
         },
-        "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "metrics": {k: _fmt(v, args.backend) for k, v in metrics.items()},
         "targets": _check_targets(metrics),
     }
     if not args.json:

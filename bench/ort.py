@@ -10,10 +10,22 @@ it serves today, on the same batches, and one mixed ORT run against ORT's own Mu
   inputs of the same graph made overridable initializers; each adapter an ort.AdapterFormat
   file, loaded as ort.LoraAdapter and activated with RunOptions.add_active_adapter; one run per
   adapter over its rows) over the one mixed run.
+
+Fairness: the torch runner is timed as it serves, with the native LoRA and attention libraries
+loaded (blocking on their build first: load(block=False) would time the torch fallbacks until a
+background build lands), its oneDNN-packed Linears, torch's threads; the ORT session gets as many
+intra-op threads (torch_threads, ort_intra_op_threads in the JSON). Other processes' CPU use
+during the timed rounds is measured (host_other_cpu_cores: /proc/stat's busy time less this
+process's CPU time, in cores) because it decides the result on a shared machine: with one of two
+cores taken by a neighbour, every oneDNN/OpenMP parallel region of the torch runner (2 threads,
+statically split) waits a scheduler slice for its descheduled thread, measured 85 -> 750 ms per
+decode step while ORT's work-sharing pool went 190 -> 240 ms. torch_runner_decode_1thread_ms
+(the torch runner at one torch thread, same rounds) shows how much of a run's torch time is that.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -114,9 +126,40 @@ def _adapter_file(runner, slot: int, path: Path):
     return la
 
 
+def _host_busy_s() -> float | None:
+    """Seconds of CPU the whole host spent busy (all processes, /proc/stat), or None."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+class _OtherCpu:
+    """Other processes' CPU use (cores) over a stretch of wall time: the host's busy time less
+    this process's own CPU time (all its threads)."""
+
+    def __enter__(self):
+        self.host, self.own, self.wall = _host_busy_s(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        host = _host_busy_s()
+        wall = time.perf_counter() - self.wall
+        self.cores = None
+        if host is not None and self.host is not None and wall > 0:
+            other = (host - self.host) - (time.process_time() - self.own)
+            self.cores = max(0.0, other / wall)
+
+
 def run_ort(args, model_dir: Path) -> dict:
     import onnxruntime as ort
 
+    from mintmesh.kernels import native as native_libs
+    from mintmesh.kernels.settings import SETTINGS
     from mintmesh.model import base_model_info, load_model
     from mintmesh.services.executor.config import ExecutorConfig
     from mintmesh.services.executor.kv import PagedKVCache
@@ -129,11 +172,19 @@ def run_ort(args, model_dir: Path) -> dict:
     info = base_model_info(model_dir)
     cfg = ExecutorConfig(model_dir=model_dir, max_adapters=B, max_rank=max(rank, 8),
                          max_batch_size=B, dense_kernels=args.dense)  # fmt: skip
+    # The torch runner as it serves: its native kernels loaded, not the fallbacks that serve
+    # while a background build runs (load(block=False) until it lands).
+    if SETTINGS.native:
+        progress("onnxruntime: loading the native LoRA and attention libraries (built if missing)")
+        native_libs.load(block=True)
+        native_libs.load_attn(block=True)
+    threads = torch.get_num_threads()
     progress("onnxruntime: loading both runners (the export is cached beside the model)")
     t0 = time.perf_counter()
     tr = TorchModelRunner(load_model(model_dir)[0], cfg, max_batch_size=B)
+    # As many ORT intra-op threads as torch has.
     orr = OrtModelRunner(load_model(model_dir)[0], cfg, max_batch_size=B,
-                         fingerprint=info.fingerprint)  # fmt: skip
+                         fingerprint=info.fingerprint, threads=threads)  # fmt: skip
     load_s = time.perf_counter() - t0
     ads = _adapters(tr.layer_shapes, B, rank)
     slots = []
@@ -197,19 +248,38 @@ def run_ort(args, model_dir: Path) -> dict:
     native_logits = native.run(OUTPUT_NAMES[:1], groups[0][0], groups[0][1])[0]
     with torch.inference_mode():
         native_diff = float(np.abs(native_logits[0] - orr.run(dec["ort"])[0].numpy()).max())
-    res: dict[str, list[float]] = {k: [] for k in ("td", "od", "nd", "tp", "op")}
+
+    def one_thread(fn):
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+
+    res: dict[str, list[float]] = {k: [] for k in ("td", "od", "nd", "tp", "op", "t1")}
+    other: list[float] = []
     for rnd in range(int(args.repeats)):
-        with torch.inference_mode():
+        with _OtherCpu() as oc, torch.inference_mode():
             res["td"].append(timed(lambda: tr.run(dec["torch"])))
             res["od"].append(timed(lambda: orr.run(dec["ort"])))
             res["nd"].append(timed(native_decode))
-        if rnd < int(args.prefill_repeats):
-            with torch.inference_mode():
+            res["t1"].append(one_thread(lambda: timed(lambda: tr.run(dec["torch"]))))
+            if rnd < int(args.prefill_repeats):
                 res["tp"].append(timed(lambda: tr.run(pre["torch"])))
                 res["op"].append(timed(lambda: orr.run(pre["ort"])))
+        if oc.cores is not None:
+            other.append(oc.cores)
         ms = {k: v[-1] * 1e3 for k, v in res.items() if v}
-        progress(f"  round {rnd}: decode torch {ms['td']:.1f} ms, ort {ms['od']:.1f} ms, "
-                 f"ort native {ms['nd']:.1f} ms")  # fmt: skip
+        busy = f", other processes {oc.cores:.2f} cores" if oc.cores is not None else ""
+        progress(f"  round {rnd}: decode torch {ms['td']:.1f} ms ({ms['t1']:.1f} ms at 1 thread), "
+                 f"ort {ms['od']:.1f} ms, ort native {ms['nd']:.1f} ms{busy}")  # fmt: skip
+    contended = bool(other) and statistics.median(other) >= 0.25
+    if contended:
+        progress(
+            f"onnxruntime: other processes took {statistics.median(other):.2f} of "
+            f"{len(os.sched_getaffinity(0))} cores during the rounds: the torch runner's OpenMP "
+            "regions stall on a shared machine, the ratios are not its serving speed"
+        )
 
     def paired(num: str, den: str) -> dict:
         r = [a / b for a, b in zip(res[num], res[den], strict=True)]
@@ -217,6 +287,17 @@ def run_ort(args, model_dir: Path) -> dict:
 
     out: dict = {
         "ort_provider": orr.provider,
+        "torch_threads": threads,
+        "ort_intra_op_threads": threads,
+        "torch_runner_dense_kernels": tr.dense_kernels,
+        "torch_runner_native_lora": native_libs.load(block=False) is not None,
+        "torch_runner_native_attn": dec["torch"].plan.native is not None,
+        "torch_runner_lora_threads": SETTINGS.lora_threads,
+        "torch_runner_attn_threads": SETTINGS.attn_threads,
+        "host_cores": len(os.sched_getaffinity(0)),
+        "host_other_cpu_cores": statistics.median(other) if other else None,
+        "host_other_cpu_cores_max": max(other) if other else None,
+        "host_contended": contended,
         "ort_load_s": load_s,
         "ort_batch": B,
         "ort_prefill_tokens": len(pre["ort"].token_ids),
@@ -224,6 +305,7 @@ def run_ort(args, model_dir: Path) -> dict:
         "decode_logits_max_abs_lora_effect": lora_effect,
         "ort_native_logits_max_abs_diff_vs_mixed": native_diff,
         "torch_runner_decode_ms": statistics.median(res["td"]) * 1e3,
+        "torch_runner_decode_1thread_ms": statistics.median(res["t1"]) * 1e3,
         "ort_runner_decode_ms": statistics.median(res["od"]) * 1e3,
         "ort_native_decode_ms": statistics.median(res["nd"]) * 1e3,
         "torch_runner_prefill_ms": statistics.median(res["tp"]) * 1e3,
@@ -233,6 +315,7 @@ def run_ort(args, model_dir: Path) -> dict:
         "ort_vs_torch_decode": ("td", "od"),
         "ort_vs_torch_prefill": ("tp", "op"),
         "mixed_vs_ort_native": ("nd", "od"),
+        "torch_1thread_vs_torch_decode": ("td", "t1"),
     }.items():
         for suf, v in paired(num, den).items():
             out[key + suf] = v
