@@ -55,6 +55,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "rank_padding_saving": (">=", 1.6),
     "lora_ops_decode_roofline": (">=", 0.8),
 }
+# --backend onnxruntime (bench/ort.py).
+ORT_TARGETS: dict[str, tuple[str, float]] = {"ort_vs_torch_decode": (">=", 1.0)}
 
 
 def _progress(msg: str) -> None:
@@ -523,9 +525,12 @@ def run_memory(shapes, device: torch.device, dtype) -> dict:
 
 def _check_targets(metrics: dict) -> dict:
     out = {}
-    for name, (op, thr) in TARGETS.items():
+    targets = ORT_TARGETS if "ort_vs_torch_decode" in metrics else TARGETS
+    for name, (op, thr) in targets.items():
         v = metrics.get(name)
         out[name] = {"target": f"{op} {thr}", "value": v, "met": v is not None and v >= thr}
+    if targets is ORT_TARGETS:
+        return out
     b8, b64 = metrics.get("pool_bytes_rank8"), metrics.get("pool_bytes_rank64")
     out["pool_bytes_rank8"] = {
         "target": "<= pool_bytes_rank64 / 7",
@@ -533,6 +538,14 @@ def _check_targets(metrics: dict) -> dict:
         "met": b8 is not None and b64 is not None and b8 <= b64 / 7,
     }
     return out
+
+
+def _fmt(v, backend: str):
+    """A metric for the JSON: floats to 4 places; the onnxruntime runner's to 5 significant
+    digits (its logit differences are ~1e-6: 4 places printed them as 0.0)."""
+    if not isinstance(v, float):
+        return v
+    return float(f"{v:.5g}") if backend == "onnxruntime" else round(v, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,6 +585,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--serial-repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: the ORT runner vs the torch runner and vs ORT's Multi-LoRA API "
+        "(bench/ort.py) instead of the torch scenarios",
+    )
+    p.add_argument("--ort-batch", type=int, default=32, help="onnxruntime: decode sequences")
+    p.add_argument(
+        "--max-step-tokens", type=int, default=512, help="onnxruntime: tokens of a prefill step"
+    )
     p.add_argument("--skip", default="", help="comma list of scenarios to skip: "
                    "uniform,mixed,memory")  # fmt: skip
     args = p.parse_args(argv)
@@ -608,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     info = base_model_info(model_dir)
     shapes = {n: s for n, s in info.linear_shapes.items() if n.rsplit(".", 1)[-1] in TARGET_LEAVES}
     metrics: dict = {}
+    if args.backend == "onnxruntime":
+        from mintmesh.bench.ort import run_ort
+
+        skip |= {"uniform", "mixed", "memory"}
+        metrics.update(run_ort(args, model_dir))
     if "uniform" not in skip:
         metrics.update(run_uniform(args, model_dir, device, dtype))
     if "mixed" not in skip:
@@ -632,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": dt_name,
             "backend": backend_name(device),
             "dense_kernels": args.dense_kernels,
+            "runner": args.backend,
             "kv_cache": metrics.pop("kv_cache", None),
             "threads": torch.get_num_threads(),
             "loadavg_1m_start": load_start,
@@ -640,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_repeats": args.prefill_repeats,
             "wall_s": round(time.perf_counter() - t0, 1),
         },
-        "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "metrics": {k: _fmt(v, args.backend) for k, v in metrics.items()},
         "targets": _check_targets(metrics),
     }
     if not args.json:

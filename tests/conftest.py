@@ -40,6 +40,13 @@ def native_kernels_built():
     return native.load(block=True), native.load_attn(block=True)
 
 
+@pytest.fixture()
+def backend() -> str:
+    """The engine fixtures' model runner (ExecutorConfig.backend); tests parametrized over
+    tests/backends.py's BACKENDS override it."""
+    return "torch"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from mintmesh.model import init_model

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from backends import BACKENDS, needs_ort
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from peft_util import make_peft_adapter, peft_greedy, peft_model_with
@@ -103,10 +104,11 @@ class GatedSource(PackedBytesSource):
 
 
 @pytest.fixture()
-def make_engine(tiny_model_dir, adapters):
+def make_engine(tiny_model_dir, adapters, backend):
     made: list[Engine] = []
 
     def make(source=None, **cfg) -> Engine:
+        cfg.setdefault("backend", backend)
         if source is None:
             source = PackedBytesSource({p.digest: p.data for p in adapters.values()})
         eng = Engine.from_config(
@@ -157,12 +159,18 @@ ARRIVALS = [
 ]
 
 
-@pytest.mark.parametrize("dense", ["auto", "torch"])
-def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle, dense):
+@pytest.mark.parametrize(
+    "dense,backend",
+    [("auto", "torch"), ("torch", "torch"), pytest.param("auto", "onnxruntime", marks=needs_ort)],
+)
+def test_arrivals_at_different_steps_match_peft(make_engine, adapters, oracle, dense, backend):
     # Both implementations of the base Linears: oneDNN-packed (auto, on CPU float32) and
-    # torch's nn.Linear.
+    # torch's nn.Linear; and the onnxruntime runner.
     eng = make_engine(max_batch_size=4, max_step_tokens=16, kv_block_size=4, dense_kernels=dense)
-    assert eng.dense_kernels == select_dense("cpu", torch.float32, dense)
+    if backend == "torch":
+        assert eng.dense_kernels == select_dense("cpu", torch.float32, dense)
+    else:
+        assert eng.status().runner == "onnxruntime:CPUExecutionProvider"
     handles = {}
     stats = []
     step = 0
@@ -213,7 +221,10 @@ def test_only_layers_an_adapter_of_the_forward_targets_run_the_lora_op(
     assert eng.ctx.targeted is None and eng.ctx.meta is None
 
 
-def test_kv_exhaustion_preempts_and_every_request_finishes_right(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_exhaustion_preempts_and_every_request_finishes_right(
+    make_engine, adapters, oracle, backend
+):
     per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 4, torch.float32)
     eng = make_engine(kv_block_size=4, kv_cache_bytes=12 * per_block, max_batch_size=8)
     assert eng.kv.num_blocks == 12
@@ -252,7 +263,8 @@ def _tiny_cfg():
     return LlamaConfig(**PRESETS["tiny"])
 
 
-def test_preempted_greedy_equals_peft(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempted_greedy_equals_peft(make_engine, adapters, oracle, backend):
     """Tight KV: sequences are preempted and recomputed, outputs still equal peft's."""
     per_block = PagedKVCache.block_nbytes(_tiny_cfg(), 2, torch.float32)
     eng = make_engine(kv_block_size=2, kv_cache_bytes=14 * per_block, max_batch_size=4)
@@ -286,7 +298,8 @@ def test_adapter_budget_bounds_distinct_adapters_per_step(make_engine, adapters,
 # ---- cancellation, deadlines, queue bound -------------------------------------------------------
 
 
-def test_cancelling_frees_the_kv_blocks_at_the_next_step(make_engine, adapters):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancelling_frees_the_kv_blocks_at_the_next_step(make_engine, adapters, backend):
     eng = make_engine(kv_block_size=4)
     keep = eng.submit(_req(adapters, "a", list(range(10, 30)), 50, ignore_eos=True))
     gone = eng.submit(_req(adapters, "b", list(range(40, 70)), 50, ignore_eos=True))
@@ -708,6 +721,7 @@ def test_status_reports_the_engine(make_engine, adapters):
     assert st.resident_adapters == [adapters["b"].digest] == st.host_adapters
     assert st.tokens_per_s > 0 and st.steps == 2 and st.tokens_generated == 2
     assert st.dense_kernels == select_dense("cpu", torch.float32) == eng.dense_kernels
+    assert st.runner == "torch"
     h.cancel()
     eng.step()
 
@@ -773,7 +787,8 @@ def test_block_allocator_keeps_a_sequence_contiguous():
     assert len(rest) == 32 - 5 and al.num_free == 0 and al.alloc(1) is None
 
 
-def test_purge_waits_for_the_running_request_then_drops_every_copy(make_engine, adapters):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_purge_waits_for_the_running_request_then_drops_every_copy(make_engine, adapters, backend):
     """A deleted adapter: the request running on it finishes untouched; only then is the
     adapter gone from the device pool and the host tier."""
     eng = make_engine()
@@ -851,7 +866,10 @@ def test_block_allocator_refcounts_caches_and_evicts_registered_blocks():
     assert al.num_free == 0 and al.alloc(1) is None
 
 
-def test_prefix_cache_hit_equals_peft_and_skips_the_cached_prompt(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_cache_hit_equals_peft_and_skips_the_cached_prompt(
+    make_engine, adapters, oracle, backend
+):
     """Multi-turn: the second turn re-sends the first (prompt and reply) and reuses its KV."""
     eng = make_engine(kv_block_size=4)
     p1 = list(range(20, 43))  # 23 tokens
@@ -884,7 +902,8 @@ def test_prefix_cache_hit_equals_peft_and_skips_the_cached_prompt(make_engine, a
     _no_refs_left(eng)
 
 
-def test_prefix_cache_never_crosses_adapters_or_revisions(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_cache_never_crosses_adapters_or_revisions(make_engine, adapters, oracle, backend):
     """The same tokens under adapter a, adapter b, the base model and a re-pushed a (a_v2, same
     name, new digest): no K/V is reused across them, each output is its own adapter's."""
     eng = make_engine(kv_block_size=4)
@@ -908,7 +927,8 @@ def test_prefix_cache_never_crosses_adapters_or_revisions(make_engine, adapters,
     _no_refs_left(eng)
 
 
-def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, oracle, backend):
     """A running request's prompt blocks are shared by requests admitted while it decodes;
     shared blocks are never written, every reference comes back."""
     eng = make_engine(kv_block_size=4, max_batch_size=4)
@@ -1009,7 +1029,10 @@ def test_prefix_caching_flag_and_environment():
     assert cfg(["--model-dir", "m", "--prefix-caching"], off).prefix_caching is True
 
 
-def test_purging_an_adapter_drops_the_prefixes_computed_with_it(make_engine, adapters, oracle):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_purging_an_adapter_drops_the_prefixes_computed_with_it(
+    make_engine, adapters, oracle, backend
+):
     eng = make_engine(kv_block_size=4)
     p = list(range(20, 43))
     for name in ("a", "b"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import native_util
 import pytest
 import torch
+from backends import BACKENDS, needs_ort
 from peft_util import (
     ALL_MODULES,
     make_peft_adapter,
@@ -87,10 +88,11 @@ def oracle(tiny_model_dir, strong):
 
 
 @pytest.fixture()
-def make_engine(tiny_model_dir, strong):
+def make_engine(tiny_model_dir, strong, backend):
     made = []
 
     def make(**cfg):
+        cfg.setdefault("backend", backend)
         eng = Engine.from_config(
             ExecutorConfig(model_dir=tiny_model_dir, **cfg),
             source=PackedBytesSource(strong[2]),
@@ -112,19 +114,33 @@ def _req(strong, name, ids, n, **sampling):
     )
 
 
-def _assert_matches(res, want, what):
+# The onnxruntime runner is an independent fp32 implementation (its own op order, MLAS GEMMs).
+# A few decode rows of these strong adapters are ill-conditioned: there the torch runner, the
+# ORT graph and the same graph run eagerly in torch disagree with each other by 1e-3 to 9e-3
+# (measured, logits of scale ~2.4), while the torch runner happens to stay within 1e-4 of
+# float64 peft. So for ORT: every token equal, 98% of logprobs within the torch bound, all
+# within LOGPROB_TOL_ORT.
+LOGPROB_TOL_ORT = 1e-2
+
+
+def _assert_matches(res, want, what, tol=LOGPROB_TOL, *, loose=None):
     """Every token peft's; every logprob within LOGPROB_TOL of the float64 truth, widened where
     peft's own fp32 logprob is off the truth (a few ill-conditioned positions: with adapters
     this strong, fp32 peft itself misses the float64 value by up to ~3e-4 at some tokens)."""
     toks, lps32, lps64 = want
     assert res.token_ids == toks, f"{what}: tokens differ from peft's"
     assert len(res.logprobs) == len(toks)
+    tight = 0
     for j, (got, p32, p64) in enumerate(zip(res.logprobs, lps32, lps64, strict=True)):
-        bound = LOGPROB_TOL + 2 * abs(p32 - p64)
+        bound = tol + 2 * abs(p32 - p64)
+        if loose is not None:
+            tight += abs(got - p64) <= bound
+            bound = loose
         assert abs(got - p64) <= bound, (
             f"{what}: logprob of token {j} is {got:.6f}, float64 peft {p64:.6f}, fp32 peft "
             f"{p32:.6f} (bound {bound:.3g})"
         )
+    return tight
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -165,9 +181,12 @@ LONG = [
 ]
 
 
-@pytest.mark.parametrize("block_size", [4, 16, 32])
+@pytest.mark.parametrize(
+    "block_size,backend",
+    [(4, "torch"), (16, "torch"), (32, "torch"), pytest.param(16, "onnxruntime", marks=needs_ort)],
+)
 def test_long_mixed_generations_match_peft_tokens_and_logprobs(
-    make_engine, strong, oracle, native_attention, block_size
+    make_engine, strong, oracle, native_attention, block_size, backend
 ):
     eng = make_engine(kv_block_size=block_size, max_batch_size=8, max_step_tokens=256)
     before = dict(kvmod.ATTENTION_TOKENS)
@@ -179,12 +198,21 @@ def test_long_mixed_generations_match_peft_tokens_and_logprobs(
         eng.wait_loads()
         eng.step()
         step += 1
+    tight = 0
     for i, (_, name, n, seed, k) in enumerate(LONG):
         res = handles[i].result()
         assert len(res.token_ids) == k
-        _assert_matches(res, oracle(name, _prompt(seed, n), k, False), f"request {i} ({name})")
+        loose = None if backend == "torch" else LOGPROB_TOL_ORT
+        want = oracle(name, _prompt(seed, n), k, False)
+        tight += _assert_matches(res, want, f"request {i} ({name})", loose=loose)
+    if backend != "torch":
+        total = sum(k for *_, k in LONG)
+        assert tight >= 0.98 * total, f"{total - tight} of {total} logprobs past the fp32 bound"
     decoded = sum(k - 1 for *_, k in LONG)
-    assert kvmod.ATTENTION_TOKENS["native_decode"] - before["native_decode"] == decoded
+    if backend == "torch":
+        assert kvmod.ATTENTION_TOKENS["native_decode"] - before["native_decode"] == decoded
+    else:  # the ORT graph attended: the torch paths never ran
+        assert dict(kvmod.ATTENTION_TOKENS) == before
     assert eng.kv_blocks_used() == 0
 
 
@@ -203,8 +231,9 @@ def test_torch_decode_path_matches_peft_too(make_engine, strong, oracle, monkeyp
     assert kvmod.ATTENTION_TOKENS["torch_decode"] - before["torch_decode"] == 39 + 47 + 31
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_cache_reuse_with_a_strong_adapter_matches_peft(
-    make_engine, strong, oracle, native_attention
+    make_engine, strong, oracle, native_attention, backend
 ):
     """A second turn re-sends the first (prompt and reply): its cached blocks are reused and
     every token of both turns is peft's."""

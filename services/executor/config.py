@@ -11,6 +11,9 @@ from mintmesh.kernels.settings import KernelSettings
 from mintmesh.packed import DTYPES
 from mintmesh.services.common.config import check_metrics_port
 
+# The model runners (services/executor/runners.py).
+BACKENDS = ("torch", "onnxruntime")
+
 
 @dataclass(frozen=True)
 class ExecutorConfig:
@@ -145,6 +148,12 @@ class ExecutorConfig:
             "choices": DENSE_MODES,
         },
     )
+    # The model runner: "torch" (HF modules, native CPU kernels) or "onnxruntime" (the backbone
+    # exported to ONNX, every row's adapter mixed in one run; CUDA where ORT finds it).
+    backend: str = field(
+        default="torch",
+        metadata={"help": "the model runner: torch or onnxruntime", "choices": BACKENDS},
+    )
     # Largest LoRA rank this executor serves.
     max_rank: int = field(default=256, metadata={"help": "largest LoRA rank served"})
     # Deadline of one EnsureAdapter call to the sidecar (capped by the caller's deadline).
@@ -215,6 +224,10 @@ class ExecutorConfig:
             raise ValueError(
                 f"dense_kernels {self.dense_kernels!r} is not supported; use one of "
                 f"{', '.join(DENSE_MODES)}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend {self.backend!r} is not supported; use one of {', '.join(BACKENDS)}"
             )
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")

@@ -55,6 +55,7 @@ from mintmesh.services.executor.requests import (
 )
 from mintmesh.services.executor.residency import AdapterLoader, AdapterResidency
 from mintmesh.services.executor.runner import pack_rows, pack_step
+from mintmesh.services.executor.runners import make_runner
 from mintmesh.services.executor.sampling import (
     IncrementalText,
     SamplingOptions,
@@ -65,7 +66,7 @@ from mintmesh.services.executor.scheduler import Scheduler
 from mintmesh.services.executor.sequence import FairQueue
 from mintmesh.services.executor.sequence import Sequence as Seq
 from mintmesh.services.executor.sources import AdapterSource
-from mintmesh.services.executor.torch_runner import TorchModelRunner, load_backbone
+from mintmesh.services.executor.torch_runner import load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
         # Model: multi-LoRA wrappers, paged attention, the adapter pool (torch_runner.py).
-        self.runner = TorchModelRunner(model, config, max_batch_size=self.max_batch_size)
+        self.runner = make_runner(
+            model, config, max_batch_size=self.max_batch_size, fingerprint=base_fingerprint
+        )
         layer_shapes = self.runner.layer_shapes
         self.ctx = self.runner.ctx
         self.dense_kernels = self.runner.dense_kernels
@@ -328,6 +331,7 @@ class Engine:
             prefix_hit_tokens=self.prefix_hit_tokens,
             kv_blocks_cached=self.kv.allocator.num_cached,
             dense_kernels=self.dense_kernels,
+            runner=self.runner.describe(),
         )
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:

@@ -129,6 +129,8 @@ class EngineStatus:
     prefix_hit_tokens: int = 0
     kv_blocks_cached: int = 0
     dense_kernels: str = "torch"
+    # The model runner: "torch", or "onnxruntime:<the execution provider its session got>".
+    runner: str = "torch"
 
 
 class GenerationHandle:

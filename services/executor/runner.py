@@ -102,6 +102,10 @@ class ModelRunner(abc.ABC):
     def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
         """Load an adapter's weights into the pool; returns its slot."""
 
+    def describe(self) -> str:
+        """What serves the steps, for Status: "torch", or "onnxruntime:<provider>"."""
+        return str(getattr(self, "backend", "torch"))
+
     @abc.abstractmethod
     def evict_adapter(self, digest: str) -> bool:
         """Evict an adapter from the pool; whether it was resident."""

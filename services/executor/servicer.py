@@ -399,6 +399,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             prefix_hit_tokens=st.prefix_hit_tokens,
             kv_blocks_cached=st.kv_blocks_cached,
             dense_kernels=st.dense_kernels,
+            runner=st.runner,
         )
 
     def PurgeAdapters(self, request, context) -> executor_pb2.PurgeAdaptersResponse:
