@@ -450,6 +450,8 @@ def unavailable_reason(which: str = "lora") -> str | None:
     spec = _LORA if which == "lora" else _ATTN
     if _disabled():
         return "disabled (--no-native-kernels)"
+    if globals()[spec.prefix + "lib"] is not None:
+        return None  # it serves (an error of an earlier attempt no longer applies)
     if _compiler() is None:
         return "no compiler"
     return _errors.get(spec.name)
