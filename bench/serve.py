@@ -2,7 +2,8 @@
 
 A local cluster (store, one cache sidecar + executor, router, no HTTP gateway:
 mintmesh.cluster.LocalCluster with executors=1) on the small backbone (~170M parameters, cached
-under ~/.cache/mintmesh/small or --model-dir). The requests: --requests generation requests
+under ~/.cache/mintmesh/small or --model-dir), its executor on --backend's model runner (torch or
+onnxruntime; params.runner is what the executor's Status names). The requests: --requests generation requests
 (prompt lengths uniform in [--prompt-min, --prompt-max] tokens, output lengths uniform in
 [--out-min, --out-max], greedy, exact lengths via ignore_eos), fixed by --seed. For each N in
 --adapters (default 1 and 1000) each request runs on one of a separate set of N distinct rank-16
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-step-tokens", type=int, default=512)
     p.add_argument("--kv-cache-mib", type=int, default=1536)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="the executor's model runner (its --backend)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=None, help="cluster state (default: temp)")
@@ -474,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="mint-bench-serve-"))
     env = {
         "MINT_EXECUTOR_DEVICE": args.device,
+        "MINT_EXECUTOR_BACKEND": args.backend,
         "MINT_EXECUTOR_MAX_STEP_TOKENS": str(args.max_step_tokens),
         "MINT_EXECUTOR_KV_CACHE_BYTES": str(args.kv_cache_mib << 20),
         "MINT_EXECUTOR_MAX_QUEUE": str(max(256, 2 * len(all_jobs))),
@@ -508,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                         executor_pb2.ExecutorStatusRequest(), timeout=10
                     )
 
-            device = status().device
+            st0 = status()
+            device, runner = st0.device, st0.runner
             for n in ns:
                 _progress(f"N={n}: pushing and loading the {len(used[n])} adapters used")
                 push_adapters(client, info, n, used[n])
@@ -619,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_step_tokens": args.max_step_tokens,
         "kv_cache_mib": args.kv_cache_mib,
         "threads_per_process": args.threads,
+        "backend": args.backend,
+        "runner": runner,
         "seed": args.seed,
         "plot": str(args.plot) if args.plot else None,
         "loadavg_start": load0,

@@ -22,12 +22,14 @@ def _close(a: float, b: float, rel: float = 1e-3) -> bool:
 
 
 @pytest.mark.e2e
-def test_bench_serve_tiny(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
     png = tmp_path / "plots" / "serve.png"
     argv = ["--json", "--preset", "tiny", "--model-dir", str(tiny_model_dir), "--adapters",
             "1,1000", "--requests", "6", "--rounds", "2", "--peft-requests", "2",
             "--prompt-min", "8", "--prompt-max", "24", "--out-min", "4", "--out-max", "12",
-            "--plot", str(png), "--data-dir", str(tmp_path / "cluster")]  # fmt: skip
+            "--plot", str(png), "--data-dir", str(tmp_path / "cluster"),
+            "--backend", backend]  # fmt: skip
     assert serve.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out) == {"bench", "device", "params", "metrics", "targets"}
@@ -35,6 +37,8 @@ def test_bench_serve_tiny(tiny_model_dir, tmp_path, capsys):
     p, m, t = out["params"], out["metrics"], out["targets"]
     assert p["adapters"] == [1, 1000] and p["requests"] == 6 and p["rounds"] == 2
     assert p["capacity_n"] == p["peft_compared_n"] == 1000 and p["plot"] == str(png)
+    # The executor's Status names the runner that served (onnxruntime:<provider>).
+    assert p["backend"] == backend and p["runner"].split(":")[0] == backend
 
     rounds = m["rounds"]
     assert len(rounds) == 2
