@@ -257,3 +257,51 @@ def test_bench_kernels_onnxruntime_runs_on_the_tiny_backbone(tiny_model_dir, cap
     t = out["targets"]["ort_vs_torch_decode"]
     assert t["value"] == pytest.approx(m["ort_vs_torch_decode"], abs=1e-4)
     assert t["met"] == (t["value"] >= 1.0)
+
+
+def test_a_huge_adapter_cannot_reach_the_rows_batched_with_it(tiny_model_dir, base_info, modules):
+    """Isolation between sequences of one row: an adapter with huge but finite k/v weights
+    (K and V up to ~1e31, past the graph's additive mask NEG = -1e30, and overflowing to inf in
+    places) prefilled and decoded beside other sequences, its KV in block 0 (where the gathered
+    context's padding points). The other rows' logits equal the torch runner's, which attends
+    per sequence."""
+    digest, mods = modules["s8"]
+    kv_leaves = ("k_proj", "v_proj")
+    huge = {
+        name: dataclasses.replace(w, B=w.B * 1e30) if name.rsplit(".", 1)[-1] in kv_leaves else w
+        for name, w in mods.items()
+    }
+    tr, orr, slots = _runners(tiny_model_dir, base_info, modules)
+    for r in (tr, orr):
+        slots["huge"] = r.load_adapter("f" * 64, huge)
+    g = torch.Generator().manual_seed(1)
+
+    def prompt(n):
+        return torch.randint(0, 256, (n,), generator=g).tolist()
+
+    seqs = {
+        "x": dict(tokens=prompt(7), slot=slots["huge"], blocks=[0, 13, 27, 41], done=0),
+        "a": dict(tokens=prompt(6), slot=slots["s8"], blocks=[5, 6, 18, 33], done=0),
+        "b": dict(tokens=prompt(5), slot=-1, blocks=[50, 2, 44, 9], done=0),
+        "c": dict(tokens=prompt(9), slot=slots["s16"], blocks=[21, 36, 3, 58], done=0),
+    }
+    dt, do = Driver(tr, seqs), Driver(orr, {k: dict(v) for k, v in seqs.items()})
+    steps = [{"x": 7, "a": 6, "b": 5}, {"x": 1, "a": 1, "b": 1, "c": 9}, {"a": 1, "x": 1, "c": 1}]
+    poisoned = False
+    for work in steps:
+        want, got = dt.step(work), do.step(work)
+        names = list(work)
+        for i, name in enumerate(names):
+            if name == "x":
+                continue
+            assert torch.isfinite(got[i]).all(), (name, work)
+            assert float((got[i] - want[i]).abs().max()) < 1e-4, (name, work)
+            assert int(got[i].argmax()) == int(want[i].argmax()), (name, work)
+        for name, tok in zip(names, want.argmax(-1).tolist(), strict=True):
+            for d in (dt, do):
+                s = d.seqs[name]
+                if s["done"] == len(s["tokens"]):
+                    s["tokens"].append(tok)
+        poisoned = poisoned or float(dt.kv.k[:, 0].abs().max()) > 1e29
+    # The attack is real: its K/V in the cache are past the additive mask's reach.
+    assert poisoned

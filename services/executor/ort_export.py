@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORT_VERSION", "NEG", "OrtForward", "export_path", "ensure_export", "input_names"]
 
 # Bumped whenever the graph's math or its inputs change: older exports are not reused.
-EXPORT_VERSION = "mint-ort-1"
+EXPORT_VERSION = "mint-ort-2"
 # Masked scores: finite (an all-masked piece must not make NaN), far below any real score.
 NEG = -1e30
 # Rope types whose frequencies do not depend on the sequence length (the graph bakes them in).
@@ -216,6 +216,8 @@ class OrtForward(nn.Module):
             keep = (rank_cols[None, :] < rk[:, None].long()) & has[:, None]  # [Np, R]
             xa = torch.matmul(xs, A.transpose(1, 2))  # [Np, c, R]
             xa = torch.where(keep[:, None, :], xa * sc[:, None, None], torch.zeros_like(xa))
+            # Padded rank rows read another adapter's page: zero them (not only xa's columns).
+            Bt = torch.where(keep[:, :, None], Bt, torch.zeros_like(Bt))
             yl = torch.matmul(xa, Bt).reshape(Np * c, -1)  # [Np*c, out]
             return y + yl.index_select(0, lora_inv)
 
@@ -229,6 +231,12 @@ class OrtForward(nn.Module):
         ctx_idx = ctx_index.reshape(-1)
         C = ctx_index.shape[1]
         h = self.embed.index_select(0, input_ids)
+        # The masks come in additive (0 or NEG); attention selects with them as booleans.
+        ok_c = (ctx_mask > NEG / 2)[:, None, None, :]  # [Na, 1, 1, C]
+        ok_cv = (ctx_mask > NEG / 2)[:, None, :, None]  # [Na, 1, C, 1]
+        ok_n = (new_mask > NEG / 2)[:, None, None, :]  # [T, 1, 1, T]
+        neg = torch.tensor(NEG, dtype=h.dtype)
+        zero = torch.tensor(0.0, dtype=h.dtype)
         new_k, new_v = [], []
         for layer_no, lay in enumerate(self.layers):
             lin = lay["lin"]
@@ -249,10 +257,14 @@ class OrtForward(nn.Module):
             vc = v_flat.index_select(0, off).reshape(Na, C, KVH, D).permute(0, 2, 1, 3)
             qp = qg.index_select(0, attn_idx).reshape(Na, ca, KVH, G, D)
             qp = qp.permute(0, 2, 1, 3, 4).reshape(Na, KVH, ca * G, D)
-            s_c = torch.matmul(qp, kc) + ctx_mask[:, None, None, :]  # [Na, KVH, ca*G, C]
+            # Masked by selection, not by adding NEG: another sequence's (or a padding row's)
+            # score never survives the mask however large it is, its weight is exactly 0, and
+            # its values are zeroed before the product (0 x inf would be NaN).
+            s_c = torch.where(ok_c, torch.matmul(qp, kc), neg)  # [Na, KVH, ca*G, C]
             m_c = s_c.amax(-1, keepdim=True)
-            e_c = torch.exp(s_c - m_c)
+            e_c = torch.where(ok_c, torch.exp(s_c - m_c), zero)
             l_c = e_c.sum(-1, keepdim=True)
+            vc = torch.where(ok_cv, vc, zero)
             u_c = torch.matmul(e_c, vc)  # [Na, KVH, ca*G, D]
 
             def to_tokens(t, last):
@@ -263,12 +275,16 @@ class OrtForward(nn.Module):
             # Part 2: the new tokens of the row, masked to each token's own sequence, causal.
             qn = qg.permute(1, 0, 2, 3).reshape(KVH, T * G, D)
             s_n = torch.matmul(qn, k.permute(1, 2, 0)).reshape(KVH, T, G, T).permute(1, 0, 2, 3)
-            s_n = s_n + new_mask[:, None, None, :]  # [T, KVH, G, T]
+            s_n = torch.where(ok_n, s_n, neg)  # [T, KVH, G, T]
             m_n = s_n.amax(-1, keepdim=True)
-            e_n = torch.exp(s_n - m_n)
+            e_n = torch.where(ok_n, torch.exp(s_n - m_n), zero)
             l_n = e_n.sum(-1, keepdim=True)
             pn = e_n.permute(1, 0, 2, 3).reshape(KVH, T * G, T)
-            u_n = torch.matmul(pn, v.permute(1, 0, 2)).reshape(KVH, T, G, D).permute(1, 0, 2, 3)
+            # The product runs over every token of the row: a non-finite value of another
+            # sequence would turn its exact-zero weight into NaN, so those values are zeroed
+            # (only a row whose own values overflowed reads differently, and it is garbage).
+            v_n = torch.where(torch.isfinite(v), v, zero)
+            u_n = torch.matmul(pn, v_n.permute(1, 0, 2)).reshape(KVH, T, G, D).permute(1, 0, 2, 3)
             # Exact merge of the two softmax parts.
             m = torch.maximum(m_c, m_n)
             a_c = torch.exp(m_c - m)
