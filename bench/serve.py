@@ -3,7 +3,8 @@
 A local cluster (store, one cache sidecar + executor, router, no HTTP gateway:
 mintmesh.cluster.LocalCluster with executors=1) on the small backbone (~170M parameters, cached
 under ~/.cache/mintmesh/small or --model-dir), its executor on --backend's model runner (torch or
-onnxruntime; params.runner is what the executor's Status names). The requests: --requests generation requests
+onnxruntime; params.runner is what the executor's Status names). The requests: --requests
+generation requests
 (prompt lengths uniform in [--prompt-min, --prompt-max] tokens, output lengths uniform in
 [--out-min, --out-max], greedy, exact lengths via ignore_eos), fixed by --seed. For each N in
 --adapters (default 1 and 1000) each request runs on one of a separate set of N distinct rank-16

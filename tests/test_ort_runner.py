@@ -305,3 +305,40 @@ def test_a_huge_adapter_cannot_reach_the_rows_batched_with_it(tiny_model_dir, ba
         poisoned = poisoned or float(dt.kv.k[:, 0].abs().max()) > 1e29
     # The attack is real: its K/V in the cache are past the additive mask's reach.
     assert poisoned
+
+
+@pytest.mark.parametrize("which", ["torch", "onnxruntime"])
+def test_an_overflowing_adapter_leaves_no_inf_in_the_cache(
+    which, tiny_model_dir, base_info, modules
+):
+    """An adapter whose v values overflow to inf: what reaches the paged cache is finite (the
+    cache is read under masks by every sequence that shares a padded gather or reuses a block,
+    and 0 x inf is NaN), and a sequence decoding in the same rows keeps the torch runner's
+    logits."""
+    digest, mods = modules["s8"]
+    inf_v = {
+        name: dataclasses.replace(w, B=w.B * 3e38) if name.endswith("v_proj") else w
+        for name, w in mods.items()
+    }
+    tr, orr, slots = _runners(tiny_model_dir, base_info, modules)
+    runner = tr if which == "torch" else orr
+    slot = runner.load_adapter("e" * 64, inf_v)
+    ref_slot = tr.load_adapter("e" * 64, inf_v) if which != "torch" else slot
+    g = torch.Generator().manual_seed(2)
+    seqs = {
+        "x": dict(tokens=torch.randint(0, 256, (6,), generator=g).tolist(), slot=slot,
+                  blocks=[0, 1, 2], done=0),
+        "a": dict(tokens=torch.randint(0, 256, (5,), generator=g).tolist(), slot=slots["s8"],
+                  blocks=[7, 8, 9], done=0),
+    }  # fmt: skip
+    d = Driver(runner, seqs)
+    ref = Driver(
+        tr, {k: dict(v, slot=ref_slot if k == "x" else v["slot"]) for k, v in seqs.items()}
+    )
+    for work in ({"x": 6, "a": 5}, {"x": 1, "a": 1}):
+        got, want = d.step(work), ref.step(work)
+        assert torch.isfinite(d.kv.k).all() and torch.isfinite(d.kv.v).all()
+        assert float((got[1] - want[1]).abs().max()) < 1e-4
+        for s in (d.seqs, ref.seqs):
+            for name in work:
+                s[name]["tokens"].append(int(want[list(work).index(name)].argmax()))

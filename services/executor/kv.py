@@ -486,8 +486,8 @@ class AttentionPlan:
         if kv is not None and self.slot_mapping is not None:
             kc = kv.k[layer].view(-1, KVH, D)
             vc = kv.v[layer].view(-1, KVH, D)
-            kc.index_copy_(0, self.slot_mapping, key[0].transpose(0, 1))
-            vc.index_copy_(0, self.slot_mapping, value[0].transpose(0, 1))
+            kc.index_copy_(0, self.slot_mapping, finite_or_zero(key[0].transpose(0, 1)))
+            vc.index_copy_(0, self.slot_mapping, finite_or_zero(value[0].transpose(0, 1)))
         for s, n in self.fresh:
             o = F.scaled_dot_product_attention(
                 query[:, :, s : s + n],
@@ -575,6 +575,14 @@ class AttentionPlan:
             )
             out.index_copy_(0, self.decode_rows, o[:, :, 0])
         return out[None]
+
+
+def finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """t with non-finite values as 0: what is written into the paged cache. Readers mask what is
+    not theirs (padding to whole blocks, a reused block's stale tail, another sequence of the
+    row) to an exact-zero weight, and 0 x inf is NaN: with no non-finite value in the cache, a
+    sequence whose adapter overflowed cannot reach any other sequence through it."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

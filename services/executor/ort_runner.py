@@ -22,7 +22,7 @@ import torch
 
 from mintmesh.kernels import AdapterPool
 from mintmesh.services.executor.config import ExecutorConfig
-from mintmesh.services.executor.kv import AttentionPlan
+from mintmesh.services.executor.kv import AttentionPlan, finite_or_zero
 from mintmesh.services.executor.lora import LoraContext, inject_lora
 from mintmesh.services.executor.ort_export import NEG, OUTPUT_NAMES, ensure_export, input_names
 from mintmesh.services.executor.runner import ForwardBatch, ModelRunner
@@ -172,8 +172,8 @@ def write_new_kv(plan: AttentionPlan, new_k: torch.Tensor, new_v: torch.Tensor) 
     if kv is None or plan.slot_mapping is None:
         return
     L, _, KVH, D = new_k.shape
-    kv.k.view(L, -1, KVH, D).index_copy_(1, plan.slot_mapping, new_k)
-    kv.v.view(L, -1, KVH, D).index_copy_(1, plan.slot_mapping, new_v)
+    kv.k.view(L, -1, KVH, D).index_copy_(1, plan.slot_mapping, finite_or_zero(new_k))
+    kv.v.view(L, -1, KVH, D).index_copy_(1, plan.slot_mapping, finite_or_zero(new_v))
 
 
 class OrtModelRunner(ModelRunner):
