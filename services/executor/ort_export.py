@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORT_VERSION", "NEG", "OrtForward", "export_path", "ensure_export", "input_names"]
 
 # Bumped whenever the graph's math or its inputs change: older exports are not reused.
-EXPORT_VERSION = "mint-ort-2"
+EXPORT_VERSION = "mint-ort-3"
 # Masked scores: finite (an all-masked piece must not make NaN), far below any real score.
 NEG = -1e30
 # Rope types whose frequencies do not depend on the sequence length (the graph bakes them in).
@@ -216,8 +216,8 @@ class OrtForward(nn.Module):
             keep = (rank_cols[None, :] < rk[:, None].long()) & has[:, None]  # [Np, R]
             xa = torch.matmul(xs, A.transpose(1, 2))  # [Np, c, R]
             xa = torch.where(keep[:, None, :], xa * sc[:, None, None], torch.zeros_like(xa))
-            # Padded rank rows read another adapter's page: zero them (not only xa's columns).
-            Bt = torch.where(keep[:, :, None], Bt, torch.zeros_like(Bt))
+            # Padded rank rows of Bt read another adapter's page; their xa columns are exactly 0
+            # and every page is finite (adapters are refused otherwise), so they add exactly 0.
             yl = torch.matmul(xa, Bt).reshape(Np * c, -1)  # [Np*c, out]
             return y + yl.index_select(0, lora_inv)
 
@@ -233,7 +233,6 @@ class OrtForward(nn.Module):
         h = self.embed.index_select(0, input_ids)
         # The masks come in additive (0 or NEG); attention selects with them as booleans.
         ok_c = (ctx_mask > NEG / 2)[:, None, None, :]  # [Na, 1, 1, C]
-        ok_cv = (ctx_mask > NEG / 2)[:, None, :, None]  # [Na, 1, C, 1]
         ok_n = (new_mask > NEG / 2)[:, None, None, :]  # [T, 1, 1, T]
         neg = torch.tensor(NEG, dtype=h.dtype)
         zero = torch.tensor(0.0, dtype=h.dtype)
@@ -258,13 +257,12 @@ class OrtForward(nn.Module):
             qp = qg.index_select(0, attn_idx).reshape(Na, ca, KVH, G, D)
             qp = qp.permute(0, 2, 1, 3, 4).reshape(Na, KVH, ca * G, D)
             # Masked by selection, not by adding NEG: another sequence's (or a padding row's)
-            # score never survives the mask however large it is, its weight is exactly 0, and
-            # its values are zeroed before the product (0 x inf would be NaN).
+            # score never survives the mask however large it is, and its weight is exactly 0
+            # (its values are finite: nothing non-finite is written into the cache).
             s_c = torch.where(ok_c, torch.matmul(qp, kc), neg)  # [Na, KVH, ca*G, C]
             m_c = s_c.amax(-1, keepdim=True)
             e_c = torch.where(ok_c, torch.exp(s_c - m_c), zero)
             l_c = e_c.sum(-1, keepdim=True)
-            vc = torch.where(ok_cv, vc, zero)
             u_c = torch.matmul(e_c, vc)  # [Na, KVH, ca*G, D]
 
             def to_tokens(t, last):
