@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +23,7 @@ from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import AttentionPlan, finite_or_zero
 from mintmesh.services.executor.lora import LoraContext, inject_lora
 from mintmesh.services.executor.ort_export import NEG, OUTPUT_NAMES, ensure_export, input_names
-from mintmesh.services.executor.runner import ForwardBatch, ModelRunner
+from mintmesh.services.executor.runner import ForwardBatch, ModelRunner, adapter_pool
 
 logger = logging.getLogger(__name__)
 
@@ -202,14 +200,7 @@ class OrtModelRunner(ModelRunner):
         # the torch modules) reads the same pool through the same context.
         self.ctx = LoraContext()
         self.layer_shapes = layer_shapes = inject_lora(model, self.ctx)
-        self.pool = AdapterPool(
-            layer_shapes,
-            max_adapters=int(config.max_adapters),
-            device=self.device,
-            dtype=self.dtype,
-            max_rank=int(config.max_rank),
-            max_bytes=int(config.adapter_pool_bytes) or None,
-        )
+        self.pool = adapter_pool(layer_shapes, config, device=self.device, dtype=self.dtype)
         self.ctx.pool = self.pool
         self.dense_kernels = "onnxruntime"
         self.kernel_backend = "onnxruntime"
@@ -262,12 +253,6 @@ class OrtModelRunner(ModelRunner):
 
     def describe(self) -> str:
         return f"onnxruntime:{self.provider}"
-
-    def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
-        return self.pool.load(digest, modules)
-
-    def evict_adapter(self, digest: str) -> bool:
-        return self.pool.evict(digest)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward of one packed row; logits [len(sample_rows) or T, vocab]."""

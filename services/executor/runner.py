@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mintmesh.kernels import AdapterPool
+from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 
 if TYPE_CHECKING:
     from mintmesh.services.executor.sequence import Sequence as Seq
 
-__all__ = ["ForwardBatch", "ModelRunner", "PackedStep", "pack_rows", "pack_step"]
+__all__ = ["ForwardBatch", "ModelRunner", "PackedStep", "adapter_pool", "pack_rows", "pack_step"]
 
 
 @dataclass
@@ -94,18 +96,39 @@ def pack_rows(rows: Sequence[tuple[Sequence[int], int]]) -> ForwardBatch:
 class ModelRunner(abc.ABC):
     """Runs forwards of packed batches over a resident backbone and its adapter pool."""
 
+    # The device AdapterPool the runner's forwards read (adapter_pool() builds it).
+    pool: AdapterPool
+
     @abc.abstractmethod
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [len(batch.sample_rows) or T, vocab] of one forward of batch."""
 
     @abc.abstractmethod
-    def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
-        """Load an adapter's weights into the pool; returns its slot."""
-
     def describe(self) -> str:
         """What serves the steps, for Status: "torch", or "onnxruntime:<provider>"."""
-        return str(getattr(self, "backend", "torch"))
 
-    @abc.abstractmethod
+    def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
+        """Load an adapter's weights into the pool; returns its slot."""
+        return self.pool.load(digest, modules)
+
     def evict_adapter(self, digest: str) -> bool:
         """Evict an adapter from the pool; whether it was resident."""
+        return self.pool.evict(digest)
+
+
+def adapter_pool(
+    layer_shapes: Mapping[str, tuple[int, int]],
+    config: ExecutorConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AdapterPool:
+    """The device adapter pool of a runner's targeted layers, bounded as the config says."""
+    return AdapterPool(
+        layer_shapes,
+        max_adapters=int(config.max_adapters),
+        device=device,
+        dtype=dtype,
+        max_rank=int(config.max_rank),
+        max_bytes=int(config.adapter_pool_bytes) or None,
+    )

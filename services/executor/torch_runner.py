@@ -4,19 +4,18 @@ serves, and the device AdapterPool the LoRA layers read."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mintmesh.kernels import AdapterPool, BatchMeta
+from mintmesh.kernels import BatchMeta
 from mintmesh.kernels.dense import pack_linears, select_dense
 from mintmesh.packed import DTYPES
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.kv import use_paged_attention
 from mintmesh.services.executor.lora import LoraContext, inject_lora
-from mintmesh.services.executor.runner import ForwardBatch, ModelRunner
+from mintmesh.services.executor.runner import ForwardBatch, ModelRunner, adapter_pool
 
 __all__ = ["TorchModelRunner", "load_backbone"]
 
@@ -49,23 +48,13 @@ class TorchModelRunner(ModelRunner):
         self.dense_kernels = select_dense(self.device, self.dtype, config.dense_kernels)
         if self.dense_kernels == "onednn":
             pack_linears(model, batch_hint=max_batch_size)
-        self.pool = AdapterPool(
-            layer_shapes,
-            max_adapters=int(config.max_adapters),
-            device=self.device,
-            dtype=self.dtype,
-            max_rank=int(config.max_rank),
-            max_bytes=int(config.adapter_pool_bytes) or None,
-        )
+        self.pool = adapter_pool(layer_shapes, config, device=self.device, dtype=self.dtype)
         self.ctx.pool = self.pool
-        self.kernel_backend = str(getattr(self.pool, "backend", None) or "torch")
+        self.kernel_backend = self.pool.backend
         self._meta = BatchMeta.make()
 
-    def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
-        return self.pool.load(digest, modules)
-
-    def evict_adapter(self, digest: str) -> bool:
-        return self.pool.evict(digest)
+    def describe(self) -> str:
+        return "torch"
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """One forward of one packed row; logits [len(keep_rows) or T, vocab]."""
