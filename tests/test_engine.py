@@ -1207,3 +1207,42 @@ def test_a_stream_not_read_past_the_stall_timeout_fails_and_frees_its_kv(make_en
     assert h.done and eng.streams_stalled == 1 and eng.queue_depth == 0
     with pytest.raises(ResourceExhausted, match="was not read for"):
         _read_ids(h)
+
+
+def test_a_reader_that_fell_behind_gets_the_waiting_outputs_as_one_chunk(make_engine, adapters):
+    """GenerationHandle.chunks (what the executor streams): outputs queued while the reader was
+    away are merged, in order, with the last one's finish and usage; a reader that keeps up
+    gets one output per step; nothing is lost or reordered against result()."""
+    eng = make_engine()
+    kw = dict(ignore_eos=True, logprobs=True)
+    ref = eng.submit(_req(adapters, "a", [5, 6, 7], 9, **kw))
+    eng.run_until_done([ref])
+    want = ref.result()
+    lagging = eng.submit(_req(adapters, "a", [5, 6, 7], 9, **kw))
+    for _ in range(4):  # the reader is away for 4 steps
+        eng.step()
+    it = lagging.chunks(max_merge=64)
+    first = next(it)
+    assert len(first.token_ids) == 4 and first.finish_reason is None
+    rest = []
+    while not lagging.done or lagging.unread:
+        eng.step()
+        rest.append(next(it))  # one step, one output: the reader keeps up
+    assert [len(c.token_ids) for c in rest] == [1] * 5
+    chunks = [first, *rest]
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert [x for c in chunks for x in c.logprobs] == want.logprobs
+    assert "".join(c.text for c in chunks) == want.text
+    assert chunks[-1].finish_reason == want.finish_reason
+    assert chunks[-1].completion_tokens == 9
+    # Bounded merges, and an error that ends the stream comes after the outputs before it.
+    h = eng.submit(_req(adapters, "a", [5, 6, 7], 20, **kw))
+    for _ in range(6):
+        eng.step()
+    h._put(RuntimeError("the stream's error"))
+    it = h.chunks(max_merge=4)
+    assert [len(next(it).token_ids), len(next(it).token_ids)] == [4, 2]
+    with pytest.raises(RuntimeError, match="the stream's error"):
+        next(it)
+    h.cancel()
+    eng.step()

@@ -26,6 +26,7 @@ __all__ = [
     "GenerationOutput",
     "GenerationRequest",
     "GenerationResult",
+    "merge_outputs",
     "StepStats",
 ]
 
@@ -61,6 +62,21 @@ class GenerationOutput:
     # With logprobs: each token's own text, and (top_logprobs) the likeliest (id, logprob)s.
     tokens: list[str] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def merge_outputs(outs: Sequence[GenerationOutput]) -> GenerationOutput:
+    """Consecutive outputs of one stream as one (what the stream would have said in one step)."""
+    last = outs[-1]
+    return GenerationOutput(
+        token_ids=[t for o in outs for t in o.token_ids],
+        text="".join(o.text for o in outs),
+        logprobs=[lp for o in outs for lp in o.logprobs],
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        tokens=[t for o in outs for t in o.tokens],
+        top_logprobs=[tl for o in outs for tl in o.top_logprobs],
+    )
 
 
 @dataclass
@@ -199,6 +215,34 @@ class GenerationHandle:
                 self._engine._wake()  # read down: the engine resumes it
             yield item
             if item.finish_reason is not None:
+                return
+
+    def chunks(self, max_merge: int = 64) -> Iterator[GenerationOutput]:
+        """Like iterating the handle, but the outputs already waiting when the reader comes back
+        are merged into one (tokens, text, logprobs concatenated; the last one's finish_reason
+        and usage), at most max_merge at a time. A reader that keeps up gets one output per
+        step as before; one that fell behind (a loaded server, a slow network) catches up in
+        one message instead of one per token, so its per-message cost does not grow with its
+        lag. An error waiting behind outputs is raised after they are yielded."""
+        for first in self:
+            group, err = [first], None
+            while group[-1].finish_reason is None and len(group) < max_merge:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                self.reads += 1
+                if isinstance(nxt, BaseException):
+                    err = nxt
+                    break
+                group.append(nxt)
+            out = first if len(group) == 1 else merge_outputs(group)
+            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
+                self._engine._wake()  # read down: the engine resumes it
+            yield out
+            if err is not None:
+                raise err
+            if out.finish_reason is not None:
                 return
 
     def result(self) -> GenerationResult:

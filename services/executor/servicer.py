@@ -128,7 +128,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             handle.cancel()
         first = True
         try:
-            for out in handle:
+            for out in handle.chunks():
                 chunk = common_pb2.GenerationChunk(
                     token_ids=out.token_ids,
                     text=out.text,
