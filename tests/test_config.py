@@ -241,3 +241,22 @@ def test_real_processes_take_flags_and_env():
     # TinkerConfig checks poll_s first: the flag won over MINT_GATEWAY_TINKER_POLL_S.
     assert proc.returncode == 2 and "max_samples >= 1" in proc.stderr, proc.stderr
     assert "poll_s=" not in proc.stderr
+
+
+def test_executor_torch_threads_rule(tiny_model_dir, base_info):
+    """--torch-threads 0 (auto): one thread for a backbone whose decode GEMMs are too small to
+    gain from a thread team (the tiny one), torch's default for a larger one; a set value wins;
+    a negative one is refused."""
+    import torch
+
+    from mintmesh.model import BaseModelInfo
+    from mintmesh.services.executor.server import PARALLEL_MIN_MACS, torch_threads
+
+    cfg = ExecutorConfig(model_dir=tiny_model_dir, max_batch_size=32)
+    assert torch_threads(cfg, base_info) == 1
+    big = BaseModelInfo("f" * 64, "llama", {"model.layers.0.mlp.up_proj": (2816, 1024)}, 1)
+    assert PARALLEL_MIN_MACS <= 32 * 2816 * 1024
+    assert torch_threads(cfg, big) == torch.get_num_threads()
+    assert torch_threads(dataclasses.replace(cfg, torch_threads=3), base_info) == 3
+    with pytest.raises(ValueError, match="torch_threads=-1 must be >= 0"):
+        ExecutorConfig(model_dir=tiny_model_dir, torch_threads=-1)

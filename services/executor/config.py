@@ -174,6 +174,14 @@ class ExecutorConfig:
         default=KernelSettings.attn_threads,
         metadata={"help": "threads of the native paged decode attention"},
     )
+    torch_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch's intra-op threads in the executor process; 0 (auto): one when the "
+            "backbone's largest decode GEMM (max_batch_size x its largest Linear) is under "
+            "2^24 multiply-adds, else torch's default (OMP_NUM_THREADS)"
+        },
+    )
     otlp_endpoint: str = field(
         default="", metadata={"help": "OTLP/gRPC endpoint for traces (else env MINT_OTLP_ENDPOINT)"}
     )
@@ -216,7 +224,7 @@ class ExecutorConfig:
                 raise ValueError(f"{name}={val} must be >= 1")
         for name in ("adapter_pool_bytes", "host_cache_bytes", "kv_cache_bytes",
                      "max_queue_per_tenant", "max_step_adapters",
-                     "stream_buffer_outputs"):  # fmt: skip
+                     "stream_buffer_outputs", "torch_threads"):  # fmt: skip
             val = getattr(self, name)
             if int(val) < 0:
                 raise ValueError(f"{name}={val} must be >= 0")
