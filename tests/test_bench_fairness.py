@@ -14,7 +14,7 @@ from mintmesh.bench import fairness
 @pytest.mark.e2e
 def test_bench_fairness_tiny(tiny_model_dir, capsys):
     argv = ["--json", "--model-dir", str(tiny_model_dir), "--flood", "12", "--unread", "6"]
-    argv += ["--flood-tokens", "48", "--max-batch-size", "8", "--repeats", "1"]
+    argv += ["--flood-tokens", "48", "--max-batch-size", "8", "--repeats", "1", "--samples", "2"]
     assert fairness.main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out) == {"bench", "device", "params", "metrics", "targets"}
