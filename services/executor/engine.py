@@ -156,7 +156,7 @@ class Engine:
         self.intake = Intake(self)
         # Adapter tiers and the background loader.
         self.residency = AdapterResidency(
-            self.pool,
+            self.runner,
             source,
             layer_shapes=layer_shapes,
             base_fingerprint=base_fingerprint,
@@ -332,6 +332,7 @@ class Engine:
             kv_blocks_cached=self.kv.allocator.num_cached,
             dense_kernels=self.dense_kernels,
             runner=self.runner.describe(),
+            adapter_states={d: s.value for d, s in res.states().items()},
         )
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
@@ -505,7 +506,7 @@ class Engine:
                         Unavailable(f"executor {self.executor_id} stopped before the request ended")
                     )
             for s in self._running:  # their KV blocks and prefix references go too
-                self.kvm.drop_blocks(s)
+                self.kvm.release_blocks(s)
         self.residency.close()
         self.loader.close()
         self.residency.source.close()

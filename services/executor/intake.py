@@ -242,7 +242,7 @@ class Intake:
         for s in seqs:
             slot = e.residency.acquire(digest)
             assert slot is not None, "a landed adapter is referenced until its requests take it"
-            s.pinned = True
+            s.holds_adapter = True
             e._fair.push(s)
         # The loader's own reference.
         e.residency.release(digest)
@@ -257,7 +257,7 @@ class Intake:
         elif d in self.loading:
             self.loading[d].append(seq)
         elif e.residency.acquire(d) is not None:
-            seq.pinned = True
+            seq.holds_adapter = True
             e._fair.push(seq)
         else:
             self.loading[d] = [seq]

@@ -154,7 +154,7 @@ class OutputProcessor:
         if limit <= 0:
             return
         for s in [s for s in e._running if s.handle.reads and s.handle.unread >= limit]:
-            e.kvm.drop_blocks(s)
+            e.kvm.release_blocks(s)
             e._running.remove(s)
             s.handle.paused = True
             self.paused[s.seq_id] = (s, now)
@@ -192,26 +192,26 @@ class OutputProcessor:
         e = self.engine
         if seq in e._running:
             e._running.remove(seq)
-        e.kvm.drop_blocks(seq)
+        e.kvm.release_blocks(seq)
         e.kvm.forget(seq)
-        self.unpin(seq)
+        self.release_adapter(seq)
         if error is not None:
             seq.handle._put(error)
         elif reason is not None:
             seq.handle._put(final_output(seq, reason))
         e._num_running = len(e._running)
 
-    def unpin(self, seq: Seq) -> None:
+    def release_adapter(self, seq: Seq) -> None:
         """seq's reference on its adapter goes (when it holds one)."""
-        if seq.pinned and seq.digest:
-            seq.pinned = False
+        if seq.holds_adapter and seq.digest:
+            seq.holds_adapter = False
             self.engine.residency.release(seq.digest)
 
     def finish_waiting(self, seq: Seq, item: GenerationOutput | BaseException) -> None:
         """A waiting sequence (never running, or preempted) leaves with item as its last."""
         e = self.engine
         e.kvm.forget(seq)
-        self.unpin(seq)
+        self.release_adapter(seq)
         e.intake.waiting_left(seq.tenant)
         seq.handle._put(item)
 

@@ -131,6 +131,9 @@ class EngineStatus:
     dense_kernels: str = "torch"
     # The model runner: "torch", or "onnxruntime:<the execution provider its session got>".
     runner: str = "torch"
+    # Every adapter digest in some tier or transition -> its residency.AdapterState's value
+    # (fetching, host, loading, device, draining).
+    adapter_states: dict[str, str] = field(default_factory=dict)
 
 
 class GenerationHandle:

@@ -107,7 +107,7 @@ class Scheduler:
                     preempted += 1
                 continue
             n = min(seq.remaining, budget, room)
-            e.kvm.take(seq, n)
+            e.kvm.acquire_blocks(seq, n)
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
@@ -132,7 +132,7 @@ class Scheduler:
             n = min(seq.remaining, budget, e.kvm.room(seq, e._watermark if e._running else 0))
             if n < 1:
                 if hit:  # back to the cache; looked up again next time
-                    e.kvm.drop_blocks(seq)
+                    e.kvm.release_blocks(seq)
                 break
             e._fair.remove(seq)
             if e.prefix_caching:  # every admission, re-admissions after preemption too
@@ -143,7 +143,7 @@ class Scheduler:
             # Running from here on: should anything below fail, the step's failure path
             # retires it with the batch (its blocks and prefix references freed).
             e._running.append(seq)
-            e.kvm.take(seq, n)
+            e.kvm.acquire_blocks(seq, n)
             seq.slot = e.pool.slot(seq.digest) if seq.digest else -1
             if seq.slot is None:  # cannot happen: the sequence holds a reference
                 raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
@@ -167,7 +167,7 @@ class Scheduler:
         from its prompt and the tokens it generated so far (its full blocks stay cached, so
         with prefix caching it usually takes them back instead of recomputing them)."""
         e = self.engine
-        e.kvm.drop_blocks(seq)
+        e.kvm.release_blocks(seq)
         seq.preemptions += 1
         seq.handle.preemptions = seq.preemptions
         e.preemptions += 1
