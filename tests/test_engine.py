@@ -840,7 +840,7 @@ def _no_refs_left(eng) -> None:
     assert eng.kv_blocks_used() == 0
     assert all(al.refs(b) == 0 for b in range(al.num_blocks))
     assert al.num_cached == al.num_hashed  # every registered block is cached, none referenced
-    assert al.num_free == al.num_blocks and not eng._block_hashes and not eng._after_hit
+    assert al.num_free == al.num_blocks and not eng.kvm._block_hashes and not eng.kvm._after_hit
 
 
 def test_prefix_block_hash_keys_adapter_digest_and_whole_prefix():
@@ -957,7 +957,7 @@ def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, orac
     eng.wait_loads()
     eng.step()
     al = eng.kv.allocator
-    seqs = {s.handle: s for s in eng._running}
+    seqs = {s.handle: s for s in eng.batch.running}
     shared = seqs[first].blocks[:4]
     assert [seqs[h].blocks[:4] for h in more[:2]] == [shared, shared]
     assert set(seqs[more[2]].blocks).isdisjoint(shared)  # other adapter, own blocks
@@ -1195,7 +1195,7 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
         eng.step()
         _read_ids(other)
     assert slow.unread == 4
-    [(paused, _since)] = eng._paused.values()
+    [(paused, _since)] = eng.output.paused.values()
     assert paused.handle is slow and paused.blocks == []  # it holds no KV while paused
     got += _read_ids(slow)  # the client reads again: it resumes
     while not (slow.done and other.done):
@@ -1204,7 +1204,7 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
         _read_ids(other)
     got += _read_ids(slow)
     assert got == want
-    assert eng.kv_blocks_used() == 0 and not eng._paused
+    assert eng.kv_blocks_used() == 0 and not eng.output.paused
 
 
 def test_a_stream_not_read_past_the_stall_timeout_fails_and_frees_its_kv(make_engine, adapters):

@@ -51,6 +51,8 @@ class KVManager:
         self.kv = kv
         self.prefix_caching = bool(prefix_caching)
         self.max_positions = max_positions
+        # Blocks kept free when admitting (so running sequences can grow a little).
+        self.watermark = max(1, kv.num_blocks // 100)
         # seq_id -> hashes of the sequence's full blocks computed so far (a memo: tokens only
         # grow, so a block's hash never changes).
         self._block_hashes: dict[int, list[bytes]] = {}

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -312,6 +312,22 @@ class AdapterResidency:
         self._state_lock = threading.Lock()
         self._transit: dict[str, dict[AdapterState, int]] = {}
 
+    @classmethod
+    def of(
+        cls, runner: AdapterDevice, source: AdapterSource | None, config, base_fingerprint: str
+    ) -> AdapterResidency:
+        """The residency an executor's ExecutorConfig asks for, over runner's pool."""
+        return cls(
+            runner,
+            source,
+            layer_shapes=runner.pool.layer_shapes,
+            base_fingerprint=base_fingerprint,
+            max_rank=int(config.max_rank),
+            fetch_timeout_s=float(config.fetch_timeout_s),
+            host_bytes=int(config.host_cache_bytes),
+            host_prefault=bool(config.host_prefault),
+        )
+
     def state(self, digest: str) -> AdapterState:
         """Where digest is now (a snapshot: it may move on at once). A digest in several at
         once (a Forward call loading what a loader thread fetches again after an eviction)
@@ -518,6 +534,11 @@ class AdapterResidency:
         with self._cv:
             return list(self.pool.resident())
 
+    def slot(self, digest: str) -> int | None:
+        """digest's slot in the device pool, None when it is not resident (no reference
+        taken: the caller holds one)."""
+        return self.pool.slot(digest)
+
     def refs(self, digest: str) -> int:
         with self._cv:
             return self._refs.get(digest, 0)
@@ -591,6 +612,23 @@ class AdapterResidency:
         left = None if end is None else end - time.monotonic()
         return self.load(prepared, timeout=left)  # releases prepare's host reference
 
+    @contextlib.contextmanager
+    def acquired(
+        self, digests: Sequence[str], timeout: float | None = None
+    ) -> Iterator[dict[str, int]]:
+        """References on every one of digests for the block ({digest: slot}), each loaded in
+        this thread when it is not resident (ensure; all within timeout); released after."""
+        end = None if timeout is None else time.monotonic() + timeout
+        slots: dict[str, int] = {}
+        try:
+            for d in digests:
+                left = None if end is None else max(0.001, end - time.monotonic())
+                slots[d] = self.ensure(d, timeout=left)
+            yield slots
+        finally:
+            for d in slots:
+                self.release(d)
+
     def evict(self, digest: str) -> bool:
         """Drop digest from the device unless something references it."""
         with self._cv:
@@ -621,6 +659,26 @@ class AdapterResidency:
             return present, True
         in_cache = bool(self.source.evict(digest))
         return present or in_cache, False
+
+    def delete_all(
+        self, digests: Sequence[str], timeout: float, forget: Callable[[str], None]
+    ) -> tuple[list[str], list[str]]:
+        """delete() each of digests (checked; each waits up to timeout for its references);
+        forget(digest) after each one that is gone (the engine drops the prefixes computed
+        with it), after the node-cache eviction, so a request that slipped in before it is
+        forgotten too. Returns (purged: present and now gone, still busy)."""
+        purged, busy = [], []
+        for d in digests:
+            check_digest(d)
+            present, still = self.delete(d, timeout)
+            if still:
+                busy.append(d)
+                continue
+            forget(d)
+            if present:
+                purged.append(d)
+        logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
+        return purged, busy
 
     def _evict(self, digest: str) -> bool:
         self._lru.pop(digest, None)
