@@ -161,11 +161,8 @@ class Engine:
         )
         # Adapter tiers (loading through the runner) and the background loader.
         self.residency = AdapterResidency.of(self.runner, source, config, base_fingerprint)
-        self.loader = AdapterLoader(
-            self.residency,
-            lambda digest, err: self.intake.on_loaded(digest, err),
-            threads=int(config.loader_threads),
-        )
+        self.loader = AdapterLoader(self.residency, lambda d, err: self.intake.on_loaded(d, err),
+                                    threads=int(config.loader_threads))  # fmt: skip
         # Sampling, streaming, slow readers, retiring (output.py); admission (scheduler.py);
         # validation, queue limits, the inbox, the sequences waiting for a load (intake.py).
         self.output = OutputProcessor(
@@ -210,14 +207,8 @@ class Engine:
                 )
             logger.warning("no cache sidecar configured: serving the base model only")
         model, tok, fingerprint = load_backbone(config)
-        return cls(
-            model,
-            tok,
-            base_fingerprint=fingerprint,
-            config=config,
-            source=source,
-            autostart=autostart,
-        )
+        return cls(model, tok, base_fingerprint=fingerprint, config=config, source=source,
+                   autostart=autostart)  # fmt: skip
 
     # -- public API -------------------------------------------------------------------------
 
