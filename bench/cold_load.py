@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from mintmesh.kernels import AdapterPool
     from mintmesh.model import base_model_info, load_model
     from mintmesh.services.executor.residency import AdapterResidency
+    from mintmesh.services.executor.runner import AdapterDevice
     from mintmesh.services.executor.sources import SidecarSource
     from mintmesh.services.store.config import StoreConfig
     from mintmesh.services.store.server import create_server as create_store
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         ensured_before = source.reads_ensured
         pool = AdapterPool(shapes, max_adapters=2 * n + 1, max_rank=max(64, args.rank))
         residency = AdapterResidency(
-            pool, source, layer_shapes=shapes, base_fingerprint=base.fingerprint, max_rank=args.rank
+            AdapterDevice(pool),
+            source,
+            layer_shapes=shapes,
+            base_fingerprint=base.fingerprint,
+            max_rank=args.rank,
         )
 
         def timed(ds: list[str]) -> list[float]:

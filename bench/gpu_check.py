@@ -144,6 +144,7 @@ def residency_roundtrip(device: torch.device, n: int = 16, rank: int = 16) -> di
     from mintmesh.kernels import AdapterPool
     from mintmesh.packed import ModuleWeights, pack
     from mintmesh.services.executor.residency import AdapterResidency
+    from mintmesh.services.executor.runner import AdapterDevice
     from mintmesh.services.executor.sources import PackedBytesSource
 
     hidden = 4096
@@ -162,7 +163,7 @@ def residency_roundtrip(device: torch.device, n: int = 16, rank: int = 16) -> di
         digests.append(d)
         weights[d] = mods
     pool = AdapterPool(shapes, max_adapters=n, device=device, max_rank=rank)
-    res = AdapterResidency(pool, src, layer_shapes=shapes, base_fingerprint="f" * 64,
+    res = AdapterResidency(AdapterDevice(pool), src, layer_shapes=shapes, base_fingerprint="f" * 64,
                            max_rank=rank, host_bytes=(n + 1) * len(data))  # fmt: skip
     for d in digests:  # node cache -> host -> device
         res.ensure(d)

@@ -35,6 +35,7 @@ from mintmesh.services.executor.engine import (
 )
 from mintmesh.services.executor.kv import BlockAllocator, PagedKVCache
 from mintmesh.services.executor.residency import AdapterResidency, HostTier, PreparedAdapter
+from mintmesh.services.executor.runner import AdapterDevice
 from mintmesh.services.executor.sequence import FairQueue, Sequence
 from mintmesh.services.executor.sources import PackedBytesSource
 
@@ -581,10 +582,10 @@ def test_host_tier_is_bounded_lru_of_idle():
     host = HostTier(max_bytes=256)  # regions are 64-byte aligned: two of 100 bytes fit
     assert _host_put(host, "x", 100) and _host_put(host, "y", 100)
     host.get("x")  # y is now least recently used
-    host.hold("y")  # ...but busy: x goes instead
+    host.acquire("y")  # ...but busy: x goes instead
     assert _host_put(host, "z", 100)
     assert host.digests() == ["y", "z"] and host.nbytes == 256
-    host.unhold("y")
+    host.release("y")
     assert _host_put(host, "w", 100) and host.digests() == ["z", "w"]
     assert host.reserve(257) is None and host.digests() == ["z", "w"]  # never fits: no eviction
     # Freed neighbours coalesce: one region of the whole arena fits once both are dropped.
@@ -594,10 +595,10 @@ def test_host_tier_is_bounded_lru_of_idle():
 def test_host_tier_frees_a_held_entry_only_when_let_go():
     host = HostTier(max_bytes=128)
     assert _host_put(host, "a", 128)
-    p = host.get("a", hold=True)
+    p = host.get("a", acquire=True)
     assert p is not None and host.discard("a") and "a" not in host
     assert host.reserve(64) is None  # a's region is still being read by its holder
-    host.unhold("a")
+    host.release("a")
     assert host.nbytes == 0 and _host_put(host, "b", 128)
 
 
@@ -609,11 +610,11 @@ def test_host_tier_second_commit_of_a_digest_yields_the_first_entry():
     v1[:] = b"1" * 100
     first = PreparedAdapter(digest="d", header=None, modules={}, nbytes=100)
     second = PreparedAdapter(digest="d", header=None, modules={}, nbytes=100)
-    assert host.commit(first, o1, hold=True) is first
-    assert host.commit(second, o2, hold=True) is first
+    assert host.commit(first, o1, acquire=True) is first
+    assert host.commit(second, o2, acquire=True) is first
     assert host.nbytes == 128 and host.arena.free_bytes == 128
-    host.unhold("d")
-    host.unhold("d")
+    host.release("d")
+    host.release("d")
     assert host.discard("d") and host.nbytes == 0 and host.arena.free_bytes == 256
     with pytest.raises(RuntimeError, match="freed twice"):
         host.arena.free(o1, 100)
@@ -622,14 +623,14 @@ def test_host_tier_second_commit_of_a_digest_yields_the_first_entry():
 def test_host_tier_frees_every_region_dropped_while_held():
     host = HostTier(max_bytes=512)
     assert _host_put(host, "d", 100)
-    host.hold("d")
+    host.acquire("d")
     assert host.discard("d")  # region 1 doomed
     assert _host_put(host, "d", 100)  # re-fetched meanwhile: region 2
-    host.hold("d")
+    host.acquire("d")
     assert host.discard("d")  # region 2 doomed too
-    host.unhold("d")
+    host.release("d")
     assert host.nbytes == 256
-    host.unhold("d")
+    host.release("d")
     assert host.nbytes == 0 and host.arena.free_bytes == 512
 
 
@@ -647,7 +648,7 @@ def test_adapters_that_do_not_fit_the_host_tier_still_load(base_info, adapters):
     d8 = src.add(int8)
     for host_bytes, digest in ((len(a.data) // 2, a.digest), (64 << 20, d8)):
         pool = AdapterPool(shapes, max_adapters=2)
-        res = AdapterResidency(pool, src, layer_shapes=shapes, host_bytes=host_bytes,
+        res = AdapterResidency(AdapterDevice(pool), src, layer_shapes=shapes, host_bytes=host_bytes,
                                base_fingerprint=base_info.fingerprint, max_rank=64)  # fmt: skip
         res.ensure(digest)
         assert digest in pool and digest not in res.host and res.host.nbytes == 0
@@ -660,7 +661,11 @@ def test_device_pool_evicts_only_unreferenced_adapters(base_info, adapters):
     pool = AdapterPool(shapes, max_adapters=2, max_bytes=None)
     src = PackedBytesSource({p.digest: p.data for p in adapters.values()})
     res = AdapterResidency(
-        pool, src, layer_shapes=shapes, base_fingerprint=base_info.fingerprint, max_rank=64
+        AdapterDevice(pool),
+        src,
+        layer_shapes=shapes,
+        base_fingerprint=base_info.fingerprint,
+        max_rank=64,
     )
     a, b, c = adapters["a"].digest, adapters["b"].digest, adapters["c"].digest
     res.ensure(a)
@@ -687,7 +692,11 @@ def test_device_pool_is_bounded_in_bytes(base_info, adapters):
     pool = AdapterPool(shapes, max_adapters=8, max_bytes=budget)
     src = PackedBytesSource({p.digest: p.data for p in adapters.values()})
     res = AdapterResidency(
-        pool, src, layer_shapes=shapes, base_fingerprint=base_info.fingerprint, max_rank=64
+        AdapterDevice(pool),
+        src,
+        layer_shapes=shapes,
+        base_fingerprint=base_info.fingerprint,
+        max_rank=64,
     )
     b, c = adapters["b"].digest, adapters["c"].digest
     res.ensure(c)
@@ -703,10 +712,10 @@ def test_block_allocator():
     al = BlockAllocator(4)
     x = al.alloc(3)
     assert al.alloc(2) is None and al.num_free == 1
-    al.free(x)
+    al.release(x)
     assert al.num_free == 4
     with pytest.raises(RuntimeError, match="twice"):
-        al.free([x[0]])
+        al.release([x[0]])
 
 
 def test_status_reports_the_engine(make_engine, adapters):
@@ -722,7 +731,12 @@ def test_status_reports_the_engine(make_engine, adapters):
     assert st.tokens_per_s > 0 and st.steps == 2 and st.tokens_generated == 2
     assert st.dense_kernels == select_dense("cpu", torch.float32) == eng.dense_kernels
     assert st.runner == "torch"
+    assert st.adapter_states == {adapters["b"].digest: "device"}
+    assert eng.residency.evict(adapters["b"].digest) is False  # referenced by the running one
     h.cancel()
+    eng.step()
+    assert eng.residency.evict(adapters["b"].digest)
+    assert eng.status().adapter_states == {adapters["b"].digest: "host"}
     eng.step()
 
 
@@ -779,7 +793,7 @@ def test_block_allocator_keeps_a_sequence_contiguous():
     assert a == [0, 1] and b == [8, 9]  # b starts after a's claim
     a += al.alloc(1, after=a[-1])
     assert a == [0, 1, 2]
-    al.free(a, key="a")
+    al.release(a, key="a")
     c = al.alloc(3, key="c", expect=3)
     assert c == [0, 1, 2]
     # Nothing unclaimed left of that size: claimed blocks are taken, then scattered ones.
@@ -826,7 +840,7 @@ def _no_refs_left(eng) -> None:
     assert eng.kv_blocks_used() == 0
     assert all(al.refs(b) == 0 for b in range(al.num_blocks))
     assert al.num_cached == al.num_hashed  # every registered block is cached, none referenced
-    assert al.num_free == al.num_blocks and not eng._block_hashes and not eng._after_hit
+    assert al.num_free == al.num_blocks and not eng.kvm._block_hashes and not eng.kvm._after_hit
 
 
 def test_prefix_block_hash_keys_adapter_digest_and_whole_prefix():
@@ -849,13 +863,13 @@ def test_block_allocator_refcounts_caches_and_evicts_registered_blocks():
     assert not al.register(x[2], b"h0")  # that prefix already has a block
     al.acquire(al.lookup([b"h0", b"h1", b"h2"]))  # a second sequence shares 2 blocks
     assert [al.refs(b) for b in x] == [2, 2, 1, 1]
-    al.free(x, key="x")
+    al.release(x, key="x")
     assert al.num_used == 2 and al.num_cached == 0
-    al.free(x[:2])
+    al.release(x[:2])
     # Unreferenced: registered blocks are cached (free, still findable), the others plain free.
     assert al.num_free == 6 and al.num_cached == 2 and al.lookup([b"h0", b"h1"]) == x[:2]
     with pytest.raises(RuntimeError, match="twice"):
-        al.free([x[0]])
+        al.release([x[0]])
     # Plainly free blocks go first; a shortfall evicts cached ones, tail of the prefix first.
     y = al.alloc(4)
     assert set(y).isdisjoint(x[:2]) and al.num_cached == 2 and al.evictions == 0
@@ -943,7 +957,7 @@ def test_running_requests_share_cached_prefix_blocks(make_engine, adapters, orac
     eng.wait_loads()
     eng.step()
     al = eng.kv.allocator
-    seqs = {s.handle: s for s in eng._running}
+    seqs = {s.handle: s for s in eng.batch.running}
     shared = seqs[first].blocks[:4]
     assert [seqs[h].blocks[:4] for h in more[:2]] == [shared, shared]
     assert set(seqs[more[2]].blocks).isdisjoint(shared)  # other adapter, own blocks
@@ -1181,7 +1195,7 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
         eng.step()
         _read_ids(other)
     assert slow.unread == 4
-    [(paused, _since)] = eng._paused.values()
+    [(paused, _since)] = eng.output.paused.values()
     assert paused.handle is slow and paused.blocks == []  # it holds no KV while paused
     got += _read_ids(slow)  # the client reads again: it resumes
     while not (slow.done and other.done):
@@ -1190,7 +1204,7 @@ def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_
         _read_ids(other)
     got += _read_ids(slow)
     assert got == want
-    assert eng.kv_blocks_used() == 0 and not eng._paused
+    assert eng.kv_blocks_used() == 0 and not eng.output.paused
 
 
 def test_a_stream_not_read_past_the_stall_timeout_fails_and_frees_its_kv(make_engine, adapters):

@@ -30,6 +30,7 @@ from mintmesh.services.executor.engine import (
     SamplingOptions,
 )
 from mintmesh.services.executor.residency import AdapterResidency
+from mintmesh.services.executor.runner import AdapterDevice
 from mintmesh.services.executor.server import create_server
 from mintmesh.services.executor.sources import PackedBytesSource, SidecarSource
 from mintmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, executor_pb2, executor_pb2_grpc
@@ -475,12 +476,16 @@ def test_no_source_means_base_model_only(base_info, adapters):
     pool = AdapterPool(base_info.linear_shapes, max_adapters=2)
     shapes = base_info.linear_shapes
     res = AdapterResidency(
-        pool, None, layer_shapes=shapes, base_fingerprint=base_info.fingerprint, max_rank=64
+        AdapterDevice(pool),
+        None,
+        layer_shapes=shapes,
+        base_fingerprint=base_info.fingerprint,
+        max_rank=64,
     )
     with pytest.raises(FailedPrecondition, match="no adapter source"):
         res.prepare(adapters["a"].digest)
     res = AdapterResidency(
-        pool,
+        AdapterDevice(pool),
         _source(adapters),
         layer_shapes=shapes,
         base_fingerprint=base_info.fingerprint,

@@ -486,6 +486,12 @@ def test_executor_adapter_loads_by_tier_and_errors(mesh):
     assert d("mint_executor_node_cache_reads_total", result="hit") == 0
     assert d("mint_executor_adapters", tier="device") == 1
     assert val(after, "mint_executor_adapters", tier="device") == len(engine.residency.resident())
+    states = list(res.states().values())
+    for st in ("fetching", "host", "loading", "device", "draining"):
+        assert val(after, "mint_executor_adapter_states", state=st) == sum(
+            s.value == st for s in states
+        ), st
+    assert val(after, "mint_executor_adapter_states", state="device") >= 1
     # The node cache's count comes from the sidecar's Stats (listed at most once a second).
     entries = val(scrape(mesh["urls"]["cache"]), "mint_cache_entries")
     assert entries >= 1

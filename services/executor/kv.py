@@ -197,13 +197,14 @@ class BlockAllocator:
                 if lo < hi:
                     self._claimed[lo:hi] = b"\x01" * (hi - lo)
 
-    def free(self, blocks: Sequence[int], *, key: object = None) -> None:
-        """Drop one reference on each block; a block left unreferenced is plainly free, or
-        cached when it is registered. Tail blocks are queued for eviction before the head of
-        their sequence (the head is the part other prompts are likelier to share)."""
+    def release(self, blocks: Sequence[int], *, key: object = None) -> None:
+        """Drop one reference on each block (alloc's or acquire's); a block left unreferenced
+        is plainly free, or cached when it is registered. Tail blocks are queued for eviction
+        before the head of their sequence (the head is the part other prompts are likelier to
+        share)."""
         for b in blocks:
             if self._refs[b] < 1:
-                raise RuntimeError(f"KV block {b} freed twice")
+                raise RuntimeError(f"KV block {b} released twice")
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b]:

@@ -51,6 +51,8 @@ class KVManager:
         self.kv = kv
         self.prefix_caching = bool(prefix_caching)
         self.max_positions = max_positions
+        # Blocks kept free when admitting (so running sequences can grow a little).
+        self.watermark = max(1, kv.num_blocks // 100)
         # seq_id -> hashes of the sequence's full blocks computed so far (a memo: tokens only
         # grow, so a block's hash never changes).
         self._block_hashes: dict[int, list[bytes]] = {}
@@ -107,10 +109,10 @@ class KVManager:
         for i in range(first, end):
             al.register(seq.blocks[i], hashes[i], owner=seq.digest or "")
 
-    def drop_blocks(self, seq: Seq) -> None:
+    def release_blocks(self, seq: Seq) -> None:
         """seq's references on its blocks go (registered ones stay cached); its KV is gone."""
         if seq.blocks:
-            self.kv.allocator.free(seq.blocks, key=seq.seq_id)
+            self.kv.allocator.release(seq.blocks, key=seq.seq_id)
         seq.blocks = []
         seq.num_computed = 0
         self._after_hit.discard(seq.seq_id)
@@ -120,7 +122,7 @@ class KVManager:
         free = max(0, self.kv.allocator.num_free - reserve)
         return (len(seq.blocks) + free) * self.kv.block_size - seq.num_computed
 
-    def take(self, seq: Seq, n: int) -> None:
+    def acquire_blocks(self, seq: Seq, n: int) -> None:
         """The blocks seq needs for n more tokens (contiguous with its others when possible:
         a new run claims room for the sequence's whole expected length)."""
         need = self.kv.blocks_for(seq.num_computed + n) - len(seq.blocks)

@@ -16,6 +16,7 @@ from mintmesh.services.common.metrics import (
     gauge,
 )
 from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.residency import AdapterState
 
 TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -102,6 +103,17 @@ class ExecutorMetrics:
                 "node_cache": len(res.node_cache_digests()),
             },
             "tier",
+        )
+        by_state = {s.value: 0 for s in AdapterState if s is not AdapterState.ABSENT}
+        for s in res.states().values():
+            by_state[s.value] += 1
+        yield gauge(
+            "mint_executor_adapter_states",
+            "Adapters of this executor by residency state: fetching (from the node cache into "
+            "the host tier), host, loading (into the device pool, or waiting for room), device, "
+            "draining (deleted, waiting for its last request).",
+            by_state,
+            "state",
         )
         yield counter(
             "mint_executor_adapter_loads_total",

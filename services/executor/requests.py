@@ -15,7 +15,7 @@ from mintmesh.errors import Unavailable
 from mintmesh.services.executor.sampling import SamplingOptions
 
 if TYPE_CHECKING:
-    from mintmesh.services.executor.engine import Engine
+    from mintmesh.services.executor.batch_state import BatchState
 
 __all__ = [
     "FINISH_CANCELLED",
@@ -147,15 +147,23 @@ class EngineStatus:
     dense_kernels: str = "torch"
     # The model runner: "torch", or "onnxruntime:<the execution provider its session got>".
     runner: str = "torch"
+    # Every adapter digest in some tier or transition -> its residency.AdapterState's value
+    # (fetching, host, loading, device, draining).
+    adapter_states: dict[str, str] = field(default_factory=dict)
 
 
 class GenerationHandle:
     """A submitted generation: iterate it for GenerationOutput steps (the last one has a
     finish_reason); cancel() stops it at the next step and frees its KV blocks."""
 
-    def __init__(self, request: GenerationRequest, engine: Engine) -> None:
+    def __init__(
+        self, request: GenerationRequest, loop: BatchState, *, resume_unread: int = 0
+    ) -> None:
         self.request = request
-        self._engine = engine
+        # The engine's step loop (woken on cancel and read-down, asked whether it stopped); a
+        # paused stream is resumed once at most resume_unread outputs are left unread.
+        self._loop = loop
+        self._resume_unread = resume_unread
         self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
         self._cancelled = threading.Event()
         self.done = False
@@ -183,7 +191,7 @@ class GenerationHandle:
     def cancel(self) -> None:
         if not self._cancelled.is_set():
             self._cancelled.set()
-            self._engine._wake()
+            self._loop.wake()
 
     def expired(self, now: float | None = None) -> bool:
         dl = self.request.deadline
@@ -206,13 +214,13 @@ class GenerationHandle:
                 item = self._q.get(timeout=0.25)
                 self.reads += 1
             except queue.Empty:
-                if self._engine._stopped():
+                if self._loop.stopped():
                     raise Unavailable("the executor's engine has stopped") from None
                 continue
             if isinstance(item, BaseException):
                 raise item
-            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
-                self._engine._wake()  # read down: the engine resumes it
+            if self.paused and self.unread <= self._resume_unread:
+                self._loop.wake()  # read down: the engine resumes it
             yield item
             if item.finish_reason is not None:
                 return
@@ -237,8 +245,8 @@ class GenerationHandle:
                     break
                 group.append(nxt)
             out = first if len(group) == 1 else merge_outputs(group)
-            if self.paused and self.unread <= self._engine.stream_buffer_outputs // 2:
-                self._engine._wake()  # read down: the engine resumes it
+            if self.paused and self.unread <= self._resume_unread:
+                self._loop.wake()  # read down: the engine resumes it
             yield out
             if err is not None:
                 raise err

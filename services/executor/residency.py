@@ -8,15 +8,22 @@
   is a DMA; touched once at start on the CPU, so a load never page-faults fresh memory, which
   cost ~4 ms per 4 MiB adapter); the source copies the bytes straight into the region; bounded
   in bytes by the arena, the least recently used idle entry is dropped first;
-- device (AdapterResidency over the kernels' AdapterPool): bounded in bytes and slots; every
-  user of a resident adapter holds a reference (acquire/release) and an adapter is evicted only
-  when nothing references it (no running or admitted sequence, no Forward call), least recently
-  used first;
-- AdapterState: where a digest is now, AdapterResidency.state(digest): ABSENT (in no tier of
-  this executor), FETCHING (coming from the source into the host tier), HOST (on the host
-  tier), LOADING (being copied into the device pool, or waiting for room there), DEVICE
-  (resident in the pool), DRAINING (deleted: waiting for its last reference to go, then dropped
-  from every tier);
+- device (AdapterResidency over the model runner's AdapterPool, loading and evicting through
+  the runner's load_adapter/evict_adapter, runner.AdapterDevice): bounded in bytes and slots;
+  every user of a resident adapter holds a reference (acquire/release) and an adapter is evicted
+  only when nothing references it (no running or admitted sequence, no Forward call), least
+  recently used first;
+- one vocabulary for references in every tier: acquire takes one, release drops it (the host
+  tier's entries, HostTier.acquire/release; the device pool's adapters,
+  AdapterResidency.acquire/release; KV blocks, kv.BlockAllocator.acquire/release and
+  kv_manager.KVManager.acquire_blocks/release_blocks); nothing referenced is dropped;
+- AdapterState: where a digest is now, AdapterResidency.state(digest) (and states(), every
+  digest not ABSENT, which Status and the metrics report): ABSENT (in no tier of this
+  executor), FETCHING (coming from the source into the host tier), HOST (on the host tier),
+  LOADING (being copied into the device pool, or waiting for room there), DEVICE (resident in
+  the pool), DRAINING (deleted: waiting for its last reference to go, then dropped from every
+  tier). The transitions (FETCHING, LOADING, DRAINING) are tracked per digest as they run; the
+  pool and the host tier say the rest;
 - AdapterLoader: background worker threads that move a digest node cache -> host -> device (on
   CUDA on their own stream) while the step loop keeps running, inside the OpenTelemetry context
   of the request that asked for it, and report the result (slot or the domain error) back.
@@ -24,13 +31,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -44,8 +52,8 @@ from mintmesh.errors import (
     ResourceExhausted,
 )
 from mintmesh.identity import check_digest
-from mintmesh.kernels import AdapterPool
 from mintmesh.packed import ModuleWeights, PackedHeader, unpack
+from mintmesh.services.executor.runner import AdapterDevice
 from mintmesh.services.executor.sources import AdapterSource, NoSource
 
 logger = logging.getLogger(__name__)
@@ -139,7 +147,8 @@ class HostArena:
 class HostTier:
     """digest -> PreparedAdapter whose bytes live in a region of the HostArena, bounded by the
     arena's bytes; the least recently used idle entry is dropped first to make room (an entry is
-    busy while held: between prepare() and the end of its device load)."""
+    busy while referenced, acquire/release: between prepare() and the end of its device
+    load)."""
 
     def __init__(self, max_bytes: int, *, pin: bool = False, prefault: bool = True) -> None:
         if max_bytes < 0:
@@ -149,7 +158,7 @@ class HostTier:
         self._items: OrderedDict[str, PreparedAdapter] = OrderedDict()
         self._regions: dict[str, tuple[int, int]] = {}
         self._busy: dict[str, int] = {}
-        # Regions of entries dropped while held: freed when the last holder lets go.
+        # Regions of entries dropped while referenced: freed when the last reference goes.
         self._doomed: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self.nbytes = 0  # bytes of the arena in use (entries and regions being filled)
@@ -165,14 +174,15 @@ class HostTier:
         with self._lock:
             return list(self._items)
 
-    def get(self, digest: str, *, hold: bool = False) -> PreparedAdapter | None:
-        """The entry of digest (taking a hold on it when hold=True), None when absent."""
+    def get(self, digest: str, *, acquire: bool = False) -> PreparedAdapter | None:
+        """The entry of digest (taking a reference on it when acquire=True), None when
+        absent."""
         with self._lock:
             p = self._items.get(digest)
             if p is None:
                 return None
             self._items.move_to_end(digest)
-            if hold:
+            if acquire:
                 self._busy[digest] = self._busy.get(digest, 0) + 1
             return p
 
@@ -200,7 +210,7 @@ class HostTier:
             self.nbytes -= HostArena.span(nbytes)
 
     def commit(
-        self, prepared: PreparedAdapter, offset: int, *, hold: bool = False
+        self, prepared: PreparedAdapter, offset: int, *, acquire: bool = False
     ) -> PreparedAdapter:
         """Make a filled region (from reserve) the entry of prepared.digest and return the entry
         to use: when another fetch of the digest committed first, that one (this region is
@@ -216,13 +226,13 @@ class HostTier:
                 entry = prepared
                 self._items[d] = prepared
                 self._regions[d] = (offset, prepared.nbytes)
-            if hold:
+            if acquire:
                 self._busy[d] = self._busy.get(d, 0) + 1
             return entry
 
     def discard(self, digest: str) -> bool:
         """Drop digest from the host tier (a deleted adapter); False when it was not there. A
-        held entry's region is freed when its last holder lets go."""
+        referenced entry's region is freed when its last reference is released."""
         with self._lock:
             if digest not in self._items:
                 return False
@@ -238,11 +248,13 @@ class HostTier:
             self.arena.free(*region)
             self.nbytes -= HostArena.span(region[1])
 
-    def hold(self, digest: str) -> None:
+    def acquire(self, digest: str) -> None:
+        """A reference on digest's entry (or on the digest alone: a prepared adapter not kept on
+        the host), so the entry is not dropped to make room until release()."""
         with self._lock:
             self._busy[digest] = self._busy.get(digest, 0) + 1
 
-    def unhold(self, digest: str) -> None:
+    def release(self, digest: str) -> None:
         with self._lock:
             n = self._busy.get(digest, 0) - 1
             if n > 0:
@@ -256,11 +268,12 @@ class HostTier:
 
 class AdapterResidency:
     """Host tier + device pool with references. Thread-safe: the step loop, the loader workers
-    and Forward calls all use it."""
+    and Forward calls all use it. Adapters go into and out of the pool through `runner` (the
+    engine's ModelRunner, or a bare AdapterDevice)."""
 
     def __init__(
         self,
-        pool: AdapterPool,
+        runner: AdapterDevice,
         source: AdapterSource | None,
         *,
         layer_shapes: Mapping[str, tuple[int, int]],
@@ -270,7 +283,8 @@ class AdapterResidency:
         host_bytes: int = 512 << 20,
         host_prefault: bool = True,
     ) -> None:
-        self.pool = pool
+        self.runner = runner
+        self.pool = pool = runner.pool
         self.layer_shapes = dict(layer_shapes)
         self.source: AdapterSource = source if source is not None else NoSource()
         self.base_fingerprint = base_fingerprint
@@ -294,37 +308,67 @@ class AdapterResidency:
         # ("device"), in the thread that did it (the executor's metrics).
         self.on_load: Callable[[str, float], None] | None = None
         self._closed = False
-        # Digests in a transition (state()): digest -> how many threads are doing it.
+        # Digests in a transition: digest -> {FETCHING/LOADING/DRAINING: threads doing it}.
         self._state_lock = threading.Lock()
-        self._fetching: dict[str, int] = {}
-        self._loading: dict[str, int] = {}
-        self._draining: dict[str, int] = {}
+        self._transit: dict[str, dict[AdapterState, int]] = {}
+
+    @classmethod
+    def of(
+        cls, runner: AdapterDevice, source: AdapterSource | None, config, base_fingerprint: str
+    ) -> AdapterResidency:
+        """The residency an executor's ExecutorConfig asks for, over runner's pool."""
+        return cls(
+            runner,
+            source,
+            layer_shapes=runner.pool.layer_shapes,
+            base_fingerprint=base_fingerprint,
+            max_rank=int(config.max_rank),
+            fetch_timeout_s=float(config.fetch_timeout_s),
+            host_bytes=int(config.host_cache_bytes),
+            host_prefault=bool(config.host_prefault),
+        )
 
     def state(self, digest: str) -> AdapterState:
-        """Where digest is now (a snapshot: it may move on at once)."""
+        """Where digest is now (a snapshot: it may move on at once). A digest in several at
+        once (a Forward call loading what a loader thread fetches again after an eviction)
+        is in the first of DRAINING, DEVICE, LOADING, FETCHING, HOST."""
         with self._state_lock:
-            draining = digest in self._draining
-            loading = digest in self._loading
-            fetching = digest in self._fetching
-        if draining:
+            transit = set(self._transit.get(digest, ()))
+        if AdapterState.DRAINING in transit:
             return AdapterState.DRAINING
         if digest in self.pool:
             return AdapterState.DEVICE
-        if loading:
-            return AdapterState.LOADING
-        if fetching:
-            return AdapterState.FETCHING
+        for st in (AdapterState.LOADING, AdapterState.FETCHING):
+            if st in transit:
+                return st
         if digest in self.host:
             return AdapterState.HOST
         return AdapterState.ABSENT
 
-    def _mark(self, table: dict[str, int], digest: str, n: int) -> None:
+    def states(self) -> dict[str, AdapterState]:
+        """The state of every digest in some tier or transition (none is ABSENT)."""
         with self._state_lock:
-            left = table.get(digest, 0) + n
-            if left > 0:
-                table[digest] = left
-            else:
-                table.pop(digest, None)
+            known = set(self._transit)
+        known.update(self.pool.resident(), self.host.digests())
+        out = {d: self.state(d) for d in sorted(known)}
+        return {d: st for d, st in out.items() if st is not AdapterState.ABSENT}
+
+    @contextlib.contextmanager
+    def _transition(self, digest: str, state: AdapterState) -> Iterator[None]:
+        """digest is in `state` (FETCHING, LOADING, DRAINING) while the block runs."""
+        with self._state_lock:
+            marks = self._transit.setdefault(digest, {})
+            marks[state] = marks.get(state, 0) + 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                marks = self._transit[digest]
+                marks[state] -= 1
+                if not marks[state]:
+                    del marks[state]
+                if not marks:
+                    del self._transit[digest]
 
     def close(self) -> None:
         """Loads waiting for room give up (the engine is stopping)."""
@@ -373,13 +417,13 @@ class AdapterResidency:
         return PreparedAdapter(digest=digest, header=header, modules=modules, nbytes=len(data))
 
     def prepare(self, digest: str, timeout: float | None = None) -> PreparedAdapter:
-        """The checked adapter on the host, held (its host entry is not dropped) until load()
-        or unhold(): from the host tier, else fetched from the source (node cache) straight
-        into a host-arena region, at most once at a time per digest. When the arena has no room
-        (every entry busy, or the adapter larger than the tier) it goes through a private buffer
-        and is not kept."""
+        """The checked adapter on the host, referenced (its host entry is not dropped) until
+        load() or release_prepared(): from the host tier, else fetched from the source (node
+        cache) straight into a host-arena region, at most once at a time per digest. When the
+        arena has no room (every entry busy, or the adapter larger than the tier) it goes
+        through a private buffer and is not kept."""
         check_digest(digest)
-        hit = self.host.get(digest, hold=True)
+        hit = self.host.get(digest, acquire=True)
         if hit is not None:
             return hit
         with self._fetch_locks_lock:
@@ -387,14 +431,11 @@ class AdapterResidency:
             entry[1] += 1
         try:
             with entry[0]:
-                hit = self.host.get(digest, hold=True)
+                hit = self.host.get(digest, acquire=True)
                 if hit is not None:
                     return hit
-                self._mark(self._fetching, digest, 1)
-                try:
+                with self._transition(digest, AdapterState.FETCHING):
                     return self._fetch(digest, timeout)
-                finally:
-                    self._mark(self._fetching, digest, -1)
         finally:
             with self._fetch_locks_lock:
                 entry[1] -= 1
@@ -425,13 +466,13 @@ class AdapterResidency:
             raise
         self._loaded("host", t0)
         if reserved and not prepared.header.quantized:
-            return self.host.commit(prepared, reserved[0][0], hold=True)
+            return self.host.commit(prepared, reserved[0][0], acquire=True)
         # Not kept on the host: no room in the arena (a private buffer), or an int8 pack (its
         # weights were dequantized into fresh tensors; the region of its bytes is dead). The
-        # hold keeps holds balanced with load()'s release.
+        # reference keeps the host references balanced with load()'s release.
         for off, n in reserved:
             self.host.unreserve(off, n)
-        self.host.hold(digest)
+        self.host.acquire(digest)
         return prepared
 
     def offer_layout(self, layout, check: Callable[[memoryview], None]) -> tuple[str, bool]:
@@ -460,9 +501,9 @@ class AdapterResidency:
         self.host.commit(prepared, off)
         return digest, True
 
-    def unhold(self, prepared: PreparedAdapter) -> None:
-        """Let go of a prepared adapter without loading it."""
-        self.host.unhold(prepared.digest)
+    def release_prepared(self, prepared: PreparedAdapter) -> None:
+        """Release a prepared adapter's host reference without loading it."""
+        self.host.release(prepared.digest)
 
     def install_layout(self, layout, check: Callable[[memoryview], None]) -> tuple[str, bool]:
         """A pack this executor plans itself (packed.PackLayout: a training run's save) made
@@ -492,6 +533,11 @@ class AdapterResidency:
     def resident(self) -> list[str]:
         with self._cv:
             return list(self.pool.resident())
+
+    def slot(self, digest: str) -> int | None:
+        """digest's slot in the device pool, None when it is not resident (no reference
+        taken: the caller holds one)."""
+        return self.pool.slot(digest)
 
     def refs(self, digest: str) -> int:
         with self._cv:
@@ -525,13 +571,12 @@ class AdapterResidency:
         """Make prepared (held by prepare()) resident and take a reference on it; return its
         slot. Evicts least recently used adapters that nothing references (unless evict=False:
         free room only); waits (up to timeout) while every resident adapter is referenced;
-        ResourceExhausted after that. Lets go of the host hold in any case."""
+        ResourceExhausted after that. Releases prepare()'s host reference in any case."""
         digest = prepared.digest
         wait = DEFAULT_ROOM_WAIT_S if timeout is None else max(0.0, timeout)
         end = time.monotonic() + wait
-        self._mark(self._loading, digest, 1)
         try:
-            with self._cv:
+            with self._transition(digest, AdapterState.LOADING), self._cv:
                 while True:
                     slot = self.pool.slot(digest)
                     if slot is not None:
@@ -555,8 +600,7 @@ class AdapterResidency:
                 self._lru.move_to_end(digest)
                 return slot
         finally:
-            self._mark(self._loading, digest, -1)
-            self.host.unhold(digest)
+            self.host.release(digest)
 
     def ensure(self, digest: str, timeout: float | None = None) -> int:
         """prepare + load, in the calling thread: a reference on digest's slot."""
@@ -566,7 +610,24 @@ class AdapterResidency:
         end = None if timeout is None else time.monotonic() + timeout
         prepared = self.prepare(digest, timeout=timeout)
         left = None if end is None else end - time.monotonic()
-        return self.load(prepared, timeout=left)  # lets go of prepare's hold
+        return self.load(prepared, timeout=left)  # releases prepare's host reference
+
+    @contextlib.contextmanager
+    def acquired(
+        self, digests: Sequence[str], timeout: float | None = None
+    ) -> Iterator[dict[str, int]]:
+        """References on every one of digests for the block ({digest: slot}), each loaded in
+        this thread when it is not resident (ensure; all within timeout); released after."""
+        end = None if timeout is None else time.monotonic() + timeout
+        slots: dict[str, int] = {}
+        try:
+            for d in digests:
+                left = None if end is None else max(0.001, end - time.monotonic())
+                slots[d] = self.ensure(d, timeout=left)
+            yield slots
+        finally:
+            for d in slots:
+                self.release(d)
 
     def evict(self, digest: str) -> bool:
         """Drop digest from the device unless something references it."""
@@ -579,8 +640,7 @@ class AdapterResidency:
         """A deleted adapter: wait (up to timeout) until no running request references it, then
         drop it from the device pool and the host tier. Returns (was present, still busy)."""
         end = time.monotonic() + timeout
-        self._mark(self._draining, digest, 1)
-        try:
+        with self._transition(digest, AdapterState.DRAINING):
             with self._cv:
                 while self._refs.get(digest) and time.monotonic() < end:
                     self._cv.wait(min(0.2, max(0.0, end - time.monotonic())))
@@ -589,8 +649,6 @@ class AdapterResidency:
                 on_device = self._evict(digest)
             on_host = self.host.discard(digest)
             return on_device or on_host, False
-        finally:
-            self._mark(self._draining, digest, -1)
 
     def delete(self, digest: str, timeout: float = 30.0) -> tuple[bool, bool]:
         """A deleted adapter out of every tier: purge() (device and host, once nothing
@@ -602,9 +660,29 @@ class AdapterResidency:
         in_cache = bool(self.source.evict(digest))
         return present or in_cache, False
 
+    def delete_all(
+        self, digests: Sequence[str], timeout: float, forget: Callable[[str], None]
+    ) -> tuple[list[str], list[str]]:
+        """delete() each of digests (checked; each waits up to timeout for its references);
+        forget(digest) after each one that is gone (the engine drops the prefixes computed
+        with it), after the node-cache eviction, so a request that slipped in before it is
+        forgotten too. Returns (purged: present and now gone, still busy)."""
+        purged, busy = [], []
+        for d in digests:
+            check_digest(d)
+            present, still = self.delete(d, timeout)
+            if still:
+                busy.append(d)
+                continue
+            forget(d)
+            if present:
+                purged.append(d)
+        logger.info("purged %d adapters (%d busy)", len(purged), len(busy))
+        return purged, busy
+
     def _evict(self, digest: str) -> bool:
         self._lru.pop(digest, None)
-        if self.pool.evict(digest):
+        if self.runner.evict_adapter(digest):
             self.evictions += 1
             logger.info("evicted adapter %s from the device", digest[:12])
             return True
@@ -625,10 +703,10 @@ class AdapterResidency:
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
-                    slot = self.pool.load(prepared.digest, prepared.modules)
+                    slot = self.runner.load_adapter(prepared.digest, prepared.modules)
                 self._stream.synchronize()
             else:
-                slot = self.pool.load(prepared.digest, prepared.modules)
+                slot = self.runner.load_adapter(prepared.digest, prepared.modules)
         except ValueError as e:
             raise InvalidAdapter(f"adapter {prepared.digest[:12]}…: {e}") from e
         self.loads += 1
@@ -740,7 +818,7 @@ class AdapterLoader:
         wanted = list(dict.fromkeys(check_digest(d) for d in digests))
         resident, queued, dropped = [], [], []
         for d in wanted:
-            if d in self.residency.pool:
+            if d in self.residency:
                 resident.append(d)
             elif self.hint(d) is None:
                 dropped.append(d)
@@ -792,7 +870,7 @@ class AdapterLoader:
                     self.residency.load(prepared, timeout=0.0, evict=False)
                 else:
                     t = None if job.deadline is None else job.deadline - time.monotonic()
-                    self.residency.load(prepared, timeout=t)  # lets go of prepare's hold
+                    self.residency.load(prepared, timeout=t)  # releases prepare's host reference
         except MintError as e:
             err = e
         except Exception as e:  # a bug: INTERNAL for the requests that wait on it

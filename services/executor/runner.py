@@ -23,7 +23,15 @@ from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
 if TYPE_CHECKING:
     from mintmesh.services.executor.sequence import Sequence as Seq
 
-__all__ = ["ForwardBatch", "ModelRunner", "PackedStep", "adapter_pool", "pack_rows", "pack_step"]
+__all__ = [
+    "AdapterDevice",
+    "ForwardBatch",
+    "ModelRunner",
+    "PackedStep",
+    "adapter_pool",
+    "pack_rows",
+    "pack_step",
+]
 
 
 @dataclass
@@ -93,19 +101,17 @@ def pack_rows(rows: Sequence[tuple[Sequence[int], int]]) -> ForwardBatch:
     return ForwardBatch(flat, positions, token_slots, AttentionPlan(spans), None)
 
 
-class ModelRunner(abc.ABC):
-    """Runs forwards of packed batches over a resident backbone and its adapter pool."""
+class AdapterDevice:
+    """Adapters loaded into and evicted from a device AdapterPool by digest: what the adapter
+    residency (residency.py) moves every adapter through. A ModelRunner is one, so a backend
+    controls how adapters land in the pool its forwards read (it may override these); a bare
+    AdapterDevice(pool) serves a residency without a model (benches, tests)."""
 
-    # The device AdapterPool the runner's forwards read (adapter_pool() builds it).
+    # The device AdapterPool (adapter_pool() builds a runner's).
     pool: AdapterPool
 
-    @abc.abstractmethod
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [len(batch.sample_rows) or T, vocab] of one forward of batch."""
-
-    @abc.abstractmethod
-    def describe(self) -> str:
-        """What serves the steps, for Status: "torch", or "onnxruntime:<provider>"."""
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool = pool
 
     def load_adapter(self, digest: str, modules: Mapping[str, Any]) -> int:
         """Load an adapter's weights into the pool; returns its slot."""
@@ -114,6 +120,18 @@ class ModelRunner(abc.ABC):
     def evict_adapter(self, digest: str) -> bool:
         """Evict an adapter from the pool; whether it was resident."""
         return self.pool.evict(digest)
+
+
+class ModelRunner(AdapterDevice, abc.ABC):
+    """Runs forwards of packed batches over a resident backbone and its adapter pool."""
+
+    @abc.abstractmethod
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [len(batch.sample_rows) or T, vocab] of one forward of batch."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What serves the steps, for Status: "torch", or "onnxruntime:<provider>"."""
 
 
 def adapter_pool(

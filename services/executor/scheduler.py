@@ -5,8 +5,10 @@ prefill chunks), preempting the most recently admitted ones when blocks run out,
 admissions from the waiting queues by tenant fairness (sequence.py's FairQueue), with a
 preemption per step for a waiting tenant under its share of the batch (fair_share_preemption).
 
-The Scheduler works on its engine's running list, waiting queues and KV manager; schedule()
-returns the StepPlan the engine then runs as one forward.
+The Scheduler works on the step loop's shared state (batch_state.py: the running list, the
+waiting queues, the counters), the KV manager (its blocks) and the adapter residency (the
+admitted sequence's slot); it retires what the cache cannot hold through the OutputProcessor.
+schedule() returns the StepPlan the engine then runs as one forward.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from mintmesh.services.executor.requests import FINISH_LENGTH
 from mintmesh.services.executor.sequence import Sequence as Seq
 
 if TYPE_CHECKING:
-    from mintmesh.services.executor.engine import Engine
+    from mintmesh.services.executor.batch_state import BatchState, StepLimits
+    from mintmesh.services.executor.kv_manager import KVManager
+    from mintmesh.services.executor.output import OutputProcessor
+    from mintmesh.services.executor.residency import AdapterResidency
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +44,38 @@ class StepPlan:
 class Scheduler:
     """Admission, budgets, tenant fairness and preemption for one engine (its step thread)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        batch: BatchState,
+        limits: StepLimits,
+        kvm: KVManager,
+        residency: AdapterResidency,
+        output: OutputProcessor,
+    ) -> None:
+        self.batch = batch
+        self.limits = limits
+        self.kvm = kvm
+        self.residency = residency
+        self.output = output
         self.admit_counter = 0
 
     def fair_share(self) -> tuple[dict[str, int], int, set[str]]:
         """(running sequences per tenant, each tenant's share of the batch, the waiting tenants
         under it)."""
-        e = self.engine
+        b = self.batch
         counts: dict[str, int] = {}
-        for s in e._running:
+        for s in b.running:
             counts[s.tenant] = counts.get(s.tenant, 0) + 1
-        waiting = e._fair.tenants()
-        share = max(1, e.max_batch_size // max(1, len(set(counts) | waiting)))
+        waiting = b.fair.tenants()
+        share = max(1, self.limits.max_batch_size // max(1, len(set(counts) | waiting)))
         return counts, share, {t for t in waiting if counts.get(t, 0) < share}
 
     def preempt_for_fairness(self) -> int:
         """A full batch and a waiting tenant under its share: preempt the newest sequence of
         the tenant most over its share (at most one per step, so a tenant's burst is not
         recomputed wholesale). Returns the number preempted."""
-        e = self.engine
-        if not e.fair_share_preemption or len(e._running) < e.max_batch_size:
+        b, lim = self.batch, self.limits
+        if not lim.fair_share_preemption or len(b.running) < lim.max_batch_size:
             return 0
         counts, share, under = self.fair_share()
         if not under:
@@ -67,89 +83,89 @@ class Scheduler:
         over = max(counts, key=lambda t: counts[t])
         if counts[over] <= share:
             return 0
-        victim = max((s for s in e._running if s.tenant == over), key=lambda s: s.admit_order)
+        victim = max((s for s in b.running if s.tenant == over), key=lambda s: s.admit_order)
         self.preempt(victim)
-        e.fair_preemptions += 1
+        b.fair_preemptions += 1
         return 1
 
     def schedule(self) -> StepPlan:
         """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
-        e = self.engine
-        budget = e.max_step_tokens
+        b, lim, kvm = self.batch, self.limits, self.kvm
+        budget = lim.max_step_tokens
         sched: list[tuple[Seq, int]] = []
         done: set[int] = set()
         preempted = self.preempt_for_fairness()
         # Running sequences: decodes first, then prefill chunks; oldest first within each.
-        order = sorted(e._running, key=lambda s: (not s.decoding, s.admit_order))
+        order = sorted(b.running, key=lambda s: (not s.decoding, s.admit_order))
         for seq in order:
-            if seq.seq_id in done or seq not in e._running or budget <= 0:
+            if seq.seq_id in done or seq not in b.running or budget <= 0:
                 continue
             # A prefill chunk shrinks to the blocks free; a sequence that cannot take even one
             # token preempts the most recently admitted sequences.
-            while e.kvm.room(seq, 0) < 1:
+            while kvm.room(seq, 0) < 1:
                 victim = self.victim(exclude=done)
                 if victim is None or victim is seq:
                     break
                 self.preempt(victim)
                 preempted += 1
-            room = e.kvm.room(seq, 0)
+            room = kvm.room(seq, 0)
             if room < 1:
-                if not sched and len(e._running) == 1:
+                if not sched and len(b.running) == 1:
                     # Alone and still too big: the cache cannot hold this sequence.
                     logger.warning(
                         "sequence %d needs more than the %d tokens the KV cache holds; ending it",
                         seq.seq_id,
-                        e.kv.capacity_tokens,
+                        kvm.kv.capacity_tokens,
                     )
-                    e.output.retire(seq, reason=FINISH_LENGTH)
+                    self.output.retire(seq, reason=FINISH_LENGTH)
                 else:
                     self.preempt(seq)
                     preempted += 1
                 continue
             n = min(seq.remaining, budget, room)
-            e.kvm.take(seq, n)
+            kvm.acquire_blocks(seq, n)
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
         # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
         admitted = 0
-        in_use = {s.digest for s in e._running if s.digest}
-        while budget > 0 and len(e._running) < e.max_batch_size:
+        in_use = {s.digest for s in b.running if s.digest}
+        while budget > 0 and len(b.running) < lim.max_batch_size:
             # A tenant at its share waits while one under it is waiting (fair_share).
             counts, share, under = self.fair_share()
             at_share = {t for t, c in counts.items() if c >= share} if under else set()
-            seq = e._fair.peek(exclude=at_share) or e._fair.peek()
+            seq = b.fair.peek(exclude=at_share) or b.fair.peek()
             if seq is None:
                 break
             if (
-                e.max_step_adapters
+                lim.max_step_adapters
                 and seq.digest
                 and seq.digest not in in_use
-                and len(in_use) >= e.max_step_adapters
+                and len(in_use) >= lim.max_step_adapters
             ):
                 break  # the adapter budget: it waits for a running adapter to leave
-            hit = e.kvm.match_prefix(seq)
-            n = min(seq.remaining, budget, e.kvm.room(seq, e._watermark if e._running else 0))
+            hit = kvm.match_prefix(seq)
+            n = min(seq.remaining, budget, kvm.room(seq, kvm.watermark if b.running else 0))
             if n < 1:
                 if hit:  # back to the cache; looked up again next time
-                    e.kvm.drop_blocks(seq)
+                    kvm.release_blocks(seq)
                 break
-            e._fair.remove(seq)
-            if e.prefix_caching:  # every admission, re-admissions after preemption too
-                e.prefix_query_tokens += len(seq.tokens)
-                e.prefix_hit_tokens += hit
+            b.fair.remove(seq)
+            if kvm.prefix_caching:  # every admission, re-admissions after preemption too
+                b.prefix_query_tokens += len(seq.tokens)
+                b.prefix_hit_tokens += hit
             self.admit_counter += 1
             seq.admit_order = self.admit_counter
             # Running from here on: should anything below fail, the step's failure path
             # retires it with the batch (its blocks and prefix references freed).
-            e._running.append(seq)
-            e.kvm.take(seq, n)
-            seq.slot = e.pool.slot(seq.digest) if seq.digest else -1
+            b.running.append(seq)
+            kvm.acquire_blocks(seq, n)
+            seq.slot = self.residency.slot(seq.digest) if seq.digest else -1
             if seq.slot is None:  # cannot happen: the sequence holds a reference
                 raise RuntimeError(f"adapter {seq.digest} of sequence {seq.seq_id} not resident")
             if seq.digest:
                 in_use.add(seq.digest)
-            e.intake.waiting_left(seq.tenant)
+            b.waiting_left(seq.tenant)
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
@@ -158,20 +174,19 @@ class Scheduler:
 
     def victim(self, exclude: set[int]) -> Seq | None:
         """The most recently admitted running sequence not yet scheduled this step."""
-        e = self.engine
-        cands = [s for s in e._running if s.seq_id not in exclude]
+        cands = [s for s in self.batch.running if s.seq_id not in exclude]
         return max(cands, key=lambda s: s.admit_order) if cands else None
 
     def preempt(self, seq: Seq) -> None:
         """Free seq's KV blocks; it waits again (front of its tenant's queue) and is recomputed
         from its prompt and the tokens it generated so far (its full blocks stay cached, so
         with prefix caching it usually takes them back instead of recomputing them)."""
-        e = self.engine
-        e.kvm.drop_blocks(seq)
+        b = self.batch
+        self.kvm.release_blocks(seq)
         seq.preemptions += 1
         seq.handle.preemptions = seq.preemptions
-        e.preemptions += 1
-        e._running.remove(seq)
-        e._fair.push(seq, front=True)
-        e.intake.waiting_again(seq.tenant)
+        b.preemptions += 1
+        b.running.remove(seq)
+        b.fair.push(seq, front=True)
+        b.waiting_again(seq.tenant)
         logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq.tokens))

@@ -42,7 +42,7 @@ class Sequence:
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     slot: int = -1  # adapter pool slot while running, -1 = no adapter
-    pinned: bool = False  # holds a reference on its adapter in the pool
+    holds_adapter: bool = False  # holds a reference on its adapter (AdapterResidency.acquire)
     admit_order: int = -1
     preemptions: int = 0
     first_step: int | None = None  # step of its first generated token

@@ -357,7 +357,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
         st = self.engine.status(node_cache=request.include_node_cache)
         resp = self._status(st)
-        q = self.engine._training
+        q = self.engine.timeshare.queue
         if q is not None:
             resp.training_runs = len(q.trainer.runs)
             resp.training_bytes = q.trainer.bytes_used()
