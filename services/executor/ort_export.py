@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORT_VERSION", "NEG", "OrtForward", "export_path", "ensure_export", "input_names"]
 
 # Bumped whenever the graph's math or its inputs change: older exports are not reused.
-EXPORT_VERSION = "mint-ort-3"
+EXPORT_VERSION = "mint-ort-4"
 # Masked scores: finite (an all-masked piece must not make NaN), far below any real score.
 NEG = -1e30
 # Rope types whose frequencies do not depend on the sequence length (the graph bakes them in).
@@ -228,7 +228,7 @@ class OrtForward(nn.Module):
         sin = (emb.sin() * self.rope_scale)[:, None, :]
 
         attn_idx = attn_index.reshape(-1)
-        ctx_idx = ctx_index.reshape(-1)
+        ctx_idx = ctx_index.t().reshape(-1)  # [C * Na], position major
         C = ctx_index.shape[1]
         h = self.embed.index_select(0, input_ids)
         # The masks come in additive (0 or NEG); attention selects with them as booleans.
@@ -250,10 +250,13 @@ class OrtForward(nn.Module):
             new_v.append(v)
             scaling = lay["scaling"]
             qg = q.reshape(T, KVH, G, D) * scaling
-            # Part 1: the cached context, per piece (gathered once per piece, not per token).
+            # Part 1: the cached context, per piece (gathered once per piece, not per token),
+            # context position major ([C, Na, KVH, D]): the permutes below move only that
+            # leading axis, which ORT folds into the MatMuls (FusedMatMul transBatchB reads
+            # the gathered rows strided), so the context is never transposed in memory.
             off = ctx_idx + layer_no * nbbs
-            kc = k_flat.index_select(0, off).reshape(Na, C, KVH, D).permute(0, 2, 3, 1)
-            vc = v_flat.index_select(0, off).reshape(Na, C, KVH, D).permute(0, 2, 1, 3)
+            kc = k_flat.index_select(0, off).reshape(C, Na, KVH, D).permute(1, 2, 3, 0)
+            vc = v_flat.index_select(0, off).reshape(C, Na, KVH, D).permute(1, 2, 0, 3)
             qp = qg.index_select(0, attn_idx).reshape(Na, ca, KVH, G, D)
             qp = qp.permute(0, 2, 1, 3, 4).reshape(Na, KVH, ca * G, D)
             # Masked by selection, not by adding NEG: another sequence's (or a padding row's)
