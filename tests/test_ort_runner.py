@@ -116,6 +116,9 @@ PLAN = [
     {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1},
     {"a": 1, "b": 1, "c": 1, "e": 1},
     {"a": 1, "c": 1, "e": 1},
+    # Only the q/v adapter and no adapter (the other LoRA layers are skipped), then no adapter.
+    {"b": 1, "d": 1},
+    {"b": 1},
 ]
 
 
@@ -199,6 +202,30 @@ def test_functional_forward_equals_hf_and_the_torch_runner(tiny_model_dir, base_
     adapted = torch.tensor([s >= 0 for s in tslots])
     differ = (plain.argmax(-1) != want.argmax(-1))[adapted].float().mean()
     assert differ > 0.5, float(differ)
+
+
+def test_step_inputs_gather_pages_only_where_the_steps_adapters_are(
+    tiny_model_dir, base_info, modules
+):
+    """layer_pages: per LoRA layer, the pages of the widest adapter of the step there; 0 where
+    no adapter of the step targets the layer (the graph skips it)."""
+    _, orr, slots = _runners(tiny_model_dir, base_info, modules)
+    pool = orr.pool
+
+    def pages(names):
+        ids = list(range(len(names)))
+        tslots = [slots[n] if n else -1 for n in names]
+        spans = [SeqSpan(i, 1, 1) for i in ids]
+        batch = ForwardBatch(ids, ids, tslots, AttentionPlan(spans), None)
+        inp = step_inputs(batch, pool, num_layers=2, kv_heads=2, head_dim=16,
+                          device=torch.device("cpu"))  # fmt: skip
+        return dict(zip(pool.layer_names, inp["layer_pages"].tolist(), strict=True))
+
+    qv = {n: int(n.endswith(("q_proj", "v_proj"))) for n in pool.layer_names}
+    assert pages(["qv2", None]) == qv and 0 in qv.values()
+    assert set(pages([None]).values()) == {0}
+    wide = -(-16 // pool.page_rows)
+    assert set(pages(["s16", "qv2", "s4"]).values()) == {wide}
 
 
 def test_export_is_cached_by_fingerprint(tiny_model_dir, base_info, tmp_path):

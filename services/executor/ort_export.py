@@ -16,6 +16,8 @@ step, as the torch runner does). Its inputs (shapes; every axis but the model's 
     LoRA, in pieces: runs of at most c tokens with one adapter slot
         lora_index [Np, c], lora_inv [T], lora_slot [Np] (-1: a piece of no adapter)
         rank_cols [R] int64 = arange(R), R = pages * page_rows: the widest adapter of the step
+        layer_pages [NL] int64: the pages gathered for LoRA layer i (the most any of the step's
+            adapters has there; 0: no adapter of the step targets the layer, which is skipped)
         page_table [N, MP] int32, ranks [NL, N] int32, scales [NL, N] float32  (the pool's)
         a_pages.<i> [P, PR, in], b_pages.<i> [P, PR, out]  (the pool's pages of LoRA layer i)
 
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORT_VERSION", "NEG", "OrtForward", "export_path", "ensure_export", "input_names"]
 
 # Bumped whenever the graph's math or its inputs change: older exports are not reused.
-EXPORT_VERSION = "mint-ort-3"
+EXPORT_VERSION = "mint-ort-5"
 # Masked scores: finite (an all-masked piece must not make NaN), far below any real score.
 NEG = -1e30
 # Rope types whose frequencies do not depend on the sequence length (the graph bakes them in).
@@ -173,6 +175,7 @@ class OrtForward(nn.Module):
         lora_inv,
         lora_slot,
         rank_cols,
+        layer_pages,
         page_table,
         ranks,
         scales,
@@ -185,16 +188,19 @@ class OrtForward(nn.Module):
         G = H // KVH
         Na, ca = attn_index.shape[0], attn_index.shape[1]
         Np, c = lora_index.shape[0], lora_index.shape[1]
-        R = rank_cols.shape[0]
         nbbs = k_cache.shape[1]
         k_flat = k_cache.reshape(-1, KVH, D)
         v_flat = v_cache.reshape(-1, KVH, D)
 
-        # LoRA pieces: gathered once per step, shared by every layer.
+        # LoRA pieces: their slots' page tables, ranks and scales gathered once per step for
+        # every layer (one op each, not one per layer).
         has = lora_slot >= 0
         slot0 = torch.clamp(lora_slot, min=0)
-        pt = page_table.index_select(0, slot0)[:, : R // self.page_rows].long()  # [Np, Pb]
-        pt_flat = pt.reshape(-1)
+        pt = page_table.index_select(0, slot0).long()  # [Np, MP]
+        rk_all = ranks.index_select(1, slot0).long()  # [NL, Np]
+        sc_all = scales.index_select(1, slot0)[:, :, None, None]  # [NL, Np, 1, 1]
+        keep_all = (rank_cols[None, None, :] < rk_all[:, :, None]) & has[None, :, None]
+        keep_all = keep_all[:, :, None, :]  # [NL, Np, 1, R]
         lora_idx = lora_index.reshape(-1)
 
         def linear(x, entry, xs_cache):
@@ -209,13 +215,16 @@ class OrtForward(nn.Module):
             if xs is None:
                 xs = x.index_select(0, lora_idx).reshape(Np, c, -1)
                 xs_cache.append((x, xs))
-            A = a_pages[li].index_select(0, pt_flat).reshape(Np, R, -1)  # [Np, R, in]
-            Bt = b_pages[li].index_select(0, pt_flat).reshape(Np, R, -1)  # [Np, R, out]
-            rk = ranks[li].index_select(0, slot0)  # [Np]
-            sc = scales[li].index_select(0, slot0)  # [Np]
-            keep = (rank_cols[None, :] < rk[:, None].long()) & has[:, None]  # [Np, R]
-            xa = torch.matmul(xs, A.transpose(1, 2))  # [Np, c, R]
-            xa = torch.where(keep[:, None, :], xa * sc[:, None, None], torch.zeros_like(xa))
+            # This layer's pages: layer_pages[li] of them (the most any piece's adapter has
+            # here; 0 when none targets the layer: every tensor below is empty, the MatMul
+            # over an empty rank gives exact zeros, and the layer costs a few empty ops).
+            pt_l = pt.index_select(1, torch.arange(layer_pages[li])).reshape(-1)  # [Np * P_l]
+            n_out, n_in = int(w.shape[0]), int(w.shape[1])
+            A = a_pages[li].index_select(0, pt_l).reshape(Np, -1, n_in)  # [Np, R_l, in]
+            Bt = b_pages[li].index_select(0, pt_l).reshape(Np, -1, n_out)  # [Np, R_l, out]
+            xa = torch.matmul(xs, A.transpose(1, 2))  # [Np, c, R_l]
+            keep = keep_all[li][:, :, : A.shape[1]]  # [Np, 1, R_l]
+            xa = torch.where(keep, xa * sc_all[li], torch.zeros_like(xa))
             # Padded rank rows of Bt read another adapter's page; their xa columns are exactly 0
             # and every page is finite (adapters are refused otherwise), so they add exactly 0.
             yl = torch.matmul(xa, Bt).reshape(Np * c, -1)  # [Np*c, out]
@@ -228,7 +237,7 @@ class OrtForward(nn.Module):
         sin = (emb.sin() * self.rope_scale)[:, None, :]
 
         attn_idx = attn_index.reshape(-1)
-        ctx_idx = ctx_index.reshape(-1)
+        ctx_idx = ctx_index.t().reshape(-1)  # [C * Na], position major
         C = ctx_index.shape[1]
         h = self.embed.index_select(0, input_ids)
         # The masks come in additive (0 or NEG); attention selects with them as booleans.
@@ -250,10 +259,13 @@ class OrtForward(nn.Module):
             new_v.append(v)
             scaling = lay["scaling"]
             qg = q.reshape(T, KVH, G, D) * scaling
-            # Part 1: the cached context, per piece (gathered once per piece, not per token).
+            # Part 1: the cached context, per piece (gathered once per piece, not per token),
+            # context position major ([C, Na, KVH, D]): the permutes below move only that
+            # leading axis, which ORT folds into the MatMuls (FusedMatMul transBatchB reads
+            # the gathered rows strided), so the context is never transposed in memory.
             off = ctx_idx + layer_no * nbbs
-            kc = k_flat.index_select(0, off).reshape(Na, C, KVH, D).permute(0, 2, 3, 1)
-            vc = v_flat.index_select(0, off).reshape(Na, C, KVH, D).permute(0, 2, 1, 3)
+            kc = k_flat.index_select(0, off).reshape(C, Na, KVH, D).permute(1, 2, 3, 0)
+            vc = v_flat.index_select(0, off).reshape(C, Na, KVH, D).permute(1, 2, 0, 3)
             qp = qg.index_select(0, attn_idx).reshape(Na, ca, KVH, G, D)
             qp = qp.permute(0, 2, 1, 3, 4).reshape(Na, KVH, ca * G, D)
             # Masked by selection, not by adding NEG: another sequence's (or a padding row's)
@@ -314,6 +326,7 @@ def input_names(n_lora: int) -> list[str]:
         "lora_inv",
         "lora_slot",
         "rank_cols",
+        "layer_pages",
         "page_table",
         "ranks",
         "scales",
@@ -389,6 +402,7 @@ def _example_inputs(fwd: OrtForward, pool_tensors: list[torch.Tensor], n_lora: i
         torch.tensor([0, 1, 2], dtype=i64),
         torch.tensor([0, -1], dtype=i64),
         torch.arange(2 * fwd.page_rows, dtype=i64),
+        torch.full((n_lora,), 2, dtype=i64),
         *pool_tensors,
     )
 

@@ -126,8 +126,13 @@ def step_inputs(
     lora_index[: Np - 1] = l_index
     lora_slot = np.asarray([uniq[g] for g in l_owner] + [-1], dtype=np.int64)
     lora_inv = np.where(l_inv >= 0, l_inv, (Np - 1) * c)
-    pages = max([pool.pages_for_rank(max(pool.resident_at(u).ranks)) for u in uniq] + [1])
-    rank_cols = np.arange(pages * pool.page_rows, dtype=np.int64)
+    # Pages per LoRA layer: the most any of the step's adapters has there (0: none targets it).
+    n_l = len(pool.layer_names)
+    layer_ranks = np.zeros((1 + len(uniq), n_l), np.int64)
+    for i, u in enumerate(uniq):
+        layer_ranks[1 + i] = pool.resident_at(u).ranks
+    layer_pages = -(-layer_ranks.max(0) // pool.page_rows)
+    rank_cols = np.arange(max(int(layer_pages.max()), 1) * pool.page_rows, dtype=np.int64)
 
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -145,6 +150,7 @@ def step_inputs(
         lora_inv=t(lora_inv),
         lora_slot=t(lora_slot),
         rank_cols=t(rank_cols),
+        layer_pages=t(layer_pages),
     )
     if kv is not None:
         out["k_cache"] = kv.k.view(num_layers, -1, kv_heads, head_dim)
