@@ -11,7 +11,7 @@ from fuzzing import fuzz_examples
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mintmesh.kernels.train_ops import segment_lora, segment_lora_reference
+from mintmesh.kernels.train_ops import _uniform, segment_lora, segment_lora_reference
 
 
 def _case(seed, rows, hin, hout, segs, xscale, wscale, dtype=torch.float32):
@@ -68,6 +68,47 @@ def test_forward_and_backward_match_the_reference(seed, rows, hin, hout, segs, x
         covered[s:e] = True
     assert not out[~covered].any()
     assert not got[0][~covered].any()
+
+
+@pytest.mark.parametrize(
+    "lead, n, seg, rank, tail", [(0, 8, 16, 4, 0), (3, 3, 5, 2, 4), (0, 2, 1, 1, 0)]
+)
+def test_equal_segments_back_to_back_match_the_reference(lead, n, seg, rank, tail):
+    # The batched (bmm) path: every segment as long and of one rank, one after another, with
+    # rows before and after that belong to no run; scales differ per segment.
+    g = torch.Generator().manual_seed(n * 100 + seg)
+    rows, hin, hout = lead + n * seg + tail, 12, 9
+    x = (torch.randn(rows, hin, generator=g) * 3.0).requires_grad_()
+    bounds = [(lead + i * seg, lead + (i + 1) * seg) for i in range(n)]
+    scales = [0.5 * (i + 1) for i in range(n)]
+    weights = [
+        (
+            torch.randn(rank, hin, generator=g).requires_grad_(),
+            torch.randn(hout, rank, generator=g).requires_grad_(),
+        )
+        for _ in range(n)
+    ]
+    gout = torch.randn(rows, hout, generator=g)
+    assert _uniform(bounds, weights)
+    out, got = _grads(segment_lora, x, bounds, scales, weights, gout)
+    ref, want = _grads(segment_lora_reference, x, bounds, scales, weights, gout)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for gg, ww in zip(got, want, strict=True):
+        assert (gg - ww).abs().max() <= 1e-5 * max(1.0, float(ww.abs().max()))
+    assert not out[:lead].any() and not out[rows - tail :].any()
+    assert not got[0][:lead].any() and not got[0][rows - tail :].any()
+    # float64 gradcheck through the same path, and only what needs a gradient gets one
+    x64 = x.detach().double().requires_grad_()
+    flat = [t.detach().double().requires_grad_() for p in weights for t in p]
+
+    def f(x, *flat):
+        ws = [(flat[2 * i], flat[2 * i + 1]) for i in range(n)]
+        return segment_lora(x, bounds, scales, ws)
+
+    assert torch.autograd.gradcheck(f, (x64, *flat), eps=1e-6, atol=1e-7)
+    flat[0].requires_grad_(False)
+    f(x64.detach(), *flat).sum().backward()
+    assert flat[0].grad is None and flat[1].grad is not None and flat[2].grad is not None
 
 
 def test_gradcheck_in_float64():
