@@ -188,28 +188,55 @@ def segment_lora_reference(
     return torch.cat(parts).to(x.dtype)
 
 
+# Rows of the logits per pass of the loss head's elementwise work: ~1 MiB at a 32k vocabulary,
+# so each chunk's temporaries stay in cache (and come from the heap, not fresh pages).
+_CHUNK_BYTES = 1 << 20
+
+
+def _row_chunks(rows: int, vocab: int, itemsize: int):
+    step = max(1, _CHUNK_BYTES // max(1, vocab * itemsize))
+    return [slice(c, min(rows, c + step)) for c in range(0, rows, step)]
+
+
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.logsumexp(logits, dim=-1)
-        lp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
-        ctx.save_for_backward(logits, lse, targets)
-        return lp
+    def forward(ctx, logits, targets, overwrite):
+        shape = logits.shape[:-1]
+        flat = logits.reshape(-1, logits.shape[-1])
+        t = targets.reshape(-1, 1)
+        lse = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+        for c in _row_chunks(flat.shape[0], flat.shape[1], flat.element_size()):
+            torch.logsumexp(flat[c], dim=-1, out=lse[c])
+        lp = flat.gather(-1, t).squeeze(-1) - lse
+        ctx.overwrite = bool(overwrite) and logits.is_contiguous()  # flat is then a view
+        ctx.shape = logits.shape
+        ctx.save_for_backward(flat, lse, t)
+        return lp.view(shape)
 
     @staticmethod
     def backward(ctx, g):
-        logits, lse, targets = ctx.saved_tensors
-        # d lp / d logits = onehot(target) - softmax: one buffer of the logits' size.
-        grad = torch.exp(logits - lse[..., None])
-        grad.mul_(-g[..., None])
-        grad.scatter_add_(-1, targets[..., None], g[..., None])
-        return grad, None
+        flat, lse, t = ctx.saved_tensors
+        g = g.reshape(-1, 1)
+        # d lp / d logits = onehot(target) - softmax, chunk by chunk while it is in cache; with
+        # overwrite, written over the logits themselves (no logits-sized allocation).
+        grad = flat if ctx.overwrite else torch.empty_like(flat)
+        for c in _row_chunks(flat.shape[0], flat.shape[1], flat.element_size()):
+            gc = grad[c]
+            torch.sub(flat[c], lse[c, None], out=gc)
+            gc.exp_().mul_(-g[c])
+        grad.scatter_add_(-1, t, g)
+        return grad.view(ctx.shape), None, None
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, overwrite: bool = False
+) -> torch.Tensor:
     """log_softmax(logits)[..., targets] ([..., vocab], [...] -> [...]) with a backward that
-    allocates one tensor of the logits' size (log_softmax + gather make three, and zero-fill
-    one): the loss head of a training step over [rows, T, vocab] logits."""
+    allocates at most one tensor of the logits' size (log_softmax + gather make three, and
+    zero-fill one): the loss head of a training step over [rows, T, vocab] logits. The
+    elementwise work goes over ~1 MiB of rows at a time. overwrite: the backward writes the
+    gradient over logits (the caller reads them no more after the forward; nothing else may
+    have saved them for its backward: autograd would refuse that node's backward)."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets {list(targets.shape)} do not fit logits {list(logits.shape)}")
-    return _TargetLogprobs.apply(logits, targets.long())
+    return _TargetLogprobs.apply(logits, targets.long(), overwrite)

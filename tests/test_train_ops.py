@@ -169,3 +169,30 @@ def test_target_logprobs_equal_log_softmax_gather_and_its_gradient():
     assert torch.autograd.gradcheck(lambda x: target_logprobs(x, t), (x,))
     with pytest.raises(ValueError, match="do not fit"):
         target_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_target_logprobs_overwrite_gives_the_same_gradient_in_the_logits_buffer():
+    from mintmesh.kernels.train_ops import target_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    # 40 rows of a 9000-token vocabulary: several ~1 MiB chunks, the last one short
+    base = torch.randn(4, 10, 9000, generator=g) * 20
+    tgt = torch.randint(0, 9000, (4, 10), generator=g)
+    w = torch.randn(4, 10, generator=g)
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf in the graph, as a model's output is
+    got = target_logprobs(logits, tgt, overwrite=True)
+    (gg,) = torch.autograd.grad((got * w).sum(), leaf)
+    ref = torch.log_softmax(base.double(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+    assert (got.detach().double() - ref).abs().max() <= 1e-4
+    leaf2 = base.clone().requires_grad_()
+    (gr,) = torch.autograd.grad((target_logprobs(leaf2 * 1.0, tgt) * w).sum(), leaf2)
+    assert torch.equal(gg, gr)
+    assert torch.equal(logits.detach(), gr)  # written over the logits
+    # Another node that saved the logits for its backward: refused, not silently wrong.
+    leaf3 = base.clone().requires_grad_()
+    logits3 = leaf3 * 1.0
+    other = (logits3 * logits3).sum()  # mul saves logits3; its backward runs after ours
+    lp = target_logprobs(logits3, tgt, overwrite=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ((lp * w).sum() + other).backward()

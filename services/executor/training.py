@@ -714,7 +714,10 @@ class Trainer:
                     for r, (c, i) in enumerate(rows):
                         t = calls[c][1][i].target_tokens
                         tgt[r, : len(t)] = torch.tensor(t)
-                    lp_all = target_logprobs(logits, tgt.to(logits.device))
+                    # Its backward writes the gradient over the logits (no second logits-
+                    # sized buffer) unless reverse_kl rows read them on their own.
+                    kl = any(calls[c][2] == "reverse_kl" for c, _ in rows)
+                    lp_all = target_logprobs(logits, tgt.to(logits.device), overwrite=not kl)
                     total = None
                     for r, (c, i) in enumerate(rows):
                         _, data, loss_fn, cfg = calls[c]
