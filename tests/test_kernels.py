@@ -263,6 +263,30 @@ def test_loading_after_eviction_reads_no_stale_pages(strategy):
         assert_close(y, want, torch.float32, f"after eviction {layer}")
 
 
+def test_a_load_into_reused_pages_zeroes_the_layers_it_does_not_target():
+    """Pages never written are known zero and not zeroed again; pages an evicted adapter
+    wrote are: an adapter of layer "a" only, in them, leaves nothing of the old one in "b"."""
+    shapes = SHAPES["odd"]
+    pool = AdapterPool(shapes, max_adapters=4, page_rows=8, max_pages=4)
+    only_a = make_adapters(shapes, [8], seed=2, skip={0: {"b"}})[0]
+    pool.load("fresh", only_a)  # page 0, never written before
+    lb = pool.layer_id("b")
+    assert pool.pages("fresh") == [0] and torch.count_nonzero(pool.b_pages[lb][0]) == 0
+    pool.load("both", make_adapters(shapes, [8], seed=1)[0])  # page 1
+    assert torch.count_nonzero(pool.b_pages[lb][1]) > 0
+    pool.evict("both")
+    pool.evict("fresh")
+    pool.load("reused", only_a)  # page 0 again, then page 1: the old adapter's rows
+    pool.load("reused2", make_adapters(shapes, [8], seed=3, skip={0: {"b"}})[0])
+    assert pool.pages("reused2") == [1]
+    assert torch.count_nonzero(pool.b_pages[lb][:2]) == 0
+    ts = torch.tensor([pool.slot("reused2"), -1])
+    x, y = torch.randn(2, 200), torch.randn(2, 96)
+    want = y.clone()
+    apply_lora(y, x, "b", pool, prepare(ts))
+    assert torch.equal(y, want)
+
+
 # ---- batch metadata -----------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from fuzzing import fuzz_examples
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mintmesh.kernels.train_ops import segment_lora, segment_lora_reference
+from mintmesh.kernels.train_ops import _uniform, segment_lora, segment_lora_reference
 
 
 def _case(seed, rows, hin, hout, segs, xscale, wscale, dtype=torch.float32):
@@ -68,6 +68,47 @@ def test_forward_and_backward_match_the_reference(seed, rows, hin, hout, segs, x
         covered[s:e] = True
     assert not out[~covered].any()
     assert not got[0][~covered].any()
+
+
+@pytest.mark.parametrize(
+    "lead, n, seg, rank, tail", [(0, 8, 16, 4, 0), (3, 3, 5, 2, 4), (0, 2, 1, 1, 0)]
+)
+def test_equal_segments_back_to_back_match_the_reference(lead, n, seg, rank, tail):
+    # The batched (bmm) path: every segment as long and of one rank, one after another, with
+    # rows before and after that belong to no run; scales differ per segment.
+    g = torch.Generator().manual_seed(n * 100 + seg)
+    rows, hin, hout = lead + n * seg + tail, 12, 9
+    x = (torch.randn(rows, hin, generator=g) * 3.0).requires_grad_()
+    bounds = [(lead + i * seg, lead + (i + 1) * seg) for i in range(n)]
+    scales = [0.5 * (i + 1) for i in range(n)]
+    weights = [
+        (
+            torch.randn(rank, hin, generator=g).requires_grad_(),
+            torch.randn(hout, rank, generator=g).requires_grad_(),
+        )
+        for _ in range(n)
+    ]
+    gout = torch.randn(rows, hout, generator=g)
+    assert _uniform(bounds, weights)
+    out, got = _grads(segment_lora, x, bounds, scales, weights, gout)
+    ref, want = _grads(segment_lora_reference, x, bounds, scales, weights, gout)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for gg, ww in zip(got, want, strict=True):
+        assert (gg - ww).abs().max() <= 1e-5 * max(1.0, float(ww.abs().max()))
+    assert not out[:lead].any() and not out[rows - tail :].any()
+    assert not got[0][:lead].any() and not got[0][rows - tail :].any()
+    # float64 gradcheck through the same path, and only what needs a gradient gets one
+    x64 = x.detach().double().requires_grad_()
+    flat = [t.detach().double().requires_grad_() for p in weights for t in p]
+
+    def f(x, *flat):
+        ws = [(flat[2 * i], flat[2 * i + 1]) for i in range(n)]
+        return segment_lora(x, bounds, scales, ws)
+
+    assert torch.autograd.gradcheck(f, (x64, *flat), eps=1e-6, atol=1e-7)
+    flat[0].requires_grad_(False)
+    f(x64.detach(), *flat).sum().backward()
+    assert flat[0].grad is None and flat[1].grad is not None and flat[2].grad is not None
 
 
 def test_gradcheck_in_float64():
@@ -128,3 +169,30 @@ def test_target_logprobs_equal_log_softmax_gather_and_its_gradient():
     assert torch.autograd.gradcheck(lambda x: target_logprobs(x, t), (x,))
     with pytest.raises(ValueError, match="do not fit"):
         target_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_target_logprobs_overwrite_gives_the_same_gradient_in_the_logits_buffer():
+    from mintmesh.kernels.train_ops import target_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    # 40 rows of a 9000-token vocabulary: several ~1 MiB chunks, the last one short
+    base = torch.randn(4, 10, 9000, generator=g) * 20
+    tgt = torch.randint(0, 9000, (4, 10), generator=g)
+    w = torch.randn(4, 10, generator=g)
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf in the graph, as a model's output is
+    got = target_logprobs(logits, tgt, overwrite=True)
+    (gg,) = torch.autograd.grad((got * w).sum(), leaf)
+    ref = torch.log_softmax(base.double(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+    assert (got.detach().double() - ref).abs().max() <= 1e-4
+    leaf2 = base.clone().requires_grad_()
+    (gr,) = torch.autograd.grad((target_logprobs(leaf2 * 1.0, tgt) * w).sum(), leaf2)
+    assert torch.equal(gg, gr)
+    assert torch.equal(logits.detach(), gr)  # written over the logits
+    # Another node that saved the logits for its backward: refused, not silently wrong.
+    leaf3 = base.clone().requires_grad_()
+    logits3 = leaf3 * 1.0
+    other = (logits3 * logits3).sum()  # mul saves logits3; its backward runs after ours
+    lp = target_logprobs(logits3, tgt, overwrite=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ((lp * w).sum() + other).backward()

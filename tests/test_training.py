@@ -424,6 +424,14 @@ def test_a_runs_pack_is_the_stores_and_installs_without_a_fetch(trainer, engine,
     with pytest.raises(InvalidAdapter, match=r"q_proj: lora_B contains NaN or Inf"):
         run.install(engine)
     assert engine.residency.host.nbytes == host  # its region given back, nothing kept
+    for bad in (float("inf"), float("-inf")):  # an Inf of either sign, in the last module
+        name = sorted(run.layers)[-1]
+        with torch.no_grad():
+            run.layers["model.layers.0.self_attn.q_proj"][1][0, 0] = 0.0
+            run.layers[name][0][-1, -1] = bad
+        with pytest.raises(InvalidAdapter, match=rf"{name}: lora_A contains NaN or Inf"):
+            run.install(engine)
+        assert engine.residency.host.nbytes == host
 
 
 def test_serving_runs_between_the_layers_of_a_training_pass_and_each_gets_its_own(trainer, engine):
