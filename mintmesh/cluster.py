@@ -15,6 +15,7 @@ wait for it (wait_for_ready) within their deadlines.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -38,6 +39,27 @@ OPERATOR = "operator"  # the mesh certificate of tools and tests that call servi
 
 class ClusterError(RuntimeError):
     pass
+
+
+# Linux's prctl(PR_SET_PDEATHSIG): a child started by a LocalCluster gets SIGTERM when the thread
+# that started it exits, so a parent killed without stop() (kill -9 of `mint up`, a pytest run
+# that timed out) does not leave its services running and holding their ports. Resolved here,
+# before any fork: between fork and exec the child only calls it.
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the children outlive a killed parent
+    _prctl = None
+
+
+def _die_with_parent(parent: int):
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 @dataclass
@@ -74,6 +96,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
             # Not the caller's directory: `python -m` puts its cwd first on sys.path, and from a
             # checkout the top-level kernels/ and cache/ folders would shadow the PyPI packages
             # of those names that transformers imports (transformers >= 5.25 needs `kernels`).

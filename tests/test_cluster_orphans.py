@@ -1,0 +1,69 @@
+"""A LocalCluster's services die with the process that started them: kill -9 of that process
+(`mint up`, a test run that timed out) leaves no service running or holding its ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from mintmesh.cluster import ClusterConfig, LocalCluster
+
+    c = LocalCluster(ClusterConfig(model_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2]),
+                                   executors=1, port=0, http_port=None))
+    c.start()
+    print(json.dumps({n: ch.proc.pid for n, ch in c.children.items()}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie that nobody reaps (its parent is gone, init reaps it soon) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_services_exit_when_the_process_that_started_them_is_killed(tiny_model_dir, tmp_path):
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=str(tmp_path),
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line, "the cluster script printed nothing"
+        pids = json.loads(line)
+        assert {"store", "router"} <= set(pids) and len(pids) >= 4, pids
+        assert all(_alive(p) for p in pids.values())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    left = {n: p for n, p in pids.items() if _alive(p)}
+    for p in left.values():  # do not leak them into the rest of the run
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after their parent was killed: {left}"
