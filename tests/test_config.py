@@ -260,3 +260,19 @@ def test_executor_torch_threads_rule(tiny_model_dir, base_info):
     assert torch_threads(dataclasses.replace(cfg, torch_threads=3), base_info) == 3
     with pytest.raises(ValueError, match="torch_threads=-1 must be >= 0"):
         ExecutorConfig(model_dir=tiny_model_dir, torch_threads=-1)
+
+
+def test_executor_stream_message_budget_rule(tiny_model_dir):
+    """--stream-messages-per-s: a stream's messages after its first are spaced by the running
+    streams over the budget, at most 0.1 s; 0 turns the bound off; a negative or NaN budget is
+    refused."""
+    from mintmesh.services.executor.requests import MAX_STREAM_INTERVAL_S, stream_interval
+
+    assert ExecutorConfig(model_dir=tiny_model_dir).stream_messages_per_s == 1000.0
+    assert stream_interval(32, 1000.0) == pytest.approx(0.032)
+    assert stream_interval(1, 1000.0) == pytest.approx(0.001)
+    assert stream_interval(500, 1000.0) == MAX_STREAM_INTERVAL_S == 0.1
+    assert stream_interval(32, 0.0) == 0.0 and stream_interval(0, 1000.0) == 0.0
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="stream_messages_per_s=.* must be >= 0"):
+            ExecutorConfig(model_dir=tiny_model_dir, stream_messages_per_s=bad)

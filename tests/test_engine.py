@@ -1227,7 +1227,7 @@ def test_a_reader_that_fell_behind_gets_the_waiting_outputs_as_one_chunk(make_en
     """GenerationHandle.chunks (what the executor streams): outputs queued while the reader was
     away are merged, in order, with the last one's finish and usage; a reader that keeps up
     gets one output per step; nothing is lost or reordered against result()."""
-    eng = make_engine()
+    eng = make_engine(stream_messages_per_s=0)  # no pacing: merges come from the lag alone
     kw = dict(ignore_eos=True, logprobs=True)
     ref = eng.submit(_req(adapters, "a", [5, 6, 7], 9, **kw))
     eng.run_until_done([ref])
@@ -1260,3 +1260,37 @@ def test_a_reader_that_fell_behind_gets_the_waiting_outputs_as_one_chunk(make_en
         next(it)
     h.cancel()
     eng.step()
+
+
+def test_stream_messages_are_paced_by_the_message_budget(make_engine, adapters):
+    """stream_messages_per_s: a reader that keeps up still gets the first token alone, at
+    once, then one message per stream_interval() (here the 0.1 s cap: one stream over a budget
+    of 10 per second) carrying every output of the steps in between, in order, the finish and
+    usage on the last; unpaced (0), the same reader gets one message per step."""
+    kw = dict(ignore_eos=True, logprobs=True)
+    for budget in (10.0, 0.0):
+        eng = make_engine(stream_messages_per_s=budget)
+        ref = eng.submit(_req(adapters, "a", [5, 6, 7], 16, **kw))
+        eng.run_until_done([ref])
+        want = ref.result()
+        h = eng.submit(_req(adapters, "a", [5, 6, 7], 16, **kw))
+        got: list = []
+        reader = threading.Thread(target=lambda h=h, got=got: got.extend(h.chunks()), daemon=True)
+        reader.start()
+        t0 = time.monotonic()
+        while not h.done:
+            eng.step()
+            time.sleep(0.01)  # the reader keeps up: it waits on the stream between steps
+        reader.join(10)
+        took = time.monotonic() - t0
+        assert not reader.is_alive()
+        assert [t for c in got for t in c.token_ids] == want.token_ids
+        assert [x for c in got for x in c.logprobs] == want.logprobs
+        assert "".join(c.text for c in got) == want.text
+        assert got[-1].finish_reason == want.finish_reason and got[-1].completion_tokens == 16
+        if budget:
+            assert len(got[0].token_ids) == 1, [len(c.token_ids) for c in got]
+            # One message per 0.1 s after the first (and the last, sent as it came).
+            assert 2 <= len(got) <= 2 + took / 0.1, (len(got), took)
+        else:
+            assert [len(c.token_ids) for c in got] == [1] * 16

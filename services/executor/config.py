@@ -118,6 +118,16 @@ class ExecutorConfig:
         default=60.0,
         metadata={"help": "a paused stream fails RESOURCE_EXHAUSTED after this long unread"},
     )
+    # Stream messages: after its first token (always sent at once), a stream's outputs are
+    # sent at most every (running streams / stream_messages_per_s) seconds, capped at 0.1 s,
+    # several tokens to a message when steps are faster than that. Each message costs CPU on
+    # every hop (here ~0.2 ms per message per hop, thread-per-stream gRPC), so without a bound a
+    # full batch spends the CPU its steps and new requests need on messages. Below budget (a
+    # few streams) every step's output goes out alone. 0 = every output at once.
+    stream_messages_per_s: float = field(
+        default=1000.0,
+        metadata={"help": "stream messages per second across running streams (0 = no bound)"},
+    )
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
     kv_cache_bytes: int = field(
@@ -239,6 +249,8 @@ class ExecutorConfig:
             )
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
+        if not self.stream_messages_per_s >= 0:  # NaN too
+            raise ValueError(f"stream_messages_per_s={self.stream_messages_per_s} must be >= 0")
         if self.stream_stall_timeout_s <= 0:
             raise ValueError(f"stream_stall_timeout_s={self.stream_stall_timeout_s} must be > 0")
         if self.fetch_timeout_s <= 0:

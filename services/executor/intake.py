@@ -137,7 +137,12 @@ class Intake:
                 f"{kv.capacity_tokens}"
             )
         tenant = request.tenant or (digest if digest else BASE_TENANT)
-        handle = GenerationHandle(request, b, resume_unread=lim.stream_buffer_outputs // 2)
+        handle = GenerationHandle(
+            request,
+            b,
+            resume_unread=lim.stream_buffer_outputs // 2,
+            messages_per_s=lim.stream_messages_per_s,
+        )
         opts = request.sampling
         gen = None
         if opts.temperature > 0:

@@ -28,11 +28,24 @@ __all__ = [
     "GenerationResult",
     "merge_outputs",
     "StepStats",
+    "stream_interval",
 ]
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
+
+# The longest a stream's outputs wait to be sent together (ExecutorConfig.stream_messages_per_s).
+MAX_STREAM_INTERVAL_S = 0.1
+
+
+def stream_interval(running: int, messages_per_s: float) -> float:
+    """Seconds between one stream's messages after its first: the executor's message budget
+    shared by its running streams, at most MAX_STREAM_INTERVAL_S (0 = no budget: each output
+    goes out as it comes)."""
+    if messages_per_s <= 0 or running <= 0:
+        return 0.0
+    return min(MAX_STREAM_INTERVAL_S, running / messages_per_s)
 
 
 @dataclass
@@ -157,13 +170,20 @@ class GenerationHandle:
     finish_reason); cancel() stops it at the next step and frees its KV blocks."""
 
     def __init__(
-        self, request: GenerationRequest, loop: BatchState, *, resume_unread: int = 0
+        self,
+        request: GenerationRequest,
+        loop: BatchState,
+        *,
+        resume_unread: int = 0,
+        messages_per_s: float = 0.0,
     ) -> None:
         self.request = request
-        # The engine's step loop (woken on cancel and read-down, asked whether it stopped); a
-        # paused stream is resumed once at most resume_unread outputs are left unread.
+        # The engine's step loop (woken on cancel and read-down, asked whether it stopped and
+        # how many sequences run); a paused stream is resumed once at most resume_unread
+        # outputs are left unread; chunks() paces its messages by messages_per_s.
         self._loop = loop
         self._resume_unread = resume_unread
+        self._messages_per_s = messages_per_s
         self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
         self._cancelled = threading.Event()
         self.done = False
@@ -226,17 +246,24 @@ class GenerationHandle:
                 return
 
     def chunks(self, max_merge: int = 64) -> Iterator[GenerationOutput]:
-        """Like iterating the handle, but the outputs already waiting when the reader comes back
-        are merged into one (tokens, text, logprobs concatenated; the last one's finish_reason
-        and usage), at most max_merge at a time. A reader that keeps up gets one output per
-        step as before; one that fell behind (a loaded server, a slow network) catches up in
-        one message instead of one per token, so its per-message cost does not grow with its
-        lag. An error waiting behind outputs is raised after they are yielded."""
+        """Like iterating the handle, but outputs are merged into one (tokens, text, logprobs
+        concatenated; the last one's finish_reason and usage), at most max_merge at a time:
+        those already waiting when the reader comes back (one that fell behind, on a loaded
+        server or a slow network, catches up in one message instead of one per token), and,
+        after the first output (sent at once), those produced until stream_interval() has
+        passed since the previous message (the executor's message budget over its running
+        streams). The last output goes out as soon as it comes. An error waiting behind outputs
+        is raised after they are yielded."""
+        sent: float | None = None  # when the previous message was taken
         for first in self:
             group, err = [first], None
+            until = 0.0
+            if sent is not None:
+                until = sent + stream_interval(self._loop.num_running, self._messages_per_s)
             while group[-1].finish_reason is None and len(group) < max_merge:
+                left = until - time.monotonic()
                 try:
-                    nxt = self._q.get_nowait()
+                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
                 except queue.Empty:
                     break
                 self.reads += 1
@@ -248,6 +275,7 @@ class GenerationHandle:
             if self.paused and self.unread <= self._resume_unread:
                 self._loop.wake()  # read down: the engine resumes it
             yield out
+            sent = time.monotonic()
             if err is not None:
                 raise err
             if out.finish_reason is not None:
