@@ -709,6 +709,11 @@ class Trainer:
                     logits = self.model(
                         input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
                     ).logits.float()
+                    # Yield points around the vocabulary-sized work (log p(target) and its
+                    # backward): no Linear hook falls inside it.
+                    sl.point()
+                    if logits.requires_grad:
+                        logits.register_hook(sl.backward_point)
                     # log p(target) for every position of every row at once (kernels/train_ops:
                     # one logits-sized buffer in the backward; selecting rows of a log-softmax
                     # one by one made autograd zero-fill a tensor of that size per row).
@@ -720,6 +725,7 @@ class Trainer:
                     # sized buffer) unless reverse_kl rows read them on their own.
                     kl = any(calls[c][2] == "reverse_kl" for c, _ in rows)
                     lp_all = target_logprobs(logits, tgt.to(logits.device), overwrite=not kl)
+                    sl.point()
                     total = None
                     for r, (c, i) in enumerate(rows):
                         _, data, loss_fn, cfg = calls[c]
