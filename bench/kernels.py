@@ -420,6 +420,8 @@ def run_uniform(args, model_dir: Path, device: torch.device, dtype) -> dict:
         "prefill_vs_peft_mixed": paired("peft_p", "ours_p"),
         "decode_vs_peft_mixed": paired("peft_d", "ours_d"),
         "decode_vs_peft_serial": med["serial_d"] / med["ours_d"],
+        # What the decode step's LoRA ops must read beyond the base: every adapter's pages.
+        "uniform_adapter_decode_bytes": sum(pool.nbytes(f"adapter-{i:03d}") for i in range(R)),
     }
 
 
@@ -643,6 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(run_mixed_ranks(args, shapes, device, dtype))
     if "memory" not in skip:
         metrics.update(run_memory(shapes, device, dtype))
+    if "base_decode_ms" in metrics and "read_bandwidth_gb_s" in metrics:
+        # The most decode_mixed_vs_base can be with the base step as measured and the adapters'
+        # bytes read at the measured bandwidth after it (one after the other: both cores run
+        # the base GEMMs, so the reads do not hide under them).
+        t_lora = metrics["uniform_adapter_decode_bytes"] / (metrics["read_bandwidth_gb_s"] * 1e9)
+        base_s = metrics["base_decode_ms"] / 1e3
+        metrics["decode_mixed_vs_base_bound"] = base_s / (base_s + t_lora)
     from mintmesh.kernels import backend_name
 
     dev_name = str(device)

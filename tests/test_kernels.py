@@ -473,6 +473,13 @@ def test_kernel_bench_runs_end_to_end_on_the_tiny_backbone(tiny_model_dir, capsy
     assert m["lora_ops_decode_roofline_min"] <= m["lora_ops_decode_roofline"]
     assert m["lora_ops_decode_roofline"] <= m["lora_ops_decode_roofline_max"]
     assert m["read_bandwidth_gb_s"] > 0.1 and m["lora_threads"] == 2
+    # decode_mixed_vs_base's bound: the base step, then the uniform adapters' bytes (3 of rank
+    # --rank 16) at the measured bandwidth.
+    assert m["uniform_adapter_decode_bytes"] == 3 * 16 * per_rank * 4
+    t_lora = m["uniform_adapter_decode_bytes"] / (m["read_bandwidth_gb_s"] * 1e9)
+    base_s = m["base_decode_ms"] / 1e3
+    assert m["decode_mixed_vs_base_bound"] == pytest.approx(base_s / (base_s + t_lora), rel=0.01)
+    assert 0 < m["decode_mixed_vs_base_bound"] < 1
     # Every target's verdict is its value against its threshold.
     for name, (op, thr) in bench.TARGETS.items():
         assert op == ">=" and res["targets"][name]["met"] == (m[name] >= thr), name
