@@ -709,11 +709,6 @@ class Trainer:
                     logits = self.model(
                         input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
                     ).logits.float()
-                    # Yield points around the vocabulary-sized work (log p(target) and its
-                    # backward): no Linear hook falls inside it.
-                    sl.point()
-                    if logits.requires_grad:
-                        logits.register_hook(sl.backward_point)
                     # log p(target) for every position of every row at once (kernels/train_ops:
                     # one logits-sized buffer in the backward; selecting rows of a log-softmax
                     # one by one made autograd zero-fill a tensor of that size per row).
@@ -725,6 +720,9 @@ class Trainer:
                     # sized buffer) unless reverse_kl rows read them on their own.
                     kl = any(calls[c][2] == "reverse_kl" for c, _ in rows)
                     lp_all = target_logprobs(logits, tgt.to(logits.device), overwrite=not kl)
+                    # A yield point after the vocabulary-sized log p(target): none falls inside
+                    # it (the LM head's forward hook yields before it, and the gradient hook it
+                    # put on the logits after its backward).
                     sl.point()
                     total = None
                     for r, (c, i) in enumerate(rows):
