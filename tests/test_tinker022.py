@@ -84,7 +84,7 @@ def run(request, keys, base_url, seqs, tmp_path_factory):
            if not k.startswith(("TINKER_", "MINT_", "VIRTUAL_ENV", "PYTHON"))}  # fmt: skip
     env.update(HF_HUB_OFFLINE="1", PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false")
     r = subprocess.run(
-        [str(PY022), str(SCRIPT), json.dumps(args)],
+        [str(PY022), "-X", "faulthandler", str(SCRIPT), json.dumps(args)],
         capture_output=True, text=True, timeout=300, env=env,
         cwd=tmp_path_factory.mktemp(f"t22-{sdk}"),
     )  # fmt: skip

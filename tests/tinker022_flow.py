@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 
 
@@ -70,3 +71,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    # Everything this script checks has been printed. The SDK leaves its event-loop thread
+    # (a daemon) and grpc's C core running, and one CI run saw this interpreter abort in teardown
+    # (SIGABRT, nothing on stderr) after the whole result was out; teardown of a third-party
+    # client is not what the test is about, so leave without it.
+    os._exit(0)
