@@ -491,6 +491,7 @@ def run_mixed_ranks(args, shapes, device: torch.device, dtype) -> dict:
         "lora_ops_decode_roofline_min": min(roofline),
         "lora_ops_decode_roofline_max": max(roofline),
         "lora_threads": _lora_threads(),
+        "lora_threading": _lora_threading(),
         "mixed_ranks_mean": sum(ranks) / len(ranks),
         "lora_ops_prefill_real_ms": med["real_p"] * 1e3,
         "lora_ops_prefill_padded_ms": med["pad_p"] * 1e3,
@@ -514,6 +515,15 @@ def _lora_threads() -> int:
     from mintmesh.kernels.settings import SETTINGS
 
     return SETTINGS.lora_threads
+
+
+def _lora_threading() -> str | None:
+    """Who shares the native LoRA kernels' tiles ("openmp": torch's team; "helpers": the
+    library's own threads); None where the native library does not serve."""
+    from mintmesh.kernels import native
+
+    lib = native.load(block=False)
+    return None if lib is None else lib.threading
 
 
 def run_memory(shapes, device: torch.device, dtype) -> dict:

@@ -110,6 +110,8 @@ class NativeLib:
             raise RuntimeError(f"{path}: ABI {lib.mm_abi_version()} != {ABI_VERSION}")
         self._lib = lib
         self.isa = "avx2" if lib.mm_isa() == 1 else "baseline"
+        # Who shares a call's tiles: torch's OpenMP team, or this library's helper threads.
+        self.threading = "openmp" if lib.mm_openmp() else "helpers"
         self._fused = lib.mm_lora_fused_f32
         self._fused.argtypes = [_VP, _I64, _VP, _I64, _VP, _VP, _I64, _I64, _I64, _VP, _I64,
                                 _VP, _VP, _VP, _VP, _VP, _I64, _INT]  # fmt: skip
@@ -295,7 +297,10 @@ def _open(spec: _Spec, cxx: str, path: Path, build: bool):
     with _lock:
         if g[spec.prefix + "lib"] is None:
             g[spec.prefix + "lib"] = lib
-            logger.info("native CPU %s loaded (%s, %s)", spec.what, path.name, lib.isa)
+            logger.info(
+                "native CPU %s loaded (%s, %s, %s)", spec.what, path.name, lib.isa,
+                getattr(lib, "threading", "-"),
+            )  # fmt: skip
         return g[spec.prefix + "lib"]
 
 
@@ -437,8 +442,34 @@ _attn_lib: AttnLib | None = None
 _attn_failed = False
 _attn_builder: threading.Thread | None = None
 
-_LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION, None,
-              NativeLib, "check_native_lora")  # fmt: skip
+
+def _torch_openmp_flags() -> list[str] | None:
+    """Flags that build against the OpenMP runtime this process's torch runs its GEMMs on (the
+    libgomp mapped here), so the LoRA kernels share torch's team instead of running a second
+    one; None where torch is not on OpenMP or that runtime's file is not found (the kernels
+    then share their tiles with helper threads of their own, work_share.h)."""
+    if not getattr(torch._C, "has_openmp", False):
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = {ln.split()[-1] for ln in maps.splitlines() if "/libgomp" in ln and ".so" in ln}
+    if len(found) != 1:
+        return None
+    rt = Path(found.pop())
+    if not rt.is_file():
+        return None
+    # --as-needed: the libgomp that -fopenmp adds by itself (the system's) is not linked in,
+    # since torch's already provides every symbol.
+    return ["-fopenmp", "-Wl,--as-needed", "-L", str(rt.parent), f"-l:{rt.name}",
+            f"-Wl,-rpath,{rt.parent}"]  # fmt: skip
+
+
+_OMP_FLAGS = _torch_openmp_flags()
+_LORA_VARIANTS = (([*_OMP_FLAGS, "-pthread"],) if _OMP_FLAGS else ()) + (["-pthread"], [])
+_LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION,
+              _LORA_VARIANTS, NativeLib, "check_native_lora")  # fmt: skip
 _ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",
               ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib, "check_decode_attention")  # fmt: skip
 

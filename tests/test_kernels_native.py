@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import native_util
 import pytest
@@ -147,6 +148,36 @@ def test_native_isa_paths_and_threads(lib, isa, threads):
             assert_close(y, want, F32, f"native {isa} x{threads} {layer}")
     finally:
         lib.set_isa(None)
+
+
+def test_tiles_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
+    """Where torch runs on OpenMP (here), the library is built against torch's own runtime and
+    its team shares the tiles; the build without it (helper threads, work_share.h) stays
+    correct too: both against the oracle, on one and two threads, decode rows (one per
+    adapter: the single-row shrink) and a zipf batch."""
+    if native._OMP_FLAGS is not None:
+        assert lib.threading == "openmp"
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libgomp = [ln.split()[-1] for ln in maps if "/libgomp" in ln]
+        assert len(set(libgomp)) == 1, f"two OpenMP runtimes in one process: {set(libgomp)}"
+    own = tmp_path / "lora_helpers.so"
+    native._compile(native._compiler(), native.SOURCE, own, (["-pthread"],))
+    helpers = native.NativeLib(own)
+    assert helpers.threading == "helpers"
+    g = torch.Generator().manual_seed(5)
+    for pop, T in (("distinct", 7), ("zipf", 133)):
+        shapes, pool, by_slot, ts = _setup("mixed", T, pop, "small", seed=13)
+        meta = prepare(ts)
+        for layer, (o, n_in) in shapes.items():
+            x = torch.randn(T, n_in, generator=g) * 30  # large activations, as real models have
+            y0 = torch.randn(T, o, generator=g)
+            want = oracle(y0.clone(), x, ts, by_slot, layer, F32)
+            for impl in (lib, helpers):
+                for threads in (1, 2):
+                    y = y0.clone()
+                    assert impl.fused(y, x, pool.layer(layer), meta.tensors(),
+                                      meta.host.num_segments, threads)  # fmt: skip
+                    assert_close(y, want, F32, f"{impl.threading} x{threads} {pop} {layer}")
 
 
 def test_native_threads_shared_by_concurrent_callers(lib):
