@@ -13,7 +13,8 @@ __all__ = ["SETTINGS", "KernelSettings", "configure"]
 class KernelSettings:
     # The native CPU libraries (kernels/*.cpp); False: the torch strategies serve.
     native: bool = True
-    # Threads of the native LoRA kernels (the caller and helpers sharing tiles: work_share.h).
+    # Threads of the native LoRA kernels, the caller included: torch's OpenMP team where the
+    # library is built against it (native.py), else helpers sharing tiles (work_share.h).
     lora_threads: int = 2
     # Threads of the native paged decode attention.
     attn_threads: int = 1

@@ -178,7 +178,10 @@ class ExecutorConfig:
     )
     lora_threads: int = field(
         default=KernelSettings.lora_threads,
-        metadata={"help": "threads of the native LoRA kernels (the caller and its helpers)"},
+        metadata={
+            "help": "threads of the native LoRA kernels, the caller included (torch's OpenMP "
+            "team where torch runs on OpenMP, else helper threads of the kernels' own)"
+        },
     )
     attn_threads: int = field(
         default=KernelSettings.attn_threads,
