@@ -99,31 +99,6 @@ inline __attribute__((always_inline)) void shrink_tile(const Layer& L, int slot,
   }
 }
 
-// One row (decode, where each row has its own adapter): A read row after row, one linear
-// stream through each page (K rows at a time are K streams of 4 KB each, which the hardware
-// prefetchers ramp up on K times as often); four accumulators so the FMA chain never waits.
-// Measured on this machine, 64 rows of 64 adapters (ranks 8-64), 32 layers: shrink 1.21x on one
-// thread.
-inline __attribute__((always_inline)) void shrink_row1(const Layer& L, int slot, int r,
-                                                       const float* x, float* v) {
-  const int64_t n = L.in_f, n32 = n & ~int64_t(31), n8 = n & ~int64_t(7);
-  for (int k = 0; k < r; ++k) {
-    const float* a = a_row(L, slot, k);
-    v8 c0 = splat(0.f), c1 = splat(0.f), c2 = splat(0.f), c3 = splat(0.f);
-    int64_t j = 0;
-    for (; j < n32; j += 32) {
-      c0 += *(const v8*)(x + j) * *(const v8*)(a + j);
-      c1 += *(const v8*)(x + j + 8) * *(const v8*)(a + j + 8);
-      c2 += *(const v8*)(x + j + 16) * *(const v8*)(a + j + 16);
-      c3 += *(const v8*)(x + j + 24) * *(const v8*)(a + j + 24);
-    }
-    for (; j < n8; j += 8) c0 += *(const v8*)(x + j) * *(const v8*)(a + j);
-    float s = hsum((c0 + c1) + (c2 + c3));
-    for (; j < n; ++j) s += x[j] * a[j];
-    v[k] = s;
-  }
-}
-
 // y_i += sum_k v[i][k] * Bt_k for the R rows of a tile (v already scaled); JV vectors of y at
 // a time, accumulated in registers over a chunk of at most kChunk rows of B^T (few enough
 // concurrent read streams for the hardware prefetchers; y stays in L1 between chunks). 8 rows:
@@ -216,10 +191,9 @@ inline __attribute__((always_inline)) void run_tile_r(const Job& J, const Tile& 
   } else {
     const float* xs[R];
     for (int i = 0; i < R; ++i) xs[i] = J.x + J.sorted[t.first + i] * J.ldx;
-    if (R == 1)
-      shrink_row1(L, slot, r, xs[0], v[0]);
-    else
-      shrink_tile<R, (R <= 2 ? 4 : 2)>(L, slot, r, xs, v);
+    // Every (row, k) dot product is one accumulator over 8-float steps whatever R and K, so a
+    // row's result does not depend on the rows batched with it (nor on the tile it lands in).
+    shrink_tile<R, (R <= 2 ? 4 : 2)>(L, slot, r, xs, v);
     if (J.op == kShrink) {
       for (int i = 0; i < R; ++i) {
         float* vr = J.v + J.sorted[t.first + i] * J.ldv;

@@ -490,6 +490,59 @@ def test_native_shrink_and_expand_match_reference(lib, case, isa, threads, tail)
         assert torch.equal(y, b.y0)
 
 
+@pytest.mark.fuzz
+@fuzz_examples(150)
+@given(**NATIVE_ARGS, split=st.sampled_from(["alone", "halves", "random"]),
+       split_seed=st.integers(0, 2**16))  # fmt: skip
+@example(case=REAL_F32[0], isa=None, threads=2, split="alone", split_seed=0)
+@example(case=REAL_F32[1], isa=None, threads=1, split="random", split_seed=1)
+def test_native_rows_do_not_depend_on_the_batch(lib, case, isa, threads, split, split_seed):
+    """A row's output is the same bits whatever rows are batched with it: alone, in either half
+    of the batch, or in a random subset in a shuffled order (its tile, its position in the tile
+    and the thread that takes it all change). The tolerance tests cannot see this; a greedy
+    continuation can (a near-tie flips when a request's logits move with the batch around it:
+    mint bench soak counted 5 to 22 wrong tokens when a one-row tile summed in another order)."""
+    b = built(case)
+    T = b.T
+    rng = random.Random(split_seed)
+    if split == "alone":
+        parts = [[i] for i in range(T)]
+    elif split == "halves":
+        parts = [p for p in (list(range(T // 2)), list(range(T // 2, T))) if p]
+    else:
+        order = list(range(T))
+        rng.shuffle(order)
+        parts, i = [], 0
+        while i < T:
+            n = rng.randint(1, max(1, T - i))
+            parts.append(order[i : i + n])
+            i += n
+
+    def run(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(rows, dtype=torch.long)
+        meta = BatchMeta.make().prepare(b.token_slots[idx])
+        md, nseg = meta.tensors(), meta.host.num_segments
+        y, x = b.y0[idx].clone(), b.x[idx].clone()
+        v = torch.zeros(len(rows), b.width)
+        assert lib.fused(y, x, b.lw, md, nseg, threads)
+        assert lib.shrink(v, x, b.lw, md, nseg, threads)
+        return y, v
+
+    try:
+        lib.set_isa(isa)
+        y_all, v_all = run(list(range(T)))
+        for rows in parts:
+            y, v = run(rows)
+            for j, i in enumerate(rows):
+                if b.token_slots[i] < 0:
+                    continue  # the library leaves v of rows without adapter to its caller
+                what = f"row {i} (slot {int(b.token_slots[i])}) batched with {len(rows) - 1}"
+                assert torch.equal(y[j], y_all[i]), f"fused {what}: not the full batch's bits"
+                assert torch.equal(v[j], v_all[i]), f"shrink {what}: not the full batch's bits"
+    finally:
+        lib.set_isa(None)
+
+
 # ---- the CPU backend: each strategy forced, and the cost model --------------------------------
 
 

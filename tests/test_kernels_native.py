@@ -154,7 +154,7 @@ def test_tiles_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
     """Where torch runs on OpenMP (here), the library is built against torch's own runtime and
     its team shares the tiles; the build without it (helper threads, work_share.h) stays
     correct too: both against the oracle, on one and two threads, decode rows (one per
-    adapter: the single-row shrink) and a zipf batch."""
+    adapter: one-row tiles) and a zipf batch."""
     if native._OMP_FLAGS is not None:
         assert lib.threading == "openmp"
         maps = Path("/proc/self/maps").read_text().splitlines()
