@@ -152,8 +152,10 @@ def _run(args) -> dict:
 
     def ours_step():
         tr.forward_backward([(f"r{i}", [data[i]], "cross_entropy", None) for i in range(args.runs)])
-        for i in range(args.runs):
-            tr.run(f"r{i}").optim_step(adam)
+        for i in range(args.runs):  # as the executor's OptimStep: under the model lock
+            run = tr.run(f"r{i}")
+            with tr.quiet(run):
+                run.optim_step(adam)
 
     _progress(f"peft: {args.runs} adapters on a copy of the {args.preset} backbone")
     pbase, _ = load_model(model_dir)

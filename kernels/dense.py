@@ -126,20 +126,96 @@ def select_dense(device: torch.device | str, dtype: torch.dtype, mode: str = "au
     return "torch"
 
 
+# A training pass that shares the model with serving (services/executor/training.py's slicer)
+# gives the model back between layers; one backbone GEMM can still be longer than its slice
+# (the LM head: 64 rows x 32000 x 1024 is ~60 ms forward and backward on a 2-core CPU). While
+# yield points are set on this thread (yield_points()) and say serving is waiting, a packed
+# Linear's training forward and backward run in pieces of rows of at most piece_macs
+# multiply-adds (2^28, ~8 ms at this CPU's GEMM peak), with a yield point between two pieces,
+# and the backward unpacks its weight with the model let go (the packed weight is immutable;
+# serving reads it meanwhile).
+_points = threading.local()
+
+
+class YieldPoints:
+    """What a sliced training pass offers the packed Linears: busy() (is serving waiting),
+    point() (a yield point: may let a serving step run), unlocked(fn) (fn() run with the model
+    let go; its result) and piece_macs (the most multiply-adds between two yield points)."""
+
+    piece_macs: int = 1 << 28
+
+    def busy(self) -> bool:
+        return False
+
+    def point(self) -> None:
+        return None
+
+    def unlocked(self, fn):
+        return fn()
+
+
+class yield_points:  # noqa: N801 - a context manager used as a function
+    """Within: the packed Linears of this thread yield through `points` (in pieces of rows
+    of at most points.piece_macs multiply-adds while points.busy())."""
+
+    def __init__(self, points: YieldPoints) -> None:
+        self.points = points
+
+    def __enter__(self) -> YieldPoints:
+        self.prev = getattr(_points, "current", None)
+        _points.current = self.points
+        return self.points
+
+    def __exit__(self, *exc) -> None:
+        _points.current = self.prev
+
+
+def _pieces(rows: int, macs_per_row: int) -> int:
+    """Rows per piece, or 0 for no pieces (no yield points here, or nothing waiting)."""
+    pts = getattr(_points, "current", None)
+    if pts is None or rows * macs_per_row <= pts.piece_macs or not pts.busy():
+        return 0
+    return max(1, pts.piece_macs // macs_per_row)
+
+
+def _in_pieces(x: torch.Tensor, step: int, fn) -> torch.Tensor:
+    """fn over row pieces of x (flattened to 2-D) of `step` rows, a yield point between two."""
+    pts = _points.current
+    x2 = x.reshape(-1, x.shape[-1])
+    outs = []
+    for i in range(0, x2.shape[0], step):
+        if i:
+            pts.point()
+        outs.append(fn(x2[i : i + step]))
+    out = torch.cat(outs)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class _PackedLinearFn(torch.autograd.Function):
     """The packed forward with a backward for the input only (the backbone never trains): dX =
     dY W, with W unpacked for the call (one layer's weight at a time, dropped after it, so
-    training on the resident backbone holds no second copy of it)."""
+    training on the resident backbone holds no second copy of it). Both in pieces of rows
+    while yield points say serving waits (YieldPoints.piece_macs): each row's output as in one
+    call, up to the GEMM's rounding for another row count."""
 
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
+        rows = x.numel() // max(1, x.shape[-1])
+        step = _pieces(rows, module.in_features * module.out_features)
+        if step:
+            return _in_pieces(x, step, lambda xs: _linear(xs, module.packed, module.bias))
         return _linear(x, module.packed, module.bias)
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.module.packed.to_dense()
-        return grad @ w, None
+        m = ctx.module
+        rows = grad.numel() // max(1, grad.shape[-1])
+        step = _pieces(rows, m.in_features * m.out_features)
+        if not step:
+            return grad @ m.packed.to_dense(), None
+        w = _points.current.unlocked(m.packed.to_dense)
+        return _in_pieces(grad, step, lambda gs: gs @ w), None
 
 
 class PackedLinear(nn.Module):

@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from mintmesh.kernels.dense import PackedLinear, pack_linears, select_dense
+from mintmesh.kernels.dense import (
+    PackedLinear,
+    YieldPoints,
+    pack_linears,
+    select_dense,
+    yield_points,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fuzzing.one_thread: torch on one thread
 
@@ -214,3 +220,57 @@ def test_packed_linear_refuses_a_wrong_width(shape):
     packed = PackedLinear(nn.Linear(64, 32))
     with pytest.raises(ValueError, match=r"x \[.*\] does not fit PackedLinear with in_features 64"):
         packed(torch.zeros(shape))
+
+
+class _Points(YieldPoints):
+    """A training pass's yield points as the packed Linears see them: serving waits (or not);
+    each yield point and each unlocked call recorded."""
+
+    def __init__(self, busy: bool, piece_macs: int) -> None:
+        self._busy, self.piece_macs = busy, piece_macs
+        self.points = self.unlocked_calls = 0
+
+    def busy(self) -> bool:
+        return self._busy
+
+    def point(self) -> None:
+        self.points += 1
+
+    def unlocked(self, fn):
+        self.unlocked_calls += 1
+        return fn()
+
+
+@needs_onednn
+@fuzz_examples(40)
+@given(c=linear_cases(), piece_rows=st.integers(1, 40), busy=st.booleans())
+@example(c=_real(1024, 4096, 64, 32, "contiguous", False, "outliers"), piece_rows=8, busy=True)
+def test_training_pieces_yield_within_a_long_gemm_and_keep_its_values(c, piece_rows, busy):
+    """A training forward/backward of a packed Linear under yield points (a sliced training
+    pass while serving waits): in pieces of piece_macs, a yield point between two pieces both
+    ways and the weight unpacked with the model let go; the output and the input gradient
+    those of F.linear / dY W in float64 within float32 rounding. Serving not waiting: one
+    call each way, bit for bit the pass without yield points."""
+    g = torch.Generator().manual_seed(c["seed"])
+    lin = make_linear(g, c["in_f"], c["out_f"], c["bias"], c["w_dist"], c["w_mag"], c["b_mag"])
+    packed = PackedLinear(lin, batch_hint=c["hint"])
+    rows = max(c["rows"], 1)
+    x0 = values(g, (rows, c["in_f"]), c["x_dist"], c["x_mag"])
+    dy = values(g, (rows, c["out_f"]), "normal", 1.0)
+    pts = _Points(busy, piece_rows * c["in_f"] * c["out_f"])
+    x = x0.clone().requires_grad_(True)
+    with yield_points(pts):
+        y = packed(x)
+        y.backward(dy)
+    x_ref = x0.clone().requires_grad_(True)
+    y_ref = packed(x_ref)
+    y_ref.backward(dy)
+    pieces = -(-rows // piece_rows) if busy else 1
+    assert pts.points == 2 * (pieces - 1)
+    assert pts.unlocked_calls == (1 if pieces > 1 else 0)
+    if pieces == 1:
+        assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    w = lin.weight.detach()
+    check_close(y.detach(), x0, w, lin.bias, f"pieces forward {c}")
+    # dX = dY W is F.linear(dY, W^T).
+    check_close(x.grad, dy, w.t().contiguous(), None, f"pieces backward {c}")

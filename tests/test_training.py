@@ -492,3 +492,39 @@ def test_serving_runs_between_the_layers_of_a_training_pass_and_each_gets_its_ow
     assert sliced[0].loss == whole[0].loss
     for p, g in zip(run.parameters(), grads, strict=True):
         assert torch.equal(p.grad, g)
+
+
+def test_a_long_backbone_gemm_is_sliced_too_and_keeps_the_gradients(trainer, engine):
+    """Yield points inside a backbone GEMM longer than a slice (the LM head's on a real vocab):
+    with a piece of a few rows' multiply-adds, the packed Linears' training forward and
+    backward run in pieces with a serving step between two, many more than the layer
+    boundaries give; the loss and gradients stay those of the pass without pieces (float32
+    rounding of another row count)."""
+    from mintmesh.kernels.dense import PackedLinear
+
+    if not any(isinstance(m, PackedLinear) for m in engine.model.modules()):
+        pytest.skip("the backbone is not packed here (no oneDNN)")
+    run = trainer.create_run("p", "t", LoraSpec(4, 8.0, ("q_proj", "v_proj")), seed=2)
+    with torch.no_grad():
+        for _, b in run.layers.values():
+            b.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    calls = [("p", _data(52, lens=(9, 5, 12)), "cross_entropy", None)]
+    whole = trainer.forward_backward(calls)
+    grads = [p.grad.clone() for p in run.parameters()]
+    run.optimizer.zero_grad(set_to_none=True)
+    gaps = []
+    trainer.slice_s, trainer.micro_tokens = 0.0, 10**6
+    trainer.yield_fn, trainer.busy_fn = lambda: gaps.append(1), lambda: True
+    y0 = trainer.yields
+    trainer.forward_backward(calls)  # layer boundaries only: no GEMM is longer than a piece
+    layer_gaps = trainer.yields - y0
+    run.optimizer.zero_grad(set_to_none=True)
+    head = engine.model.lm_head
+    trainer.piece_macs = 4 * head.in_features * head.out_features  # 4 rows of the LM head
+    y0 = trainer.yields
+    pieced = trainer.forward_backward(calls)
+    # 36 rows: the LM head alone is 9 pieces forward and 9 backward; every other Linear too.
+    assert trainer.yields - y0 >= layer_gaps + 2 * 8, (trainer.yields - y0, layer_gaps)
+    assert _rel(pieced[0].loss, whole[0].loss) <= 1e-6
+    for p, g in zip(run.parameters(), grads, strict=True):
+        assert (p.grad - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max()))

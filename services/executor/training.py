@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mintmesh.kernels.dense import YieldPoints, yield_points
 from mintmesh.kernels.train_ops import target_logprobs
 from mintmesh.peft_io import TRAINING_STATE_FORMAT as STATE_FORMAT
 from mintmesh.peft_io import training_state_metadata
@@ -458,6 +459,9 @@ class Trainer:
         # at a time, then lets a serving step run at the next layer boundary (forward: after
         # a decoder layer or the LM head; backward: when a layer's output gradient is done).
         self.slice_s = slice_s
+        # Within one backbone GEMM longer than that (the LM head's), a yield point every
+        # piece_macs multiply-adds (kernels/dense.py's pieces of rows).
+        self.piece_macs = YieldPoints.piece_macs
         self._slicer: _Slicer | None = None
         self.yields = 0
         self.longest_slice_s = 0.0
@@ -701,7 +705,7 @@ class Trainer:
                 e += 1
             segments.append((run, r * T, e * T))
             r = e
-        with _Slicer(self) as sl:
+        with _Slicer(self) as sl, yield_points(sl):
             self._slicer = sl
             self.ctx.train = TrainBatch(segments)
             try:
@@ -798,15 +802,17 @@ def _slice_points(model: nn.Module) -> list[nn.Module]:
     return points
 
 
-class _Slicer:
+class _Slicer(YieldPoints):
     """The model lock for one training chunk, held in slices: at each yield point, once the
     slice has lasted slice_s and there are sequences to serve, the lock is let go until a
     serving step has run (the engine's yield_fn), then taken back. Yield points of other
-    threads (the serving step running between two slices) do nothing."""
+    threads (the serving step running between two slices) do nothing. The packed Linears
+    (kernels/dense.py) yield through it too, within a GEMM longer than a slice."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.lock, self.busy_fn, self.yield_fn = trainer.lock, trainer.busy_fn, trainer.yield_fn
         self.slice_s = trainer.slice_s
+        self.piece_macs = trainer.piece_macs
         self.thread = threading.get_ident()
         self.yields = 0
         self.t0 = 0.0
@@ -849,6 +855,25 @@ class _Slicer:
 
     def backward_point(self, grad: torch.Tensor) -> None:
         self.point()  # returns None: the gradient is unchanged
+
+    def busy(self) -> bool:
+        """Serving waits for the model (on this slicer's thread; elsewhere: no)."""
+        if threading.get_ident() != self.thread or self.yield_fn is None:
+            return False
+        return self.busy_fn is not None and bool(self.busy_fn())
+
+    def unlocked(self, fn):
+        """fn() with the model let go (serving steps may run meanwhile): for work that reads
+        only what serving never changes (unpacking a frozen weight)."""
+        if not self.busy():
+            return fn()
+        self.longest = max(self.longest, time.monotonic() - self.t0)
+        self.lock.release()
+        try:
+            return fn()
+        finally:
+            self.lock.acquire()
+            self.t0 = time.monotonic()
 
 
 class TrainingQueue:
