@@ -262,6 +262,23 @@ def test_executor_torch_threads_rule(tiny_model_dir, base_info):
         ExecutorConfig(model_dir=tiny_model_dir, torch_threads=-1)
 
 
+def test_executor_lora_threads_rule(tiny_model_dir):
+    """--lora-threads 0 (auto): the kernels' default where torch has a thread team, one where
+    torch runs on one thread (its team would spin for the LoRA ops alone); a set value wins; a
+    negative one is refused; and serve() hands the result to the kernels' settings."""
+    from mintmesh.kernels.settings import KernelSettings
+    from mintmesh.services.executor.server import lora_threads
+
+    cfg = ExecutorConfig(model_dir=tiny_model_dir)
+    assert cfg.lora_threads == 0
+    assert lora_threads(cfg, 1) == 1
+    assert lora_threads(cfg, 2) == KernelSettings.lora_threads == 2
+    assert lora_threads(cfg, 16) == 2
+    assert lora_threads(dataclasses.replace(cfg, lora_threads=3), 1) == 3
+    with pytest.raises(ValueError, match="lora_threads=-1 must be >= 0"):
+        ExecutorConfig(model_dir=tiny_model_dir, lora_threads=-1)
+
+
 def test_executor_stream_message_budget_rule(tiny_model_dir):
     """--stream-messages-per-s: a stream's messages after its first are spaced by the running
     streams over the budget, at most 0.1 s; 0 turns the bound off; a negative or NaN budget is

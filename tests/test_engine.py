@@ -1172,6 +1172,66 @@ def test_a_tenant_over_its_share_of_a_full_batch_yields_a_slot_within_a_step(mak
     assert waits[False] >= 50, waits  # the bound comes from the preemption, nothing else
 
 
+def test_a_lone_tenant_first_token_runs_in_a_step_of_its_own(make_engine, adapters):
+    """While tenant A runs FIRST_TOKEN_MIN_RUNNING or more sequences and the batch has a slot,
+    tenant B's lone prefill runs in a step of its own (A's decodes wait that one step), and the
+    next step is a step as usual again; off, B's prefill shares the step with A's decodes.
+    Every token is the same either way. A full batch with no slot to give makes no such step
+    (and no empty one); with fair-share preemption the slot it frees goes to B's step."""
+    from mintmesh.services.executor.scheduler import FIRST_TOKEN_MIN_RUNNING
+
+    n_a = FIRST_TOKEN_MIN_RUNNING + 2
+    outs = {}
+    for on in (True, False):
+        eng = make_engine(max_batch_size=16, first_token_steps=on)
+        flood = [
+            eng.submit(_req(adapters, "a", [i + 3, 9, 4], 30, tenant="A", ignore_eos=True))
+            for i in range(n_a)
+        ]
+        eng.wait_loads()
+        for _ in range(3):
+            eng.step()
+        assert eng.running == n_a
+        solo = eng.submit(_req(adapters, "b", [42, 43], 5, tenant="B", ignore_eos=True))
+        eng.wait_loads()
+        st = eng.step()
+        assert st.prefill_tokens == 2 and st.admitted == 1
+        if on:
+            assert (st.num_seqs, st.decode_tokens) == (1, 0)  # B's prefill alone
+        else:
+            assert (st.num_seqs, st.decode_tokens) == (n_a + 1, n_a)
+        first = _read_ids(solo)
+        assert len(first) == 1  # B's first token, in this step (read: not in result() then)
+        st2 = eng.step()  # never two in a row: everyone decodes
+        assert (st2.num_seqs, st2.decode_tokens) == (n_a + 1, n_a + 1)
+        eng.run_until_done([solo, *flood])
+        assert eng.first_token_steps == (1 if on else 0)
+        outs[on] = [first + solo.result().token_ids] + [h.result().token_ids for h in flood]
+    assert outs[True] == outs[False]
+
+    # A full batch: without preemption there is no slot, so every step stays A's whole batch;
+    # with it, A's newest gives its slot, and B's prefill runs alone in it.
+    for fair in (False, True):
+        eng = make_engine(max_batch_size=n_a, first_token_steps=True, fair_share_preemption=fair)
+        flood = [
+            eng.submit(_req(adapters, "a", [i + 3, 9, 4], 30, tenant="A", ignore_eos=True))
+            for i in range(n_a)
+        ]
+        eng.wait_loads()
+        eng.step()
+        solo = eng.submit(_req(adapters, "b", [42, 43], 5, tenant="B", ignore_eos=True))
+        eng.wait_loads()
+        if fair:
+            st = eng.step()
+            assert (st.num_seqs, st.preempted, st.admitted) == (1, 1, 1)
+            assert eng.fair_preemptions == 1 and eng.first_token_steps == 1
+        else:
+            assert [eng.step().num_seqs for _ in range(4)] == [n_a] * 4
+            assert eng.first_token_steps == 0
+        eng.run_until_done([solo, *flood])
+        assert [h.result().token_ids for h in (solo, *flood)] == outs[True]
+
+
 def test_a_stream_its_client_does_not_read_is_paused_then_resumed_with_the_same_tokens(
     make_engine, adapters
 ):

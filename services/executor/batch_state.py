@@ -33,6 +33,7 @@ class StepLimits:
     max_queue: int
     max_queue_per_tenant: int
     fair_share_preemption: bool
+    first_token_steps: bool
     stream_buffer_outputs: int
     stream_stall_timeout_s: float
     stream_messages_per_s: float
@@ -56,6 +57,7 @@ class StepLimits:
             max_queue=int(config.max_queue),
             max_queue_per_tenant=int(config.max_queue_per_tenant) or int(config.max_queue),
             fair_share_preemption=bool(config.fair_share_preemption),
+            first_token_steps=bool(config.first_token_steps),
             stream_buffer_outputs=int(config.stream_buffer_outputs),
             stream_stall_timeout_s=float(config.stream_stall_timeout_s),
             stream_messages_per_s=float(config.stream_messages_per_s),
@@ -105,6 +107,8 @@ class BatchState:
         # Counters (Status, the metrics).
         self.preemptions = 0
         self.fair_preemptions = 0
+        self.first_token_steps = 0  # steps of first-token prefills alone (scheduler.py)
+        self.last_first_token_step = False
         self.rows_cancelled = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0

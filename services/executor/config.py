@@ -107,6 +107,17 @@ class ExecutorConfig:
         default=True,
         metadata={"help": "preempt a tenant over its share of the batch for one under it"},
     )
+    # First tokens: while the batch holds at least FIRST_TOKEN_MIN_RUNNING sequences of other
+    # tenants, the prefill of a tenant with none running (a lone request in another tenant's
+    # flood) runs in a step of its own, the others' decodes waiting that one step (never two
+    # steps in a row): its time to first token is not a full batch's step.
+    first_token_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "a tenant with nothing running gets its prefill in a step of its own "
+            "while other tenants fill the batch"
+        },
+    )
     # Slow readers: a stream its client has started reading, with this many outputs unread, is
     # paused (its KV freed, out of the batch; recomputed when the client has read half of
     # them), and failed RESOURCE_EXHAUSTED after stream_stall_timeout_s paused. A caller that
@@ -177,10 +188,11 @@ class ExecutorConfig:
         metadata={"help": "the native CPU kernels (off: the torch strategies serve)"},
     )
     lora_threads: int = field(
-        default=KernelSettings.lora_threads,
+        default=0,
         metadata={
             "help": "threads of the native LoRA kernels, the caller included (torch's OpenMP "
-            "team where torch runs on OpenMP, else helper threads of the kernels' own)"
+            "team where torch runs on OpenMP, else helper threads of the kernels' own); 0 "
+            f"(auto): {KernelSettings.lora_threads}, or one where torch runs on one thread"
         },
     )
     attn_threads: int = field(
@@ -229,7 +241,6 @@ class ExecutorConfig:
             "max_rank",
             "kv_block_size",
             "loader_threads",
-            "lora_threads",
             "attn_threads",
         ):
             val = getattr(self, name)
@@ -237,7 +248,7 @@ class ExecutorConfig:
                 raise ValueError(f"{name}={val} must be >= 1")
         for name in ("adapter_pool_bytes", "host_cache_bytes", "kv_cache_bytes",
                      "max_queue_per_tenant", "max_step_adapters",
-                     "stream_buffer_outputs", "torch_threads"):  # fmt: skip
+                     "stream_buffer_outputs", "torch_threads", "lora_threads"):  # fmt: skip
             val = getattr(self, name)
             if int(val) < 0:
                 raise ValueError(f"{name}={val} must be >= 0")

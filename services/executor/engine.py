@@ -103,6 +103,7 @@ class Engine:
     step_no = _Of("batch")
     preemptions = _Of("batch")
     fair_preemptions = _Of("batch")
+    first_token_steps = _Of("batch")
     rows_cancelled = _Of("batch")
     prefix_query_tokens = _Of("batch")
     prefix_hit_tokens = _Of("batch")

@@ -3,7 +3,10 @@ tokens, within a token budget (max_step_tokens), a sequence budget (max_batch_si
 budget (max_step_adapters) and the KV blocks free; running sequences first (decodes, then
 prefill chunks), preempting the most recently admitted ones when blocks run out, then
 admissions from the waiting queues by tenant fairness (sequence.py's FairQueue), with a
-preemption per step for a waiting tenant under its share of the batch (fair_share_preemption).
+preemption per step for a waiting tenant under its share of the batch (fair_share_preemption),
+and first-token steps: while other tenants' sequences fill the batch, the prefill of a tenant
+with nothing running runs in a step of its own (first_token_steps), so that its time to first
+token is a small step, not a full batch's.
 
 The Scheduler works on the step loop's shared state (batch_state.py: the running list, the
 waiting queues, the counters), the KV manager (its blocks) and the adapter residency (the
@@ -28,7 +31,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scheduler", "StepPlan"]
+__all__ = ["FIRST_TOKEN_MIN_RUNNING", "Scheduler", "StepPlan"]
+
+# Running sequences from which a first-token step pays: below it a step of the whole batch
+# costs about what a step of one prefill does (the step's fixed cost dominates).
+FIRST_TOKEN_MIN_RUNNING = 8
 
 
 @dataclass
@@ -88,13 +95,41 @@ class Scheduler:
         b.fair_preemptions += 1
         return 1
 
+    def first_token_step(self) -> set[str] | None:
+        """This step may be a first-token step: the tenants running (their sequences wait this
+        step, and their waiting requests are not admitted in it); None: a step as usual.
+        Only while at least FIRST_TOKEN_MIN_RUNNING sequences run, the batch has a free slot,
+        a tenant with nothing running waits, and the last step was not one."""
+        b, lim = self.batch, self.limits
+        if (
+            not lim.first_token_steps
+            or b.last_first_token_step
+            or len(b.running) < FIRST_TOKEN_MIN_RUNNING
+            or len(b.running) >= lim.max_batch_size
+        ):
+            return None
+        running = {s.tenant for s in b.running}
+        if b.fair.peek(exclude=running) is None:
+            return None
+        return running
+
     def schedule(self) -> StepPlan:
         """(sequence, tokens this step) for every sequence in the forward; admitted, preempted."""
         b, lim, kvm = self.batch, self.limits, self.kvm
-        budget = lim.max_step_tokens
-        sched: list[tuple[Seq, int]] = []
-        done: set[int] = set()
         preempted = self.preempt_for_fairness()
+        only_new = self.first_token_step()
+        if only_new is not None:
+            sched: list[tuple[Seq, int]] = []
+            admitted, _ = self._admit(sched, set(), lim.max_step_tokens, only_new)
+            if sched:
+                b.last_first_token_step = True
+                b.first_token_steps += 1
+                return StepPlan(sched, admitted, preempted)
+            # Nothing fitted (KV blocks, the adapter budget): a step as usual.
+        b.last_first_token_step = False
+        budget = lim.max_step_tokens
+        sched = []
+        done: set[int] = set()
         # Running sequences: decodes first, then prefill chunks; oldest first within each.
         order = sorted(b.running, key=lambda s: (not s.decoding, s.admit_order))
         for seq in order:
@@ -127,14 +162,30 @@ class Scheduler:
             sched.append((seq, n))
             done.add(seq.seq_id)
             budget -= n
-        # Admissions, by tenant fairness, keeping a few blocks free for the running ones.
+        admitted, _ = self._admit(sched, done, budget, None)
+        return StepPlan(sched, admitted, preempted)
+
+    def _admit(
+        self,
+        sched: list[tuple[Seq, int]],
+        done: set[int],
+        budget: int,
+        only_new: set[str] | None,
+    ) -> tuple[int, int]:
+        """Admissions from the waiting queues into sched, by tenant fairness, keeping a few
+        blocks free for the running ones; only_new: a first-token step, only tenants not in
+        it. Returns (admitted, the token budget left)."""
+        b, lim, kvm = self.batch, self.limits, self.kvm
         admitted = 0
         in_use = {s.digest for s in b.running if s.digest}
         while budget > 0 and len(b.running) < lim.max_batch_size:
-            # A tenant at its share waits while one under it is waiting (fair_share).
-            counts, share, under = self.fair_share()
-            at_share = {t for t, c in counts.items() if c >= share} if under else set()
-            seq = b.fair.peek(exclude=at_share) or b.fair.peek()
+            if only_new is not None:
+                seq = b.fair.peek(exclude=only_new)
+            else:
+                # A tenant at its share waits while one under it is waiting (fair_share).
+                counts, share, under = self.fair_share()
+                at_share = {t for t, c in counts.items() if c >= share} if under else set()
+                seq = b.fair.peek(exclude=at_share) or b.fair.peek()
             if seq is None:
                 break
             if (
@@ -170,7 +221,7 @@ class Scheduler:
             done.add(seq.seq_id)
             budget -= n
             admitted += 1
-        return StepPlan(sched, admitted, preempted)
+        return admitted, budget
 
     def victim(self, exclude: set[int]) -> Seq | None:
         """The most recently admitted running sequence not yet scheduled this step."""
