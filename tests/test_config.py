@@ -293,3 +293,15 @@ def test_executor_stream_message_budget_rule(tiny_model_dir):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="stream_messages_per_s=.* must be >= 0"):
             ExecutorConfig(model_dir=tiny_model_dir, stream_messages_per_s=bad)
+
+
+def test_executor_training_run_idle_s(tiny_model_dir):
+    """Idle training runs are dropped after 6 hours by default; 0 = never; negative or NaN is
+    refused."""
+    assert ExecutorConfig(model_dir=tiny_model_dir).training_run_idle_s == 6 * 3600.0
+    assert (
+        ExecutorConfig(model_dir=tiny_model_dir, training_run_idle_s=0.0).training_run_idle_s == 0
+    )
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="training_run_idle_s .* must be >= 0"):
+            ExecutorConfig(model_dir=tiny_model_dir, training_run_idle_s=bad)

@@ -6,11 +6,18 @@ alone, the base model is untouched, and bad input is refused naming the field.""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 
-from mintmesh.errors import FailedPrecondition, InvalidAdapter, InvalidArgument, ResourceExhausted
+from mintmesh.errors import (
+    AdapterNotFound,
+    FailedPrecondition,
+    InvalidAdapter,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from mintmesh.model import load_model
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.engine import Engine
@@ -228,11 +235,45 @@ def test_bad_specs_hyperparameters_and_memory(trainer):
     trainer.forward_backward([("x", _data(3), "cross_entropy", None)])
     with pytest.raises(InvalidArgument, match="learning_rate=0"):
         run.optim_step(AdamParams(learning_rate=0.0))
-    with pytest.raises(InvalidArgument, match="no training run 'nope'"):
+    with pytest.raises(AdapterNotFound, match="no training run .nope."):
         trainer.forward_backward([("nope", _data(3), "cross_entropy", None)])
     trainer.max_bytes = trainer.bytes_used() + 1000
     with pytest.raises(ResourceExhausted, match="training memory of this executor is full"):
         trainer.create_run("big", "t", LoraSpec(64, 64.0, ("q_proj", "v_proj")))
+
+
+def test_runs_no_call_touches_for_idle_s_are_dropped(trainer):
+    """expire_idle drops the runs untouched for idle_s (their memory freed), never one whose
+    call is under way; a call to a dropped run is not found and says why; its id is free."""
+    spec = LoraSpec(2, 4.0, ("q_proj",))
+    assert trainer.expire_idle(time.monotonic() + 1e9) == []  # idle_s 0: never
+    trainer.idle_s = 100.0
+    for rid in ("old", "fresh", "busy"):
+        trainer.create_run(rid, "t", spec)
+    t0 = time.monotonic()
+    trainer.forward_backward([("old", _data(1), "cross_entropy", None)])
+    assert trainer.run("old").last_used >= t0  # a call touches its run when it ends
+    for rid, ago in (("old", 150.0), ("fresh", 50.0), ("busy", 500.0)):
+        trainer.runs[rid].last_used = t0 - ago
+    trainer.runs["busy"].active = 1  # a forward_backward of it under way
+    held = trainer.bytes_used()
+    assert trainer.expire_idle(t0) == ["old"]
+    assert sorted(trainer.runs) == ["busy", "fresh"] and trainer.expired_runs == 1
+    assert trainer.bytes_used() == held - trainer.runs["fresh"].bytes()
+    with pytest.raises(AdapterNotFound, match=r"'old' was dropped after 1\d\d s without a call"):
+        trainer.run("old")
+    with pytest.raises(AdapterNotFound, match="training_run_idle_s is 100"):
+        trainer.forward_backward([("old", _data(1), "cross_entropy", None)])
+    trainer.runs["busy"].active = 0
+    assert trainer.expire_idle(t0) == ["busy"]
+    assert trainer.create_run("old", "t", spec).steps == 0  # the id makes a fresh run
+    assert trainer.run("old").run_id == "old"
+    # Memory full of idle runs: a new run makes room by dropping them first.
+    trainer.runs["fresh"].last_used = time.monotonic() - 1000.0
+    trainer.runs["old"].last_used = time.monotonic() - 1000.0
+    trainer.max_bytes = trainer.bytes_used()
+    trainer.create_run("new", "t", spec)
+    assert sorted(trainer.runs) == ["new"]
 
 
 def test_micro_batches_give_the_whole_batchs_gradients(trainer):

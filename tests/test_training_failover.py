@@ -2,9 +2,13 @@
 sidecars, real processes): a training run lives on one executor; when that executor is killed,
 the run's next call fails at once with UNAVAILABLE saying how to go on, and the run resumes from
 its last saved state on the other executor, exactly: its next steps equal those of the same
-run trained there without the interruption."""
+run trained there without the interruption. And a run that no call touches for the executors'
+training_run_idle_s is dropped there (its memory freed; a client or gateway that died without
+dropping it holds nothing for ever): its next call is NOT_FOUND saying why, and its id is free."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
@@ -14,6 +18,7 @@ from mintmesh.cluster import ClusterConfig, LocalCluster
 
 pytestmark = pytest.mark.e2e
 TARGETS = ("q_proj", "v_proj")
+IDLE_S = 3.0  # the executors' training_run_idle_s here (they sweep every IDLE_S / 4)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
             executors=2,
             port=0,
             http_port=None,
+            env={"MINT_EXECUTOR_TRAINING_RUN_IDLE_S": str(IDLE_S)},
         )
     )
     c.start()
@@ -87,3 +93,31 @@ def test_a_run_resumes_from_its_saved_state_on_another_executor(cluster, tiny_mo
         with pytest.raises(grpc.RpcError) as ei:
             cl.forward_backward("erin-run", data)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_run_no_call_touches_is_dropped_and_its_id_freed(cluster, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    data = _data(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    with MintClient(cluster.router_address, timeout=60, api_key=cluster.admin_key) as admin:
+        key = admin.create_tenant("ivy").api_key
+    with MintClient(cluster.router_address, timeout=60, retries=0, api_key=key) as cl:
+        cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
+        cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-busy")
+        _steps(cl, "ivy-idle", data, 1)
+        # ivy-busy gets a call every 0.3 s; ivy-idle none, for longer than IDLE_S and a sweep.
+        end = time.monotonic() + IDLE_S * 1.25 + 1.5
+        while time.monotonic() < end:
+            cl.forward_backward("ivy-busy", data)
+            time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.forward_backward("ivy-idle", data)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND, ei.value.details()
+        assert "was dropped after" in ei.value.details()
+        assert "training_run_idle_s" in ei.value.details()
+        assert cl.optim_step("ivy-busy", learning_rate=1e-2).steps == 1  # still there
+        # The router forgot where the dropped run lived: the id makes a fresh run.
+        again = cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
+        assert again.steps == 0
+        cl.drop_run("ivy-idle")
+        cl.drop_run("ivy-busy")

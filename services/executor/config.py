@@ -83,6 +83,17 @@ class ExecutorConfig:
             "default_help": "256 MiB",
         },
     )
+    # A training run that no call has touched for this long is dropped and its memory freed:
+    # a client or gateway that died without ending its runs does not hold this executor's
+    # training memory for ever. Its saved states and revisions stay in the store. 0 = never.
+    training_run_idle_s: float = field(
+        default=6 * 3600.0,
+        metadata={
+            "help": "a training run no call has touched for this long is dropped, in seconds "
+            "(0 = never)",
+            "default_help": "6 hours",
+        },
+    )
     # While there are sequences to serve, training runs in micro-batches of this many padded
     # tokens (one datum at the least), a serving step before each; and within one, the
     # forward/backward gives the model to a serving step at the first layer boundary after
@@ -223,6 +234,8 @@ class ExecutorConfig:
             raise ValueError(f"training_micro_tokens {self.training_micro_tokens} must be >= 1")
         if not self.training_slice_ms >= 0:
             raise ValueError(f"training_slice_ms {self.training_slice_ms} must be >= 0")
+        if not self.training_run_idle_s >= 0:
+            raise ValueError(f"training_run_idle_s {self.training_run_idle_s} must be >= 0")
         if self.training_max_bytes < 0:
             raise ValueError(f"training_max_bytes {self.training_max_bytes} must be >= 0")
         # load_config passes strings for Path | None fields; normalise here.

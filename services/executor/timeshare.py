@@ -66,6 +66,7 @@ class TrainingTimeshare:
                     device=self.device,
                     micro_tokens=cfg.training_micro_tokens,
                     slice_s=cfg.training_slice_ms / 1e3,
+                    idle_s=cfg.training_run_idle_s,
                     yield_fn=self.yield_to_serving,
                     busy_fn=self.batch.busy,
                 )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -42,11 +43,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mintmesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mintmesh.errors import (
+    AdapterNotFound,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from mintmesh.kernels.dense import YieldPoints, yield_points
 from mintmesh.kernels.train_ops import target_logprobs
 from mintmesh.peft_io import TRAINING_STATE_FORMAT as STATE_FORMAT
 from mintmesh.peft_io import training_state_metadata
+
+logger = logging.getLogger(__name__)
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "reverse_kl")
 # Tensors each loss needs besides target_tokens.
@@ -257,6 +265,8 @@ class TrainingRun:
         self.data_hash = hashlib.sha256()
         # forward_backward calls of this run under way (Trainer.quiet waits for none).
         self.active = 0
+        # When a call last looked the run up (Trainer.run; time.monotonic): idle expiry.
+        self.last_used = time.monotonic()
 
     def chain_data_digest(self, parent_digest: str) -> None:
         """Start the data digest from a parent's: the digest then covers every token of the
@@ -453,8 +463,14 @@ class Trainer:
         yield_fn=None,
         busy_fn=None,
         slice_s: float = 0.01,
+        idle_s: float = 0.0,
     ) -> None:
         self.model, self.ctx = model, ctx
+        # A run no call has touched for idle_s is dropped (expire_idle; 0 = never): whoever
+        # made it (a client, a gateway) may have died without dropping it.
+        self.idle_s = float(idle_s)
+        self._expired: dict[str, tuple[str, float]] = {}  # run id -> (tenant, idle s), bounded
+        self.expired_runs = 0
         # While busy_fn(): a forward/backward holds the model lock for at most about slice_s
         # at a time, then lets a serving step run at the next layer boundary (forward: after
         # a decoder layer or the LM head; backward: when a layer's output gradient is done).
@@ -521,6 +537,7 @@ class Trainer:
                     f"{extra[0]}"
                 )
             run.load_state(init, optimizer=optimizer)
+        self.expire_idle()
         with self._runs_lock:
             old = self.runs.get(run_id)
             if old is not None and not replace:
@@ -536,6 +553,7 @@ class Trainer:
                     retry_after_s=5.0,
                 )
             self.runs[run_id] = run
+            self._expired.pop(run_id, None)
         return run
 
     @contextlib.contextmanager
@@ -559,12 +577,44 @@ class Trainer:
         with self._runs_lock:
             self.runs.pop(run_id, None)
 
+    def expire_idle(self, now: float | None = None) -> list[str]:
+        """Drop the runs that no call has touched for idle_s (none under way); their ids."""
+        if self.idle_s <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._runs_lock:
+            gone = [
+                r for r in self.runs.values()
+                if r.active == 0 and now - r.last_used > self.idle_s
+            ]  # fmt: skip
+            for r in gone:
+                del self.runs[r.run_id]
+                self._expired[r.run_id] = (r.tenant, now - r.last_used)
+                self.expired_runs += 1
+            while len(self._expired) > 4096:
+                del self._expired[next(iter(self._expired))]
+        for r in gone:
+            logger.info(
+                "training run %s (tenant %r): no call for %.0f s (training_run_idle_s %.0f): "
+                "dropped, %d bytes freed", r.run_id, r.tenant, now - r.last_used, self.idle_s,
+                r.bytes(),
+            )  # fmt: skip
+        return [r.run_id for r in gone]
+
     def run(self, run_id: str) -> TrainingRun:
         with self._runs_lock:
             run = self.runs.get(run_id)
-        if run is None:
-            raise InvalidArgument(f"no training run {run_id!r} on this executor")
-        return run
+            if run is not None:
+                run.last_used = time.monotonic()
+                return run
+            expired = self._expired.get(run_id)
+        if expired is not None:
+            raise AdapterNotFound(
+                f"training run {run_id!r} was dropped after {expired[1]:.0f} s without a call "
+                f"(this executor's training_run_idle_s is {self.idle_s:.0f}); start it again "
+                "from its last saved state"
+            )
+        raise AdapterNotFound(f"no training run {run_id!r} on this executor")
 
     # -- forward / backward ----------------------------------------------------------------------
 
@@ -638,9 +688,11 @@ class Trainer:
         try:
             return self._forward_backward(calls, runs, forward_only)
         finally:
+            done = time.monotonic()
             with self._idle:
                 for run in runs:
                     run.active -= 1
+                    run.last_used = done  # idle from the end of its call, not its start
                 self._idle.notify_all()
 
     def _forward_backward(self, calls, runs, forward_only: bool) -> list[CallResult]:
@@ -896,6 +948,7 @@ class TrainingQueue:
         self._closed = False
         self.batches = 0
         self.batched_calls = 0
+        self._swept = time.monotonic()
         self._thread = threading.Thread(target=self._work, name="mint-training", daemon=True)
         self._thread.start()
 
@@ -933,9 +986,14 @@ class TrainingQueue:
             self._cond.notify_all()
         self._thread.join(5)
 
-    def _take(self) -> tuple[list, bool] | None:
+    def _take(self) -> tuple[list, bool] | None | bool:
+        """The next batch and its mode; None once closed; False when nothing came for a while
+        (the worker then drops idle runs)."""
+        idle = self.trainer.idle_s
+        every = min(60.0, idle / 4) if idle > 0 else None
         with self._cond:
-            self._cond.wait_for(lambda: self._pending or self._closed)
+            if not self._cond.wait_for(lambda: self._pending or self._closed, every):
+                return False
             if not self._pending:
                 return None
             expected = len(self.trainer.runs)
@@ -960,6 +1018,11 @@ class TrainingQueue:
             taken = self._take()
             if taken is None:
                 return
+            if taken is False or time.monotonic() - self._swept > 60.0:
+                self._swept = time.monotonic()  # idle runs dropped, busy or not
+                self.trainer.expire_idle()
+            if taken is False:
+                continue
             batch, forward_only = taken
             try:
                 results = self.trainer.forward_backward(
