@@ -569,3 +569,50 @@ def test_a_long_backbone_gemm_is_sliced_too_and_keeps_the_gradients(trainer, eng
     assert _rel(pieced[0].loss, whole[0].loss) <= 1e-6
     for p, g in zip(run.parameters(), grads, strict=True):
         assert (p.grad - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max()))
+
+
+_MALLOC_PROBE = """
+import resource, sys, torch
+from pathlib import Path
+from mintmesh.services.executor import host_memory
+from mintmesh.services.executor.config import ExecutorConfig
+from mintmesh.services.executor.engine import Engine
+
+def faults():  # minor page faults of allocating, touching and freeing 64 MiB three times
+    t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        x = torch.empty(64 << 18)
+        x.fill_(1.0)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - t0
+
+tune = sys.argv[2] == "1"
+eng = Engine.from_config(ExecutorConfig(model_dir=Path(sys.argv[1]), training_malloc_tuning=tune))
+faults()
+before = faults()
+eng.training()  # the first training use of a CPU executor
+after = min(faults() for _ in range(6))  # the best round (other threads allocate too)
+print(before, after, host_memory._applied)
+"""
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_cpu_training_keeps_freed_memory_for_reuse(tiny_model_dir, tune):
+    """In a process of its own: before training, freeing a 64 MiB buffer gives its pages back
+    and the next one faults them in again; once an executor trains (training_malloc_tuning,
+    the default), freed memory is reused without a page fault (in the best of six rounds: the
+    engine's threads allocate meanwhile). Off, every round faults."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLOC_PROBE, str(tiny_model_dir), "1" if tune else "0"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout.split()  # fmt: skip
+    before, after, applied = int(out[-3]), int(out[-2]), out[-1]
+    pages = 3 * (64 << 20) // 4096
+    assert before >= pages * 0.9, out
+    if tune:
+        assert applied == "True" and after < pages * 0.05, out
+    else:
+        assert applied == "None" and after >= pages * 0.9, out
