@@ -21,6 +21,12 @@ class AdapterNotFound(MintError):
     reason = "ADAPTER_NOT_FOUND"
 
 
+class TrainingRunNotFound(AdapterNotFound):
+    """No such training run on this executor (NOT_FOUND); metadata run_id names it."""
+
+    reason = "TRAINING_RUN_NOT_FOUND"
+
+
 class InvalidArgument(MintError):
     """A malformed request: bad reference, bad sampling parameters (INVALID_ARGUMENT)."""
 

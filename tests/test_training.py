@@ -17,6 +17,7 @@ from mintmesh.errors import (
     InvalidAdapter,
     InvalidArgument,
     ResourceExhausted,
+    TrainingRunNotFound,
 )
 from mintmesh.model import load_model
 from mintmesh.services.executor.config import ExecutorConfig
@@ -248,7 +249,7 @@ def test_runs_no_call_touches_for_idle_s_are_dropped(trainer):
     spec = LoraSpec(2, 4.0, ("q_proj",))
     assert trainer.expire_idle(time.monotonic() + 1e9) == []  # idle_s 0: never
     trainer.idle_s = 100.0
-    for rid in ("old", "fresh", "busy"):
+    for rid in ("old", "fresh", "busy", "waits"):
         trainer.create_run(rid, "t", spec)
     t0 = time.monotonic()
     trainer.forward_backward([("old", _data(1), "cross_entropy", None)])
@@ -256,8 +257,11 @@ def test_runs_no_call_touches_for_idle_s_are_dropped(trainer):
     for rid, ago in (("old", 150.0), ("fresh", 50.0), ("busy", 500.0)):
         trainer.runs[rid].last_used = t0 - ago
     trainer.runs["busy"].active = 1  # a forward_backward of it under way
-    held = trainer.bytes_used()
+    trainer.runs["waits"].last_used = t0 - 500.0
+    trainer.runs["waits"].queued = 1  # a call of it waiting in the training queue
+    held = trainer.bytes_used() - trainer.runs["waits"].bytes()
     assert trainer.expire_idle(t0) == ["old"]
+    trainer.drop_run("waits")
     assert sorted(trainer.runs) == ["busy", "fresh"] and trainer.expired_runs == 1
     assert trainer.bytes_used() == held - trainer.runs["fresh"].bytes()
     with pytest.raises(AdapterNotFound, match=r"'old' was dropped after 1\d\d s without a call"):
@@ -268,12 +272,61 @@ def test_runs_no_call_touches_for_idle_s_are_dropped(trainer):
     assert trainer.expire_idle(t0) == ["busy"]
     assert trainer.create_run("old", "t", spec).steps == 0  # the id makes a fresh run
     assert trainer.run("old").run_id == "old"
+    # Overdue when looked up (before any sweep): dropped then, not served.
+    trainer.runs["old"].last_used = time.monotonic() - 1000.0
+    with pytest.raises(TrainingRunNotFound, match="'old' was dropped after") as ei:
+        trainer.run("old")
+    assert ei.value.metadata == {"run_id": "old"} and "old" not in trainer.runs
+    trainer.create_run("old", "t", spec)
     # Memory full of idle runs: a new run makes room by dropping them first.
     trainer.runs["fresh"].last_used = time.monotonic() - 1000.0
     trainer.runs["old"].last_used = time.monotonic() - 1000.0
     trainer.max_bytes = trainer.bytes_used()
     trainer.create_run("new", "t", spec)
     assert sorted(trainer.runs) == ["new"]
+
+
+def test_a_run_dropped_while_its_call_waits_fails_that_call_alone(trainer):
+    """Three calls queued for one pass; one run is dropped meanwhile: its call is NOT_FOUND,
+    the other two train as if it had not been there."""
+    import threading
+
+    from mintmesh.services.executor.training import TrainingQueue
+
+    spec = LoraSpec(2, 4.0, ("q_proj",))
+    for rid in ("a", "b", "c"):
+        trainer.create_run(rid, "t", spec, seed=3)
+    q = TrainingQueue(trainer, batch_wait_s=0.0)
+    out: dict = {}
+
+    def call(rid):
+        try:
+            out[rid] = q.submit(rid, _data(5), "cross_entropy", timeout=60)
+        except Exception as e:  # noqa: BLE001 - what the caller gets
+            out[rid] = e
+
+    try:
+        with trainer.lock:  # the worker takes a's call and waits for the model
+            threads = [threading.Thread(target=call, args=("a",))]
+            threads[0].start()
+            while trainer.runs["a"].active == 0:
+                time.sleep(0.01)
+            threads += [threading.Thread(target=call, args=(r,)) for r in ("b", "c")]
+            for t in threads[1:]:
+                t.start()
+            while len(q._pending) < 2:
+                time.sleep(0.01)
+            assert trainer.runs["b"].queued == 1
+            trainer.drop_run("b")
+        for t in threads:
+            t.join(60)
+    finally:
+        q.close()
+    assert isinstance(out["b"], TrainingRunNotFound), out["b"]
+    assert "no training run 'b'" in str(out["b"])
+    assert out["a"].loss == pytest.approx(out["c"].loss, rel=1e-6)  # same seed, same data
+    assert trainer.runs["c"].queued == 0 and trainer.runs["c"].has_grads
+    assert q.batches == 2 and q.batched_calls == 3
 
 
 def test_micro_batches_give_the_whole_batchs_gradients(trainer):

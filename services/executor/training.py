@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from mintmesh.errors import (
-    AdapterNotFound,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    TrainingRunNotFound,
 )
 from mintmesh.kernels.dense import YieldPoints, yield_points
 from mintmesh.kernels.train_ops import target_logprobs
@@ -265,8 +265,11 @@ class TrainingRun:
         self.data_hash = hashlib.sha256()
         # forward_backward calls of this run under way (Trainer.quiet waits for none).
         self.active = 0
-        # When a call last looked the run up (Trainer.run; time.monotonic): idle expiry.
+        # When a call last looked the run up or ended (time.monotonic), and the calls of it
+        # waiting in the training queue: idle expiry (Trainer.expire_idle) spares a run with
+        # either under way.
         self.last_used = time.monotonic()
+        self.queued = 0
 
     def chain_data_digest(self, parent_digest: str) -> None:
         """Start the data digest from a parent's: the digest then covers every token of the
@@ -571,11 +574,13 @@ class Trainer:
         try:
             yield
         finally:
+            run.last_used = time.monotonic()  # an optim_step or a save: idle from its end
             self.lock.release()
 
     def drop_run(self, run_id: str) -> None:
         with self._runs_lock:
             self.runs.pop(run_id, None)
+            self._expired.pop(run_id, None)
 
     def expire_idle(self, now: float | None = None) -> list[str]:
         """Drop the runs that no call has touched for idle_s (none under way); their ids."""
@@ -583,10 +588,7 @@ class Trainer:
             return []
         now = time.monotonic() if now is None else now
         with self._runs_lock:
-            gone = [
-                r for r in self.runs.values()
-                if r.active == 0 and now - r.last_used > self.idle_s
-            ]  # fmt: skip
+            gone = [r for r in self.runs.values() if self._overdue(r, now)]
             for r in gone:
                 del self.runs[r.run_id]
                 self._expired[r.run_id] = (r.tenant, now - r.last_used)
@@ -601,20 +603,43 @@ class Trainer:
             )  # fmt: skip
         return [r.run_id for r in gone]
 
-    def run(self, run_id: str) -> TrainingRun:
+    def _overdue(self, r: TrainingRun, now: float) -> bool:
+        """(under _runs_lock) r has had no call, running or queued, for idle_s."""
+        return (
+            self.idle_s > 0 and r.active == 0 and r.queued == 0 and now - r.last_used > self.idle_s
+        )
+
+    def run(self, run_id: str, *, queue: bool = False) -> TrainingRun:
+        """The run (its idle clock restarted); queue: a call of it now waits in the training
+        queue (dequeued() when it leaves). TrainingRunNotFound when there is none, or when it
+        is overdue for idle expiry (dropped now, as the sweep would)."""
+        now = time.monotonic()
         with self._runs_lock:
             run = self.runs.get(run_id)
+            if run is not None and self._overdue(run, now):
+                del self.runs[run_id]
+                self._expired[run_id] = (run.tenant, now - run.last_used)
+                self.expired_runs += 1
+                run = None
             if run is not None:
-                run.last_used = time.monotonic()
+                run.last_used = now
+                run.queued += 1 if queue else 0
                 return run
             expired = self._expired.get(run_id)
+        meta = {"run_id": run_id}
         if expired is not None:
-            raise AdapterNotFound(
+            raise TrainingRunNotFound(
                 f"training run {run_id!r} was dropped after {expired[1]:.0f} s without a call "
                 f"(this executor's training_run_idle_s is {self.idle_s:.0f}); start it again "
-                "from its last saved state"
+                "from its last saved state",
+                metadata=meta,
             )
-        raise AdapterNotFound(f"no training run {run_id!r} on this executor")
+        raise TrainingRunNotFound(f"no training run {run_id!r} on this executor", metadata=meta)
+
+    def dequeued(self, run: TrainingRun) -> None:
+        with self._runs_lock:
+            run.queued -= 1
+            run.last_used = time.monotonic()
 
     # -- forward / backward ----------------------------------------------------------------------
 
@@ -656,15 +681,18 @@ class Trainer:
                     f"[{n}, {self.vocab_size}]"
                 )
 
-    def check_call(self, run_id: str, data: Sequence[Datum], loss_fn: str) -> TrainingRun:
-        """A forward_backward call's input checked (InvalidArgument naming the field); its run."""
+    def check_call(
+        self, run_id: str, data: Sequence[Datum], loss_fn: str, *, queue: bool = False
+    ) -> TrainingRun:
+        """A forward_backward call's input checked (InvalidArgument naming the field); its run
+        (queue: counted as queued, see run())."""
         if loss_fn not in LOSSES:
             raise InvalidArgument(f"loss_fn {loss_fn!r} is not one of {list(LOSSES)}")
         if not data:
             raise InvalidArgument("data is empty: give at least one datum")
         for i, d in enumerate(data):
             self._check(d, loss_fn, i)
-        return self.run(run_id)
+        return self.run(run_id, queue=queue)
 
     def forward_backward(
         self,
@@ -672,13 +700,17 @@ class Trainer:
         *,
         forward_only: bool = False,
         checked: bool = False,
+        runs: Sequence[TrainingRun] | None = None,
     ) -> list[CallResult]:
         """(run_id, data, loss_fn, loss_fn_config) calls, in one forward (and backward): each
         run's gradients accumulate on its weights. Results in the calls' order. checked: every
-        call has passed check_call already (the queue checks at submit)."""
+        call has passed check_call already (the queue checks at submit); runs: theirs, looked
+        up already."""
         if not calls:
             raise InvalidArgument("no calls")
-        if checked:
+        if runs is not None:
+            runs = list(runs)
+        elif checked:
             runs = [self.run(run_id) for run_id, _, _, _ in calls]
         else:
             runs = [self.check_call(run_id, data, fn) for run_id, data, fn, _ in calls]
@@ -962,13 +994,14 @@ class TrainingQueue:
         forward_only: bool = False,
         timeout: float | None = None,
     ) -> CallResult:
-        self.trainer.check_call(run_id, data, loss_fn)
+        run = self.trainer.check_call(run_id, data, loss_fn, queue=True)
         slot: dict = {}
         with self._cond:
             if self._closed:
+                self.trainer.dequeued(run)
                 raise FailedPrecondition("the training queue is closed")
             self._pending.append(
-                ((run_id, list(data), loss_fn, dict(cfg or {})), forward_only, slot)
+                ((run_id, list(data), loss_fn, dict(cfg or {})), forward_only, slot, run)
             )
             self._cond.notify_all()
             if not self._cond.wait_for(lambda: "done" in slot, timeout):
@@ -986,11 +1019,15 @@ class TrainingQueue:
             self._cond.notify_all()
         self._thread.join(5)
 
+    def _sweep_every(self) -> float | None:
+        """How often idle runs are looked for (None: never)."""
+        idle = self.trainer.idle_s
+        return min(60.0, max(0.05, idle / 4)) if idle > 0 else None
+
     def _take(self) -> tuple[list, bool] | None | bool:
         """The next batch and its mode; None once closed; False when nothing came for a while
         (the worker then drops idle runs)."""
-        idle = self.trainer.idle_s
-        every = min(60.0, idle / 4) if idle > 0 else None
+        every = self._sweep_every()
         with self._cond:
             if not self._cond.wait_for(lambda: self._pending or self._closed, every):
                 return False
@@ -1018,22 +1055,40 @@ class TrainingQueue:
             taken = self._take()
             if taken is None:
                 return
-            if taken is False or time.monotonic() - self._swept > 60.0:
+            every = self._sweep_every()
+            if taken is False or (every and time.monotonic() - self._swept > every):
                 self._swept = time.monotonic()  # idle runs dropped, busy or not
                 self.trainer.expire_idle()
             if taken is False:
                 continue
             batch, forward_only = taken
+            # Each call's run as it is now: one dropped while its call waited fails that call
+            # alone, and the others of the batch run.
+            outcome: list[dict] = [{} for _ in batch]
+            live: list[int] = []
+            runs: list[TrainingRun] = []
+            for i, (call, _, _, _) in enumerate(batch):
+                try:
+                    runs.append(self.trainer.run(call[0]))
+                    live.append(i)
+                except TrainingRunNotFound as e:
+                    outcome[i] = {"error": e}
             try:
-                results = self.trainer.forward_backward(
-                    [call for call, _, _ in batch], forward_only=forward_only, checked=True
-                )
-                outcome = [{"result": r} for r in results]
-            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-                outcome = [{"error": e} for _ in batch]
+                if live:
+                    results = self.trainer.forward_backward(
+                        [batch[i][0] for i in live], forward_only=forward_only, runs=runs
+                    )
+                    for i, r in zip(live, results, strict=True):
+                        outcome[i] = {"result": r}
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the pass
+                for i in live:
+                    outcome[i] = {"error": e}
+            finally:
+                for _, _, _, run in batch:
+                    self.trainer.dequeued(run)
             with self._cond:
                 self.batches += 1
                 self.batched_calls += len(batch)
-                for (_, _, slot), out in zip(batch, outcome, strict=True):
+                for (_, _, slot, _), out in zip(batch, outcome, strict=True):
                     slot.update(out, done=True)
                 self._cond.notify_all()

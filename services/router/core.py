@@ -328,9 +328,10 @@ class RouterCore:
                     f"{method}: {err.details()}; resume the run from its last saved state on "
                     "another"
                 ) from None
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                with self._runs_lock:  # dropped there (idle): its id is free again
-                    if self._runs.get(req.run_id, [None])[0] == address:
+            reason, meta, _ = error_info(err)
+            if reason == "TRAINING_RUN_NOT_FOUND" and meta.get("run_id") == req.run_id:
+                with self._runs_lock:  # gone there (dropped idle): its id is free again
+                    if self._runs.get(req.run_id) is where:
                         self._runs.pop(req.run_id, None)
             raise reraise_downstream(err, f"{method} of run {req.run_id!r}") from None
 
