@@ -94,16 +94,6 @@ class ExecutorConfig:
             "default_help": "6 hours",
         },
     )
-    # On the CPU, the first training run sets glibc malloc to keep freed memory for reuse (no
-    # mmap per large block, trim above 1 GiB): a step's large buffers are not faulted in and
-    # zeroed again every time (services/executor/host_memory.py).
-    training_malloc_tuning: bool = field(
-        default=True,
-        metadata={
-            "help": "CPU training: glibc malloc keeps freed memory for reuse (no mmap per "
-            "large block, trim above 1 GiB)"
-        },
-    )
     # While there are sequences to serve, training runs in micro-batches of this many padded
     # tokens (one datum at the least), a serving step before each; and within one, the
     # forward/backward gives the model to a serving step at the first layer boundary after

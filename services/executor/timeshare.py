@@ -54,10 +54,6 @@ class TrainingTimeshare:
         with self._lock:
             if self.queue is None:
                 cfg = self.config
-                if cfg.training_malloc_tuning and self.device.type == "cpu":
-                    from mintmesh.services.executor.host_memory import keep_freed_memory
-
-                    keep_freed_memory()
                 trainer = Trainer(
                     self.model,
                     self.ctx,
