@@ -590,11 +590,7 @@ class Trainer:
         with self._runs_lock:
             gone = [r for r in self.runs.values() if self._overdue(r, now)]
             for r in gone:
-                del self.runs[r.run_id]
-                self._expired[r.run_id] = (r.tenant, now - r.last_used)
-                self.expired_runs += 1
-            while len(self._expired) > 4096:
-                del self._expired[next(iter(self._expired))]
+                self._forget(r, now)
         for r in gone:
             logger.info(
                 "training run %s (tenant %r): no call for %.0f s (training_run_idle_s %.0f): "
@@ -602,6 +598,15 @@ class Trainer:
                 r.bytes(),
             )  # fmt: skip
         return [r.run_id for r in gone]
+
+    def _forget(self, r: TrainingRun, now: float) -> None:
+        """(under _runs_lock) r dropped for idleness; its id remembered (bounded) for the
+        error its next call gets."""
+        del self.runs[r.run_id]
+        self._expired[r.run_id] = (r.tenant, now - r.last_used)
+        self.expired_runs += 1
+        while len(self._expired) > 4096:
+            del self._expired[next(iter(self._expired))]
 
     def _overdue(self, r: TrainingRun, now: float) -> bool:
         """(under _runs_lock) r has had no call, running or queued, for idle_s."""
@@ -617,9 +622,7 @@ class Trainer:
         with self._runs_lock:
             run = self.runs.get(run_id)
             if run is not None and self._overdue(run, now):
-                del self.runs[run_id]
-                self._expired[run_id] = (run.tenant, now - run.last_used)
-                self.expired_runs += 1
+                self._forget(run, now)
                 run = None
             if run is not None:
                 run.last_used = now
@@ -699,19 +702,16 @@ class Trainer:
         calls: Sequence[tuple[str, Sequence[Datum], str, Mapping[str, float] | None]],
         *,
         forward_only: bool = False,
-        checked: bool = False,
         runs: Sequence[TrainingRun] | None = None,
     ) -> list[CallResult]:
         """(run_id, data, loss_fn, loss_fn_config) calls, in one forward (and backward): each
-        run's gradients accumulate on its weights. Results in the calls' order. checked: every
-        call has passed check_call already (the queue checks at submit); runs: theirs, looked
-        up already."""
+        run's gradients accumulate on its weights. Results in the calls' order. runs: the
+        calls' runs, when they were checked and looked up already (the queue checks at
+        submit); else each call is checked here."""
         if not calls:
             raise InvalidArgument("no calls")
         if runs is not None:
             runs = list(runs)
-        elif checked:
-            runs = [self.run(run_id) for run_id, _, _, _ in calls]
         else:
             runs = [self.check_call(run_id, data, fn) for run_id, data, fn, _ in calls]
         with self._idle:

@@ -329,7 +329,7 @@ class RouterCore:
                     "another"
                 ) from None
             reason, meta, _ = error_info(err)
-            if reason == "TRAINING_RUN_NOT_FOUND" and meta.get("run_id") == req.run_id:
+            if reason == E.TrainingRunNotFound.reason and meta.get("run_id") == req.run_id:
                 with self._runs_lock:  # gone there (dropped idle): its id is free again
                     if self._runs.get(req.run_id) is where:
                         self._runs.pop(req.run_id, None)
