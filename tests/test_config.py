@@ -285,7 +285,8 @@ def test_executor_stream_message_budget_rule(tiny_model_dir):
     refused."""
     from mintmesh.services.executor.requests import MAX_STREAM_INTERVAL_S, stream_interval
 
-    assert ExecutorConfig(model_dir=tiny_model_dir).stream_messages_per_s == 1000.0
+    assert ExecutorConfig(model_dir=tiny_model_dir).stream_messages_per_s == 500.0
+    assert stream_interval(32, 500.0) == pytest.approx(0.064)
     assert stream_interval(32, 1000.0) == pytest.approx(0.032)
     assert stream_interval(1, 1000.0) == pytest.approx(0.001)
     assert stream_interval(500, 1000.0) == MAX_STREAM_INTERVAL_S == 0.1

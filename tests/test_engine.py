@@ -1354,3 +1354,81 @@ def test_stream_messages_are_paced_by_the_message_budget(make_engine, adapters):
             assert 2 <= len(got) <= 2 + took / 0.1, (len(got), took)
         else:
             assert [len(c.token_ids) for c in got] == [1] * 16
+
+
+def test_a_pacing_reader_sleeps_through_the_steps_and_is_no_slow_reader(
+    make_engine, adapters, monkeypatch
+):
+    """Between two paced messages the reader sleeps (chunks() holds) instead of waking for
+    each step's output: the outputs of the steps in between stay queued for it and are not
+    unread (a hold longer than stream_buffer_outputs steps does not pause the stream); a full
+    message's worth (max_merge) ends the hold; the last output, an error and a cancel end it
+    at once; nothing is lost or reordered."""
+    from mintmesh.services.executor import requests as requests_mod
+
+    monkeypatch.setattr(requests_mod, "MAX_STREAM_INTERVAL_S", 30.0)  # one stream: 30 s apart
+    kw = dict(ignore_eos=True, logprobs=True)
+    eng = make_engine(stream_messages_per_s=1e-3, stream_buffer_outputs=2)
+    ref = eng.submit(_req(adapters, "a", [5, 6, 7], 8, **kw))
+    eng.run_until_done([ref])
+    want = ref.result()
+
+    def until(what, cond) -> None:
+        deadline = time.monotonic() + 10  # far below the 30 s interval
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert cond(), what
+
+    def reading(h, got, errs):
+        def read():
+            try:
+                got.extend(h.chunks(max_merge=4))
+            except Exception as e:  # noqa: BLE001 - the test looks at it
+                errs.append(e)
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        eng.step()  # the first token, sent at once; then the reader holds
+        until("the first token went out and the reader held", lambda: got and h._reading)
+        return t
+
+    h, got, errs = eng.submit(_req(adapters, "a", [5, 6, 7], 8, **kw)), [], []
+    reader = reading(h, got, errs)
+    for _ in range(3):
+        eng.step()
+    assert h.queued == 3 and h.unread == 0 and not h.paused  # 3 > stream_buffer_outputs
+    assert len(got) == 1
+    eng.step()  # the fourth: a full message ends the hold
+    until("a full message ended the hold", lambda: len(got) == 2)
+    eng.step()
+    time.sleep(0.05)
+    assert len(got) == 2 and h.queued == 1  # held again: one message per interval
+    t0 = time.monotonic()
+    while not h.done:
+        eng.step()
+    reader.join(10)
+    assert not reader.is_alive() and time.monotonic() - t0 < 10  # the last ended the hold
+    assert [len(c.token_ids) for c in got] == [1, 4, 3] and not errs
+    assert [t for c in got for t in c.token_ids] == want.token_ids
+    assert [x for c in got for x in c.logprobs] == want.logprobs
+    assert "".join(c.text for c in got) == want.text
+    assert got[-1].finish_reason == want.finish_reason and got[-1].completion_tokens == 8
+
+    # An error ends a hold, after the outputs held before it.
+    h, got, errs = eng.submit(_req(adapters, "a", [5, 6, 7], 8, **kw)), [], []
+    reader = reading(h, got, errs)
+    eng.step()
+    h._put(RuntimeError("the stream's error"))
+    reader.join(10)
+    assert not reader.is_alive() and [len(c.token_ids) for c in got] == [1, 1]
+    assert [str(e) for e in errs] == ["the stream's error"]
+    h.cancel()
+    eng.step()
+    # A cancel ends a hold: the engine's last message (cancelled) goes out at once.
+    h, got, errs = eng.submit(_req(adapters, "a", [5, 6, 7], 8, **kw)), [], []
+    reader = reading(h, got, errs)
+    h.cancel()
+    eng.step()
+    reader.join(10)
+    assert not reader.is_alive() and not errs
+    assert got[-1].finish_reason == "cancelled" and len(got) == 2

@@ -143,11 +143,14 @@ class ExecutorConfig:
     # Stream messages: after its first token (always sent at once), a stream's outputs are
     # sent at most every (running streams / stream_messages_per_s) seconds, capped at 0.1 s,
     # several tokens to a message when steps are faster than that. Each message costs CPU on
-    # every hop (here ~0.2 ms per message per hop, thread-per-stream gRPC), so without a bound a
-    # full batch spends the CPU its steps and new requests need on messages. Below budget (a
-    # few streams) every step's output goes out alone. 0 = every output at once.
+    # every hop, and in the executor it is interpreter time the step loop waits for (thread-
+    # per-stream gRPC: ~0.4 ms per message under a flood on a 2-core host, so 1000 a second
+    # took ~40% of the interpreter and stretched a 32-row step from 5 ms of its own CPU to
+    # 12-20 ms). 500 a second keeps that near a fifth, and 32 streams still get a message
+    # every 64 ms. Below budget (a few streams) every step's output goes out alone. 0 = every
+    # output at once.
     stream_messages_per_s: float = field(
-        default=1000.0,
+        default=500.0,
         metadata={"help": "stream messages per second across running streams (0 = no bound)"},
     )
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)

@@ -185,6 +185,14 @@ class GenerationHandle:
         self._resume_unread = resume_unread
         self._messages_per_s = messages_per_s
         self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
+        # A reader holding outputs for its next message (chunks()) waits on this, not on the
+        # queue, so the steps in between do not wake it once each: set by the output (or
+        # error) that ends the stream, and once _full_at outputs are queued (a full message).
+        self._wake = threading.Event()
+        self._full_at = 0
+        # chunks() has come for the queued outputs (holding them for its next message, or
+        # taking them): they are not unread.
+        self._reading = False
         self._cancelled = threading.Event()
         self.done = False
         self.submit_step = 0
@@ -201,7 +209,15 @@ class GenerationHandle:
 
     @property
     def unread(self) -> int:
-        """Outputs streamed that the reader has not taken yet."""
+        """Outputs streamed that the reader has not come for yet (those chunks() holds for its
+        next message do not count: that reader keeps up)."""
+        if self._reading:
+            return 0
+        return self._q.qsize()
+
+    @property
+    def queued(self) -> int:
+        """Outputs streamed that the reader has not taken yet, held or unread."""
         return self._q.qsize()
 
     @property
@@ -218,9 +234,12 @@ class GenerationHandle:
         return dl is not None and (now or time.monotonic()) > dl
 
     def _put(self, item: GenerationOutput | BaseException) -> None:
-        if isinstance(item, BaseException) or item.finish_reason is not None:
+        last = isinstance(item, BaseException) or item.finish_reason is not None
+        if last:
             self.done = True
         self._q.put(item)
+        if last or (self._full_at and self._q.qsize() >= self._full_at):
+            self._wake.set()
 
     def get(self, timeout: float | None = None) -> GenerationOutput | BaseException:
         """The next streamed item (an output or the error that ended the request)."""
@@ -228,7 +247,8 @@ class GenerationHandle:
         self.reads += 1
         return item
 
-    def __iter__(self) -> Iterator[GenerationOutput]:
+    def _take(self) -> GenerationOutput:
+        """The next output, waiting for it (the error that ended the request is raised)."""
         while True:
             try:
                 item = self._q.get(timeout=0.25)
@@ -239,6 +259,11 @@ class GenerationHandle:
                 continue
             if isinstance(item, BaseException):
                 raise item
+            return item
+
+    def __iter__(self) -> Iterator[GenerationOutput]:
+        while True:
+            item = self._take()
             if self.paused and self.unread <= self._resume_unread:
                 self._loop.wake()  # read down: the engine resumes it
             yield item
@@ -253,25 +278,24 @@ class GenerationHandle:
         after the first output (sent at once), those produced until stream_interval() has
         passed since the previous message (the executor's message budget over its running
         streams). The last output goes out as soon as it comes. An error waiting behind outputs
-        is raised after they are yielded."""
+        is raised after they are yielded.
+
+        Between messages the reader sleeps until the interval is over, the last output is in
+        or max_merge outputs are: not on the queue, for with many streams a wake-up per stream
+        per step would cost the step loop the CPU it needs (the reader threads and the step
+        thread share one interpreter)."""
+        self._full_at = max_merge
         sent: float | None = None  # when the previous message was taken
-        for first in self:
-            group, err = [first], None
-            until = 0.0
-            if sent is not None:
-                until = sent + stream_interval(self._loop.num_running, self._messages_per_s)
-            while group[-1].finish_reason is None and len(group) < max_merge:
-                left = until - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                self.reads += 1
-                if isinstance(nxt, BaseException):
-                    err = nxt
-                    break
-                group.append(nxt)
-            out = first if len(group) == 1 else merge_outputs(group)
+        while True:
+            self._reading = True
+            try:
+                if sent is not None:
+                    interval = stream_interval(self._loop.num_running, self._messages_per_s)
+                    self._hold(sent + interval)
+                group, err = self._group(max_merge)
+            finally:
+                self._reading = False
+            out = group[0] if len(group) == 1 else merge_outputs(group)
             if self.paused and self.unread <= self._resume_unread:
                 self._loop.wake()  # read down: the engine resumes it
             yield out
@@ -280,6 +304,31 @@ class GenerationHandle:
                 raise err
             if out.finish_reason is not None:
                 return
+
+    def _group(self, max_merge: int) -> tuple[list[GenerationOutput], BaseException | None]:
+        """The next output (waiting for it) and those queued behind it, at most max_merge,
+        up to the last; and the error queued behind them, if one is."""
+        group, err = [self._take()], None
+        while group[-1].finish_reason is None and len(group) < max_merge:
+            try:
+                nxt = self._q.get_nowait()
+            except queue.Empty:
+                break
+            self.reads += 1
+            if isinstance(nxt, BaseException):
+                err = nxt
+                break
+            group.append(nxt)
+        return group, err
+
+    def _hold(self, until: float) -> None:
+        """chunks() between messages: sleep until `until` (monotonic), the last output or a
+        full message's worth, whichever comes first; what is queued meanwhile is not unread."""
+        self._wake.clear()  # then the checks: a put after them sets it again
+        left = until - time.monotonic()
+        if left <= 0 or self.done or self._q.qsize() >= self._full_at:
+            return
+        self._wake.wait(left)
 
     def result(self) -> GenerationResult:
         """Wait for the whole generation (consumes the stream; later calls return the same)."""
