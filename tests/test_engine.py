@@ -21,6 +21,7 @@ from mintmesh.errors import (
     DigestMismatch,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
 )
 from mintmesh.kernels import AdapterPool
 from mintmesh.kernels.dense import select_dense
@@ -1432,3 +1433,22 @@ def test_a_pacing_reader_sleeps_through_the_steps_and_is_no_slow_reader(
     reader.join(10)
     assert not reader.is_alive() and not errs
     assert got[-1].finish_reason == "cancelled" and len(got) == 2
+
+
+def test_a_reader_of_a_stopped_engine_gets_unavailable(make_engine, adapters):
+    """Engine.close ends every stream still waiting with UNAVAILABLE at once; a reader of an
+    engine whose step loop is gone without that finds out within a poll (STOPPED_POLL_S)."""
+    from mintmesh.services.executor.requests import STOPPED_POLL_S
+
+    eng = make_engine()
+    h = eng.submit(_req(adapters, "a", [5, 6, 7], 4))
+    eng.close(timeout=0)
+    with pytest.raises(Unavailable, match="stopped before the request ended"):
+        list(h.chunks())
+    eng = make_engine()
+    h = eng.submit(_req(adapters, "a", [5, 6, 7], 4))
+    eng.batch.stopping = True  # no step thread (autostart=False), and no close
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="engine has stopped"):
+        list(h.chunks())
+    assert time.monotonic() - t0 < STOPPED_POLL_S + 5
