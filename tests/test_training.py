@@ -13,6 +13,7 @@ import torch
 
 from mintmesh.errors import (
     AdapterNotFound,
+    AlreadyExists,
     FailedPrecondition,
     InvalidAdapter,
     InvalidArgument,
@@ -424,7 +425,7 @@ def test_loading_replaces_a_live_run_and_refuses_what_does_not_fit(trainer, tiny
     trainer.create_run("a", "t", spec, seed=1)
     _train(trainer, "a", 2, 1, AdamParams(learning_rate=1e-2))
     state = TrainingState.parse(trainer.run("a").state_bytes())
-    with pytest.raises(InvalidArgument, match="exists already"):
+    with pytest.raises(AlreadyExists, match="exists already"):
         trainer.create_run("a", "t", spec, init=state)
     with pytest.raises(InvalidArgument, match="another tenant"):
         trainer.create_run("a", "u", spec, init=state, replace=True)

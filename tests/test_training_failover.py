@@ -104,7 +104,9 @@ def test_a_run_no_call_touches_is_dropped_and_its_id_freed(cluster, tiny_model_d
     with MintClient(cluster.router_address, timeout=60, retries=0, api_key=key) as cl:
         cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
         cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-busy")
+        cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-quiet")
         _steps(cl, "ivy-idle", data, 1)
+        _steps(cl, "ivy-quiet", data, 1)
         # ivy-busy gets a call every 0.3 s; ivy-idle none, for longer than IDLE_S and a sweep.
         end = time.monotonic() + IDLE_S * 1.25 + 1.5
         while time.monotonic() < end:
@@ -119,5 +121,14 @@ def test_a_run_no_call_touches_is_dropped_and_its_id_freed(cluster, tiny_model_d
         # The router forgot where the dropped run lived: the id makes a fresh run.
         again = cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
         assert again.steps == 0
-        cl.drop_run("ivy-idle")
-        cl.drop_run("ivy-busy")
+        # ivy-quiet was dropped too, and no call told the router: its id is free all the same
+        # (the executor it lived on answers), while a live run's id is not.
+        again = cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-quiet")
+        assert again.steps == 0
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-busy")
+        assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS, ei.value.details()
+        cl.forward_backward("ivy-busy", data)
+        assert cl.optim_step("ivy-busy", learning_rate=1e-2).steps == 2  # untouched
+        for run in ("ivy-idle", "ivy-busy", "ivy-quiet"):
+            cl.drop_run(run)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mintmesh.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
@@ -544,7 +545,7 @@ class Trainer:
         with self._runs_lock:
             old = self.runs.get(run_id)
             if old is not None and not replace:
-                raise InvalidArgument(f"training run {run_id!r} exists already")
+                raise AlreadyExists(f"training run {run_id!r} exists already")
             if old is not None and old.tenant != tenant:
                 raise InvalidArgument(f"training run {run_id!r} belongs to another tenant")
             used = sum(r.bytes() for r in self.runs.values() if r is not old)

@@ -237,9 +237,14 @@ class RouterCore:
             raise E.InvalidArgument(f"run_id {run_id!r}: letters, digits, - and _ only (<= 128)")
         with self._runs_lock:
             where = self._runs.get(run_id)
-        if where is not None and not req.replace:
+        owner = where is not None and (caller.is_admin or where[1] == caller.tenant)
+        live = where is not None and where[0] in self.executors.healthy()
+        # The owner's id on a live executor goes there: it answers ALREADY_EXISTS while the
+        # run lives, and makes it afresh when it dropped the run idle (which no call told this
+        # router of).
+        if where is not None and not req.replace and not (owner and live):
             raise E.AlreadyExists(f"training run {run_id!r} exists")
-        if where is not None and not (caller.is_admin or where[1] == caller.tenant):
+        if where is not None and not owner:
             raise E.AdapterNotFound(f"no training run {run_id!r}")
         if req.replace and not req.from_ref:
             raise E.InvalidArgument("replace loads a revision into a run: give from_ref")
@@ -249,8 +254,8 @@ class RouterCore:
         ereq.CopyFrom(req)
         ereq.run_id, ereq.tenant = run_id, caller.tenant
         parent = self._load_init(ereq, deadline, caller) if req.from_ref else ""
-        if where is not None and where[0] in self.executors.healthy():
-            addresses = [where[0]]  # replace: the run stays where it lives
+        if where is not None and live:
+            addresses = [where[0]]  # the run stays where it lives (or lived)
         else:  # a new run, or one whose executor died: placed afresh
             addresses = self.placement.order(self._healthy(), f"run:{run_id}")
             where = None
