@@ -47,6 +47,8 @@ class FaultProxy:
     upstream: str
     fault: Fault | None = None
     seen: list[Seen] = field(default_factory=list)
+    # Unary methods ("/mintmesh.v1.Executor/Name") failed with a status while set here.
+    unary_faults: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -68,6 +70,7 @@ class FaultProxy:
         with self._lock:
             self.fault = None
             self.seen.clear()
+            self.unary_faults.clear()
 
     def _take_fault(self) -> Fault | None:
         with self._lock:
@@ -109,10 +112,14 @@ class _Handler(grpc.GenericRpcHandler):
             call = self.proxy._channel.unary_stream(method)
             return grpc.unary_stream_rpc_method_handler(self._stream(method, call))
         call = self.proxy._channel.unary_unary(method)
-        return grpc.unary_unary_rpc_method_handler(self._unary(call))
+        return grpc.unary_unary_rpc_method_handler(self._unary(method, call))
 
-    def _unary(self, call):
+    def _unary(self, method: str, call):
         def handler(request, context):
+            with self.proxy._lock:
+                fault = self.proxy.unary_faults.get(method)
+            if fault is not None:
+                _abort(context, fault)
             try:
                 return call(request, timeout=context.time_remaining())
             except grpc.RpcError as err:

@@ -295,3 +295,49 @@ def test_concurrent_refusals_do_not_leak_in_flight_counts(mesh):
     assert len(errors) < 8
     for n in mesh["nodes"]:
         assert core.placement.inflight(n.proxy.address) == 0
+
+
+def test_a_router_that_lost_its_map_of_runs_asks_the_executors(mesh, tiny_model_dir):
+    """The router's map of training runs is its memory (a restart loses it; the e2e test kills
+    one): a run it does not know is looked for on the executors, and found there it goes on;
+    while an executor cannot say whether it holds the run, a call of it and a create of its id
+    are UNAVAILABLE (neither NOT_FOUND for a run that may live, nor a second run of that id)."""
+    from transformers import AutoTokenizer
+
+    client, core = mesh["client"], mesh["core"]
+    s = AutoTokenizer.from_pretrained(str(tiny_model_dir)).encode("find me again")
+    data = [{"input_ids": s[:-1], "target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)}]
+    run = client.create_training_run(rank=2, targets=("q_proj",), seed=1, run_id="lost-map")
+    client.forward_backward("lost-map", data)
+    client.optim_step("lost-map", learning_rate=1e-2)
+    holder = next(n for n in mesh["nodes"] if n.name == run.executor)
+    try:
+        with core._runs_lock:
+            core._runs.clear()  # what a restart does to it
+        client.forward_backward("lost-map", data)
+        assert client.optim_step("lost-map", learning_rate=1e-2).steps == 2  # the same run
+        with core._runs_lock:
+            core._runs.clear()
+        holder.proxy.unary_faults["/mintmesh.v1.Executor/LocateTrainingRun"] = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "busy",
+        )
+        for call in (
+            lambda: client.forward_backward("lost-map", data),
+            lambda: client.create_training_run(rank=2, targets=("q_proj",), run_id="lost-map"),
+        ):
+            with pytest.raises(grpc.RpcError) as ei:
+                call()
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value.details()
+            assert "could not ask every executor" in ei.value.details()
+        other = next(n for n in mesh["nodes"] if n is not holder)
+        st = other.direct.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
+        assert st.training_runs == 0  # no second run of the id
+        # An id no executor holds is NOT_FOUND, whoever answers.
+        holder.proxy.unary_faults.clear()
+        with pytest.raises(grpc.RpcError) as ei:
+            client.forward_backward("never-made", data)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        holder.proxy.unary_faults.clear()
+        client.drop_run("lost-map")

@@ -3,7 +3,7 @@ an executor, a cache sidecar and the store under load of streaming clients. Ever
 had not started streaming succeeds (placed elsewhere, or waiting out the restart), with the
 tokens it had before; a stream cut mid-way ends with UNAVAILABLE, never a hang or a silent
 truncation; the dead process is back within seconds on the same address; acknowledged
-revisions are all intact."""
+revisions are all intact. And kill -9 of the router loses no training run."""
 
 from __future__ import annotations
 
@@ -179,3 +179,41 @@ def test_kill_9_under_load(cluster, client, reference, base_info, victim):
             == reference[(a, PROMPTS[0])]
         )
     assert client.generate(PROMPTS[0], adapter=acked[-1][0], sampling=sp).token_ids
+
+
+def test_kill_9_of_the_router_loses_no_training_run(cluster, client, tiny_model_dir):
+    """The router's map of training runs is in its memory: a restarted router finds a run on
+    the executor that holds it at its next call, with its owner (another tenant still gets
+    NOT_FOUND) and the revision its next save descends from; the run goes on where it was."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    s = tok.encode("Survive the router.")
+    data = [{"input_ids": s[:-1], "target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)}]
+    keys = {t: client.create_tenant(t).api_key for t in ("runner", "other")}
+    with (
+        MintClient(cluster.router_address, timeout=60, api_key=keys["runner"]) as cl,
+        MintClient(cluster.router_address, timeout=60, api_key=keys["other"]) as other,
+    ):
+        cl.create_training_run(rank=2, targets=("q_proj",), seed=3, run_id="keep-me")
+        cl.forward_backward("keep-me", data)
+        assert cl.optim_step("keep-me", learning_rate=1e-2).steps == 1
+        first = cl.save_run("keep-me", "runner/kept")
+        _kill_and_wait_back(cluster, "router", client)
+        with pytest.raises(grpc.RpcError) as ei:
+            other.forward_backward("keep-me", data)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND, ei.value.details()
+        loss = cl.forward_backward("keep-me", data).metrics["loss:sum"]
+        assert loss > 0
+        assert cl.optim_step("keep-me", learning_rate=1e-2).steps == 2  # the same run
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.create_training_run(rank=2, targets=("q_proj",), run_id="keep-me")
+        assert ei.value.code() == grpc.StatusCode.ALREADY_EXISTS, ei.value.details()
+        second = cl.save_run("keep-me", "runner/kept")
+        assert second.parent_ref == first.ref
+        assert [p.ref for p in client.resolve(second.ref).provenance.parents] == [first.ref]
+        assert client.resolve(second.ref).labels["mint.train.steps"] == "2"
+        cl.drop_run("keep-me")
+        with pytest.raises(grpc.RpcError) as ei:
+            cl.forward_backward("keep-me", data)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND

@@ -91,6 +91,16 @@ class ExecutorStub:
                 request_serializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.SerializeToString,
                 response_deserializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.FromString,
                 _registered_method=True)
+        self.LocateTrainingRun = channel.unary_unary(
+                '/mintmesh.v1.Executor/LocateTrainingRun',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunResponse.FromString,
+                _registered_method=True)
+        self.NoteTrainingRunSaved = channel.unary_unary(
+                '/mintmesh.v1.Executor/NoteTrainingRunSaved',
+                request_serializer=mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedRequest.SerializeToString,
+                response_deserializer=mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -172,6 +182,20 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LocateTrainingRun(self, request, context):
+        """Which runs live here (for a router that lost its map of them), and the ref each save
+        landed as (so that the map can be rebuilt whole).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NoteTrainingRunSaved(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +253,16 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.DropTrainingRun,
                     request_deserializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.FromString,
                     response_serializer=mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.SerializeToString,
+            ),
+            'LocateTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateTrainingRun,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunResponse.SerializeToString,
+            ),
+            'NoteTrainingRunSaved': grpc.unary_unary_rpc_method_handler(
+                    servicer.NoteTrainingRunSaved,
+                    request_deserializer=mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedRequest.FromString,
+                    response_serializer=mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +563,60 @@ class Executor:
             '/mintmesh.v1.Executor/DropTrainingRun',
             mintmesh_dot_v1_dot_training__pb2.DropTrainingRunRequest.SerializeToString,
             mintmesh_dot_v1_dot_training__pb2.DropTrainingRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Executor/LocateTrainingRun',
+            mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.LocateTrainingRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NoteTrainingRunSaved(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mintmesh.v1.Executor/NoteTrainingRunSaved',
+            mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedRequest.SerializeToString,
+            mintmesh_dot_v1_dot_training__pb2.NoteTrainingRunSavedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
-    __slots__ = ("run_id", "lora", "seed", "tenant", "from_ref", "with_optimizer", "replace", "init_state", "init_adapter", "parent_data_digest")
+    __slots__ = ("run_id", "lora", "seed", "tenant", "from_ref", "with_optimizer", "replace", "init_state", "init_adapter", "parent_data_digest", "parent_ref")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class CreateTrainingRunRequest(_message.Message):
     INIT_STATE_FIELD_NUMBER: _ClassVar[int]
     INIT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PARENT_DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REF_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     lora: LoraConfig
     seed: int
@@ -39,7 +40,8 @@ class CreateTrainingRunRequest(_message.Message):
     init_state: bytes
     init_adapter: bytes
     parent_data_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., from_ref: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., replace: _Optional[bool] = ..., init_state: _Optional[bytes] = ..., init_adapter: _Optional[bytes] = ..., parent_data_digest: _Optional[str] = ...) -> None: ...
+    parent_ref: str
+    def __init__(self, run_id: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ..., from_ref: _Optional[str] = ..., with_optimizer: _Optional[bool] = ..., replace: _Optional[bool] = ..., init_state: _Optional[bytes] = ..., init_adapter: _Optional[bytes] = ..., parent_data_digest: _Optional[str] = ..., parent_ref: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingRunResponse(_message.Message):
     __slots__ = ("run_id", "executor", "trainable_parameters", "lora", "steps")
@@ -204,5 +206,33 @@ class DropTrainingRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class DropTrainingRunResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LocateTrainingRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class LocateTrainingRunResponse(_message.Message):
+    __slots__ = ("tenant", "parent_ref", "steps")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_REF_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    parent_ref: str
+    steps: int
+    def __init__(self, tenant: _Optional[str] = ..., parent_ref: _Optional[str] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class NoteTrainingRunSavedRequest(_message.Message):
+    __slots__ = ("run_id", "ref")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    ref: str
+    def __init__(self, run_id: _Optional[str] = ..., ref: _Optional[str] = ...) -> None: ...
+
+class NoteTrainingRunSavedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

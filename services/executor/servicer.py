@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from mintmesh.errors import BaseModelMismatch, InvalidArgument, MintError
+from mintmesh.errors import BaseModelMismatch, InvalidArgument, MintError, TrainingRunNotFound
 from mintmesh.model import TARGET_MODULES
 from mintmesh.services.common.server import MAX_MESSAGE_BYTES
 from mintmesh.services.executor.engine import (
@@ -240,6 +240,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             optimizer=request.with_optimizer,
             replace=request.replace,
         )
+        run.parent_ref = request.parent_ref
         return training_pb2.CreateTrainingRunResponse(
             run_id=run_id,
             executor=self.engine.executor_id,
@@ -353,6 +354,30 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def DropTrainingRun(self, request, context):
         self.engine.training().trainer.drop_run(request.run_id)
         return training_pb2.DropTrainingRunResponse()
+
+    def _held_run(self, run_id: str):
+        """A run this executor holds (TrainingRunNotFound if none), without setting up
+        training here when nothing trained yet (as engine.training() would)."""
+        q = self.engine.timeshare.queue
+        if q is None:
+            raise TrainingRunNotFound(
+                f"no training run {run_id!r} on this executor", metadata={"run_id": run_id}
+            )
+        return q.trainer.run(run_id)
+
+    def LocateTrainingRun(self, request, context):
+        run = self._held_run(request.run_id)
+        return training_pb2.LocateTrainingRunResponse(
+            tenant=run.tenant, parent_ref=run.parent_ref, steps=run.steps
+        )
+
+    def NoteTrainingRunSaved(self, request, context):
+        if not request.ref:
+            raise InvalidArgument("ref is empty: the revision the run's save landed as")
+        if len(request.ref) > 512:
+            raise InvalidArgument(f"ref is {len(request.ref)} characters (at most 512)")
+        self._held_run(request.run_id).parent_ref = request.ref
+        return training_pb2.NoteTrainingRunSavedResponse()
 
     def Status(self, request, context) -> executor_pb2.ExecutorStatusResponse:
         st = self.engine.status(node_cache=request.include_node_cache)

@@ -271,6 +271,9 @@ class TrainingRun:
         # either under way.
         self.last_used = time.monotonic()
         self.queued = 0
+        # The revision its next save descends from (the router's: from_ref resolved, then each
+        # save's ref), kept here so that a router that restarted finds it again.
+        self.parent_ref = ""
 
     def chain_data_digest(self, parent_digest: str) -> None:
         """Start the data digest from a parent's: the digest then covers every token of the

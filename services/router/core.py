@@ -59,6 +59,11 @@ def _interrupted(err: grpc.RpcError, address: str, chunks: int) -> E.MintError:
     return exc
 
 
+def _run_id_ok(run_id: str) -> bool:
+    """A training run id: letters, digits, - and _, at most 128 characters."""
+    return 0 < len(run_id) <= 128 and run_id.replace("-", "").replace("_", "").isalnum()
+
+
 class RouterCore:
     def __init__(self, config: RouterConfig):
         self.config = config
@@ -233,10 +238,14 @@ class RouterCore:
         replaced on its executor (load_state)."""
         deadline = self._deadline(time_left, self.config.request_timeout_s)
         run_id = req.run_id or f"run-{uuid.uuid4().hex[:16]}"
-        if len(run_id) > 128 or not run_id.replace("-", "").replace("_", "").isalnum():
+        if not _run_id_ok(run_id):
             raise E.InvalidArgument(f"run_id {run_id!r}: letters, digits, - and _ only (<= 128)")
         with self._runs_lock:
             where = self._runs.get(run_id)
+        if where is None and req.run_id:  # perhaps known to an executor (this router restarted)
+            # Unavailable when an executor could not say: it may hold the id (a run placed
+            # afresh would be a second one of that id).
+            where = self._locate(run_id, deadline)
         owner = where is not None and (caller.is_admin or where[1] == caller.tenant)
         live = where is not None and where[0] in self.executors.healthy()
         # The owner's id on a live executor goes there: it answers ALREADY_EXISTS while the
@@ -254,6 +263,7 @@ class RouterCore:
         ereq.CopyFrom(req)
         ereq.run_id, ereq.tenant = run_id, caller.tenant
         parent = self._load_init(ereq, deadline, caller) if req.from_ref else ""
+        ereq.parent_ref = parent
         if where is not None and live:
             addresses = [where[0]]  # the run stays where it lives (or lived)
         else:  # a new run, or one whose executor died: placed afresh
@@ -309,10 +319,49 @@ class RouterCore:
         except ValueError as e:
             raise E.Unavailable(f"the bytes of {ref!r} from the store: {e}") from None
 
+    def _locate(self, run_id: str, deadline: float) -> list[str] | None:
+        """Where run_id lives, asked of the healthy executors (in the order its placement
+        tried them) when this router does not know: it restarted, and the runs live on. Found,
+        it is remembered as placed here: [address, tenant, parent ref]. None when every
+        healthy executor says it has no such run; Unavailable when one could not say (an
+        error, or the deadline)."""
+        if not _run_id_ok(run_id):
+            return None  # no run has such an id: not worth asking anyone
+        req = training_pb2.LocateTrainingRunRequest(run_id=run_id)
+        unsure: list[str] = []
+        for address in self.placement.order(self.executors.healthy(), f"run:{run_id}"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                unsure.append(f"{address}: the deadline passed first")
+                continue
+            try:
+                got = self.executors.executors[address].stub.LocateTrainingRun(
+                    req, timeout=min(left, 5.0)
+                )
+            except grpc.RpcError as err:
+                if error_info(err)[0] == E.TrainingRunNotFound.reason:
+                    continue
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.executors.mark_unhealthy(address, err.details() or "unavailable")
+                unsure.append(f"{address}: {err.code().name}")
+                continue
+            with self._runs_lock:
+                where = self._runs.setdefault(run_id, [address, got.tenant, got.parent_ref])
+            logger.info("training run %s found on %s (%d steps)", run_id, address, got.steps)
+            return where
+        if unsure:
+            raise E.Unavailable(
+                f"could not ask every executor for run {run_id!r} ({'; '.join(unsure)}); try again"
+            )
+        return None
+
     def _run_call(self, method: str, req, time_left: float | None, caller: Principal):
         """Send a call of run req.run_id to the executor it lives on."""
         with self._runs_lock:
             where = self._runs.get(req.run_id)
+        if where is None:
+            deadline = self._deadline(time_left, self.config.request_timeout_s)
+            where = self._locate(req.run_id, deadline)
         # Another tenant's run is "not found", as for adapters.
         if where is None or not (caller.is_admin or where[1] == caller.tenant):
             raise E.AdapterNotFound(f"no training run {req.run_id!r}")
@@ -404,8 +453,17 @@ class RouterCore:
                 got.digest[:12], rev.digest[:12],
             )  # fmt: skip
         with self._runs_lock:
-            if req.run_id in self._runs:
-                self._runs[req.run_id][2] = rev.ref
+            where = self._runs.get(req.run_id)
+            if where is not None:
+                where[2] = rev.ref
+        if where is not None:  # the executor keeps it too, for a router that restarts
+            try:  # given a second even when the save used up the caller's deadline
+                self.executors.executors[where[0]].stub.NoteTrainingRunSaved(
+                    training_pb2.NoteTrainingRunSavedRequest(run_id=req.run_id, ref=rev.ref),
+                    timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                )
+            except grpc.RpcError as err:  # the save stands; only a restarted router's map lacks it
+                logger.info("noting run %s's save on %s: %s", req.run_id, where[0], err.code().name)
         got.ref, got.digest, got.parent_ref = rev.ref, rev.digest, parent
         got.ClearField("safetensors")
         got.ClearField("adapter_config_json")
