@@ -169,9 +169,10 @@ def _plan(
         n_groups: set[int] = set()
         page_rows_total = 0
         for s, n in zip(host.run_slots, host.run_sizes, strict=True):
-            if s >= 0 and hl.pages[s]:
-                n_groups.add(len(hl.pages[s]))
-                page_rows_total += n * len(hl.pages[s]) * pr
+            pages = _rank_pages(hl, s, pr)
+            if pages:
+                n_groups.add(len(pages))
+                page_rows_total += n * len(pages) * pr
         whole = len(n_groups) == 1 and host.num_active == host.num_tokens
         cost_gather = (
             GROUP_US * len(n_groups)
@@ -186,7 +187,7 @@ def _plan(
         kind = force
     plan = _Plan(kind=kind)
     if kind == "gather":
-        plan.groups = _gather_groups(hl, md)
+        plan.groups = _gather_groups(hl, md, pr)
     elif kind == "sorted":
         plan.perm = md.sorted_tokens[: host.num_active].to("cpu", torch.int64)
     host.plans[key] = (hl.pages, plan)
@@ -200,13 +201,24 @@ def _plan(
     return plan
 
 
-def _gather_groups(hl: HostLayer, md: MetaTensors) -> list[_GatherGroup]:
+def _rank_pages(hl: HostLayer, slot: int, pr: int) -> list[int]:
+    """The pages of slot that hold its rank on this layer: none for rank 0 (an adapter that
+    does not target the layer holds pages for the layers it does) or no adapter (slot < 0)."""
+    if slot < 0 or not hl.ranks[slot]:
+        return []
+    return hl.pages[slot][: -(-hl.ranks[slot] // pr)]
+
+
+def _gather_groups(hl: HostLayer, md: MetaTensors, pr: int) -> list[_GatherGroup]:
+    """The gather strategy's groups: the rows whose adapters span the same number of pages
+    on this layer; rows of rank 0 or without an adapter are in none (their y is untouched,
+    even where x is not finite)."""
     slots = md.token_slots.to("cpu").tolist()
     by_n: dict[int, tuple[list[int], list[int], list[int]]] = {}
     for t, s in enumerate(slots):
-        if s < 0 or not hl.pages[s]:
+        p = _rank_pages(hl, s, pr)
+        if not p:
             continue
-        p = hl.pages[s]
         rows, pages, sl = by_n.setdefault(len(p), ([], [], []))
         rows.append(t)
         pages.extend(p)

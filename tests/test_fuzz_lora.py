@@ -624,6 +624,26 @@ REGRESSIONS = {
 }  # fmt: skip
 
 
+# A row whose adapter does not target the layer (rank 0 there, its pages held for the layers
+# it does target) leaves y alone whatever x holds: the gather strategy took the row's pages and
+# multiplied their zeros by x, and a float16 outlier of inf in x made the row NaN. Shrunk by
+# hypothesis (test_cpu_backend_fused_matches_reference, strategy gather).
+RANK0_INF_X = Case(
+    dtype="fp16", in_f=96, out_f=1, page_rows=1, ranks=(0,), other_ranks=(1,), scales=(1.0,),
+    a_mags=(1.0,), b_mags=(1.0,), w_dist="normal", x_dist="outliers", x_mag=1000.0, y_mag=1.0,
+    rows=(0,), fillers=0, layout="contiguous", stale_meta=False, seed=0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", [None, "native", "runs", "sorted", "gather"])
+def test_cpu_a_row_of_rank_0_keeps_y_whatever_x_holds(strategy):
+    b = Built(RANK0_INF_X)
+    assert not bool(torch.isfinite(b.x).all())  # the outlier overflowed float16
+    y = b.y_in()
+    lora_fused(y, b.x_in(), b.lw, b.meta, backend=CpuBackend(strategy))
+    b.check_y(y, f"cpu fused {strategy}")
+
+
 def _check_shrink_then_expand(b: Built, be, what: str) -> None:
     """lora_shrink, then lora_expand of its v, with backend be, each against the reference."""
     lw = b.lw
