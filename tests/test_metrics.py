@@ -37,7 +37,14 @@ from mintmesh.services.router.server import create_server as create_router
 from mintmesh.services.store.config import StoreConfig
 from mintmesh.services.store.server import create_server as create_store
 from mintmesh.synth import synth_peft_bytes
-from mintmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, executor_pb2, executor_pb2_grpc
+from mintmesh.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    training_pb2,
+)
 
 STORE, CACHE = "mintmesh.v1.AdapterStore", "mintmesh.v1.AdapterCache"
 EXECUTOR, ROUTER = "mintmesh.v1.Executor", "mintmesh.v1.Router"
@@ -457,6 +464,44 @@ def test_executor_tokens_and_token_latencies_exact(mesh, n, k):
     assert val(after, "mint_executor_queue_depth") == 0
     assert val(after, "mint_executor_tokens_per_second") > 0
     assert val(after, "mint_executor_kv_blocks_total") == mesh["engine"].kv.num_blocks
+
+
+def test_executor_training_runs_bytes_and_tokens_exact(mesh):
+    """Training on the executor: runs held and their bytes (gauges), tokens trained and runs
+    dropped idle (counters), the same as its Status says."""
+    url, stub = mesh["executor"].metrics_url, mesh["exec"]
+    before = scrape(url)
+    ids = [5, 6, 7, 8, 9]
+    stub.CreateTrainingRun(
+        training_pb2.CreateTrainingRunRequest(
+            run_id="metered",
+            tenant="m",
+            lora=training_pb2.LoraConfig(rank=2, alpha=4.0, target_modules=["q_proj"]),
+        ),
+        timeout=60,
+    )
+    datum = training_pb2.TrainingDatum(
+        input_ids=ids[:-1], target_tokens=ids[1:], weights=[1.0] * (len(ids) - 1)
+    )
+    for _ in range(3):
+        stub.ForwardBackward(
+            training_pb2.ForwardBackwardRequest(run_id="metered", data=[datum, datum]), timeout=60
+        )
+    during = scrape(url)
+    st = stub.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)
+    assert val(during, "mint_executor_training_runs") == st.training_runs >= 1
+    assert val(during, "mint_executor_training_bytes") == st.training_bytes > 0
+    d = lambda name: val(during, name) - val(before, name)  # noqa: E731
+    assert d("mint_executor_training_tokens_total") == 3 * 2 * (len(ids) - 1)
+    assert val(during, "mint_executor_training_tokens_total") == st.training_tokens
+    expired = val(during, "mint_executor_training_runs_expired_total")
+    assert expired == st.training_runs_expired == 0  # 6 hours by default
+    stub.DropTrainingRun(training_pb2.DropTrainingRunRequest(run_id="metered"), timeout=10)
+    after = scrape(url)
+    assert (
+        val(after, "mint_executor_training_runs") == val(during, "mint_executor_training_runs") - 1
+    )
+    assert val(after, "mint_executor_training_bytes") < val(during, "mint_executor_training_bytes")
 
 
 def test_executor_adapter_loads_by_tier_and_errors(mesh):

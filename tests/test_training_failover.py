@@ -12,9 +12,11 @@ import time
 
 import grpc
 import pytest
+from promscrape import scrape, val
 
 from mintmesh.client import MintClient
 from mintmesh.cluster import ClusterConfig, LocalCluster
+from mintmesh.v1 import executor_pb2, executor_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 TARGETS = ("q_proj", "v_proj")
@@ -102,9 +104,9 @@ def test_a_run_no_call_touches_is_dropped_and_its_id_freed(cluster, tiny_model_d
     with MintClient(cluster.router_address, timeout=60, api_key=cluster.admin_key) as admin:
         key = admin.create_tenant("ivy").api_key
     with MintClient(cluster.router_address, timeout=60, retries=0, api_key=key) as cl:
-        cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
+        idle = cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-idle")
         cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-busy")
-        cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-quiet")
+        quiet = cl.create_training_run(rank=2, targets=TARGETS, seed=1, run_id="ivy-quiet")
         _steps(cl, "ivy-idle", data, 1)
         _steps(cl, "ivy-quiet", data, 1)
         # ivy-busy gets a call every 0.3 s; ivy-idle none, for longer than IDLE_S and a sweep.
@@ -132,3 +134,14 @@ def test_a_run_no_call_touches_is_dropped_and_its_id_freed(cluster, tiny_model_d
         assert cl.optim_step("ivy-busy", learning_rate=1e-2).steps == 2  # untouched
         for run in ("ivy-idle", "ivy-busy", "ivy-quiet"):
             cl.drop_run(run)
+    # Counted where they were dropped: in the executor's Status and its metrics alike.
+    urls = cluster.metrics_urls
+    for name in {idle.executor, quiet.executor}:
+        n = [idle.executor, quiet.executor].count(name)
+        with cluster.mesh_channel(cluster.children[name].address) as ch:
+            st = executor_pb2_grpc.ExecutorStub(ch).Status(
+                executor_pb2.ExecutorStatusRequest(), timeout=10
+            )
+        assert st.training_runs_expired >= n, (name, st.training_runs_expired)
+        got = val(scrape(urls[name]), "mint_executor_training_runs_expired_total")
+        assert got >= st.training_runs_expired, (name, got)

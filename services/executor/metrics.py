@@ -53,6 +53,27 @@ class ExecutorMetrics:
     def _on_token(self, seconds: float, first: bool) -> None:
         (self.ttft if first else self.itl).observe(seconds)
 
+    def _training(self) -> Iterator[Metric]:
+        """Training on this executor (zeros until its first run: nothing is set up before)."""
+        q = self.engine.timeshare.queue
+        t = q.trainer if q is not None else None
+        yield gauge("mint_executor_training_runs", "Training runs held.", len(t.runs) if t else 0)
+        yield gauge(
+            "mint_executor_training_bytes",
+            "Bytes the training runs hold (weights, gradients, AdamW state).",
+            t.bytes_used() if t else 0,
+        )
+        yield counter(
+            "mint_executor_training_runs_expired_total",
+            "Training runs dropped for idleness (--training-run-idle-s).",
+            t.expired_runs if t else 0,
+        )
+        yield counter(
+            "mint_executor_training_tokens_total",
+            "Tokens trained (forward_backward).",
+            t.tokens_trained if t else 0,
+        )
+
     def collect(self) -> Iterator[Metric]:
         e = self.engine
         res = e.residency
@@ -137,6 +158,7 @@ class ExecutorMetrics:
                 {"hit": reads[0], "miss": reads[1]},
                 "result",
             )
+        yield from self._training()
         yield gauge(
             "mint_executor_adapter_pool_bytes_used",
             "Bytes of the device adapter pool in use.",

@@ -389,6 +389,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             resp.training_batches = q.batches
             resp.training_calls = q.batched_calls
             resp.training_tokens = q.trainer.tokens_trained
+            resp.training_runs_expired = q.trainer.expired_runs
         return resp
 
     @staticmethod
