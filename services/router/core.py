@@ -357,10 +357,10 @@ class RouterCore:
 
     def _run_call(self, method: str, req, time_left: float | None, caller: Principal):
         """Send a call of run req.run_id to the executor it lives on."""
+        deadline = self._deadline(time_left, self.config.request_timeout_s)
         with self._runs_lock:
             where = self._runs.get(req.run_id)
         if where is None:
-            deadline = self._deadline(time_left, self.config.request_timeout_s)
             where = self._locate(req.run_id, deadline)
         # Another tenant's run is "not found", as for adapters.
         if where is None or not (caller.is_admin or where[1] == caller.tenant):
@@ -371,7 +371,7 @@ class RouterCore:
                 f"the executor of run {req.run_id!r} ({address}) is down; resume the run from "
                 "its last saved state on another"
             )
-        left = self._deadline(time_left, self.config.request_timeout_s) - time.monotonic()
+        left = deadline - time.monotonic()
         try:
             return getattr(self.executors.executors[address].stub, method)(req, timeout=left)
         except grpc.RpcError as err:
