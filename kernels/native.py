@@ -354,8 +354,7 @@ def load(block: bool = True) -> NativeLib | None:
 # -- paged decode attention (attn_cpu.cpp) ---------------------------------------------------
 
 ATTN_SOURCE = Path(__file__).with_name("attn_cpu.cpp")
-ATTN_ABI_VERSION = 2
-_ATTN_VARIANTS = (["-pthread"], [])
+ATTN_ABI_VERSION = 3
 _I32 = torch.int32
 
 
@@ -370,6 +369,8 @@ class AttnLib:
             raise RuntimeError(f"{path}: ABI {lib.mm_attn_abi_version()} != {ATTN_ABI_VERSION}")
         self._lib = lib
         self.isa = "avx2" if lib.mm_attn_isa() == 1 else "baseline"
+        # Who shares a call's work items: torch's OpenMP team, or this library's helper threads.
+        self.threading = "openmp" if lib.mm_attn_openmp() else "helpers"
         self._decode = lib.mm_paged_decode_attn_f32
         self._decode.argtypes = [_VP, _I64, _I64, _VP, _I64, _I64, _VP, _VP, _I64, _I64, _I64,
                                  _I64, _VP, _VP, _VP, _VP, _I64, _I64, _I64, ctypes.c_float,
@@ -468,6 +469,7 @@ def _torch_openmp_flags() -> list[str] | None:
 
 _OMP_FLAGS = _torch_openmp_flags()
 _LORA_VARIANTS = (([*_OMP_FLAGS, "-pthread"],) if _OMP_FLAGS else ()) + (["-pthread"], [])
+_ATTN_VARIANTS = _LORA_VARIANTS  # the attention kernel shares torch's team the same way
 _LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION,
               _LORA_VARIANTS, NativeLib, "check_native_lora")  # fmt: skip
 _ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",

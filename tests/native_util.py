@@ -4,6 +4,8 @@ build or was refused by its start-up self-check fails the test instead of hiding
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mintmesh.kernels import native
@@ -18,3 +20,19 @@ def require(which: str = "lora"):
     if why == "no compiler" or why.startswith("disabled"):
         pytest.skip(f"the native CPU {which} kernels cannot be built here: {why}")
     pytest.fail(f"the native CPU {which} kernels did not load though a compiler exists: {why}")
+
+
+def check_threading(lib, source: Path, cls, tmp_path: Path):
+    """Where torch runs on OpenMP, `lib` is built against torch's own runtime (its team shares
+    the work) and the process maps one libgomp; returns the same source built without it (its
+    own helper threads, work_share.h), loaded as `cls`."""
+    if native._OMP_FLAGS is not None:
+        assert lib.threading == "openmp"
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libgomp = [ln.split()[-1] for ln in maps if "/libgomp" in ln]
+        assert len(set(libgomp)) == 1, f"two OpenMP runtimes in one process: {set(libgomp)}"
+    own = tmp_path / f"{source.stem}_helpers.so"
+    native._compile(native._compiler(), source, own, (["-pthread"],))
+    helpers = cls(own)
+    assert helpers.threading == "helpers"
+    return helpers

@@ -279,6 +279,23 @@ def test_executor_lora_threads_rule(tiny_model_dir):
         ExecutorConfig(model_dir=tiny_model_dir, lora_threads=-1)
 
 
+def test_executor_attn_threads_rule(tiny_model_dir):
+    """--attn-threads 0 (auto), as --lora-threads: the kernel's default (2) where torch has a
+    thread team, one where torch runs on one thread; a set value wins; a negative one is
+    refused."""
+    from mintmesh.kernels.settings import KernelSettings
+    from mintmesh.services.executor.server import attn_threads
+
+    cfg = ExecutorConfig(model_dir=tiny_model_dir)
+    assert cfg.attn_threads == 0
+    assert attn_threads(cfg, 1) == 1
+    assert attn_threads(cfg, 2) == KernelSettings.attn_threads == 2
+    assert attn_threads(cfg, 16) == 2
+    assert attn_threads(dataclasses.replace(cfg, attn_threads=3), 1) == 3
+    with pytest.raises(ValueError, match="attn_threads=-1 must be >= 0"):
+        ExecutorConfig(model_dir=tiny_model_dir, attn_threads=-1)
+
+
 def test_executor_stream_message_budget_rule(tiny_model_dir):
     """--stream-messages-per-s: a stream's messages after its first are spaced by the running
     streams over the budget, at most 0.1 s; 0 turns the bound off; a negative or NaN budget is

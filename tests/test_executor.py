@@ -528,7 +528,8 @@ def test_incremental_text(engine, text, stop, want, stopped):
 
 def test_cli_prints_ready_and_serves(tiny_model_dir, tmp_path):
     """The executor process: READY line, Status, Generate, a clean SIGTERM; and its thread
-    counts as logged: torch on one thread for the tiny backbone, so the LoRA kernels on one."""
+    counts as logged: torch on one thread for the tiny backbone, so the LoRA kernels and decode
+    attention on one."""
     err = open(tmp_path / "executor.log", "w")  # noqa: SIM115 - closed in the finally
     env = {**os.environ, "MINT_EXECUTOR_MAX_QUEUE": "7", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
@@ -555,7 +556,8 @@ def test_cli_prints_ready_and_serves(tiny_model_dir, tmp_path):
         line = proc.stdout.readline().split()
         assert line[:2] == ["READY", "executor"] and line[2].startswith("127.0.0.1:")
         log = (tmp_path / "executor.log").read_text()
-        assert "executor: torch on 1 thread(s), the LoRA kernels on 1" in log, log[-2000:]
+        want = "executor: torch on 1 thread(s), the LoRA kernels on 1, decode attention on 1"
+        assert want in log, log[-2000:]
         with grpc.insecure_channel(line[2]) as ch:
             stub = executor_pb2_grpc.ExecutorStub(ch)
             st = stub.Status(executor_pb2.ExecutorStatusRequest(), timeout=10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
 import native_util
 import pytest
@@ -155,15 +154,7 @@ def test_tiles_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
     its team shares the tiles; the build without it (helper threads, work_share.h) stays
     correct too: both against the oracle, on one and two threads, decode rows (one per
     adapter: one-row tiles) and a zipf batch."""
-    if native._OMP_FLAGS is not None:
-        assert lib.threading == "openmp"
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        libgomp = [ln.split()[-1] for ln in maps if "/libgomp" in ln]
-        assert len(set(libgomp)) == 1, f"two OpenMP runtimes in one process: {set(libgomp)}"
-    own = tmp_path / "lora_helpers.so"
-    native._compile(native._compiler(), native.SOURCE, own, (["-pthread"],))
-    helpers = native.NativeLib(own)
-    assert helpers.threading == "helpers"
+    helpers = native_util.check_threading(lib, native.SOURCE, native.NativeLib, tmp_path)
     g = torch.Generator().manual_seed(5)
     for pop, T in (("distinct", 7), ("zipf", 133)):
         shapes, pool, by_slot, ts = _setup("mixed", T, pop, "small", seed=13)

@@ -160,6 +160,29 @@ def test_native_decode_isa_paths_and_threads(lib, isa, threads):
         lib.set_isa(None)
 
 
+def test_items_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
+    """Where torch runs on OpenMP (here), the attention library is built against torch's own
+    runtime and its team shares the work items (no second OpenMP runtime in the process); the
+    build without it (helper threads, work_share.h) stays correct too: both against the
+    reference on one, two and three threads, with large logits across block boundaries, and
+    every thread count gives the single-threaded result bit for bit (each item is one thread's,
+    whichever)."""
+    helpers = native_util.check_threading(lib, native.ATTN_SOURCE, native.AttnLib, tmp_path)
+    kvh, d, ratio, batch = 4, 64, 4, 24
+    ctxs = [CTXS[(3 * i) % len(CTXS)] for i in range(batch)]
+    nb = sum(-(-c // BS) for c in ctxs)
+    k, v = _cache(nb, kvh, d, seed=9)
+    tables = _tables(ctxs, nb, "scattered", seed=9)
+    q = 12 * torch.randn(batch, kvh * ratio, d, generator=torch.Generator().manual_seed(9))
+    want = _reference(q, k, v, tables, ctxs, 0.125)
+    one = _run_native(lib, q, k, v, tables, ctxs, 0.125, 1)
+    _check(one, want)
+    for impl in (lib, helpers):
+        for threads in (1, 2, 3):
+            got = _run_native(impl, q, k, v, tables, ctxs, 0.125, threads)
+            assert torch.equal(got, one), f"{impl.threading} x{threads}"
+
+
 def test_native_decode_rejects_unsupported_layouts(lib):
     k, v = _cache(4, 2, 64)
     lens, starts, blocks = _flat([[0, 1]], [20])

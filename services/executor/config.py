@@ -210,8 +210,12 @@ class ExecutorConfig:
         },
     )
     attn_threads: int = field(
-        default=KernelSettings.attn_threads,
-        metadata={"help": "threads of the native paged decode attention"},
+        default=0,
+        metadata={
+            "help": "threads of the native paged decode attention, the caller included (as "
+            f"--lora-threads); 0 (auto): {KernelSettings.attn_threads}, or one where torch runs "
+            "on one thread"
+        },
     )
     torch_threads: int = field(
         default=0,
@@ -257,14 +261,14 @@ class ExecutorConfig:
             "max_rank",
             "kv_block_size",
             "loader_threads",
-            "attn_threads",
         ):
             val = getattr(self, name)
             if int(val) < 1:
                 raise ValueError(f"{name}={val} must be >= 1")
         for name in ("adapter_pool_bytes", "host_cache_bytes", "kv_cache_bytes",
                      "max_queue_per_tenant", "max_step_adapters",
-                     "stream_buffer_outputs", "torch_threads", "lora_threads"):  # fmt: skip
+                     "stream_buffer_outputs", "torch_threads", "lora_threads",
+                     "attn_threads"):  # fmt: skip
             val = getattr(self, name)
             if int(val) < 0:
                 raise ValueError(f"{name}={val} must be >= 0")

@@ -91,6 +91,15 @@ def lora_threads(config: ExecutorConfig, torch_threads: int) -> int:
     return 1 if torch_threads <= 1 else KernelSettings.lora_threads
 
 
+def attn_threads(config: ExecutorConfig, torch_threads: int) -> int:
+    """The native decode attention's thread count (config.attn_threads; 0 = auto): the kernel's
+    default (KernelSettings.attn_threads), but one where torch runs on one thread, as for the
+    LoRA kernels (a team of two kept for one call per layer would spin between them)."""
+    if config.attn_threads:
+        return config.attn_threads
+    return 1 if torch_threads <= 1 else KernelSettings.attn_threads
+
+
 def serve(config: ExecutorConfig) -> None:
     """Run an executor until SIGTERM/SIGINT: stop accepting, finish running requests, stop."""
     setup_tracing("mint-executor", config.otlp_endpoint)
@@ -98,13 +107,14 @@ def serve(config: ExecutorConfig) -> None:
     configure_kernels(
         native=config.native_kernels,
         lora_threads=lora_threads(config, threads),
-        attn_threads=config.attn_threads,
+        attn_threads=attn_threads(config, threads),
     )
     torch.set_num_threads(threads)
     logger.info(
-        "executor: torch on %d thread(s), the LoRA kernels on %d",
+        "executor: torch on %d thread(s), the LoRA kernels on %d, decode attention on %d",
         torch.get_num_threads(),
         SETTINGS.lora_threads,
+        SETTINGS.attn_threads,
     )
     server, engine = create_server(config)
     announce_ready("executor", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
