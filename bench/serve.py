@@ -36,7 +36,12 @@ causal attention (QK^T and PV: 4 * (position + 1) * heads * head_dim per layer);
 token, 2 FLOP per LM-head weight (logits only for the rows sampled). Norms, rotary, softmax and
 sampling are not counted. gemm_roofline_fraction = model FLOPs/s at capacity (the largest N's
 model_gflop_s) over gemm_peak_gflop_s (target >= 0.8); the peak and the bandwidth are the best of
-the run's measurements.
+the run's measurements. Its physical bound, gemm_roofline_fraction_bound: the requests' model
+FLOPs at the peak over the least time a layer-by-layer forward needs for them (Costs.
+batched_least_s: all FLOPs at the peak, except that a decode token's attention takes at least
+the bytes of its context's K and V over the read bandwidth: it reads them once per layer and
+shares them with no other sequence; weight reads are left out, so the bound is optimistic);
+gemm_roofline_fraction_of_bound = gemm_roofline_fraction / gemm_roofline_fraction_bound.
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
@@ -255,6 +260,18 @@ class Costs:
 
     def kv_bytes(self, context: int) -> int:
         return 2 * context * self.kv_dim * self.layers * self.bytes_per_weight
+
+    def batched_least_s(self, prompt: int, out: int, peak: float, bw: float) -> float:
+        """The least time a request's share of batched serving takes in a forward that runs
+        its layers' ops one after another (as every engine here does): its FLOPs at the GEMM
+        peak, but each decode token's attention at max(its FLOPs / peak, the bytes of its
+        context's K and V / bandwidth) (a decode token reads its whole context once per layer,
+        shared with no other sequence; a prefill chunk's tokens share the reads). The weights'
+        bytes are left out (read once per step for the whole batch): optimistic."""
+        t = (self.request_flops(prompt, out) - self.attn_flops(prompt, prompt + out - 1)) / peak
+        for p in range(prompt, prompt + out - 1):  # the outputs fed back, at positions p
+            t += max(self.attn_flops(p, p + 1) / peak, self.kv_bytes(p + 1) / bw)
+        return t
 
     def serial_roofline_s(self, prompt: int, out: int, peak: float, bw: float) -> float:
         """The least time batch-1 serving takes for a request: the prefill, then one forward per
@@ -580,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         costs.serial_roofline_s(len(j.prompt), j.out_len, peak, bw) for j in pj
     )
     ours_roof = gen_tokens / (flops / peak)
+    least = sum(costs.batched_least_s(len(j.prompt), j.out_len, peak, bw) for j in jobs)
     peft_tps = statistics.median(x["peft_serial_tokens_per_s"] for x in rounds)
     metrics.update(
         capacity_requests_per_s=_r(capacity),
@@ -589,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         requests_gflop=_r(flops / 1e9),
         generated_tokens=gen_tokens,
         gemm_roofline_fraction=_r(model_fs / peak),
+        gemm_roofline_fraction_bound=_r(flops / peak / least),
+        gemm_roofline_fraction_of_bound=_r(model_fs / peak / (flops / peak / least)),
         ours_roofline_tokens_per_s=_r(ours_roof),
         peft_roofline_tokens_per_s=_r(peft_roof),
         peft_roofline_fraction=_r(peft_tps / peft_roof),

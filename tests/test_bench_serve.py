@@ -84,6 +84,19 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
     assert _close(m["peft_roofline_fraction"], peft_frac, 2e-3)
     frac = m["vs_peft_serial_saturated"] / m["vs_peft_serial_bound"]
     assert _close(m["vs_peft_serial_fraction_of_bound"], frac, 2e-3)
+    # The fraction's physical bound: the requests' FLOPs at the peak over their least time,
+    # recomputed from the same requests (the seed's), peak and bandwidth.
+    costs = serve.model_costs(tiny_model_dir)
+    jobs = serve.make_jobs(6, p["seed"], (8, 24), (4, 12))
+    bw = m["read_bandwidth_gb_s"] * 1e9
+    least = sum(costs.batched_least_s(len(j.prompt), j.out_len, peak * 1e9, bw) for j in jobs)
+    assert _close(m["requests_gflop"] * 1e9, sum(costs.request_flops(len(j.prompt), j.out_len)
+                                                 for j in jobs), 2e-3)  # fmt: skip
+    bound = m["requests_gflop"] / peak / least
+    assert 0 < m["gemm_roofline_fraction_bound"] < 1
+    assert _close(m["gemm_roofline_fraction_bound"], bound, 2e-3)
+    of_bound = m["gemm_roofline_fraction"] / m["gemm_roofline_fraction_bound"]
+    assert _close(m["gemm_roofline_fraction_of_bound"], of_bound, 2e-3)
     assert m["generated_tokens"] >= 6 * 4 and m["weight_mib"] > 0
     assert m["executor_steps"] > 0
 
@@ -128,6 +141,16 @@ def test_model_flops_match_torch_flop_counter(tiny_model_dir):
     assert costs.attn_flops(0, 3) == 4 * (1 + 2 + 3) * costs.q_dim * costs.layers
     assert costs.attn_flops(3, 4) == 4 * 4 * costs.q_dim * costs.layers
     assert costs.request_flops(5, 3) == costs.forward_flops(0, 7, 3)
+    # The batched least time: FLOPs at the peak, but each decode token's attention at least
+    # its context's K/V bytes over the bandwidth (a slow memory makes that term the larger).
+    peak, bw = 1e11, 1e3
+    want = (costs.request_flops(5, 3) - costs.attn_flops(5, 7)) / peak
+    want += costs.kv_bytes(6) / bw + costs.kv_bytes(7) / bw
+    assert costs.batched_least_s(5, 3, peak, bw) == pytest.approx(want)
+    assert costs.batched_least_s(5, 3, peak, 1e30) == pytest.approx(
+        costs.request_flops(5, 3) / peak
+    )
+    assert costs.batched_least_s(5, 1, peak, bw) == pytest.approx(costs.request_flops(5, 1) / peak)
     assert costs.lora_weights > 0 and costs.weight_bytes() == 4 * (
         costs.layer_weights + costs.head_weights + costs.lora_weights
     )

