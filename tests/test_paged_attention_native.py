@@ -166,10 +166,10 @@ def test_items_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
     build without it (helper threads, work_share.h) stays correct too: both against the
     reference on one, two and three threads, with large logits across block boundaries, and
     every thread count gives the single-threaded result bit for bit (each item is one thread's,
-    whichever)."""
+    whichever), also where few sequences split their KV heads into more items."""
     helpers = native_util.check_threading(lib, native.ATTN_SOURCE, native.AttnLib, tmp_path)
     kvh, d, ratio, batch = 4, 64, 4, 24
-    ctxs = [CTXS[(3 * i) % len(CTXS)] for i in range(batch)]
+    ctxs = [CTXS[(5 * i + 1) % len(CTXS)] for i in range(batch)]
     nb = sum(-(-c // BS) for c in ctxs)
     k, v = _cache(nb, kvh, d, seed=9)
     tables = _tables(ctxs, nb, "scattered", seed=9)
@@ -181,6 +181,18 @@ def test_items_shared_by_torch_openmp_team_or_own_helpers(lib, tmp_path):
         for threads in (1, 2, 3):
             got = _run_native(impl, q, k, v, tables, ctxs, 0.125, threads)
             assert torch.equal(got, one), f"{impl.threading} x{threads}"
+    # Few sequences: the KV heads are split into more items for the threads (1-3 sequences
+    # x 4 KV heads), and the split changes no bit either.
+    longest = sorted(range(batch), key=lambda i: -ctxs[i])
+    for n in (1, 2, 3):
+        idx = longest[:n]  # 513 tokens each: 33 blocks
+        qn, tn, cn = q[idx], [tables[i] for i in idx], [ctxs[i] for i in idx]
+        one = _run_native(lib, qn, k, v, tn, cn, 0.125, 1)
+        _check(one, _reference(qn, k, v, tn, cn, 0.125))
+        for impl in (lib, helpers):
+            for threads in (2, 3):
+                got = _run_native(impl, qn, k, v, tn, cn, 0.125, threads)
+                assert torch.equal(got, one), f"{impl.threading} x{threads}, {n} sequences"
 
 
 def test_native_decode_rejects_unsupported_layouts(lib):
@@ -260,11 +272,15 @@ def test_plan_native_falls_back_for_other_query_dtypes(lib):
 
 
 def test_plan_threads_setting(lib, monkeypatch):
+    """SETTINGS.attn_threads reaches the kernel through the plan: 2 and 3 threads give the
+    one-thread result."""
     cache, spans, q, key, val = _plan_inputs(kvh=4, ratio=1, d=128)
+    monkeypatch.setattr(SETTINGS, "attn_threads", 1)
     _, want = _plan_out(cache, spans, q, key, val)
-    monkeypatch.setattr(SETTINGS, "attn_threads", 2)
-    _, got = _plan_out(cache, spans, q, key, val)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    for threads in (2, 3):
+        monkeypatch.setattr(SETTINGS, "attn_threads", threads)
+        _, got = _plan_out(cache, spans, q, key, val)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
 def test_fallback_when_disabled_or_unbuildable(monkeypatch, caplog):
