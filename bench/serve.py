@@ -598,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ours_roof = gen_tokens / (flops / peak)
     least = sum(costs.batched_least_s(len(j.prompt), j.out_len, peak, bw) for j in jobs)
+    fraction, fraction_bound = model_fs / peak, flops / peak / least
     peft_tps = statistics.median(x["peft_serial_tokens_per_s"] for x in rounds)
     metrics.update(
         capacity_requests_per_s=_r(capacity),
@@ -606,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         weight_mib=_r(costs.weight_bytes() / 2**20),
         requests_gflop=_r(flops / 1e9),
         generated_tokens=gen_tokens,
-        gemm_roofline_fraction=_r(model_fs / peak),
-        gemm_roofline_fraction_bound=_r(flops / peak / least),
-        gemm_roofline_fraction_of_bound=_r(model_fs / peak / (flops / peak / least)),
+        gemm_roofline_fraction=_r(fraction),
+        gemm_roofline_fraction_bound=_r(fraction_bound),
+        gemm_roofline_fraction_of_bound=_r(fraction / fraction_bound),
         ours_roofline_tokens_per_s=_r(ours_roof),
         peft_roofline_tokens_per_s=_r(peft_roof),
         peft_roofline_fraction=_r(peft_tps / peft_roof),

@@ -246,23 +246,8 @@ void work_fn(void* j) { work(*static_cast<Job*>(j)); }
 
 void run(Job& J, int nthreads) {
   J.isa = detect_isa();
-  const int helpers = share::helpers_for(J.items, nthreads);
-#ifdef _OPENMP
-  // Built against the OpenMP runtime torch loaded (native.py), as lora_cpu.cpp: the call comes
-  // right after the layer's q/k/v GEMMs, whose workers are still spinning for the next region,
-  // so the team starts at once. A helper thread of our own shares its core with a spinning
-  // worker: in the model (24 sequences x 180 tokens, 16 heads, 8 layers) two helper-shared
-  // threads took 15 ms a step against 13 ms on one, and torch's team of two 7-10 ms.
-  if (helpers > 0) {
-#pragma omp parallel num_threads(helpers + 1)
-    work(J);
-    return;
-  }
-  work(J);
-#else
   share::Work w{work_fn, &J};
-  share::run(w, helpers);
-#endif
+  share::run_shared(w, share::helpers_for(J.items, nthreads));
 }
 
 }  // namespace

@@ -279,24 +279,8 @@ int run(const Job& J, int64_t nseg, int nthreads) {
   }
   Tiles w;
   w.J = &J, w.tiles = tiles.data(), w.n = (int64_t)tiles.size(), w.isa = g_isa;
-  const int helpers = share::helpers_for(w.n, nthreads);
-#ifdef _OPENMP
-  // Built against the OpenMP runtime torch loaded (native.py): its team takes the tiles. Right
-  // after one of the backbone's GEMMs its workers are still spinning, waiting for the next
-  // region, so they start at once; a helper thread of our own would share its core with a
-  // spinning worker, and in the model the call ran no faster than on one thread (measured:
-  // 64 rows x 64 rank-16 adapters x 32 layers, 21.3 ms in the model vs 13.2 alone; with the
-  // team 13.9 vs 9.9).
-  if (helpers > 0) {
-#pragma omp parallel num_threads(helpers + 1)
-    run_tiles(&w);
-    return 0;
-  }
-  run_tiles(&w);
-#else
   share::Work work{run_tiles, &w};
-  share::run(work, helpers);
-#endif
+  share::run_shared(work, share::helpers_for(w.n, nthreads));
   return 0;
 }
 

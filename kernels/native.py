@@ -468,12 +468,12 @@ def _torch_openmp_flags() -> list[str] | None:
 
 
 _OMP_FLAGS = _torch_openmp_flags()
-_LORA_VARIANTS = (([*_OMP_FLAGS, "-pthread"],) if _OMP_FLAGS else ()) + (["-pthread"], [])
-_ATTN_VARIANTS = _LORA_VARIANTS  # the attention kernel shares torch's team the same way
+# Both libraries share their work with torch's OpenMP team the same way (work_share.h).
+_VARIANTS = (([*_OMP_FLAGS, "-pthread"],) if _OMP_FLAGS else ()) + (["-pthread"], [])
 _LORA = _Spec("_", "LoRA kernels", "the torch CPU path", SOURCE, "lora_cpu", ABI_VERSION,
-              _LORA_VARIANTS, NativeLib, "check_native_lora")  # fmt: skip
+              _VARIANTS, NativeLib, "check_native_lora")  # fmt: skip
 _ATTN = _Spec("_attn_", "attention kernel", "the torch attention path", ATTN_SOURCE, "attn_cpu",
-              ATTN_ABI_VERSION, _ATTN_VARIANTS, AttnLib, "check_decode_attention")  # fmt: skip
+              ATTN_ABI_VERSION, _VARIANTS, AttnLib, "check_decode_attention")  # fmt: skip
 
 
 def unavailable_reason(which: str = "lora") -> str | None:

@@ -86,18 +86,22 @@ def lora_threads(config: ExecutorConfig, torch_threads: int) -> int:
     the step's ~14 calls per layer: on the 2-core machine, tiny backbone, its second thread
     burned ~0.35 of a core under a 200-stream flood, and one thread cut tenant B's idle TTFT
     from 17.6-18.6 to 13.4-13.9 ms and the flooded engine step from 46 to 40-43 ms."""
-    if config.lora_threads:
-        return config.lora_threads
-    return 1 if torch_threads <= 1 else KernelSettings.lora_threads
+    return _kernel_threads(config.lora_threads, KernelSettings.lora_threads, torch_threads)
 
 
 def attn_threads(config: ExecutorConfig, torch_threads: int) -> int:
     """The native decode attention's thread count (config.attn_threads; 0 = auto): the kernel's
     default (KernelSettings.attn_threads), but one where torch runs on one thread, as for the
     LoRA kernels (a team of two kept for one call per layer would spin between them)."""
-    if config.attn_threads:
-        return config.attn_threads
-    return 1 if torch_threads <= 1 else KernelSettings.attn_threads
+    return _kernel_threads(config.attn_threads, KernelSettings.attn_threads, torch_threads)
+
+
+def _kernel_threads(configured: int, default: int, torch_threads: int) -> int:
+    """A native kernel's thread count: the configured one, or (0, auto) its default, but one
+    where torch runs on one thread."""
+    if configured:
+        return configured
+    return 1 if torch_threads <= 1 else default
 
 
 def serve(config: ExecutorConfig) -> None:
