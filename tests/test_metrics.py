@@ -27,6 +27,7 @@ from promscrape import Samples, rpc_latency_count, rpcs, scrape, val
 from mintmesh.cache.config import CacheConfig
 from mintmesh.client import MintClient, sampling_params
 from mintmesh.services.common.config import load_config
+from mintmesh.services.common.metrics import OneWriterHistogram
 from mintmesh.services.common.server import mesh_channel
 from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.server import create_server as create_executor
@@ -464,6 +465,63 @@ def test_executor_tokens_and_token_latencies_exact(mesh, n, k):
     assert val(after, "mint_executor_queue_depth") == 0
     assert val(after, "mint_executor_tokens_per_second") > 0
     assert val(after, "mint_executor_kv_blocks_total") == mesh["engine"].kv.num_blocks
+
+
+def test_one_writer_histogram_by_label():
+    h = OneWriterHistogram("x_seconds", "doc", (0.1, 1.0), label="kind", values=("a", "b"))
+    for x, kind in ((0.05, "a"), (0.5, "a"), (5.0, "b")):
+        h.observe(x, kind)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in h.family().samples}
+
+    def at(name, kind, **more):
+        return got[(name, tuple(sorted({"kind": kind, **more}.items())))]
+
+    assert [at("x_seconds_bucket", "a", le=le) for le in ("0.1", "1.0", "+Inf")] == [1, 2, 2]
+    assert [at("x_seconds_bucket", "b", le=le) for le in ("0.1", "1.0", "+Inf")] == [0, 0, 1]
+    assert (at("x_seconds_count", "a"), at("x_seconds_count", "b")) == (2, 1)
+    assert at("x_seconds_sum", "a") == pytest.approx(0.55)
+    assert at("x_seconds_sum", "b") == 5.0
+    with pytest.raises(ValueError, match="a label needs its values"):
+        OneWriterHistogram("y", "doc", (1.0,), label="kind")
+    with pytest.raises(ValueError, match="a label needs its values"):
+        OneWriterHistogram("y", "doc", (1.0,), values=("a",))
+
+
+def test_executor_step_seconds_by_kind(mesh):
+    url = mesh["executor"].metrics_url
+    n, k = 2, 6
+    before = scrape(url)
+    for _ in range(n):
+        assert sum(len(c.token_ids) for c in _generate(mesh, k)) == k
+    kinds = ("prefill", "decode", "empty")
+
+    def d(after, name, **lbl):
+        return val(after, name, **lbl) - val(before, name, **lbl)
+
+    # The step that streamed a generation's last token is observed when it returns, after the
+    # client may have read that token: wait until every step counted is observed.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(url)
+        steps = d(after, "mint_executor_steps_total")
+        observed = sum(d(after, "mint_executor_step_seconds_count", kind=x) for x in kinds)
+        if observed == steps or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert observed == steps
+    # Each generation: one step computing its prompt, then k - 1 decoding alone.
+    assert d(after, "mint_executor_step_seconds_count", kind="prefill") >= n
+    assert d(after, "mint_executor_step_seconds_count", kind="decode") >= n * (k - 1)
+    for kind in ("prefill", "decode"):
+        count = d(after, "mint_executor_step_seconds_count", kind=kind)
+        assert d(after, "mint_executor_step_seconds_bucket", kind=kind, le="+Inf") == count
+        assert d(after, "mint_executor_step_seconds_sum", kind=kind) > 0
+        # Cumulative buckets: each bound holds at most what the next does.
+        cum = [
+            val(after, "mint_executor_step_seconds_bucket", kind=kind, le=le)
+            for le in ("0.001", "0.01", "0.1", "1.0", "+Inf")
+        ]
+        assert cum == sorted(cum) and cum[-1] > 0
 
 
 def test_executor_training_runs_bytes_and_tokens_exact(mesh):

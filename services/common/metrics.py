@@ -227,22 +227,43 @@ def gauge(
 class OneWriterHistogram:
     """A histogram observed by one thread only (the executor's step loop), without a lock: the
     writer bumps a bucket and the sum, a scrape reads them (a racing scrape may see a count
-    without its sum for one observation). Exported through collect() like a family."""
+    without its sum for one observation). Exported through collect() like a family. With
+    `label`, one histogram per value of it (`values`, fixed up front: observe(x, value))."""
 
-    def __init__(self, name: str, doc: str, buckets: Sequence[float]) -> None:
-        self.name, self.doc = name, doc
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        buckets: Sequence[float],
+        label: str | None = None,
+        values: Sequence[str] = (),
+    ) -> None:
+        if (label is None) != (not values):
+            raise ValueError(f"histogram {name}: a label needs its values, and values a label")
+        self.name, self.doc, self.label = name, doc, label
         self.bounds = tuple(sorted(float(b) for b in buckets))
-        self._counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
-        self._sum = 0.0
+        keys = tuple(values) if label is not None else ("",)
+        # Per label value: the counts (the last one: above every bound) and the sum.
+        self._counts = {k: [0] * (len(self.bounds) + 1) for k in keys}
+        self._sums = dict.fromkeys(keys, 0.0)
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self.bounds, value)] += 1
-        self._sum += value
+    def observe(self, value: float, label_value: str = "") -> None:
+        self._counts[label_value][bisect.bisect_left(self.bounds, value)] += 1
+        self._sums[label_value] += value
 
     def family(self) -> HistogramMetricFamily:
-        counts, total = list(self._counts), self._sum
+        if self.label is None:
+            return HistogramMetricFamily(
+                self.name, self.doc, buckets=self._buckets(""), sum_value=self._sums[""]
+            )
+        fam = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for k in self._counts:
+            fam.add_metric([k], self._buckets(k), self._sums[k])
+        return fam
+
+    def _buckets(self, key: str) -> list[tuple[str, int]]:
         cum, buckets = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+        for bound, n in zip((*self.bounds, float("inf")), list(self._counts[key]), strict=True):
             cum += n
             buckets.append((floatToGoString(bound), cum))
-        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=total)
+        return buckets

@@ -144,6 +144,8 @@ class Engine:
     # Per token sampled, on the step thread (the executor's metrics): (seconds since the
     # request's submit for its first token, else since its previous token; first).
     on_token = _Of("output")
+    # Per iteration of the step thread, on it: (StepStats, seconds).
+    on_step = _Of("loop")
     prefix_caching = _Of("kvm")
     vocab_size = _Of("limits")
     max_positions = _Of("limits")

@@ -1,5 +1,5 @@
 """The executor's Prometheus metrics: the engine's own counters read at scrape time, and the
-latency histograms its hooks observe (Engine.on_token on the step thread, lock-free;
+latency histograms its hooks observe (Engine.on_token and on_step on the step thread, lock-free;
 AdapterResidency.on_load in the loader threads)."""
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ from mintmesh.services.common.metrics import (
     gauge,
 )
 from mintmesh.services.executor.engine import Engine
+from mintmesh.services.executor.requests import StepStats
 from mintmesh.services.executor.residency import AdapterState
 
 TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A step's kind for mint_executor_step_seconds: prefill (it computed prompt tokens, maybe beside
+# decodes), decode (only decodes), empty (nothing scheduled: adapters loading, all paused).
+STEP_KINDS = ("prefill", "decode", "empty")
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
 
@@ -38,6 +43,15 @@ class ExecutorMetrics:
             "Seconds between a generation's consecutive tokens.",
             ITL_BUCKETS,
         )
+        self.step_seconds = OneWriterHistogram(
+            "mint_executor_step_seconds",
+            "Seconds of one iteration of the step loop (the model lock's wait included), by "
+            "kind: prefill (it computed prompt tokens), decode (only decodes), empty (nothing "
+            "was scheduled).",
+            STEP_BUCKETS,
+            label="kind",
+            values=STEP_KINDS,
+        )
         self.load_seconds = Histogram(
             "mint_executor_adapter_load_seconds",
             "Seconds to move an adapter into a tier: host (read from the node cache or "
@@ -47,11 +61,16 @@ class ExecutorMetrics:
             registry=registry,
         )
         engine.on_token = self._on_token
+        engine.on_step = self._on_step
         engine.residency.on_load = lambda tier, s: self.load_seconds.labels(tier).observe(s)
         registry.register(ReadAtScrape(self.collect))
 
     def _on_token(self, seconds: float, first: bool) -> None:
         (self.ttft if first else self.itl).observe(seconds)
+
+    def _on_step(self, st: StepStats, seconds: float) -> None:
+        kind = "prefill" if st.prefill_tokens else "decode" if st.num_tokens else "empty"
+        self.step_seconds.observe(seconds, kind)
 
     def _training(self) -> Iterator[Metric]:
         """Training on this executor (zeros until its first run: nothing is set up before)."""
@@ -85,6 +104,7 @@ class ExecutorMetrics:
         )
         yield self.ttft.family()
         yield self.itl.family()
+        yield self.step_seconds.family()
         yield gauge(
             "mint_executor_queue_depth",
             "Requests waiting for a sequence slot or for their adapter.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mintmesh.errors import MintError
@@ -53,6 +54,9 @@ class StepLoop:
         self.output = output
         self.model_lock = model_lock
         self.log = StepLog()
+        # Per iteration of the step thread (the executor's metrics): (its statistics, seconds,
+        # the model lock's wait included).
+        self.on_step: Callable[[StepStats, float], None] | None = None
 
     def step(self) -> StepStats:
         """One iteration: intake, reaping, scheduling, one forward, sampling, streaming."""
@@ -85,8 +89,11 @@ class StepLoop:
             try:
                 t = time.perf_counter()
                 st = self.step()
+                seconds = time.perf_counter() - t
                 used = (kv.allocator.num_used, kv.num_blocks)
-                self.log.account(st, time.perf_counter() - t, waiting=b.num_waiting, kv=used)
+                self.log.account(st, seconds, waiting=b.num_waiting, kv=used)
+                if self.on_step is not None:
+                    self.on_step(st, seconds)
             except Exception as e:
                 logger.exception("engine step failed")
                 self.fail_running(e)
