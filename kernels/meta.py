@@ -81,6 +81,9 @@ class BatchMeta:
         )
         self._dev: dict[torch.device, dict[str, torch.Tensor | None]] = {}
         self._dev_ready: set[torch.device] = set()
+        # tensors()'s answer per device until the next prepare() (or a buffer grows): one
+        # forward asks once per LoRA layer (~5 us of slicing each, ~1% of a decode step).
+        self._views: dict[torch.device, MetaTensors] = {}
         self.host = HostMeta()
         self.num_tokens = 0
         self._prepared = False
@@ -93,6 +96,7 @@ class BatchMeta:
         return cls(max_tokens=max_tokens, device=device)
 
     def _reserve(self, n: int, device: torch.device | None) -> None:
+        self._views = {}  # every prepare() comes here: tensors() answers afresh after it
         cpu = torch.device("cpu")
         specs = {
             "token_slots": (n, torch.int64),
@@ -179,6 +183,9 @@ class BatchMeta:
         if not self._prepared:
             raise RuntimeError("BatchMeta.prepare() was not called")
         dev = norm_device(device) if device is not None else self.device
+        got = self._views.get(dev)
+        if got is not None:
+            return got
         T = self.num_tokens
         if dev.type == "cpu":
             src = self._cpu
@@ -197,13 +204,15 @@ class BatchMeta:
                     dst[: buf.numel()].copy_(buf, non_blocking=True)
                 self._dev_ready.add(dev)
         s_cap = max(T, 1)
-        return MetaTensors(
+        got = MetaTensors(
             token_slots=src["token_slots"][:T],
             sorted_tokens=src["sorted_tokens"][:T],
             seg_starts=src["seg_starts"][: s_cap + 1],
             seg_slots=src["seg_slots"][:s_cap],
             num_segs=src["num_segs"][:1],
         )
+        self._views[dev] = got
+        return got
 
 
 def host_from_tensors(md: MetaTensors) -> HostMeta:
