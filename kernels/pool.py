@@ -202,21 +202,19 @@ class AdapterPool:
         dev = self.device
         # Every layer's A and B^T pages are views into one allocation (`storage`): one region
         # for the allocator and the OS, and the exact memory the kernels read, which a bench
-        # can stream to bound them (on a VM two equal buffers of one process can read at 37 and
-        # 60 GB/s: where the memory sits, not the code, sets the rate). Each view starts on a
-        # 256-byte boundary.
-        shapes = [(in_f if ab == 0 else out_f) for out_f, in_f in self.layer_shapes.values()
-                  for ab in (0, 1)]  # fmt: skip
+        # streams to bound them (bench.common.measure_tensor_read_bandwidth says why). Each
+        # view starts on a 256-byte boundary.
+        cols = [c for out_f, in_f in self.layer_shapes.values() for c in (in_f, out_f)]
         align = max(1, 256 // esize)
-        per_row = self.num_pages * self.page_rows
+        rows = self.num_pages * self.page_rows
         offsets, total = [], 0
-        for cols in shapes:
+        for c in cols:
             offsets.append(total)
-            total += -(-per_row * cols // align) * align
+            total += -(-rows * c // align) * align
         self.storage = torch.zeros(total, dtype=dtype, device=dev)
         views = [
-            self.storage[o : o + per_row * c].view(self.num_pages, self.page_rows, c)
-            for o, c in zip(offsets, shapes, strict=True)
+            self.storage[o : o + rows * c].view(self.num_pages, self.page_rows, c)
+            for o, c in zip(offsets, cols, strict=True)
         ]
         self.a_pages: list[torch.Tensor] = views[0::2]
         self.b_pages: list[torch.Tensor] = views[1::2]
