@@ -1,5 +1,7 @@
 """A LocalCluster's services die with the process that started them: kill -9 of that process
-(`mint up`, a test run that timed out) leaves no service running or holding its ports."""
+(`mint up`, a test run that timed out) leaves no service running or holding its ports. And a
+service whose shutdown hangs (a hook or a thread that never returns) still exits, with every
+thread's stack on stderr."""
 
 from __future__ import annotations
 
@@ -67,3 +69,59 @@ def test_services_exit_when_the_process_that_started_them_is_killed(tiny_model_d
     for p in left.values():  # do not leak them into the rest of the run
         os.kill(p, signal.SIGKILL)
     assert not left, f"still running after their parent was killed: {left}"
+
+
+STUCK_SERVICE = textwrap.dedent(
+    """
+    import sys, threading
+    from mintmesh.services.common.server import announce_ready, build_server, serve_until_signal
+
+    srv = build_server(add_servicers=lambda s: [])
+    if sys.argv[1] == "hook":  # a shutdown hook that never returns
+        srv.on_stop.append(lambda: threading.Event().wait())
+    elif sys.argv[1] == "thread":  # a non-daemon thread the interpreter joins at exit
+        threading.Thread(target=threading.Event().wait, name="never-ends").start()
+    announce_ready("stuck", srv.address)
+    serve_until_signal(srv, grace=0.2, exit_slack=float(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stuck", ["none", "hook", "thread"])
+def test_a_service_whose_shutdown_hangs_still_exits(stuck, tmp_path):
+    from mintmesh.services.common.server import EXIT_STUCK
+
+    slack = 1.5
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_SERVICE, stuck, str(slack)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONSAFEPATH="1"),
+        cwd=str(tmp_path),
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY stuck 127.0.0.1:"), line
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if stuck == "none":
+        assert proc.returncode == 0, err
+        assert "still shutting down" not in err
+        return
+    assert proc.returncode == EXIT_STUCK, err
+    assert took >= 0.2 + slack, took  # not before its drain and slack were up
+    assert "still shutting down 1.7 s after the signal" in err
+    # The dump shows where it was stuck: in Server.stop's hook, or in the exit's thread join.
+    assert "most recent call first" in err
+    if stuck == "hook":
+        assert "in <lambda>" in err and "in stop" in err, err
+    else:
+        assert "in _shutdown" in err, err

@@ -4,8 +4,11 @@ then stop)."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -149,8 +152,19 @@ def build_server(
     return srv
 
 
-def serve_until_signal(server: Server, grace: float = 5.0) -> None:
-    """Block until SIGTERM or SIGINT, then drain and stop."""
+# After its signal a service has `grace` seconds to drain its RPCs, then this long for its
+# shutdown hooks, the trace flush and the interpreter's exit (which joins every non-daemon
+# thread). Past that it writes every thread's stack to stderr and exits with EXIT_STUCK: a hook
+# or handler that never returns must not keep a stopped service (and its port) alive.
+EXIT_SLACK_S = 15.0
+EXIT_STUCK = 3
+
+
+def serve_until_signal(
+    server: Server, grace: float = 5.0, exit_slack: float = EXIT_SLACK_S
+) -> None:
+    """Block until SIGTERM or SIGINT, then drain and stop; the process exits at most
+    grace + exit_slack seconds after the signal (exit_watchdog)."""
     done = threading.Event()
 
     def _handler(signum, _frame):
@@ -161,8 +175,34 @@ def serve_until_signal(server: Server, grace: float = 5.0) -> None:
     signal.signal(signal.SIGINT, _handler)
     while not done.wait(0.5):
         pass
+    exit_watchdog(grace + exit_slack)
     server.stop(grace)
     tracing.shutdown_tracing()
+
+
+def exit_watchdog(after_s: float) -> threading.Timer:
+    """A daemon timer that ends the process after_s seconds from now, should it still be
+    running: the stacks of all threads to stderr (what was stuck), then os._exit(EXIT_STUCK).
+    Daemon threads keep running while the interpreter joins the others at exit, so it also
+    covers a thread that never ends."""
+
+    def fire() -> None:
+        try:
+            logger.error(
+                "still shutting down %.1f s after the signal: every thread's stack follows; "
+                "exiting with status %d",
+                after_s,
+                EXIT_STUCK,
+            )
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        finally:
+            os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(after_s, fire)
+    timer.name = "mint-exit-watchdog"
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class _WaitForReady(
