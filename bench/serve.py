@@ -43,6 +43,16 @@ the bytes of its context's K and V over the read bandwidth: it reads them once p
 shares them with no other sequence; weight reads are left out, so the bound is optimistic);
 gemm_roofline_fraction_of_bound = gemm_roofline_fraction / gemm_roofline_fraction_bound.
 
+Where that time goes, per round at the largest N, from the executor's /metrics around each
+capacity run (its step seconds and step work counters by kind: prefill, a step that computed
+prompt tokens, maybe beside decodes; decode, one that only decoded): {prefill,decode}_steps_
+time_share (those steps' seconds over the makespan; the rest is outside steps: empty steps,
+requests in transit), {prefill,decode}_steps_gemm_fraction (the model FLOPs those steps
+computed, counted as above from their tokens, sampled tokens and attention keys, per second of
+them, over the peak), decode_steps_gemm_fraction_bound (the decode steps' FLOPs at the peak over
+their least time, as batched_least_s counts it), steps_flops_vs_requests (the steps' FLOPs over
+the requests': 1 when nothing was computed twice, above after preemptions).
+
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
 / read bandwidth). peft serial runs batch 1: each request's prefill, then one forward per further
@@ -100,6 +110,15 @@ logger = logging.getLogger(__name__)
 RANK = 16
 LORA_TARGETS = ("q_proj", "v_proj")  # mintmesh.synth's default
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# Per round at the largest N, from the executor's step counters (module docstring).
+STEP_KEYS = (
+    "prefill_steps_time_share",
+    "decode_steps_time_share",
+    "prefill_steps_gemm_fraction",
+    "decode_steps_gemm_fraction",
+    "decode_steps_gemm_fraction_bound",
+    "steps_flops_vs_requests",
+)
 TARGETS = {"tps_1000_vs_1_saturated": (">=", 0.95), "gemm_roofline_fraction": (">=", 0.8)}
 
 
@@ -227,6 +246,37 @@ def latency_summary(outcomes: list[Outcome], makespan: float) -> dict:
 # -- model FLOPs and bytes -------------------------------------------------------------------
 
 
+STEP_WORK = {
+    "seconds": "mint_executor_step_seconds_sum",
+    "tokens": "mint_executor_step_tokens_total",
+    "sampled": "mint_executor_step_sampled_total",
+    "keys": "mint_executor_step_attention_keys_total",
+}
+
+
+def step_work(url: str) -> dict[str, dict[str, float]]:
+    """{kind: {seconds, tokens, sampled, keys}} so far, from an executor's /metrics (its step
+    seconds histogram's sums and its step work counters, by step kind)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    names = {v: k for k, v in STEP_WORK.items()}
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name in names and "kind" in smp.labels:
+                out.setdefault(smp.labels["kind"], {})[names[smp.name]] = smp.value
+    return out
+
+
+def work_delta(before: dict, after: dict, kind: str) -> dict[str, float]:
+    b, a = before.get(kind, {}), after.get(kind, {})
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in STEP_WORK}
+
+
 @dataclass
 class Costs:
     """The backbone's per-token work (see the module docstring)."""
@@ -260,6 +310,21 @@ class Costs:
 
     def kv_bytes(self, context: int) -> int:
         return 2 * context * self.kv_dim * self.layers * self.bytes_per_weight
+
+    def work_flops(self, tokens: int, sampled: int, keys: int) -> float:
+        """Model FLOPs of steps that forwarded `tokens` (each with its adapter), sampled
+        `sampled` of them and attended to `keys` keys in all (the executor's per-kind step
+        counters): what request_flops counts, summed by step instead of by request."""
+        per_token = 2.0 * (self.layer_weights + self.lora_weights)
+        attn = 4.0 * keys * self.q_dim * self.layers
+        return per_token * tokens + attn + 2.0 * self.head_weights * sampled
+
+    def decode_least_s(self, tokens: int, keys: int, peak: float, bw: float) -> float:
+        """batched_least_s for decode steps' work: every decode token sampled, its attention
+        at max(its FLOPs / peak, its context's K and V bytes / bandwidth); weights left out."""
+        flops = self.work_flops(tokens, tokens, keys)
+        attn = 4.0 * keys * self.q_dim * self.layers
+        return (flops - attn) / peak + max(attn / peak, self.kv_bytes(keys) / bw)
 
     def batched_least_s(self, prompt: int, out: int, peak: float, bw: float) -> float:
         """The least time a request's share of batched serving takes in a forward that runs
@@ -521,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = {n: 0 for n in ns}
     used = {n: sorted({j.adapter % n for j in all_jobs}) for n in ns}
     sweep: list[dict] = []
+    work: list[tuple[dict, dict, float]] = []  # per round at N = hi: (after, before, makespan)
     try:
         with MintClient(cluster.router_address, timeout=120, api_key=cluster.admin_key) as client:
 
@@ -532,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
 
             st0 = status()
             device, runner = st0.device, st0.runner
+            exec_metrics = cluster.metrics_urls["executor-0"]
             for n in ns:
                 _progress(f"N={n}: pushing and loading the {len(used[n])} adapters used")
                 push_adapters(client, info, n, used[n])
@@ -545,7 +612,10 @@ def main(argv: list[str] | None = None) -> int:
                 for n in ns:
                     peaks.append(gemm_peak(args.device))
                     bws.append(measure_read_bandwidth(args.device))
+                    before = step_work(exec_metrics)
                     outcomes, makespan = run_stream(client, at_rate(jobs, None), n)
+                    if n == hi:
+                        work.append((step_work(exec_metrics), before, makespan))
                     errors[n] += sum(1 for o in outcomes if o.error)
                     rec[f"tokens_per_s_{n}"] = sum(o.tokens for o in outcomes) / makespan
                     rec[f"requests_per_s_{n}"] = len(jobs) / makespan
@@ -571,6 +641,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
 
+    # Where the time went at N = hi: the executor's steps by kind, their model FLOPs/s (from
+    # what they computed) against the peak, and the decode steps' own bound.
+    peak = max(x["gemm_peak_gflop_s"] for x in rounds) * 1e9
+    bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
+    for rec, (after, before, makespan) in zip(rounds, work, strict=True):
+        pre, dec = work_delta(before, after, "prefill"), work_delta(before, after, "decode")
+        fl = {k: costs.work_flops(int(w["tokens"]), int(w["sampled"]), int(w["keys"]))
+              for k, w in (("prefill", pre), ("decode", dec))}  # fmt: skip
+        rec["steps_flops_vs_requests"] = (fl["prefill"] + fl["decode"]) / flops
+        for kind, w in (("prefill", pre), ("decode", dec)):
+            if w["seconds"] > 0:
+                rec[f"{kind}_steps_time_share"] = w["seconds"] / makespan
+                rec[f"{kind}_steps_gemm_fraction"] = fl[kind] / w["seconds"] / peak
+        if dec["seconds"] > 0:
+            least = costs.decode_least_s(int(dec["tokens"]), int(dec["keys"]), peak, bw)
+            rec["decode_steps_gemm_fraction_bound"] = fl["decode"] / peak / least
+
     metrics: dict = {}
     for n in ns:
         _spread(metrics, f"tokens_per_s_{n}", [x[f"tokens_per_s_{n}"] for x in rounds])
@@ -588,9 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     peft_ratios = [x[f"tokens_per_s_{hi}"] / x["peft_serial_tokens_per_s"] for x in rounds]
     _spread(metrics, "vs_peft_serial_saturated", peft_ratios)
 
-    # Rooflines: the best of the run's measurements of this machine.
-    peak = max(x["gemm_peak_gflop_s"] for x in rounds) * 1e9
-    bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
+    for key in STEP_KEYS:
+        if all(key in x for x in rounds):
+            _spread(metrics, key, [x[key] for x in rounds])
+
+    # Rooflines: the best of the run's measurements of this machine (peak, bw above).
     model_fs = statistics.median(x[f"model_gflop_s_{hi}"] for x in rounds) * 1e9
     pj = peft.jobs
     peft_roof = sum(j.out_len for j in pj) / sum(

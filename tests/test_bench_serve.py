@@ -100,6 +100,26 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
     assert m["generated_tokens"] >= 6 * 4 and m["weight_mib"] > 0
     assert m["executor_steps"] > 0
 
+    # Where the time went (the executor's steps by kind): medians of the rounds; the steps'
+    # FLOPs, counted from what they computed, are the requests' (no preemption here).
+    assert m["executor_preemptions"] == 0
+    for key in serve.STEP_KEYS:
+        assert _close(m[key], med(key), 2e-3), key
+        assert m[f"{key}_min"] <= m[key] <= m[f"{key}_max"], key
+    for r in rounds:
+        assert r["steps_flops_vs_requests"] == pytest.approx(1.0, rel=1e-4)
+        shares = r["prefill_steps_time_share"] + r["decode_steps_time_share"]
+        assert 0 < shares <= 1.0001, r
+        assert 0 < r["decode_steps_gemm_fraction_bound"] <= 1
+    # The decode bound from its definition: at an infinite bandwidth only FLOPs count.
+    assert costs.decode_least_s(10, 300, 1e11, math.inf) == pytest.approx(
+        costs.work_flops(10, 10, 300) / 1e11
+    )
+    slow = costs.decode_least_s(10, 300, 1e11, 1e3)  # K/V reads dominate the attention
+    attn = 4.0 * 300 * costs.q_dim * costs.layers
+    assert slow == pytest.approx((costs.work_flops(10, 10, 300) - attn) / 1e11
+                                 + costs.kv_bytes(300) / 1e3)  # fmt: skip
+
     # The sweep: 25/50/75/100% of the capacity measured at N = 1000, latencies at each.
     sweep = m["sweep"]
     assert [s["offered_fraction"] for s in sweep] == [0.25, 0.5, 0.75, 1.0]

@@ -522,6 +522,18 @@ def test_executor_step_seconds_by_kind(mesh):
             for le in ("0.001", "0.01", "0.1", "1.0", "+Inf")
         ]
         assert cum == sorted(cum) and cum[-1] > 0
+    # What the steps computed, by kind: each generation's prompt (positions 0 .. P - 1, one
+    # token sampled) in a prefill step, then k - 1 decodes (positions P .. P + k - 2).
+    p = len(PROMPT)
+    work = {
+        "prefill": (p, 1, p * (p + 1) // 2),
+        "decode": (k - 1, k - 1, sum(range(p + 1, p + k))),
+    }
+    for kind, (tokens, sampled, keys) in work.items():
+        assert d(after, "mint_executor_step_tokens_total", kind=kind) == n * tokens
+        assert d(after, "mint_executor_step_sampled_total", kind=kind) == n * sampled
+        assert d(after, "mint_executor_step_attention_keys_total", kind=kind) == n * keys
+    assert d(after, "mint_executor_step_tokens_total", kind="empty") == 0
 
 
 def test_executor_training_runs_bytes_and_tokens_exact(mesh):

@@ -52,6 +52,10 @@ class ExecutorMetrics:
             label="kind",
             values=STEP_KINDS,
         )
+        # What the steps of each kind computed (with the seconds above: model FLOPs/s by kind).
+        self.step_work = {
+            w: dict.fromkeys(STEP_KINDS, 0) for w in ("tokens", "sampled", "attention_keys")
+        }
         self.load_seconds = Histogram(
             "mint_executor_adapter_load_seconds",
             "Seconds to move an adapter into a tier: host (read from the node cache or "
@@ -71,6 +75,10 @@ class ExecutorMetrics:
     def _on_step(self, st: StepStats, seconds: float) -> None:
         kind = "prefill" if st.prefill_tokens else "decode" if st.num_tokens else "empty"
         self.step_seconds.observe(seconds, kind)
+        w = self.step_work
+        w["tokens"][kind] += st.num_tokens
+        w["sampled"][kind] += st.sampled
+        w["attention_keys"][kind] += st.attention_keys
 
     def _training(self) -> Iterator[Metric]:
         """Training on this executor (zeros until its first run: nothing is set up before)."""
@@ -105,6 +113,25 @@ class ExecutorMetrics:
         yield self.ttft.family()
         yield self.itl.family()
         yield self.step_seconds.family()
+        w = self.step_work
+        yield counter(
+            "mint_executor_step_tokens_total",
+            "Tokens through the model (prompt chunks and decodes), by step kind.",
+            w["tokens"],
+            label="kind",
+        )
+        yield counter(
+            "mint_executor_step_sampled_total",
+            "Tokens sampled, by step kind.",
+            w["sampled"],
+            label="kind",
+        )
+        yield counter(
+            "mint_executor_step_attention_keys_total",
+            "Keys attended to (a token at position p attends to p + 1), by step kind.",
+            w["attention_keys"],
+            label="kind",
+        )
         yield gauge(
             "mint_executor_queue_depth",
             "Requests waiting for a sequence slot or for their adapter.",

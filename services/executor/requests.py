@@ -119,6 +119,7 @@ class StepStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     sampled: int = 0  # tokens generated
+    attention_keys: int = 0  # keys its tokens attended to (a token at position p: p + 1)
     admitted: int = 0
     preempted: int = 0
     finished: int = 0

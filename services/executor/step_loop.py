@@ -141,6 +141,7 @@ class StepLoop:
             prefill_tokens=packed.prefill,
             decode_tokens=packed.decode,
             sampled=len(packed.samplers),
+            attention_keys=sum(packed.batch.positions) + len(packed.batch.positions),
             admitted=admitted,
             preempted=preempted,
             finished=finished,
