@@ -50,8 +50,10 @@ time_share (those steps' seconds over the makespan; the rest is outside steps: e
 requests in transit), {prefill,decode}_steps_gemm_fraction (the model FLOPs those steps
 computed, counted as above from their tokens, sampled tokens and attention keys, per second of
 them, over the peak), decode_steps_gemm_fraction_bound (the decode steps' FLOPs at the peak over
-their least time, as batched_least_s counts it), steps_flops_vs_requests (the steps' FLOPs over
-the requests': 1 when nothing was computed twice, above after preemptions).
+their least time, as batched_least_s counts it), {prefill,decode}_steps_mean_tokens (tokens
+forwarded per step of the kind: how full those steps were; a decode step forwards one token per
+sequence), steps_flops_vs_requests (the steps' FLOPs over the requests': 1 when nothing was
+computed twice, above after preemptions).
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
@@ -117,6 +119,8 @@ STEP_KEYS = (
     "prefill_steps_gemm_fraction",
     "decode_steps_gemm_fraction",
     "decode_steps_gemm_fraction_bound",
+    "prefill_steps_mean_tokens",
+    "decode_steps_mean_tokens",
     "steps_flops_vs_requests",
 )
 TARGETS = {"tps_1000_vs_1_saturated": (">=", 0.95), "gemm_roofline_fraction": (">=", 0.8)}
@@ -247,6 +251,7 @@ def latency_summary(outcomes: list[Outcome], makespan: float) -> dict:
 
 
 STEP_WORK = {
+    "steps": "mint_executor_step_seconds_count",
     "seconds": "mint_executor_step_seconds_sum",
     "tokens": "mint_executor_step_tokens_total",
     "sampled": "mint_executor_step_sampled_total",
@@ -654,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             if w["seconds"] > 0:
                 rec[f"{kind}_steps_time_share"] = w["seconds"] / makespan
                 rec[f"{kind}_steps_gemm_fraction"] = fl[kind] / w["seconds"] / peak
+                rec[f"{kind}_steps_mean_tokens"] = w["tokens"] / w["steps"]
         if dec["seconds"] > 0:
             least = costs.decode_least_s(int(dec["tokens"]), int(dec["keys"]), peak, bw)
             rec["decode_steps_gemm_fraction_bound"] = fl["decode"] / peak / least

@@ -111,6 +111,8 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
         shares = r["prefill_steps_time_share"] + r["decode_steps_time_share"]
         assert 0 < shares <= 1.0001, r
         assert 0 < r["decode_steps_gemm_fraction_bound"] <= 1
+        # 6 requests: a decode step forwards one token for each sequence decoding.
+        assert 1 <= r["decode_steps_mean_tokens"] <= 6 and r["prefill_steps_mean_tokens"] >= 1
     # The decode bound from its definition: at an infinite bandwidth only FLOPs count.
     assert costs.decode_least_s(10, 300, 1e11, math.inf) == pytest.approx(
         costs.work_flops(10, 10, 300) / 1e11
