@@ -259,9 +259,7 @@ STEP_WORK = {
 }
 
 
-def step_work(url: str) -> dict[str, dict[str, float]]:
-    """{kind: {seconds, tokens, sampled, keys}} so far, from an executor's /metrics (its step
-    seconds histogram's sums and its step work counters, by step kind)."""
+def _read_step_work(url: str) -> tuple[dict[str, dict[str, float]], float]:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -270,16 +268,40 @@ def step_work(url: str) -> dict[str, dict[str, float]]:
         text = resp.read().decode()
     names = {v: k for k, v in STEP_WORK.items()}
     out: dict[str, dict[str, float]] = {}
+    total = 0.0
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
             if smp.name in names and "kind" in smp.labels:
                 out.setdefault(smp.labels["kind"], {})[names[smp.name]] = smp.value
-    return out
+            elif smp.name == "mint_executor_steps_total":
+                total = smp.value
+    return out, total
 
 
-def work_delta(before: dict, after: dict, kind: str) -> dict[str, float]:
+def step_work(url: str, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+    """{kind: {steps, seconds, tokens, sampled, keys}} so far, from an executor's /metrics (its
+    step seconds histogram and its step work counters, by step kind), read once every step it
+    has run (mint_executor_steps_total) is counted by kind: the step that streams a request's
+    last token is counted when it returns, after the client may have read that token."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out, total = _read_step_work(url)
+        counted = sum(w.get("steps", 0.0) for w in out.values())
+        if counted >= total:
+            return out
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{url}: {total:.0f} steps run but {counted:.0f} counted by kind after {timeout} s"
+            )
+        time.sleep(0.02)
+
+
+def work_delta(before: dict, after: dict, kind: str) -> dict[str, float] | None:
+    """What the steps of `kind` did between two step_work readings; None when a counter went
+    back (the executor restarted in between)."""
     b, a = before.get(kind, {}), after.get(kind, {})
-    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in STEP_WORK}
+    d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in STEP_WORK}
+    return None if any(v < 0 for v in d.values()) else d
 
 
 @dataclass
@@ -294,10 +316,13 @@ class Costs:
     kv_dim: int  # kv heads * head_dim
     bytes_per_weight: int = 4  # float32 on the CPU
 
+    def key_flops(self, keys: float) -> float:
+        """Attention FLOPs (QK^T and PV over every layer) of `keys` query-key pairs."""
+        return 4.0 * keys * self.q_dim * self.layers
+
     def attn_flops(self, t0: int, t1: int) -> float:
         """Causal attention FLOPs of the tokens at positions t0 .. t1 - 1."""
-        keys = (t1 * (t1 + 1) - t0 * (t0 + 1)) / 2  # sum of (position + 1)
-        return 4.0 * keys * self.q_dim * self.layers
+        return self.key_flops((t1 * (t1 + 1) - t0 * (t0 + 1)) / 2)  # sum of (position + 1)
 
     def forward_flops(self, t0: int, t1: int, logits: int) -> float:
         """One forward of the tokens at positions t0 .. t1 - 1, `logits` rows sampled."""
@@ -321,15 +346,15 @@ class Costs:
         `sampled` of them and attended to `keys` keys in all (the executor's per-kind step
         counters): what request_flops counts, summed by step instead of by request."""
         per_token = 2.0 * (self.layer_weights + self.lora_weights)
-        attn = 4.0 * keys * self.q_dim * self.layers
-        return per_token * tokens + attn + 2.0 * self.head_weights * sampled
+        return per_token * tokens + self.key_flops(keys) + 2.0 * self.head_weights * sampled
 
-    def decode_least_s(self, tokens: int, keys: int, peak: float, bw: float) -> float:
-        """batched_least_s for decode steps' work: every decode token sampled, its attention
-        at max(its FLOPs / peak, its context's K and V bytes / bandwidth); weights left out."""
-        flops = self.work_flops(tokens, tokens, keys)
-        attn = 4.0 * keys * self.q_dim * self.layers
-        return (flops - attn) / peak + max(attn / peak, self.kv_bytes(keys) / bw)
+    def decode_least_s(self, tokens: int, sampled: int, keys: int, peak: float, bw: float) -> float:
+        """batched_least_s for decode steps' work: their attention at max(its FLOPs / peak, the
+        K and V bytes of the contexts / bandwidth) (both are proportional to the keys, so the
+        sum over tokens is exact), the rest at the peak; weights left out."""
+        attn = self.key_flops(keys)
+        rest = self.work_flops(tokens, sampled, keys) - attn
+        return rest / peak + max(attn / peak, self.kv_bytes(keys) / bw)
 
     def batched_least_s(self, prompt: int, out: int, peak: float, bw: float) -> float:
         """The least time a request's share of batched serving takes in a forward that runs
@@ -652,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
     for rec, (after, before, makespan) in zip(rounds, work, strict=True):
         pre, dec = work_delta(before, after, "prefill"), work_delta(before, after, "decode")
+        if pre is None or dec is None:
+            _progress("the executor's step counters went back (a restart?): round left out")
+            continue
         fl = {k: costs.work_flops(int(w["tokens"]), int(w["sampled"]), int(w["keys"]))
               for k, w in (("prefill", pre), ("decode", dec))}  # fmt: skip
         rec["steps_flops_vs_requests"] = (fl["prefill"] + fl["decode"]) / flops
@@ -661,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                 rec[f"{kind}_steps_gemm_fraction"] = fl[kind] / w["seconds"] / peak
                 rec[f"{kind}_steps_mean_tokens"] = w["tokens"] / w["steps"]
         if dec["seconds"] > 0:
-            least = costs.decode_least_s(int(dec["tokens"]), int(dec["keys"]), peak, bw)
+            least = costs.decode_least_s(
+                int(dec["tokens"]), int(dec["sampled"]), int(dec["keys"]), peak, bw
+            )
             rec["decode_steps_gemm_fraction_bound"] = fl["decode"] / peak / least
 
     metrics: dict = {}
@@ -682,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     _spread(metrics, "vs_peft_serial_saturated", peft_ratios)
 
     for key in STEP_KEYS:
-        if all(key in x for x in rounds):
-            _spread(metrics, key, [x[key] for x in rounds])
+        xs = [x[key] for x in rounds if key in x]
+        if xs:
+            _spread(metrics, key, xs)
 
     # Rooflines: the best of the run's measurements of this machine (peak, bw above).
     model_fs = statistics.median(x[f"model_gflop_s_{hi}"] for x in rounds) * 1e9

@@ -152,12 +152,16 @@ def build_server(
     return srv
 
 
-# After its signal a service has `grace` seconds to drain its RPCs, then this long for its
-# shutdown hooks, the trace flush and the interpreter's exit (which joins every non-daemon
+# After its signal a service has `grace` seconds to drain its RPCs, then exit_slack seconds for
+# its shutdown hooks, the trace flush and the interpreter's exit (which joins every non-daemon
 # thread). Past that it writes every thread's stack to stderr and exits with EXIT_STUCK: a hook
-# or handler that never returns must not keep a stopped service (and its port) alive.
+# or handler that never returns must not keep a stopped service (and its port) alive. Should
+# that Python timer not run (a thread holding the GIL in native code, or a hang late in the
+# interpreter's finalization), faulthandler's own C thread exits EXIT_BACKSTOP_S later with
+# status 1.
 EXIT_SLACK_S = 15.0
 EXIT_STUCK = 3
+EXIT_BACKSTOP_S = 5.0
 
 
 def serve_until_signal(
@@ -181,23 +185,26 @@ def serve_until_signal(
 
 
 def exit_watchdog(after_s: float) -> threading.Timer:
-    """A daemon timer that ends the process after_s seconds from now, should it still be
-    running: the stacks of all threads to stderr (what was stuck), then os._exit(EXIT_STUCK).
-    Daemon threads keep running while the interpreter joins the others at exit, so it also
-    covers a thread that never ends."""
+    """End the process after_s seconds from now, should it still be running: a line saying so
+    and the stacks of all threads (what was stuck) on stderr, then os._exit(EXIT_STUCK), from a
+    daemon timer (daemon threads keep running while the interpreter joins the others at exit,
+    so a thread that never ends is covered). It writes with os.write and faulthandler, taking
+    no lock a stuck thread could hold. Backstop: faulthandler.dump_traceback_later, on a thread
+    of its own that needs no GIL, dumps and exits (status 1) EXIT_BACKSTOP_S later."""
+    fd = sys.__stderr__.fileno()
 
     def fire() -> None:
         try:
-            logger.error(
-                "still shutting down %.1f s after the signal: every thread's stack follows; "
-                "exiting with status %d",
-                after_s,
-                EXIT_STUCK,
+            msg = (
+                f"still shutting down {after_s:.1f} s after the signal: every thread's stack "
+                f"follows; exiting with status {EXIT_STUCK}\n"
             )
-            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            os.write(fd, msg.encode())
+            faulthandler.dump_traceback(file=fd, all_threads=True)
         finally:
             os._exit(EXIT_STUCK)
 
+    faulthandler.dump_traceback_later(after_s + EXIT_BACKSTOP_S, exit=True, file=fd)
     timer = threading.Timer(after_s, fire)
     timer.name = "mint-exit-watchdog"
     timer.daemon = True
