@@ -60,5 +60,7 @@ def create_server(config: CacheConfig, *, core: CacheCore | None = None) -> Serv
 def serve(config: CacheConfig) -> None:
     setup_tracing("mint-cache", config.otlp_endpoint)
     srv = create_server(config)
-    announce_ready("cache", f"{config.host}:{srv.port}", metrics_port=srv.metrics_port)
-    serve_until_signal(srv)
+    addr = f"{config.host}:{srv.port}"
+    serve_until_signal(
+        srv, ready=lambda: announce_ready("cache", addr, metrics_port=srv.metrics_port)
+    )

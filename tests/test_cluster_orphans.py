@@ -73,7 +73,7 @@ def test_services_exit_when_the_process_that_started_them_is_killed(tiny_model_d
 
 STUCK_SERVICE = textwrap.dedent(
     """
-    import ctypes, sys, threading
+    import ctypes, signal, sys, threading
     from mintmesh.services.common.server import announce_ready, build_server, serve_until_signal
 
     srv = build_server(add_servicers=lambda s: [])
@@ -83,8 +83,12 @@ STUCK_SERVICE = textwrap.dedent(
         srv.on_stop.append(lambda: ctypes.PyDLL(None).sleep(120))
     elif sys.argv[1] == "thread":  # a non-daemon thread the interpreter joins at exit
         threading.Thread(target=threading.Event().wait, name="never-ends").start()
-    announce_ready("stuck", srv.address)
-    serve_until_signal(srv, grace=0.2, exit_slack=float(sys.argv[2]))
+
+    def ready():  # READY only once SIGTERM drains: the test signals as soon as it reads it
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        announce_ready("stuck", srv.address)
+
+    serve_until_signal(srv, grace=0.2, exit_slack=float(sys.argv[2]), ready=ready)
     """
 )
 

@@ -165,10 +165,15 @@ EXIT_BACKSTOP_S = 5.0
 
 
 def serve_until_signal(
-    server: Server, grace: float = 5.0, exit_slack: float = EXIT_SLACK_S
+    server: Server,
+    grace: float = 5.0,
+    exit_slack: float = EXIT_SLACK_S,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Block until SIGTERM or SIGINT, then drain and stop; the process exits at most
-    grace + exit_slack seconds after the signal (exit_watchdog)."""
+    grace + exit_slack seconds after the signal (exit_watchdog). ready (announce_ready) runs
+    once the handlers are in place: a parent that signals as soon as it reads READY gets a
+    drain, not the default action's instant death."""
     done = threading.Event()
 
     def _handler(signum, _frame):
@@ -177,6 +182,8 @@ def serve_until_signal(
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    if ready is not None:
+        ready()
     while not done.wait(0.5):
         pass
     exit_watchdog(grace + exit_slack)

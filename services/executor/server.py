@@ -121,7 +121,12 @@ def serve(config: ExecutorConfig) -> None:
         SETTINGS.attn_threads,
     )
     server, engine = create_server(config)
-    announce_ready("executor", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
+    addr = f"{config.host}:{server.port}"
     # After the RPCs' 30 s, the engine's close drains for up to 30 s more and joins its
     # threads (step loop, loaders, training, source): about 55 s before the exit watchdog.
-    serve_until_signal(server, grace=30.0, exit_slack=60.0)
+    serve_until_signal(
+        server,
+        grace=30.0,
+        exit_slack=60.0,
+        ready=lambda: announce_ready("executor", addr, metrics_port=server.metrics_port),
+    )

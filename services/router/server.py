@@ -51,5 +51,7 @@ def create_server(
 def serve(config: RouterConfig, *, client_tls: tls.ServerTLS | None = None) -> None:
     tracing.setup_tracing("mint-router", config.otlp_endpoint)
     server, _core = create_server(config, client_tls=client_tls)
-    announce_ready("router", f"{config.host}:{server.port}", metrics_port=server.metrics_port)
-    serve_until_signal(server)
+    addr = f"{config.host}:{server.port}"
+    serve_until_signal(
+        server, ready=lambda: announce_ready("router", addr, metrics_port=server.metrics_port)
+    )

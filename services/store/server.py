@@ -41,5 +41,7 @@ def create_server(config: StoreConfig, *, core: StoreCore | None = None) -> Serv
 def serve(config: StoreConfig) -> None:
     setup_tracing("mint-store", config.otlp_endpoint)
     srv = create_server(config)
-    announce_ready("store", f"{config.host}:{srv.port}", metrics_port=srv.metrics_port)
-    serve_until_signal(srv)
+    addr = f"{config.host}:{srv.port}"
+    serve_until_signal(
+        srv, ready=lambda: announce_ready("store", addr, metrics_port=srv.metrics_port)
+    )
