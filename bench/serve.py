@@ -45,15 +45,15 @@ gemm_roofline_fraction_of_bound = gemm_roofline_fraction / gemm_roofline_fractio
 
 Where that time goes, per round at the largest N, from the executor's /metrics around each
 capacity run (its step seconds and step work counters by kind: prefill, a step that computed
-prompt tokens, maybe beside decodes; decode, one that only decoded): {prefill,decode}_steps_
-time_share (those steps' seconds over the makespan; the rest is outside steps: empty steps,
-requests in transit), {prefill,decode}_steps_gemm_fraction (the model FLOPs those steps
-computed, counted as above from their tokens, sampled tokens and attention keys, per second of
-them, over the peak), decode_steps_gemm_fraction_bound (the decode steps' FLOPs at the peak over
-their least time, as batched_least_s counts it), {prefill,decode}_steps_mean_tokens (tokens
-forwarded per step of the kind: how full those steps were; a decode step forwards one token per
-sequence), steps_flops_vs_requests (the steps' FLOPs over the requests': 1 when nothing was
-computed twice, above after preemptions).
+prompt tokens, maybe beside decodes; decode, one that only decoded):
+{prefill,decode}_steps_time_share (those steps' seconds over the makespan; the rest is outside
+steps: empty steps, requests in transit), {prefill,decode}_steps_gemm_fraction (the model
+FLOPs those steps computed, counted as above from their tokens, sampled tokens and attention
+keys, per second of them, over the peak), decode_steps_gemm_fraction_bound (the decode steps'
+FLOPs at the peak over their least time, as batched_least_s counts it),
+{prefill,decode}_steps_mean_tokens (tokens forwarded per step of the kind: how full those
+steps were; a decode step forwards one token per sequence), steps_flops_vs_requests (the steps'
+FLOPs over the requests': 1 when nothing was computed twice, above after preemptions).
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
