@@ -316,18 +316,22 @@ class Costs:
     kv_dim: int  # kv heads * head_dim
     bytes_per_weight: int = 4  # float32 on the CPU
 
+    @staticmethod
+    def causal_keys(t0: int, t1: int) -> float:
+        """Keys the tokens at positions t0 .. t1 - 1 attend to: the sum of (position + 1)."""
+        return (t1 * (t1 + 1) - t0 * (t0 + 1)) / 2
+
     def key_flops(self, keys: float) -> float:
         """Attention FLOPs (QK^T and PV over every layer) of `keys` query-key pairs."""
         return 4.0 * keys * self.q_dim * self.layers
 
     def attn_flops(self, t0: int, t1: int) -> float:
         """Causal attention FLOPs of the tokens at positions t0 .. t1 - 1."""
-        return self.key_flops((t1 * (t1 + 1) - t0 * (t0 + 1)) / 2)  # sum of (position + 1)
+        return self.key_flops(self.causal_keys(t0, t1))
 
     def forward_flops(self, t0: int, t1: int, logits: int) -> float:
         """One forward of the tokens at positions t0 .. t1 - 1, `logits` rows sampled."""
-        per_token = 2.0 * (self.layer_weights + self.lora_weights)
-        return per_token * (t1 - t0) + self.attn_flops(t0, t1) + 2.0 * self.head_weights * logits
+        return self.work_flops(t1 - t0, logits, self.causal_keys(t0, t1))
 
     def request_flops(self, prompt: int, out: int) -> float:
         """A request's model FLOPs: its prompt and its outputs but the last forwarded, every
@@ -341,7 +345,7 @@ class Costs:
     def kv_bytes(self, context: int) -> int:
         return 2 * context * self.kv_dim * self.layers * self.bytes_per_weight
 
-    def work_flops(self, tokens: int, sampled: int, keys: int) -> float:
+    def work_flops(self, tokens: int, sampled: int, keys: float) -> float:
         """Model FLOPs of steps that forwarded `tokens` (each with its adapter), sampled
         `sampled` of them and attended to `keys` keys in all (the executor's per-kind step
         counters): what request_flops counts, summed by step instead of by request."""
