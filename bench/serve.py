@@ -54,6 +54,14 @@ FLOPs at the peak over their least time, as batched_least_s counts it),
 {prefill,decode}_steps_mean_tokens (tokens forwarded per step of the kind: how full those
 steps were; a decode step forwards one token per sequence), steps_flops_vs_requests (the steps'
 FLOPs over the requests': 1 when nothing was computed twice, above after preemptions).
+With more requests than --max-batch-size, the saturated window: from the first send until the
+last request gets its first token and the executor's counters are read (until then some
+request waits for a batch slot, so the engine, not the offered load, sets the pace; after it the
+batch drains as the last requests finish, which a finite burst must end with):
+saturated_time_share (the window over the makespan), saturated_gflop (the model FLOPs of the
+steps counted by its end, counted as above; a step still running then is left out) and
+saturated_gemm_fraction (those FLOPs per second of the window over the peak: the engine's
+FLOPs/s at capacity without the burst's drain). Not reported when every request fits a batch.
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
@@ -96,6 +104,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +131,9 @@ STEP_KEYS = (
     "prefill_steps_mean_tokens",
     "decode_steps_mean_tokens",
     "steps_flops_vs_requests",
+    "saturated_time_share",
+    "saturated_gflop",
+    "saturated_gemm_fraction",
 )
 TARGETS = {"tps_1000_vs_1_saturated": (">=", 0.95), "gemm_roofline_fraction": (">=", 0.8)}
 
@@ -190,12 +202,25 @@ def push_adapters(client, info, n: int, used: list[int]) -> None:
         list(pool.map(one, used))
 
 
-def run_stream(client, jobs: list[Job], n: int) -> tuple[list[Outcome], float]:
-    """Send every job at its arrival time (one thread each); (outcomes, makespan)."""
+def run_stream(
+    client, jobs: list[Job], n: int, on_all_started: Callable[[float], None] | None = None
+) -> tuple[list[Outcome], float]:
+    """Send every job at its arrival time (one thread each); (outcomes, makespan).
+    on_all_started(seconds since the first send) is called once, as the last job to get a first
+    token gets it: from then on no request waits to be admitted."""
     from mintmesh.client import sampling_params
 
     outcomes = [Outcome() for _ in jobs]
+    started = [0]
+    lock = threading.Lock()
     t0 = time.perf_counter()
+
+    def first_token(now: float) -> None:
+        with lock:
+            started[0] += 1
+            last = started[0] == len(jobs)
+        if last and on_all_started is not None:
+            on_all_started(now - t0)
 
     def one(k: int) -> None:
         job, oc = jobs[k], outcomes[k]
@@ -214,6 +239,7 @@ def run_stream(client, jobs: list[Job], n: int) -> tuple[list[Outcome], float]:
                 now = time.perf_counter()
                 if oc.ttft is None:
                     oc.ttft = now - sent
+                    first_token(now)
                 else:
                     oc.gaps.append(now - last)
                 last = now
@@ -620,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = {n: 0 for n in ns}
     used = {n: sorted({j.adapter % n for j in all_jobs}) for n in ns}
     sweep: list[dict] = []
-    work: list[tuple[dict, dict, float]] = []  # per round at N = hi: (after, before, makespan)
+    # Per round at N = hi: (after, before, makespan, [(step_work, seconds) once none waits]).
+    work: list[tuple[dict, dict, float, list]] = []
     try:
         with MintClient(cluster.router_address, timeout=120, api_key=cluster.admin_key) as client:
 
@@ -647,9 +674,19 @@ def main(argv: list[str] | None = None) -> int:
                     peaks.append(gemm_peak(args.device))
                     bws.append(measure_read_bandwidth(args.device))
                     before = step_work(exec_metrics)
-                    outcomes, makespan = run_stream(client, at_rate(jobs, None), n)
+                    mid: list = []  # at N = hi: (step_work, seconds) once none waits
+
+                    def watch(seconds: float, mid: list = mid) -> None:
+                        # The window ends when the counters are read: their steps, its time.
+                        t = time.perf_counter()
+                        w = step_work(exec_metrics)
+                        mid.append((w, seconds + time.perf_counter() - t))
+
+                    outcomes, makespan = run_stream(
+                        client, at_rate(jobs, None), n, watch if n == hi else None
+                    )
                     if n == hi:
-                        work.append((step_work(exec_metrics), before, makespan))
+                        work.append((step_work(exec_metrics), before, makespan, mid))
                     errors[n] += sum(1 for o in outcomes if o.error)
                     rec[f"tokens_per_s_{n}"] = sum(o.tokens for o in outcomes) / makespan
                     rec[f"requests_per_s_{n}"] = len(jobs) / makespan
@@ -679,11 +716,22 @@ def main(argv: list[str] | None = None) -> int:
     # what they computed) against the peak, and the decode steps' own bound.
     peak = max(x["gemm_peak_gflop_s"] for x in rounds) * 1e9
     bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
-    for rec, (after, before, makespan) in zip(rounds, work, strict=True):
+    # More requests than batch slots: some wait to be admitted until the saturated window ends.
+    saturated = len(jobs) > args.max_batch_size
+    for rec, (after, before, makespan, mid) in zip(rounds, work, strict=True):
         pre, dec = work_delta(before, after, "prefill"), work_delta(before, after, "decode")
         if pre is None or dec is None:
             _progress("the executor's step counters went back (a restart?): round left out")
             continue
+        if saturated and mid:
+            at, window = mid[0]
+            done = [work_delta(before, at, k) for k in ("prefill", "decode")]
+            if all(d is not None for d in done) and window > 0:
+                sat = sum(costs.work_flops(int(d["tokens"]), int(d["sampled"]), int(d["keys"]))
+                          for d in done)  # fmt: skip
+                rec["saturated_time_share"] = window / makespan
+                rec["saturated_gflop"] = sat / 1e9
+                rec["saturated_gemm_fraction"] = sat / window / peak
         fl = {k: costs.work_flops(int(w["tokens"]), int(w["sampled"]), int(w["keys"]))
               for k, w in (("prefill", pre), ("decode", dec))}  # fmt: skip
         rec["steps_flops_vs_requests"] = (fl["prefill"] + fl["decode"]) / flops

@@ -28,6 +28,7 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
     argv = ["--json", "--preset", "tiny", "--model-dir", str(tiny_model_dir), "--adapters",
             "1,1000", "--requests", "6", "--rounds", "2", "--peft-requests", "2",
             "--prompt-min", "8", "--prompt-max", "24", "--out-min", "4", "--out-max", "12",
+            "--max-batch-size", "3",
             "--plot", str(png), "--data-dir", str(tmp_path / "cluster"),
             "--backend", backend]  # fmt: skip
     assert serve.main(argv) == 0
@@ -112,6 +113,13 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
         assert 0 < shares <= 1.0001, r
         # 6 requests: a decode step forwards one token for each sequence decoding.
         assert 1 <= r["decode_steps_mean_tokens"] <= 6 and r["prefill_steps_mean_tokens"] >= 1
+        # 6 requests over 3 batch slots: a saturated window, then the drain (on the tiny
+        # backbone it may be over by the time the counters are read); the fraction is the
+        # window's FLOPs/s over the peak.
+        assert 0 < r["saturated_time_share"] <= 1, r
+        assert 0 < r["saturated_gflop"] <= m["requests_gflop"] * 1.001, r
+        window = r["saturated_time_share"] * 6 / r["requests_per_s_1000"]
+        assert _close(r["saturated_gemm_fraction"], r["saturated_gflop"] / window / peak, 5e-3)
     # The decode bound from its definition: at an infinite bandwidth only FLOPs count.
     assert costs.decode_least_s(10, 10, 300, 1e11, math.inf) == pytest.approx(
         costs.work_flops(10, 10, 300) / 1e11
