@@ -304,16 +304,18 @@ def _read_step_work(url: str) -> tuple[dict[str, dict[str, float]], float]:
     return out, total
 
 
-def step_work(url: str, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+def step_work(url: str, timeout: float = 10.0, running: int = 0) -> dict[str, dict[str, float]]:
     """{kind: {steps, seconds, tokens, sampled, keys}} so far, from an executor's /metrics (its
     step seconds histogram and its step work counters, by step kind), read once every step it
     has run (mint_executor_steps_total) is counted by kind: the step that streams a request's
-    last token is counted when it returns, after the client may have read that token."""
+    last token is counted when it returns, after the client may have read that token. A step
+    counts in the total from its start: running=1 reads an executor in the middle of its work
+    (all steps counted but the one running)."""
     deadline = time.monotonic() + timeout
     while True:
         out, total = _read_step_work(url)
         counted = sum(w.get("steps", 0.0) for w in out.values())
-        if counted >= total:
+        if counted >= total - running:
             return out
         if time.monotonic() > deadline:
             raise RuntimeError(
@@ -679,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
                     def watch(seconds: float, mid: list = mid) -> None:
                         # The window ends when the counters are read: their steps, its time.
                         t = time.perf_counter()
-                        w = step_work(exec_metrics)
+                        try:
+                            w = step_work(exec_metrics, running=1)
+                        except Exception as e:  # the round goes without the window's figures
+                            _progress(f"the saturated window's step counters: {e}")
+                            return
                         mid.append((w, seconds + time.perf_counter() - t))
 
                     outcomes, makespan = run_stream(
