@@ -61,7 +61,10 @@ batch drains as the last requests finish, which a finite burst must end with):
 saturated_time_share (the window over the makespan), saturated_gflop (the model FLOPs of the
 steps counted by its end, counted as above; a step still running then is left out) and
 saturated_gemm_fraction (those FLOPs per second of the window over the peak: the engine's
-FLOPs/s at capacity without the burst's drain). Not reported when every request fits a batch.
+FLOPs/s at capacity without the burst's drain), and by step kind within the window
+saturated_{prefill,decode}_steps_{time_share,gemm_fraction,mean_tokens} (as above, over the
+window: how full its decode steps ran with requests waiting). Not reported when every request
+fits a batch.
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
@@ -134,6 +137,11 @@ STEP_KEYS = (
     "saturated_time_share",
     "saturated_gflop",
     "saturated_gemm_fraction",
+    *(
+        f"saturated_{kind}_steps_{what}"
+        for kind in ("prefill", "decode")
+        for what in ("time_share", "gemm_fraction", "mean_tokens")
+    ),
 )
 TARGETS = {"tps_1000_vs_1_saturated": (">=", 0.95), "gemm_roofline_fraction": (">=", 0.8)}
 
@@ -738,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
                 rec["saturated_time_share"] = window / makespan
                 rec["saturated_gflop"] = sat / 1e9
                 rec["saturated_gemm_fraction"] = sat / window / peak
+                for kind, d in zip(("prefill", "decode"), done, strict=True):
+                    if d["seconds"] > 0:
+                        f = costs.work_flops(int(d["tokens"]), int(d["sampled"]), int(d["keys"]))
+                        rec[f"saturated_{kind}_steps_time_share"] = d["seconds"] / window
+                        rec[f"saturated_{kind}_steps_gemm_fraction"] = f / d["seconds"] / peak
+                        rec[f"saturated_{kind}_steps_mean_tokens"] = d["tokens"] / d["steps"]
         fl = {k: costs.work_flops(int(w["tokens"]), int(w["sampled"]), int(w["keys"]))
               for k, w in (("prefill", pre), ("decode", dec))}  # fmt: skip
         rec["steps_flops_vs_requests"] = (fl["prefill"] + fl["decode"]) / flops
