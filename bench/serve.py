@@ -89,7 +89,7 @@ load (matplotlib, Agg backend).
 
 Progress goes to stderr; the last stdout line is one JSON object
 {"bench": "serve", "device", "params", "metrics", "targets"}.
-    python -m mintmesh.bench.serve --json [--model-dir DIR] [--requests 32] [--rounds 3]
+    python -m mintmesh.bench.serve --json [--model-dir DIR] [--requests 96] [--rounds 3]
         [--plot serve.png]
 """
 
@@ -564,12 +564,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="backbone directory (built there if missing; default "
                         "~/.cache/mintmesh/PRESET)")  # fmt: skip
     p.add_argument("--adapters", default="1,1000", help="comma list of N (distinct adapters)")
-    p.add_argument("--requests", type=int, default=32, help="requests per capacity round")
+    p.add_argument("--requests", type=int, default=96,
+                   help="requests per capacity round (more than --max-batch-size: some wait, "
+                        "so the engine runs saturated)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="paired capacity rounds")
     p.add_argument("--peft-requests", type=int, default=8,
                    help="how many of the requests peft serves serially per round")  # fmt: skip
     p.add_argument("--sweep-requests", type=int, default=None,
-                   help="requests per sweep point (default --requests)")  # fmt: skip
+                   help="requests per sweep point (default min(--requests, 24))")  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="draw the sweep into this PNG")
     p.add_argument("--prompt-min", type=int, default=64)
     p.add_argument("--prompt-max", type=int, default=256)
@@ -595,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             f"lengths: prompt [{args.prompt_min}, {args.prompt_max}], output "
             f"[{args.out_min}, {args.out_max}] must be non-empty ranges of positive integers"
         )
-    sweep_requests = args.sweep_requests or args.requests
+    sweep_requests = args.sweep_requests or min(args.requests, 24)
     if args.requests < 1 or args.rounds < 1 or sweep_requests < 1:
         p.error("--requests, --rounds and --sweep-requests must be >= 1")
     if not 1 <= args.peft_requests <= args.requests:
