@@ -55,16 +55,16 @@ FLOPs at the peak over their least time, as batched_least_s counts it),
 steps were; a decode step forwards one token per sequence), steps_flops_vs_requests (the steps'
 FLOPs over the requests': 1 when nothing was computed twice, above after preemptions).
 With more requests than --max-batch-size, the saturated window: from the first send until the
-last request gets its first token and the executor's counters are read (until then some
-request waits for a batch slot, so the engine, not the offered load, sets the pace; after it the
-batch drains as the last requests finish, which a finite burst must end with):
-saturated_time_share (the window over the makespan), saturated_gflop (the model FLOPs of the
-steps counted by its end, counted as above; a step still running then is left out) and
+last request gets its first token and the executor's counters are then read (until the last
+admission some request waits for a batch slot, so the engine, not the offered load, sets the
+pace; after it the batch drains as the last requests finish, which a finite burst must end
+with): saturated_time_share (the window over the makespan), saturated_gflop (the model FLOPs of
+the steps begun by the read, counted as above, the one running then waited for) and
 saturated_gemm_fraction (those FLOPs per second of the window over the peak: the engine's
 FLOPs/s at capacity without the burst's drain), and by step kind within the window
 saturated_{prefill,decode}_steps_{time_share,gemm_fraction,mean_tokens} (as above, over the
 window: how full its decode steps ran with requests waiting). Not reported when every request
-fits a batch.
+fits a batch, nor for a round where a request failed before its first token.
 
 The bound on vs_peft_serial_saturated (what batching can win at most on this machine), from the
 same measurements: a forward pass takes at least max(its FLOPs / GEMM peak, the bytes it must read
@@ -214,13 +214,15 @@ def run_stream(
     client, jobs: list[Job], n: int, on_all_started: Callable[[float], None] | None = None
 ) -> tuple[list[Outcome], float]:
     """Send every job at its arrival time (one thread each); (outcomes, makespan).
-    on_all_started(seconds since the first send) is called once, as the last job to get a first
-    token gets it: from then on no request waits to be admitted."""
+    on_all_started(seconds since the first send) runs at most once, on a thread of its own (the
+    streams go on being read), as the last job to get a first token gets it: from then on no
+    request waits to be admitted. Never, when a job fails before its first token."""
     from mintmesh.client import sampling_params
 
     outcomes = [Outcome() for _ in jobs]
     started = [0]
     lock = threading.Lock()
+    watchers: list[threading.Thread] = []
     t0 = time.perf_counter()
 
     def first_token(now: float) -> None:
@@ -228,7 +230,9 @@ def run_stream(
             started[0] += 1
             last = started[0] == len(jobs)
         if last and on_all_started is not None:
-            on_all_started(now - t0)
+            w = threading.Thread(target=on_all_started, args=(now - t0,), daemon=True)
+            watchers.append(w)
+            w.start()
 
     def one(k: int) -> None:
         job, oc = jobs[k], outcomes[k]
@@ -261,7 +265,10 @@ def run_stream(
         t.start()
     for t in threads:
         t.join()
-    return outcomes, max(o.end for o in outcomes)
+    makespan = max(o.end for o in outcomes)
+    for w in watchers:
+        w.join()
+    return outcomes, makespan
 
 
 def _ms(x: float | None) -> float | None:
@@ -312,18 +319,20 @@ def _read_step_work(url: str) -> tuple[dict[str, dict[str, float]], float]:
     return out, total
 
 
-def step_work(url: str, timeout: float = 10.0, running: int = 0) -> dict[str, dict[str, float]]:
+def step_work(url: str, timeout: float = 10.0) -> dict[str, dict[str, float]]:
     """{kind: {steps, seconds, tokens, sampled, keys}} so far, from an executor's /metrics (its
     step seconds histogram and its step work counters, by step kind), read once every step it
-    has run (mint_executor_steps_total) is counted by kind: the step that streams a request's
-    last token is counted when it returns, after the client may have read that token. A step
-    counts in the total from its start: running=1 reads an executor in the middle of its work
-    (all steps counted but the one running)."""
+    had begun at the first read (mint_executor_steps_total, which counts a step from its start)
+    is counted by kind: the step that streams a request's last token is counted when it
+    returns, after the client may have read that token; a busy executor's running step is
+    waited for, not the steps after it."""
     deadline = time.monotonic() + timeout
+    begun = None
     while True:
         out, total = _read_step_work(url)
+        begun = total if begun is None else begun
         counted = sum(w.get("steps", 0.0) for w in out.values())
-        if counted >= total - running:
+        if counted >= begun:
             return out
         if time.monotonic() > deadline:
             raise RuntimeError(
@@ -623,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out_min, args.out_max),
     )
     jobs, sweep_jobs = all_jobs[: args.requests], all_jobs[:sweep_requests]
+    # More requests than batch slots: some wait to be admitted until the saturated window ends.
+    saturated = len(jobs) > args.max_batch_size
     lo, hi = ns[0], ns[-1]
     gen_tokens = sum(j.out_len for j in jobs)
     flops = sum(costs.request_flops(len(j.prompt), j.out_len) for j in jobs)
@@ -689,18 +700,21 @@ def main(argv: list[str] | None = None) -> int:
                     mid: list = []  # at N = hi: (step_work, seconds) once none waits
 
                     def watch(seconds: float, mid: list = mid) -> None:
-                        # The window ends when the counters are read: their steps, its time.
+                        # The window ends when the counters are read (the step running then
+                        # counted): their steps, its time.
                         t = time.perf_counter()
                         try:
-                            w = step_work(exec_metrics, running=1)
+                            w = step_work(exec_metrics)
                         except Exception as e:  # the round goes without the window's figures
                             _progress(f"the saturated window's step counters: {e}")
                             return
                         mid.append((w, seconds + time.perf_counter() - t))
 
                     outcomes, makespan = run_stream(
-                        client, at_rate(jobs, None), n, watch if n == hi else None
+                        client, at_rate(jobs, None), n, watch if n == hi and saturated else None
                     )
+                    if n == hi and saturated and not mid:
+                        _progress("no saturated window this round (a request failed first?)")
                     if n == hi:
                         work.append((step_work(exec_metrics), before, makespan, mid))
                     errors[n] += sum(1 for o in outcomes if o.error)
@@ -732,25 +746,23 @@ def main(argv: list[str] | None = None) -> int:
     # what they computed) against the peak, and the decode steps' own bound.
     peak = max(x["gemm_peak_gflop_s"] for x in rounds) * 1e9
     bw = max(x["read_bandwidth_gb_s"] for x in rounds) * 1e9
-    # More requests than batch slots: some wait to be admitted until the saturated window ends.
-    saturated = len(jobs) > args.max_batch_size
     for rec, (after, before, makespan, mid) in zip(rounds, work, strict=True):
         pre, dec = work_delta(before, after, "prefill"), work_delta(before, after, "decode")
         if pre is None or dec is None:
             _progress("the executor's step counters went back (a restart?): round left out")
             continue
-        if saturated and mid:
+        if mid:
             at, window = mid[0]
+            window = min(window, makespan)  # a read after the last token: every step counted
             done = [work_delta(before, at, k) for k in ("prefill", "decode")]
             if all(d is not None for d in done) and window > 0:
-                sat = sum(costs.work_flops(int(d["tokens"]), int(d["sampled"]), int(d["keys"]))
-                          for d in done)  # fmt: skip
+                kf = [costs.work_flops(int(d["tokens"]), int(d["sampled"]), int(d["keys"]))
+                      for d in done]  # fmt: skip
                 rec["saturated_time_share"] = window / makespan
-                rec["saturated_gflop"] = sat / 1e9
-                rec["saturated_gemm_fraction"] = sat / window / peak
-                for kind, d in zip(("prefill", "decode"), done, strict=True):
+                rec["saturated_gflop"] = sum(kf) / 1e9
+                rec["saturated_gemm_fraction"] = sum(kf) / window / peak
+                for kind, d, f in zip(("prefill", "decode"), done, kf, strict=True):
                     if d["seconds"] > 0:
-                        f = costs.work_flops(int(d["tokens"]), int(d["sampled"]), int(d["keys"]))
                         rec[f"saturated_{kind}_steps_time_share"] = d["seconds"] / window
                         rec[f"saturated_{kind}_steps_gemm_fraction"] = f / d["seconds"] / peak
                         rec[f"saturated_{kind}_steps_mean_tokens"] = d["tokens"] / d["steps"]

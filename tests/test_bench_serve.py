@@ -117,11 +117,13 @@ def test_bench_serve_tiny(backend, tiny_model_dir, tmp_path, capsys):
         assert 0 < shares <= 1.0001, r
         # 6 requests: a decode step forwards one token for each sequence decoding.
         assert 1 <= r["decode_steps_mean_tokens"] <= 6 and r["prefill_steps_mean_tokens"] >= 1
-        # 6 requests over 3 batch slots: a saturated window, then the drain (the last request
-        # admitted decodes >= 4 more tokens; the counters are read while the executor runs);
+        # 6 requests over 3 batch slots: a saturated window, then the drain (on the tiny
+        # backbone it may be over by the time the counters are read). Every prompt is prefilled
+        # (its first token sampled) before the window ends, so its FLOPs are in the window's;
         # the fraction is the window's FLOPs/s over the peak.
-        assert 0 < r["saturated_time_share"] < 0.99, r
-        assert 0 < r["saturated_gflop"] <= m["requests_gflop"] * 1.001, r
+        assert 0 < r["saturated_time_share"] <= 1, r
+        prefills = sum(costs.forward_flops(0, len(j.prompt), 1) for j in jobs)
+        assert prefills / 1e9 * 0.999 <= r["saturated_gflop"] <= m["requests_gflop"] * 1.001, r
         window = r["saturated_time_share"] * 6 / r["requests_per_s_1000"]
         assert _close(r["saturated_gemm_fraction"], r["saturated_gflop"] / window / peak, 5e-3)
         kinds = [r.get(f"saturated_{k}_steps_time_share", 0) for k in ("prefill", "decode")]
