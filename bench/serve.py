@@ -349,6 +349,15 @@ def work_delta(before: dict, after: dict, kind: str) -> dict[str, float] | None:
     return None if any(v < 0 for v in d.values()) else d
 
 
+def _kind_figures(rec: dict, name: str, w: dict, flops: float, span: float, peak: float) -> None:
+    """rec's {name}_steps_{time_share,gemm_fraction,mean_tokens} from one step kind's work w
+    (work_delta) and its model FLOPs, over a span of seconds; nothing when no step ran."""
+    if w["seconds"] > 0:
+        rec[f"{name}_steps_time_share"] = w["seconds"] / span
+        rec[f"{name}_steps_gemm_fraction"] = flops / w["seconds"] / peak
+        rec[f"{name}_steps_mean_tokens"] = w["tokens"] / w["steps"]
+
+
 @dataclass
 class Costs:
     """The backbone's per-token work (see the module docstring)."""
@@ -762,18 +771,12 @@ def main(argv: list[str] | None = None) -> int:
                 rec["saturated_gflop"] = sum(kf) / 1e9
                 rec["saturated_gemm_fraction"] = sum(kf) / window / peak
                 for kind, d, f in zip(("prefill", "decode"), done, kf, strict=True):
-                    if d["seconds"] > 0:
-                        rec[f"saturated_{kind}_steps_time_share"] = d["seconds"] / window
-                        rec[f"saturated_{kind}_steps_gemm_fraction"] = f / d["seconds"] / peak
-                        rec[f"saturated_{kind}_steps_mean_tokens"] = d["tokens"] / d["steps"]
+                    _kind_figures(rec, f"saturated_{kind}", d, f, window, peak)
         fl = {k: costs.work_flops(int(w["tokens"]), int(w["sampled"]), int(w["keys"]))
               for k, w in (("prefill", pre), ("decode", dec))}  # fmt: skip
         rec["steps_flops_vs_requests"] = (fl["prefill"] + fl["decode"]) / flops
         for kind, w in (("prefill", pre), ("decode", dec)):
-            if w["seconds"] > 0:
-                rec[f"{kind}_steps_time_share"] = w["seconds"] / makespan
-                rec[f"{kind}_steps_gemm_fraction"] = fl[kind] / w["seconds"] / peak
-                rec[f"{kind}_steps_mean_tokens"] = w["tokens"] / w["steps"]
+            _kind_figures(rec, kind, w, fl[kind], makespan, peak)
         if dec["seconds"] > 0:
             least = costs.decode_least_s(
                 int(dec["tokens"]), int(dec["sampled"]), int(dec["keys"]), peak, bw
