@@ -1464,7 +1464,7 @@ def test_the_load_runs_on_a_thread_that_ends_and_takes_its_openmp_team_along():
     counts no second team beside the step thread's."""
     import os
 
-    from mintmesh.services.executor.engine import on_a_passing_thread
+    from mintmesh.services.executor.passing import on_a_passing_thread
 
     def native_threads() -> set[int]:
         known = {t.native_id for t in threading.enumerate()}
@@ -1490,3 +1490,44 @@ def test_the_load_runs_on_a_thread_that_ends_and_takes_its_openmp_team_along():
     assert not grown & native_threads(), "the loading thread's OpenMP team outlived it"
     with pytest.raises(ValueError, match="no such backbone"):
         on_a_passing_thread(lambda: (_ for _ in ()).throw(ValueError("no such backbone")), name="x")
+
+
+def test_a_forward_leaves_no_openmp_team_on_the_callers_thread(make_engine):
+    """Engine.forward runs the model on a thread that ends with it: the caller's thread (a gRPC
+    worker's, long-lived) keeps no OpenMP team, which would throttle the step thread's for the
+    rest of the process (passing.py). The control, the runner called on the caller's thread,
+    leaves one: the check can fail."""
+    from openmp_util import openmp_on, workers_left_by
+
+    from mintmesh.services.executor.runner import pack_rows
+
+    if not openmp_on():
+        pytest.skip("torch runs no OpenMP teams here")
+    eng = make_engine(backend="torch")
+    rows = [(None, list(range(1, 200))), (None, list(range(3, 150)))]
+    want = eng.forward(rows)  # warm: kernels built, on a passing thread as well
+    assert workers_left_by(lambda: eng.runner.run(pack_rows([(ids, -1) for _, ids in rows]))), (
+        "the control started no OpenMP team on its thread"
+    )
+    got: list = []
+    assert not workers_left_by(lambda: got.extend(eng.forward(rows)))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_passing_thread_carries_the_callers_context_and_runs_nested_calls_in_place():
+    import contextvars
+
+    from mintmesh.services.executor.passing import on_a_passing_thread
+
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+
+    def outer():
+        inner_thread = on_a_passing_thread(threading.get_native_id, name="inner")
+        return var.get(), threading.get_native_id(), inner_thread
+
+    seen, outer_thread, inner_thread = on_a_passing_thread(outer, name="outer")
+    assert seen == "caller's"
+    assert outer_thread != threading.get_native_id()
+    assert inner_thread == outer_thread  # one thread, not one per level

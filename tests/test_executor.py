@@ -607,3 +607,49 @@ def test_draining_finishes_running_requests(tiny_model_dir, adapters):
     assert len(first.chunk.token_ids) + sum(len(c.token_ids) for c in rest) == 60
     assert engine.draining
     ch.close()
+
+
+def test_compute_rpcs_leave_no_openmp_team_on_the_grpc_workers(tiny_model_dir, adapters):
+    """The compute RPCs run on passing threads (servicer._compute, Engine.forward): the gRPC
+    workers they came on keep no OpenMP team, which would throttle the step thread's for the
+    rest of the process (passing.py). A worker a parallel region started on one of them would
+    be a native thread named as the process, outliving the call. A server of its own: the
+    module's has had RPCs on its workers before."""
+    from openmp_util import native_workers, openmp_on, settled_new_workers
+
+    if not openmp_on():
+        pytest.skip("torch runs no OpenMP teams here")
+    cfg = ExecutorConfig(model_dir=tiny_model_dir, executor_id="exec-omp", max_batch_size=4)
+    server, eng = create_server(cfg, source=_source(adapters))
+    ch = mesh_channel(server.address, traced=False)
+    try:
+        stub = executor_pb2_grpc.ExecutorStub(ch)
+        before = native_workers()
+        ids = [(7 * i) % 200 + 1 for i in range(240)]
+        row = executor_pb2.ForwardRow(token_ids=ids)
+        for _ in range(3):  # concurrently below: over more than one worker thread
+            with futures.ThreadPoolExecutor(3) as pool:
+                score = pool.submit(
+                    stub.Score,
+                    executor_pb2.ExecutorScoreRequest(prompt_token_ids=ids, top_logprobs=5),
+                    timeout=60,
+                )
+                fwd = [
+                    pool.submit(
+                        stub.Forward,
+                        executor_pb2.ForwardRequest(rows=[row], output=out),
+                        timeout=60,
+                    )
+                    for out in (
+                        executor_pb2.FORWARD_OUTPUT_LOGPROBS,
+                        executor_pb2.FORWARD_OUTPUT_LOGITS,
+                    )
+                ]
+                res = score.result().result
+                assert len(res.logprobs) == len(ids) - 1 == len(res.top_logprobs)
+                assert len(fwd[0].result().rows[0].logprobs) == len(ids) - 1
+                assert len(fwd[1].result().rows[0].logits) == len(ids) * eng.vocab_size
+        assert not settled_new_workers(before)
+    finally:
+        ch.close()
+        server.stop(grace=1.0)

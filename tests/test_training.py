@@ -623,3 +623,31 @@ def test_a_long_backbone_gemm_is_sliced_too_and_keeps_the_gradients(trainer, eng
     assert _rel(pieced[0].loss, whole[0].loss) <= 1e-6
     for p, g in zip(run.parameters(), grads, strict=True):
         assert (p.grad - g).abs().max() <= 1e-5 * max(1.0, float(g.abs().max()))
+
+
+def test_a_queued_batch_leaves_no_openmp_team_on_the_queues_thread(trainer):
+    """The training queue runs each batch on a thread that ends with it: its own long-lived
+    worker keeps no OpenMP team, which would throttle the step thread's for the rest of the
+    process (services/executor/passing.py). The control, a pass run on a thread that stays,
+    leaves one: the check can fail."""
+    from openmp_util import native_workers, openmp_on, settled_new_workers, workers_left_by
+
+    from mintmesh.services.executor.training import TrainingQueue
+
+    if not openmp_on():
+        pytest.skip("torch runs no OpenMP teams here")
+    spec = LoraSpec(8, 16.0, ("q_proj", "v_proj"))
+    trainer.create_run("omp", "t", spec, seed=3)
+    data = _data(7, lens=(200, 180, 150))
+    assert workers_left_by(
+        lambda: trainer.forward_backward([("omp", data, "cross_entropy", None)])
+    ), "the control started no OpenMP team on its thread"
+    q = TrainingQueue(trainer, batch_wait_s=0.0)
+    try:
+        before = native_workers()
+        res = q.submit("omp", data, "cross_entropy", timeout=60)
+        assert math.isfinite(res.loss)
+        assert q._thread.is_alive()
+        assert not settled_new_workers(before)
+    finally:
+        q.close()

@@ -39,8 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
@@ -51,6 +50,7 @@ from mintmesh.services.executor.config import ExecutorConfig
 from mintmesh.services.executor.intake import Intake, encode, encode_chat
 from mintmesh.services.executor.kv_manager import KVManager, build_kv_cache
 from mintmesh.services.executor.output import OutputProcessor
+from mintmesh.services.executor.passing import on_a_passing_thread
 from mintmesh.services.executor.requests import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -78,7 +78,6 @@ from mintmesh.services.executor.step_loop import StepLoop
 from mintmesh.services.executor.timeshare import TrainingTimeshare
 from mintmesh.services.executor.torch_runner import load_backbone
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -96,34 +95,6 @@ __all__ = [
     "StepStats",
     "sample_token",
 ]
-
-
-def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
-    """fn() on a thread of its own that ends when fn returns: its result, or its exception
-    raised here.
-
-    Why: libgomp (torch's OpenMP runtime) gives every thread that starts a parallel region a
-    team of its own for the thread's life, and counts the threads of all teams; once they
-    outnumber the CPUs, every team's workers stop spinning between regions (100 iterations
-    instead of 300,000) and each region then pays a futex wake-up. Loading the backbone
-    (packing its weights, the kernels' self-checks) on the caller's thread kept that thread's
-    team alive beside the step thread's, so on a 2-core machine the step loop ran throttled:
-    small backbone, 24 requests at capacity in process, 150-174 tokens/s against 174-182 with
-    the load on a thread that ended (its team is freed with it)."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 class Engine:
@@ -321,14 +292,20 @@ class Engine:
         with self.residency.acquired(wanted, timeout=timeout) as slots:
             packed = [(ids, slots[digest] if digest else -1)
                       for (digest, _), ids in zip(rows, ids_list, strict=True)]  # fmt: skip
-            with self._model_lock:
-                logits = self.runner.run(pack_rows(packed))
-        logits = logits.float().cpu()
-        out, start = [], 0
-        for ids in ids_list:
-            out.append(logits[start : start + len(ids)].clone())
-            start += len(ids)
-        return out
+
+            def work() -> list[torch.Tensor]:
+                with self._model_lock:
+                    logits = self.runner.run(pack_rows(packed))
+                logits = logits.float().cpu()
+                out, start = [], 0
+                for ids in ids_list:
+                    out.append(logits[start : start + len(ids)].clone())
+                    start += len(ids)
+                return out
+
+            # Not on the caller's thread (a gRPC worker's: its OpenMP team would stay beside
+            # the step thread's, and throttle the step loop from then on; passing.py).
+            return on_a_passing_thread(work, name="executor-forward")
 
     def prefetch(self, digests: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
         """Prefetch hints: start loading these adapters in the background, into free device room

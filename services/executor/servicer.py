@@ -3,6 +3,7 @@ else. Domain exceptions raised by the engine become status codes in the shared i
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -19,6 +20,7 @@ from mintmesh.services.executor.engine import (
     GenerationRequest,
     SamplingOptions,
 )
+from mintmesh.services.executor.passing import on_a_passing_thread
 from mintmesh.v1 import common_pb2, executor_pb2, executor_pb2_grpc, training_pb2
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,17 @@ def prompt_ids(engine: Engine, request) -> list[int]:
     if request.prompt:
         return engine.encode(request.prompt)
     raise InvalidArgument("prompt is empty: give prompt, prompt_token_ids or messages")
+
+
+def _compute(method):
+    """A unary RPC that runs torch on its thread: on a passing thread instead of the gRPC
+    worker's (whose OpenMP team would stay, and throttle the step loop's; passing.py)."""
+
+    @functools.wraps(method)
+    def rpc(self, request, context):
+        return on_a_passing_thread(lambda: method(self, request, context), name=method.__name__)
+
+    return rpc
 
 
 def _next_token_logprobs(logits, ids: list[int]):
@@ -156,6 +169,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         finally:
             handle.cancel()
 
+    @_compute
     def Forward(
         self, request: executor_pb2.ForwardRequest, context
     ) -> executor_pb2.ForwardResponse:
@@ -183,6 +197,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                 row.logprobs.extend(_next_token_logprobs(lg, ids)[1].tolist())
         return resp
 
+    @_compute
     def Score(self, request: executor_pb2.ExecutorScoreRequest, context):
         import torch
 
@@ -214,6 +229,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     # -- training ----------------------------------------------------------------------------
 
+    @_compute
     def CreateTrainingRun(self, request, context):
         import uuid
 
@@ -251,6 +267,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             steps=run.steps,
         )
 
+    @_compute
     def ForwardBackward(self, request, context):
         from mintmesh.services.executor.training import Datum
 
@@ -315,6 +332,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             lq[lo:] = torch.log_softmax(lg[lo + shift :].float() / tau, dim=-1)
             d.reference_logprobs = lq
 
+    @_compute
     def OptimStep(self, request, context):
         from mintmesh.services.executor.training import AdamParams
 
@@ -327,6 +345,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             metrics = run.optim_step(adam)
         return training_pb2.OptimStepResponse(metrics=metrics, steps=run.steps)
 
+    @_compute
     def SaveRunWeights(self, request, context):
         q = self.engine.training()
         run = q.trainer.run(request.run_id)

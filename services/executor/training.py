@@ -31,6 +31,7 @@ the last step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from mintmesh.kernels.dense import YieldPoints, yield_points
 from mintmesh.kernels.train_ops import target_logprobs
 from mintmesh.peft_io import TRAINING_STATE_FORMAT as STATE_FORMAT
 from mintmesh.peft_io import training_state_metadata
+from mintmesh.services.executor.passing import on_a_passing_thread
 
 logger = logging.getLogger(__name__)
 
@@ -1079,9 +1081,17 @@ class TrainingQueue:
                     outcome[i] = {"error": e}
             try:
                 if live:
-                    results = self.trainer.forward_backward(
-                        [batch[i][0] for i in live], forward_only=forward_only, runs=runs
-                    )
+                    # On a thread that ends with the batch, not this long-lived one (whose
+                    # OpenMP team would stay beside the step thread's and throttle it;
+                    # passing.py).
+                    calls = [batch[i][0] for i in live]
+                    results = on_a_passing_thread(
+                        functools.partial(
+                            self.trainer.forward_backward, calls, forward_only=forward_only,
+                            runs=runs,
+                        ),
+                        name="mint-training-batch",
+                    )  # fmt: skip
                     for i, r in zip(live, results, strict=True):
                         outcome[i] = {"result": r}
             except Exception as e:  # noqa: BLE001 - handed to every caller of the pass
