@@ -298,19 +298,26 @@ def test_executor_attn_threads_rule(tiny_model_dir):
 
 def test_executor_stream_message_budget_rule(tiny_model_dir):
     """--stream-messages-per-s: a stream's messages after its first are spaced by the running
-    streams over the budget, at most 0.1 s; 0 turns the bound off; a negative or NaN budget is
-    refused."""
-    from mintmesh.services.executor.requests import MAX_STREAM_INTERVAL_S, stream_interval
+    streams over the budget, at most --stream-max-interval-s (0.1 s by default); 0 turns the
+    bound off; a negative or NaN budget, and a cap that is not a finite number > 0, are
+    refused; both come from the environment as well."""
+    from mintmesh.services.executor.requests import stream_interval
 
-    assert ExecutorConfig(model_dir=tiny_model_dir).stream_messages_per_s == 500.0
-    assert stream_interval(32, 500.0) == pytest.approx(0.064)
-    assert stream_interval(32, 1000.0) == pytest.approx(0.032)
-    assert stream_interval(1, 1000.0) == pytest.approx(0.001)
-    assert stream_interval(500, 1000.0) == MAX_STREAM_INTERVAL_S == 0.1
-    assert stream_interval(32, 0.0) == 0.0 and stream_interval(0, 1000.0) == 0.0
+    cfg = ExecutorConfig(model_dir=tiny_model_dir)
+    assert (cfg.stream_messages_per_s, cfg.stream_max_interval_s) == (500.0, 0.1)
+    cap = cfg.stream_max_interval_s
+    assert stream_interval(32, 500.0, cap) == pytest.approx(0.064)
+    assert stream_interval(32, 1000.0, cap) == pytest.approx(0.032)
+    assert stream_interval(1, 1000.0, cap) == pytest.approx(0.001)
+    assert stream_interval(500, 1000.0, cap) == 0.1
+    assert stream_interval(500, 1000.0, 0.45) == pytest.approx(0.45)
+    assert stream_interval(32, 0.0, cap) == 0.0 and stream_interval(0, 1000.0, cap) == 0.0
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="stream_messages_per_s=.* must be >= 0"):
             ExecutorConfig(model_dir=tiny_model_dir, stream_messages_per_s=bad)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="stream_max_interval_s=.* must be a finite number"):
+            ExecutorConfig(model_dir=tiny_model_dir, stream_max_interval_s=bad)
 
 
 def test_executor_training_run_idle_s(tiny_model_dir):

@@ -1325,8 +1325,8 @@ def test_a_reader_that_fell_behind_gets_the_waiting_outputs_as_one_chunk(make_en
 
 def test_stream_messages_are_paced_by_the_message_budget(make_engine, adapters):
     """stream_messages_per_s: a reader that keeps up still gets the first token alone, at
-    once, then one message per stream_interval() (here the 0.1 s cap: one stream over a budget
-    of 10 per second) carrying every output of the steps in between, in order, the finish and
+    once, then one message per stream_interval() (here the 0.1 s default cap: one stream over a
+    budget of 10 per second) carrying every output of the steps in between, in order, the finish and
     usage on the last; unpaced (0), the same reader gets one message per step."""
     kw = dict(ignore_eos=True, logprobs=True)
     for budget in (10.0, 0.0):
@@ -1357,19 +1357,17 @@ def test_stream_messages_are_paced_by_the_message_budget(make_engine, adapters):
             assert [len(c.token_ids) for c in got] == [1] * 16
 
 
-def test_a_pacing_reader_sleeps_through_the_steps_and_is_no_slow_reader(
-    make_engine, adapters, monkeypatch
-):
+def test_a_pacing_reader_sleeps_through_the_steps_and_is_no_slow_reader(make_engine, adapters):
     """Between two paced messages the reader sleeps (chunks() holds) instead of waking for
     each step's output: the outputs of the steps in between stay queued for it and are not
     unread (a hold longer than stream_buffer_outputs steps does not pause the stream); a full
     message's worth (max_merge) ends the hold; the last output, an error and a cancel end it
     at once; nothing is lost or reordered."""
-    from mintmesh.services.executor import requests as requests_mod
-
-    monkeypatch.setattr(requests_mod, "MAX_STREAM_INTERVAL_S", 30.0)  # one stream: 30 s apart
     kw = dict(ignore_eos=True, logprobs=True)
-    eng = make_engine(stream_messages_per_s=1e-3, stream_buffer_outputs=2)
+    # One stream over a budget of 1e-3 a second, capped at 30 s: its messages 30 s apart.
+    eng = make_engine(
+        stream_messages_per_s=1e-3, stream_max_interval_s=30.0, stream_buffer_outputs=2
+    )
     ref = eng.submit(_req(adapters, "a", [5, 6, 7], 8, **kw))
     eng.run_until_done([ref])
     want = ref.result()

@@ -37,6 +37,7 @@ class StepLimits:
     stream_buffer_outputs: int
     stream_stall_timeout_s: float
     stream_messages_per_s: float
+    stream_max_interval_s: float
     vocab_size: int
     max_positions: int
     max_prompt_tokens: int
@@ -61,6 +62,7 @@ class StepLimits:
             stream_buffer_outputs=int(config.stream_buffer_outputs),
             stream_stall_timeout_s=float(config.stream_stall_timeout_s),
             stream_messages_per_s=float(config.stream_messages_per_s),
+            stream_max_interval_s=float(config.stream_max_interval_s),
             vocab_size=int(model_config.vocab_size),
             max_positions=positions,
             max_prompt_tokens=min(int(config.max_prompt_tokens) or positions - 1, positions - 1),

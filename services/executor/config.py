@@ -141,17 +141,27 @@ class ExecutorConfig:
         metadata={"help": "a paused stream fails RESOURCE_EXHAUSTED after this long unread"},
     )
     # Stream messages: after its first token (always sent at once), a stream's outputs are
-    # sent at most every (running streams / stream_messages_per_s) seconds, capped at 0.1 s,
-    # several tokens to a message when steps are faster than that. Each message costs CPU on
-    # every hop, and in the executor it is interpreter time the step loop waits for (thread-
-    # per-stream gRPC: ~0.4 ms per message under a flood on a 2-core host, so 1000 a second
-    # took ~40% of the interpreter and stretched a 32-row step from 5 ms of its own CPU to
-    # 12-20 ms). 500 a second keeps that near a fifth, and 32 streams still get a message
-    # every 64 ms. Below budget (a few streams) every step's output goes out alone. 0 = every
-    # output at once.
+    # sent at most every (running streams / stream_messages_per_s) seconds, capped at
+    # stream_max_interval_s, several tokens to a message when steps are faster than that.
+    # Each message costs CPU on every hop, and in the executor it is interpreter time the
+    # step loop waits for (thread-per-stream gRPC: ~0.4 ms per message under a flood on a
+    # 2-core host, so 1000 a second took ~40% of the interpreter and stretched a 32-row step
+    # from 5 ms of its own CPU to 12-20 ms). 500 a second keeps that near a fifth, and 32
+    # streams still get a message every 64 ms. Below budget (a few streams) every step's
+    # output goes out alone. 0 = every output at once.
     stream_messages_per_s: float = field(
         default=500.0,
         metadata={"help": "stream messages per second across running streams (0 = no bound)"},
+    )
+    # The most a stream's outputs wait to go out together. With many streams and steps slower
+    # than this, every stream still gets a message each step: on a host whose cores the router
+    # and clients share with the executor, their CPU for each message also stalls the step's
+    # OpenMP team (one thread taken off a core holds the other at the next barrier). Small
+    # backbone, 48 streams on 2 cores: a decode step took 144-159 ms at 0.1 s, 133-139 ms at
+    # 0.45 s (50 messages a second): smoother streams against more tokens a second.
+    stream_max_interval_s: float = field(
+        default=0.1,
+        metadata={"help": "longest a stream's outputs wait to be sent together, seconds"},
     )
     # The paged KV cache: bytes (0 = max_batch_size sequences of min(512, max positions)
     # tokens) and tokens per block.
@@ -285,6 +295,10 @@ class ExecutorConfig:
             raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 0")
         if not self.stream_messages_per_s >= 0:  # NaN too
             raise ValueError(f"stream_messages_per_s={self.stream_messages_per_s} must be >= 0")
+        if not 0 < self.stream_max_interval_s < float("inf"):  # NaN too
+            raise ValueError(
+                f"stream_max_interval_s={self.stream_max_interval_s} must be a finite number > 0"
+            )
         if self.stream_stall_timeout_s <= 0:
             raise ValueError(f"stream_stall_timeout_s={self.stream_stall_timeout_s} must be > 0")
         if self.fetch_timeout_s <= 0:

@@ -142,6 +142,7 @@ class Intake:
             b,
             resume_unread=lim.stream_buffer_outputs // 2,
             messages_per_s=lim.stream_messages_per_s,
+            max_interval_s=lim.stream_max_interval_s,
         )
         opts = request.sampling
         gen = None

@@ -35,19 +35,18 @@ FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
 
-# The longest a stream's outputs wait to be sent together (ExecutorConfig.stream_messages_per_s).
-MAX_STREAM_INTERVAL_S = 0.1
 # How often a reader waiting for its next output checks that the engine still runs.
 STOPPED_POLL_S = 1.0
 
 
-def stream_interval(running: int, messages_per_s: float) -> float:
+def stream_interval(running: int, messages_per_s: float, max_interval_s: float) -> float:
     """Seconds between one stream's messages after its first: the executor's message budget
-    shared by its running streams, at most MAX_STREAM_INTERVAL_S (0 = no budget: each output
-    goes out as it comes)."""
+    shared by its running streams, at most max_interval_s (ExecutorConfig's
+    stream_messages_per_s and stream_max_interval_s; a budget of 0: each output goes out as it
+    comes)."""
     if messages_per_s <= 0 or running <= 0:
         return 0.0
-    return min(MAX_STREAM_INTERVAL_S, running / messages_per_s)
+    return min(max_interval_s, running / messages_per_s)
 
 
 @dataclass
@@ -179,14 +178,17 @@ class GenerationHandle:
         *,
         resume_unread: int = 0,
         messages_per_s: float = 0.0,
+        max_interval_s: float = 0.0,
     ) -> None:
         self.request = request
         # The engine's step loop (woken on cancel and read-down, asked whether it stopped and
         # how many sequences run); a paused stream is resumed once at most resume_unread
-        # outputs are left unread; chunks() paces its messages by messages_per_s.
+        # outputs are left unread; chunks() paces its messages by messages_per_s, at most
+        # max_interval_s apart.
         self._loop = loop
         self._resume_unread = resume_unread
         self._messages_per_s = messages_per_s
+        self._max_interval_s = max_interval_s
         self._q: queue.Queue[GenerationOutput | BaseException] = queue.Queue()
         # A reader holding outputs for its next message (chunks()) waits on this, not on the
         # queue, so the steps in between do not wake it once each: set by the output (or
@@ -296,7 +298,9 @@ class GenerationHandle:
             self._reading = True
             try:
                 if sent is not None:
-                    interval = stream_interval(self._loop.num_running, self._messages_per_s)
+                    interval = stream_interval(
+                        self._loop.num_running, self._messages_per_s, self._max_interval_s
+                    )
                     self._hold(sent + interval)
                 group, err = self._group(max_merge)
             finally:
