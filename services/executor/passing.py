@@ -50,6 +50,10 @@ def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
     t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     t.join()
-    if "error" in box:
-        raise box["error"]
+    err = box.pop("error", None)
+    if err is not None:
+        try:
+            raise err
+        finally:
+            del err  # no cycle (box, traceback, frame) keeps fn's tensors alive
     return box["result"]
