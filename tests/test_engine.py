@@ -1460,15 +1460,11 @@ def test_the_load_runs_on_a_thread_that_ends_and_takes_its_openmp_team_along():
     raised on the caller's thread, and the thread (with the OpenMP team a GEMM started on it,
     where torch runs on OpenMP with two threads or more) is gone once it returns, so libgomp
     counts no second team beside the step thread's."""
-    import os
+    from openmp_util import native_workers, openmp_on, settled_new_workers
 
     from mintmesh.services.executor.passing import on_a_passing_thread
 
-    def native_threads() -> set[int]:
-        known = {t.native_id for t in threading.enumerate()}
-        return {int(t) for t in os.listdir("/proc/self/task")} - known
-
-    before = native_threads()
+    before = native_workers()
     ran_on: list[int] = []
 
     def work():
@@ -1476,16 +1472,14 @@ def test_the_load_runs_on_a_thread_that_ends_and_takes_its_openmp_team_along():
         a = torch.randn(768, 768)
         for _ in range(3):
             a = (a @ a) / 768  # an OpenMP region started on this thread: its own team
-        return native_threads() - before
+        return native_workers() - before
 
     grown = on_a_passing_thread(work, name="load-test")
     assert ran_on and ran_on[0] != threading.get_native_id()
-    if torch._C.has_openmp and torch.get_num_threads() > 1:
+    if openmp_on():
         assert grown, "the GEMM started no OpenMP worker on the loading thread"
-    deadline = time.monotonic() + 5
-    while grown & native_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not grown & native_threads(), "the loading thread's OpenMP team outlived it"
+    left = settled_new_workers(before, wait_s=5.0)
+    assert not grown & left, "the loading thread's OpenMP team outlived it"
     with pytest.raises(ValueError, match="no such backbone"):
         on_a_passing_thread(lambda: (_ for _ in ()).throw(ValueError("no such backbone")), name="x")
 
