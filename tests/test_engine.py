@@ -1507,6 +1507,59 @@ def test_a_forward_leaves_no_openmp_team_on_the_callers_thread(make_engine):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_adapter_loads_leave_no_openmp_team_on_long_lived_threads(tiny_model_dir, tmp_path):
+    """A wide adapter's copy into the pool runs OpenMP regions (rank 64 at hidden 1024): the
+    loader's workers and a Forward's cold loads run it on threads that end, so no team stays
+    beside the step thread's (passing.py). The control, the same load on a long-lived thread,
+    leaves one: the check can fail."""
+    import shutil
+
+    from openmp_util import native_workers, openmp_on, settled_new_workers, workers_left_by
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mintmesh.model import base_model_info
+
+    if not openmp_on():
+        pytest.skip("torch runs no OpenMP teams here")
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_model_dir, wide)  # the tokenizer; config and weights replaced
+    tiny = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(**{**tiny.to_dict(), "hidden_size": 1024, "num_hidden_layers": 1})
+    torch.manual_seed(3)
+    LlamaForCausalLM(cfg).save_pretrained(wide)
+    info = base_model_info(wide)
+    packs = {}
+    for i in range(3):
+        d = make_peft_adapter(wide, tmp_path / f"a{i}", rank=64, targets=["q_proj"], seed=i)
+        pa = validate_and_pack(*read_peft_dir(d), info, max_rank=64)
+        packs[pa.digest] = pa.data
+    ctl, loaded, cold = packs
+    eng = Engine.from_config(
+        ExecutorConfig(model_dir=wide, backend="torch"),
+        source=PackedBytesSource(packs),
+        autostart=False,
+    )
+    try:
+
+        def control() -> None:
+            eng.residency.ensure(ctl)
+            eng.residency.release(ctl)
+
+        assert workers_left_by(control), "the control's load started no OpenMP team on its thread"
+        before = native_workers()
+        assert eng.loader.request(loaded)
+        eng.wait_loads()
+        assert loaded in eng.residency
+        assert not settled_new_workers(before), "a loader thread kept an OpenMP team"
+        assert cold not in eng.residency
+        ids = list(range(1, 40))
+        got: list = []
+        assert not workers_left_by(lambda: got.extend(eng.forward([(cold, ids)])))
+        assert cold in eng.residency and got[0].shape == (len(ids), cfg.vocab_size)
+    finally:
+        eng.close(timeout=0)
+
+
 def test_a_passing_thread_carries_the_callers_context_and_runs_nested_calls_in_place():
     import contextvars
 

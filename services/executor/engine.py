@@ -289,23 +289,24 @@ class Engine:
         """Logits [n_i, vocab] (float32, CPU) of every row (adapter digest or None, token ids),
         all rows in one forward, between steps of the step loop."""
         ids_list, wanted = self.intake.check_rows(rows)
-        with self.residency.acquired(wanted, timeout=timeout) as slots:
-            packed = [(ids, slots[digest] if digest else -1)
-                      for (digest, _), ids in zip(rows, ids_list, strict=True)]  # fmt: skip
 
-            def work() -> list[torch.Tensor]:
+        def work() -> list[torch.Tensor]:
+            with self.residency.acquired(wanted, timeout=timeout) as slots:  # loads cold ones
+                packed = [(ids, slots[digest] if digest else -1)
+                          for (digest, _), ids in zip(rows, ids_list, strict=True)]  # fmt: skip
                 with self._model_lock:
                     logits = self.runner.run(pack_rows(packed))
-                logits = logits.float().cpu()
-                out, start = [], 0
-                for ids in ids_list:
-                    out.append(logits[start : start + len(ids)].clone())
-                    start += len(ids)
-                return out
+            logits = logits.float().cpu()
+            out, start = [], 0
+            for ids in ids_list:
+                out.append(logits[start : start + len(ids)].clone())
+                start += len(ids)
+            return out
 
-            # Not on the caller's thread (a gRPC worker's: its OpenMP team would stay beside
-            # the step thread's, and throttle the step loop from then on; passing.py).
-            return on_a_passing_thread(work, name="executor-forward")
+        # Not on the caller's thread, the cold adapters' loads included (a gRPC worker's: its
+        # OpenMP team would stay beside the step thread's, and throttle the step loop from
+        # then on; passing.py).
+        return on_a_passing_thread(work, name="executor-forward")
 
     def prefetch(self, digests: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
         """Prefetch hints: start loading these adapters in the background, into free device room

@@ -3,9 +3,10 @@
 Why: libgomp (torch's OpenMP runtime) gives every thread that starts a parallel region a team of
 its own for the thread's life, and counts the threads of all teams; once they outnumber the
 CPUs, every team's workers stop spinning between regions (100 iterations instead of 300,000) and
-each region then pays a futex wake-up. So a forward, a training batch or an optimizer step run
-on a long-lived thread (a gRPC worker, the training queue's) would leave its team beside the
-step thread's for good, and the serving steps would run throttled from then on:
+each region then pays a futex wake-up. So a forward, a training batch, an optimizer step or an
+adapter's copy into the pool run on a long-lived thread (a gRPC worker, the training queue's,
+an adapter loader's) would leave its team beside the step thread's for good, and the serving
+steps would run throttled from then on:
 - loading the backbone on the caller's thread: small backbone, 24 requests at capacity in
   process, 150-174 tokens/s against 174-182 with the load on a thread that ended;
 - 48 decoding rows, in process, with a second team alive: 135-150 ms a step against 112-121

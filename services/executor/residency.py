@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import queue
@@ -53,6 +54,7 @@ from mintmesh.errors import (
 )
 from mintmesh.identity import check_digest
 from mintmesh.packed import ModuleWeights, PackedHeader, unpack
+from mintmesh.services.executor.passing import on_a_passing_thread
 from mintmesh.services.executor.runner import AdapterDevice
 from mintmesh.services.executor.sources import AdapterSource, NoSource
 
@@ -847,7 +849,10 @@ class AdapterLoader:
                     stale = self._closing or self._pending.get(job.digest) is not True
                 if stale:
                     continue
-            self._load(job)
+            # Not on this long-lived thread: copying an adapter into the pool runs OpenMP
+            # regions once its matrices are wide (rank 64 at hidden 1024 does), and their team
+            # would stay beside the step thread's and throttle it from then on (passing.py).
+            on_a_passing_thread(functools.partial(self._load, job), name="adapter-load")
 
     def _load(self, job: _Job) -> None:
         from opentelemetry import context as otel_context
