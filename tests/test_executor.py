@@ -614,8 +614,11 @@ def test_compute_rpcs_leave_no_openmp_team_on_the_grpc_workers(tiny_model_dir, a
     workers they came on keep no OpenMP team, which would throttle the step thread's for the
     rest of the process (passing.py). A worker a parallel region started on one of them would
     be a native thread named as the process, outliving the call. A server of its own: the
-    module's has had RPCs on its workers before."""
-    from openmp_util import native_workers, openmp_on, settled_new_workers
+    module's has had RPCs on its workers before. The control, the model run on a long-lived
+    thread, leaves such a worker: the check can see one."""
+    from openmp_util import native_workers, openmp_on, settled_new_workers, workers_left_by
+
+    from mintmesh.services.executor.runner import pack_rows
 
     if not openmp_on():
         pytest.skip("torch runs no OpenMP teams here")
@@ -624,8 +627,11 @@ def test_compute_rpcs_leave_no_openmp_team_on_the_grpc_workers(tiny_model_dir, a
     ch = mesh_channel(server.address, traced=False)
     try:
         stub = executor_pb2_grpc.ExecutorStub(ch)
-        before = native_workers()
         ids = [(7 * i) % 200 + 1 for i in range(240)]
+        assert workers_left_by(lambda: eng.runner.run(pack_rows([(ids, -1)]))), (
+            "the control started no OpenMP team on its thread"
+        )
+        before = native_workers()
         row = executor_pb2.ForwardRow(token_ids=ids)
         for _ in range(3):  # concurrently below: over more than one worker thread
             with futures.ThreadPoolExecutor(3) as pool:
