@@ -1576,3 +1576,26 @@ def test_a_passing_thread_carries_the_callers_context_and_runs_nested_calls_in_p
     assert seen == "caller's"
     assert outer_thread != threading.get_native_id()
     assert inner_thread == outer_thread  # one thread, not one per level
+
+
+def test_a_passing_thread_that_cannot_start_leaves_the_work_to_the_caller(monkeypatch, caplog):
+    """No thread to be had (a pids limit): the work runs on the caller's thread, not lost (an
+    adapter loader's worker would otherwise die of it, and every later load wait in vain)."""
+    from mintmesh.services.executor.passing import on_a_passing_thread
+
+    start = threading.Thread.start
+
+    def refuse(self):
+        if self.name == "no-room":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with caplog.at_level("WARNING", logger="mintmesh.services.executor.passing"):
+        assert on_a_passing_thread(threading.get_native_id, name="no-room") == (
+            threading.get_native_id()
+        )
+    assert "no-room runs on the calling thread" in caplog.text
+    with pytest.raises(KeyError):
+        on_a_passing_thread(lambda: {}["missing"], name="no-room")
+    assert on_a_passing_thread(threading.get_native_id, name="room") != threading.get_native_id()

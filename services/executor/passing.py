@@ -21,6 +21,7 @@ ms to start, against forwards and training batches of milliseconds or more."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,13 +30,17 @@ T = TypeVar("T")
 
 __all__ = ["on_a_passing_thread"]
 
+logger = logging.getLogger(__name__)
+
 _here = threading.local()
 
 
 def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
     """fn() on a thread of its own that ends when fn returns (in a copy of the caller's
     contextvars: its trace context among them): its result, or its exception raised here.
-    Called on such a thread already, fn runs there (one thread, not one per level)."""
+    Called on such a thread already, fn runs there (one thread, not one per level); where no
+    thread can be started (a pids limit, say), on the caller's: the work is done all the same,
+    only its OpenMP team may stay."""
     if getattr(_here, "passing", False):
         return fn()
     box: dict = {}
@@ -49,7 +54,11 @@ def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
             box["error"] = e
 
     t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
+    try:
+        t.start()
+    except RuntimeError as e:  # "can't start new thread"
+        logger.warning("%s runs on the calling thread: no thread could be started (%s)", name, e)
+        return fn()
     t.join()
     err = box.pop("error", None)
     if err is not None:
