@@ -1596,6 +1596,14 @@ def test_a_passing_thread_that_cannot_start_leaves_the_work_to_the_caller(monkey
             threading.get_native_id()
         )
     assert "no-room runs on the calling thread" in caplog.text
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as info:
         on_a_passing_thread(lambda: {}["missing"], name="no-room")
+    assert info.value.__context__ is None  # not chained to the refused start
+    inner: list = []
+
+    def outer():  # a nested call does not try again: it runs in place
+        inner.append(on_a_passing_thread(threading.get_native_id, name="room"))
+        return threading.get_native_id()
+
+    assert on_a_passing_thread(outer, name="no-room") == inner[0] == threading.get_native_id()
     assert on_a_passing_thread(threading.get_native_id, name="room") != threading.get_native_id()

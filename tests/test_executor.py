@@ -628,9 +628,12 @@ def test_compute_rpcs_leave_no_openmp_team_on_the_grpc_workers(tiny_model_dir, a
     try:
         stub = executor_pb2_grpc.ExecutorStub(ch)
         ids = [(7 * i) % 200 + 1 for i in range(240)]
-        assert workers_left_by(lambda: eng.runner.run(pack_rows([(ids, -1)]))), (
-            "the control started no OpenMP team on its thread"
-        )
+
+        def control():
+            with eng._model_lock:  # between the step loop's steps, as Engine.forward
+                eng.runner.run(pack_rows([(ids, -1)]))
+
+        assert workers_left_by(control), "the control started no OpenMP team on its thread"
         before = native_workers()
         row = executor_pb2.ForwardRow(token_ids=ids)
         for _ in range(3):  # concurrently below: over more than one worker thread

@@ -296,16 +296,18 @@ class Engine:
                           for (digest, _), ids in zip(rows, ids_list, strict=True)]  # fmt: skip
                 with self._model_lock:
                     logits = self.runner.run(pack_rows(packed))
-            logits = logits.float().cpu()
+                # Copied out before the references go: on CUDA the forward may still be
+                # reading the adapters' pages, which an eviction could then hand to another.
+                logits = logits.float().cpu()
             out, start = [], 0
             for ids in ids_list:
                 out.append(logits[start : start + len(ids)].clone())
                 start += len(ids)
             return out
 
-        # Not on the caller's thread, the cold adapters' loads included (a gRPC worker's: its
-        # OpenMP team would stay beside the step thread's, and throttle the step loop from
-        # then on; passing.py).
+        # Not on the caller's thread, the cold adapters' loads included (an in-process caller's
+        # long-lived thread: its OpenMP team would stay beside the step thread's, and throttle
+        # the step loop from then on; passing.py). The servicer's RPCs are on one already.
         return on_a_passing_thread(work, name="executor-forward")
 
     def prefetch(self, digests: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

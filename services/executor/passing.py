@@ -56,9 +56,16 @@ def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
     t = threading.Thread(target=run, name=name, daemon=True)
     try:
         t.start()
+        started = True
     except RuntimeError as e:  # "can't start new thread"
         logger.warning("%s runs on the calling thread: no thread could be started (%s)", name, e)
-        return fn()
+        started = False
+    if not started:  # outside the except: fn's own errors are not chained to the refusal
+        _here.passing = True  # nested calls run here too, not trying again
+        try:
+            return ctx.run(fn)
+        finally:
+            _here.passing = False
     t.join()
     err = box.pop("error", None)
     if err is not None:
