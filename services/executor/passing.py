@@ -47,26 +47,24 @@ def on_a_passing_thread(fn: Callable[[], T], *, name: str) -> T:
     ctx = contextvars.copy_context()
 
     def run() -> None:
-        _here.passing = True
+        _here.passing = True  # nested calls run in place
         try:
             box["result"] = ctx.run(fn)
         except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
             box["error"] = e
+        finally:
+            _here.passing = False  # (for the caller's thread, where run() ran there)
 
-    t = threading.Thread(target=run, name=name, daemon=True)
+    t: threading.Thread | None = threading.Thread(target=run, name=name, daemon=True)
     try:
         t.start()
-        started = True
     except RuntimeError as e:  # "can't start new thread"
         logger.warning("%s runs on the calling thread: no thread could be started (%s)", name, e)
-        started = False
-    if not started:  # outside the except: fn's own errors are not chained to the refusal
-        _here.passing = True  # nested calls run here too, not trying again
-        try:
-            return ctx.run(fn)
-        finally:
-            _here.passing = False
-    t.join()
+        t = None
+    if t is None:
+        run()  # outside the except: fn's own errors are not chained to the refusal
+    else:
+        t.join()
     err = box.pop("error", None)
     if err is not None:
         try:
