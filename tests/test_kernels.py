@@ -371,6 +371,16 @@ def test_inputs_are_checked_and_named():
         apply_lora(torch.zeros(3, 200).half(), torch.zeros(3, 96).half(), "a", pool, meta)
     with pytest.raises(KeyError, match="not a LoRA layer"):
         apply_lora(torch.zeros(3, 200), torch.zeros(3, 96), "zz", pool, meta)
+    # A batch whose slot is past the pool's tables (metadata made for a larger pool): refused
+    # before any kernel indexes the tables with it, whichever backend is asked for.
+    n = pool.max_adapters
+    far = prepare(torch.tensor([slots[0], n + 3, slots[0]]))
+    refused = f"token_slots has slot {n + 3} but page_table has {n}"
+    for be in (None, "cpu", "reference"):
+        y = torch.zeros(3, 200)
+        with pytest.raises(ValueError, match=refused):
+            apply_lora(y, torch.ones(3, 96), "a", pool, far, backend=be)
+        assert not y.any()
     lw = pool.layer("a")
     with pytest.raises(ValueError, match="v must be float32"):
         lora_shrink(torch.zeros(3, 256).half(), torch.zeros(3, 96), lw.a_pages, lw.page_table,
