@@ -59,7 +59,7 @@ def apply_lora(
     be = select_backend(pool.device) if backend is None else _resolve(backend)
     # The pool's own tensors need none of lora_fused's checks (their shapes, dtypes and device
     # are the pool's, checked against x and y above); the batch's slots are checked against
-    # its tables. lora_fused's checks cost a quarter of a decode call's Python time.
+    # its tables. lora_fused's checks were a fifth of a decode call's Python time (12.0 -> 9.6 us).
     lw = pool.layer(layer)
     _check_slots(meta.host, lw.page_table)
     be.fused(y, x, lw, meta.tensors(x.device), meta.host)
